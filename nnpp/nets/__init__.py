@@ -1,0 +1,3 @@
+from nnpp.nets.unetpp import UNetPlusPlus, UNetPlusPlusDecoder
+
+__all__ = ["UNetPlusPlus", "UNetPlusPlusDecoder"]

@@ -1,0 +1,85 @@
+"""Shared pieces of the entry points: dataset ids, folds, argument types, the error boundary."""
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import re
+import sys
+
+from nnpp import NnppError
+
+DATASET_ID_RE = re.compile(r"(?:Dataset|Task)?0*(\d{1,3})(?:_\w+)?")
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got '{text}'")
+    return value
+
+
+def parse_dataset_id(text: str) -> int:
+    """``3``, ``003``, ``Dataset003_Liver`` or the v1/MSD forms ``Task003_Liver``, ``Task03_Liver`` -> 3."""
+    m = DATASET_ID_RE.fullmatch(str(text).strip())
+    if not m:
+        raise NnppError(f"'{text}' is not a dataset id; use 3, 003, Dataset003_Name or Task003_Name")
+    return int(m.group(1))
+
+
+def dataset_name(text: str) -> str:
+    """Resolve a dataset id to its nnU-Net v2 folder name (DatasetXXX_Name), looking in the nnU-Net folders."""
+    from nnunetv2.utilities.dataset_name_id_conversion import find_candidate_datasets
+    dataset_id = parse_dataset_id(text)
+    found = list(find_candidate_datasets(dataset_id))
+    if not found:
+        raise NnppError(f"unknown dataset '{text}': no Dataset{dataset_id:03d}_* folder in nnUNet_raw, "
+                        f"nnUNet_preprocessed or nnUNet_results ({os.environ.get('nnUNet_preprocessed')}); "
+                        f"convert and preprocess it first (nnUNetv2_convert_MSD_dataset, "
+                        f"nnUNetv2_plan_and_preprocess)")
+    if len(found) > 1:
+        raise NnppError(f"dataset id {dataset_id} is ambiguous ({', '.join(found)}); pass the full DatasetXXX_Name")
+    return str(found[0])
+
+
+def load_json_file(path: str, what: str):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise NnppError(f"{what} not found: {path}") from None
+    except json.JSONDecodeError as e:
+        raise NnppError(f"{what} is not valid JSON ({path}: {e}); regenerate it") from None
+
+
+def check_fold(fold: str, preprocessed_dataset_dir: str):
+    """'all' or an int in range of splits_final.json (nnU-Net's default: 5 folds)."""
+    if str(fold) == "all":
+        return "all"
+    splits = os.path.join(preprocessed_dataset_dir, "splits_final.json")
+    n = len(load_json_file(splits, "splits file")) if os.path.isfile(splits) else 5
+    try:
+        value = int(fold)
+    except ValueError:
+        value = -1
+    if not 0 <= value < n:
+        raise NnppError(f"fold '{fold}' is out of range: this dataset has {n} folds, use 0..{n - 1} or 'all'")
+    return value
+
+
+def entry_point(prog: str):
+    """Decorator for console-script mains: NnppError -> one line on stderr, exit status 2."""
+    def wrap(fn):
+        @functools.wraps(fn)
+        def main(argv=None):
+            try:
+                return fn(argv)
+            except NnppError as e:
+                print(f"{prog}: error: {e}", file=sys.stderr)
+                sys.exit(2)
+        return main
+    return wrap

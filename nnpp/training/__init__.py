@@ -1,0 +1,20 @@
+"""nnpp trainers and the trainer lookup used by nnpp_train and nnpp_predict."""
+from nnpp import NnppError
+from nnpp.training.nnUNetPlusPlusTrainer import nnUNetPlusPlusTrainer, nnUNetPlusPlusTrainerV2
+
+TRAINERS = {cls.__name__: cls for cls in (nnUNetPlusPlusTrainer, nnUNetPlusPlusTrainerV2)}
+
+
+def find_trainer_class(name: str):
+    """An nnpp trainer by name, else any trainer nnU-Net itself can find (its package, nnUNet_extTrainer)."""
+    if name in TRAINERS:
+        return TRAINERS[name]
+    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+    try:
+        return recursive_find_trainer_class_by_name(name)
+    except (RuntimeError, AssertionError):
+        raise NnppError(f"unknown trainer '{name}'; use one of {', '.join(TRAINERS)} or an nnU-Net trainer "
+                        f"class name (e.g. nnUNetTrainer)") from None
+
+
+__all__ = ["TRAINERS", "find_trainer_class", "nnUNetPlusPlusTrainer", "nnUNetPlusPlusTrainerV2"]

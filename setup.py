@@ -1,0 +1,29 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="nnpp",
+    version="0.1.0",
+    description="Portable UNet++ (nested U-Net, deep supervision) training harness on nnU-Net v2 "
+                "for CUDA GPUs, Ascend NPUs and the CPU",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["nnpp", "nnpp.*"]),
+    install_requires=[
+        # 2.8 is the API we subclass and test (trainer hooks, MetaLogger, predictor); 2.9 may move them.
+        "nnunetv2>=2.8,<2.9",
+        "torch>=2.3",  # torch.amp.GradScaler(device_type)
+        "SimpleITK>=2.2",
+        "numpy",
+    ],
+    extras_require={
+        "test": ["pytest>=7", "pytest-timeout"],
+    },
+    entry_points={
+        "console_scripts": [
+            "nnpp_train=nnpp.run.train:main",
+            "nnpp_predict=nnpp.run.predict:main",
+            "nnpp_demo=nnpp.run.demo:main",
+        ],
+    },
+)
