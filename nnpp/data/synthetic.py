@@ -107,7 +107,16 @@ def prepare_dataset(msd_folder: str, dataset_id: int, configurations=("3d_fullre
     extract_fingerprint_dataset(dataset_id, num_processes=num_processes, check_dataset_integrity=True,
                                 verbose=False, show_progress_bar=False)
     planner = SmallUNetPlanner(dataset_id, **planner_kwargs)
-    planner.plan_experiment()
+    # nnU-Net's VRAM estimate calls torch.set_num_threads(nnUNet_n_proc_DA), which fails for 0 (= augment
+    # in the main process, a valid training setting): plan with at least 1.
+    n_da = os.environ.get("nnUNet_n_proc_DA")
+    if n_da is not None and int(n_da) < 1:
+        os.environ["nnUNet_n_proc_DA"] = "1"
+    try:
+        planner.plan_experiment()
+    finally:
+        if n_da is not None:
+            os.environ["nnUNet_n_proc_DA"] = n_da
     preprocess_dataset(dataset_id, planner.plans_identifier, configurations, (num_processes,),
                        show_progress_bar=False)
     return planner.dataset_name

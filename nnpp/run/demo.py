@@ -24,7 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", default="nnpp_demo", help="demo folder, recreated on each run (default ./nnpp_demo)")
     p.add_argument("--dataset_id", type=positive_int, default=900)
     p.add_argument("--cases", type=positive_int, default=16, help="training cases (fold 0 validates on a fifth)")
-    p.add_argument("--epochs", type=positive_int, default=8)
+    p.add_argument("--epochs", type=positive_int, default=6)
     p.add_argument("--iters", type=positive_int, default=40, help="training iterations per epoch")
     p.add_argument("--val_iters", type=positive_int, default=5, help="pseudo-Dice iterations per epoch")
     p.add_argument("-device", default="auto", choices=DEVICE_CHOICES)
@@ -47,6 +47,8 @@ def fresh_workdir(path: str) -> str:
 def run(args) -> dict:
     t0 = time.time()
     work = fresh_workdir(args.workdir)
+    # nnU-Net's worker pools (conversion, validation export) default to 8 processes: size them to the machine
+    os.environ.setdefault("nnUNet_def_n_proc", str(args.np))
     for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
         os.environ[var] = os.path.join(work, var)
         os.makedirs(os.environ[var])

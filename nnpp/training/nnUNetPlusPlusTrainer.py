@@ -5,8 +5,8 @@ SGD, checkpoints, ``progress.png``, validation and ``summary.json``):
 
 * Network: :class:`nnpp.nets.UNetPlusPlus` built from the plans' PlainConvUNet arguments.
 * Deep supervision: UNet++ heads X^{0,1..L} all predict at full resolution, so every head is trained
-  against the full-resolution target. The data pipeline hands out the same target tensor once per head
-  (scale 1, no copy, no wasted downsampling).
+  against the full-resolution target (nnU-Net's pipeline with scale 1 for every head: no downsampled
+  targets are made; its collate step stacks one full-res target per head).
 * Head weights: equal, 1/L each (the UNet++ paper averages the losses of its heads). Every head gets a
   gradient; nnU-Net's default would give the last output weight 0, which is why the reference UNet++
   port never trained its deeper nodes. Override :meth:`deep_supervision_weights` to change this.
@@ -113,12 +113,8 @@ class nnUNetPlusPlusTrainer(nnUNetTrainer):
     def _batch_to_device(self, batch: dict):
         data = batch["data"].to(self.device, non_blocking=True)
         target = batch["target"]
-        if isinstance(target, list):  # the same full-res tensor once per head: move it once
-            moved = {}
-            for t in target:
-                if id(t) not in moved:
-                    moved[id(t)] = t.to(self.device, non_blocking=True)
-            target = [moved[id(t)] for t in target]
+        if isinstance(target, list):
+            target = [t.to(self.device, non_blocking=True) for t in target]
         else:
             target = target.to(self.device, non_blocking=True)
         return data, target

@@ -1,0 +1,57 @@
+"""Shared fixtures: a tiny synthetic Task03-like dataset, planned and preprocessed once per session."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+# Small, CPU-friendly nnU-Net settings for everything the tests start (in-process and subprocesses).
+os.environ.setdefault("nnUNet_n_proc_DA", "0")      # single-threaded augmentation
+os.environ.setdefault("nnUNet_def_n_proc", "1")     # export/validation worker pool
+os.environ.setdefault("nnUNet_compile", "false")
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+DATASET_ID = 901
+PLAN_KW = dict(base_features=8, max_features=32, max_patch=(16, 32, 32))
+
+
+@pytest.fixture(scope="session")
+def nnunet_dirs(tmp_path_factory):
+    """nnU-Net folders for the session, exported for in-process use and returned for subprocess envs."""
+    root = tmp_path_factory.mktemp("nnunet")
+    dirs = {k: str(root / k) for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")}
+    for d in dirs.values():
+        os.makedirs(d)
+    old = {k: os.environ.get(k) for k in dirs}
+    os.environ.update(dirs)
+    yield dirs
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(nnunet_dirs, tmp_path_factory):
+    """Dataset901_SynthLiver: 5 training cases (fold 0 validates on 1), 1 test case, 16x32x32 patches."""
+    from nnpp.data.synthetic import make_msd_task, prepare_dataset
+    msd = make_msd_task(str(tmp_path_factory.mktemp("msd")), DATASET_ID, n_train=5, n_test=1, seed=1,
+                        size_scale=0.5)
+    name = prepare_dataset(msd, DATASET_ID, num_processes=1, **PLAN_KW)
+    return {"id": DATASET_ID, "name": name, "msd": msd, **nnunet_dirs}
+
+
+def nnunet_env(dirs: dict | None = None, drop=(), **extra) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in drop}
+    env.update({k: v for k, v in (dirs or {}).items() if k.startswith("nnUNet_")})
+    for k in drop:
+        env.pop(k, None)
+    env.update(extra)
+    return env
+
+
+def run_cli(module: str, *args, env=None, timeout=600) -> subprocess.CompletedProcess:
+    """Run ``python -m nnpp.run.<module> args`` as a user would run the console script."""
+    return subprocess.run([sys.executable, "-m", f"nnpp.run.{module}", *map(str, args)], env=env,
+                          capture_output=True, text=True, timeout=timeout)

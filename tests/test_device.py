@@ -1,0 +1,109 @@
+"""Device layer: resolution, AMP modes, backends; and the rule that only nnpp/device.py touches devices."""
+import pathlib
+import re
+import types
+
+import pytest
+import torch
+
+from nnpp import NnppError
+from nnpp import device as dev
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+FORBIDDEN = re.compile(r"torch\.cuda|torch\.npu|torch_npu|\.cuda\(")
+
+
+def test_only_device_module_touches_devices():
+    """No Python file of the project but nnpp/device.py calls torch.cuda, torch.npu, torch_npu or .cuda()."""
+    offenders = []
+    for path in sorted(ROOT.rglob("*.py")):
+        rel = path.relative_to(ROOT).as_posix()
+        if rel == "nnpp/device.py" or rel == "tests/test_device.py" or "/." in f"/{rel}" or rel.startswith(
+                ("build/", "venv/", ".venv/")):
+            continue
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            code = line.split("#", 1)[0]
+            if FORBIDDEN.search(code):
+                offenders.append(f"{rel}:{n}: {line.strip()}")
+    assert offenders == []
+    assert (ROOT / "nnpp" / "device.py").is_file()
+
+
+def test_scan_catches_a_violation(tmp_path):
+    """The pattern used above does flag the calls it must flag."""
+    for line in ("x = x.cuda()", "torch.cuda.synchronize()", "import torch_npu", "torch.npu.empty_cache()"):
+        assert FORBIDDEN.search(line), line
+
+
+def test_cpu_and_auto_resolution():
+    assert dev.resolve_device("cpu") == torch.device("cpu")
+    auto = dev.resolve_device("auto")
+    first_available = next(k for k in ("npu", "cuda", "mps", "cpu") if dev._available(k))
+    assert auto.type == first_available
+
+
+def test_unknown_device_is_a_clear_error():
+    with pytest.raises(NnppError, match="unknown device 'tpu'"):
+        dev.resolve_device("tpu")
+
+
+@pytest.mark.skipif(dev.npu_available(), reason="this machine has a working torch_npu")
+def test_npu_without_torch_npu():
+    with pytest.raises(NnppError, match="torch_npu"):
+        dev.resolve_device("npu")
+
+
+@pytest.mark.parametrize("mode,dtype,scaled", [("O0", torch.float32, False), ("O1", torch.float16, True),
+                                               ("bf16", torch.bfloat16, False)])
+def test_amp_modes_on_cpu(mode, dtype, scaled):
+    amp = dev.make_amp(mode, torch.device("cpu"))
+    assert (amp.scaler is not None) == scaled
+    lin = torch.nn.Linear(4, 4)
+    with amp.autocast():
+        y = lin(torch.randn(2, 4))
+    assert y.dtype == dtype
+
+
+def test_amp_auto_and_bad_mode():
+    assert dev.make_amp("auto", torch.device("cpu")).mode == "O0"
+    assert dev.resolve_amp_mode("auto", torch.device("cuda", 0)) == "O1"
+    npu = types.SimpleNamespace(type="npu", index=0)  # torch.device("npu") exists only once torch_npu is imported
+    assert dev.resolve_amp_mode("auto", npu) == "O1"
+    assert dev.resolve_amp_mode("o1", torch.device("cpu")) == "O1"
+    with pytest.raises(NnppError, match="unknown AMP mode 'O2'"):
+        dev.make_amp("O2", torch.device("cpu"))
+
+
+def test_o1_scaler_steps_on_cpu():
+    """The O1 path (GradScaler) trains on the CPU exactly as it would on a GPU."""
+    amp = dev.make_amp("O1", torch.device("cpu"))
+    lin = torch.nn.Linear(4, 1)
+    opt = torch.optim.SGD(lin.parameters(), lr=0.1)
+    before = lin.weight.detach().clone()
+    x = torch.randn(8, 4)
+    for _ in range(20):  # dynamic scaling: overflowing steps are skipped and the scale backs off
+        opt.zero_grad()
+        with amp.autocast():
+            loss = lin(x).float().pow(2).mean()
+        amp.scaler.scale(loss).backward()
+        amp.scaler.step(opt)
+        amp.scaler.update()
+    assert not torch.equal(before, lin.weight)
+    assert 0 < amp.scaler.get_scale() <= 65536.0
+
+
+def test_backends_and_ddp_ids():
+    assert dev.dist_backend(torch.device("cpu")) == "gloo"
+    assert dev.dist_backend(torch.device("cuda", 1)) == "nccl"
+    assert dev.dist_backend(types.SimpleNamespace(type="npu", index=0)) == "hccl"
+    assert dev.ddp_device_ids(torch.device("cpu")) is None
+    assert dev.ddp_device_ids(torch.device("cuda", 3)) == [3]
+    assert torch.profiler.ProfilerActivity.CPU in dev.profiler_activities(torch.device("cpu"))
+
+
+def test_peak_memory_and_sync_on_cpu():
+    cpu = torch.device("cpu")
+    dev.synchronize(cpu)
+    dev.empty_cache(cpu)
+    dev.reset_peak_memory(cpu)
+    assert dev.peak_memory_bytes(cpu) > 10 * 2 ** 20  # the process's peak RSS: torch alone is more

@@ -1,0 +1,161 @@
+"""UNet++ network: shapes, gradients to every head, pruning, deep-supervision switching, checkpoints."""
+import itertools
+import socket
+
+import pytest
+import torch
+from torch import nn
+
+from nnpp.nets import UNetPlusPlus
+
+
+def plans_kwargs(dim: int, depth: int, features=4, conv_bias=True) -> dict:
+    """PlainConvUNet-style kwargs as nnU-Net plans give them, with anisotropic strides and kernels:
+    the pooling axis rotates so each axis is pooled about depth/dim times (small inputs, any depth)."""
+    n_stages = depth + 1
+    strides, kernels = [[1] * dim], [[3] * dim]
+    for s in range(depth):
+        if dim == 3:  # all axes but one pooled, the skipped axis rotating
+            stride = [1 if a == s % 3 else 2 for a in range(3)]
+        else:  # 2D: both axes, then one at a time
+            stride = [2, 2] if s < 2 else [2 if a == s % 2 else 1 for a in range(2)]
+        strides.append(stride)
+        kernels.append([1 if dim == 3 and a == 0 and s == 0 else 3 for a in range(dim)])  # one (1,3,3) level
+    conv = nn.Conv3d if dim == 3 else nn.Conv2d
+    norm = nn.InstanceNorm3d if dim == 3 else nn.InstanceNorm2d
+    return dict(input_channels=1, n_stages=n_stages, features_per_stage=[min(features * 2 ** i, 32) for i in range(n_stages)],
+                conv_op=conv, kernel_sizes=kernels, strides=strides, n_conv_per_stage=[2] * n_stages, num_classes=3,
+                n_conv_per_stage_decoder=[2] * depth, conv_bias=conv_bias, norm_op=norm,
+                norm_op_kwargs={"eps": 1e-5, "affine": True}, dropout_op=None, dropout_op_kwargs=None,
+                nonlin=nn.LeakyReLU, nonlin_kwargs={"inplace": True})
+
+
+def input_shape(kw: dict, batch=2):
+    size = [1] * len(kw["strides"][0])
+    for s in kw["strides"]:
+        size = [a * b for a, b in zip(size, s)]
+    return (batch, kw["input_channels"], *[2 * a for a in size])
+
+
+@pytest.mark.parametrize("dim,depth", list(itertools.product([2, 3], [3, 4, 5, 6])))
+def test_output_shapes(dim, depth):
+    kw = plans_kwargs(dim, depth)
+    x = torch.randn(input_shape(kw))
+    net = UNetPlusPlus(**kw, deep_supervision=True)
+    out = net(x)
+    assert isinstance(out, list) and len(out) == depth == net.depth
+    assert all(o.shape == (x.shape[0], 3, *x.shape[2:]) for o in out)
+    net.decoder.deep_supervision = False
+    single = net(x)
+    assert torch.is_tensor(single) and single.shape == out[0].shape
+
+
+def test_seven_stage_2d_plan():
+    """nnU-Net 2D plans have 7-8 stages (e.g. Task03 2d: 512x512 patch, 8 stages); a 2D net of that depth."""
+    kw = plans_kwargs(2, 7, features=2)
+    kw["strides"] = [[1, 1]] + [[2, 2]] * 7
+    kw["kernel_sizes"] = [[3, 3]] * 8
+    out = UNetPlusPlus(**kw, deep_supervision=True)(torch.randn(1, 1, 256, 256))
+    assert len(out) == 7 and out[0].shape == (1, 3, 256, 256)
+
+
+def test_every_parameter_gets_a_gradient():
+    """One backward through nnpp's deep-supervision loss reaches every parameter, every head included.
+    conv_bias=False: a conv bias directly before InstanceNorm is cancelled by the mean subtraction, so its
+    gradient is zero in exact arithmetic whatever the loss (nnU-Net plans use such biases)."""
+    from nnunetv2.training.loss.compound_losses import DC_and_CE_loss
+    from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
+    from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
+
+    torch.manual_seed(0)
+    kw = plans_kwargs(3, 3, conv_bias=False)
+    net = UNetPlusPlus(**kw, deep_supervision=True)
+    net.apply(net.initialize)
+    x = torch.randn(input_shape(kw))
+    target = torch.randint(0, 3, (x.shape[0], 1, *x.shape[2:])).float()
+    loss = DeepSupervisionWrapper(DC_and_CE_loss({"batch_dice": True, "smooth": 1e-5, "do_bg": False, "ddp": False}, {},
+                                                 dice_class=MemoryEfficientSoftDiceLoss), [1 / 3] * 3)
+    loss(net(x), [target] * 3).backward()
+    dead = [n for n, p in net.named_parameters() if p.grad is None or p.grad.abs().sum() == 0]
+    assert dead == []
+    assert len(net.decoder.seg_layers) == 3  # one head per top-row node, all reached above
+
+
+@pytest.mark.parametrize("deep_supervision", [True, False])
+def test_pruned_output_equals_full_network_node(deep_supervision):
+    torch.manual_seed(0)
+    kw = plans_kwargs(3, 4)
+    net = UNetPlusPlus(**kw, deep_supervision=True).eval()
+    x = torch.randn(input_shape(kw))
+    with torch.no_grad():
+        full = net(x)  # [X^{0,4}, X^{0,3}, X^{0,2}, X^{0,1}]
+        net.decoder.deep_supervision = deep_supervision
+        for k in range(1, 5):
+            pruned = net(x, depth=k)
+            head = pruned[0] if deep_supervision else pruned
+            torch.testing.assert_close(head, full[4 - k], rtol=0, atol=0)
+            if deep_supervision:
+                assert len(pruned) == k
+
+
+def test_pruning_computes_only_needed_nodes():
+    kw = plans_kwargs(3, 4)
+    net = UNetPlusPlus(**kw, deep_supervision=False).eval()
+    ran = []
+    for name, node in itertools.chain(net.decoder.nodes.items(), net.decoder.up.items()):
+        node.register_forward_hook(lambda m, i, o, name=name: ran.append(name))
+    stages = []
+    for s, stage in enumerate(net.encoder.stages):
+        stage.register_forward_hook(lambda m, i, o, s=s: stages.append(s))
+    net.prune_depth = 2
+    with torch.no_grad():
+        net(torch.randn(input_shape(kw)))
+    assert sorted(set(ran)) == ["0_1", "0_2", "1_1"]
+    assert stages == [0, 1, 2]
+    with pytest.raises(ValueError, match="1..4"):
+        net(torch.randn(input_shape(kw)), depth=5)
+
+
+def test_checkpoint_loads_with_and_without_deep_supervision():
+    kw = plans_kwargs(3, 3)
+    with_ds = UNetPlusPlus(**kw, deep_supervision=True)
+    without = UNetPlusPlus(**kw, deep_supervision=False)
+    without.load_state_dict(with_ds.state_dict(), strict=True)
+    with_ds.load_state_dict(without.state_dict(), strict=True)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_nnunet_switches_deep_supervision_through_wrappers():
+    """nnU-Net's own set_deep_supervision_enabled (unwraps DDP and torch.compile) drives our decoder."""
+    import types
+
+    import torch.distributed as dist
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    kw = plans_kwargs(3, 3)
+    net = UNetPlusPlus(**kw, deep_supervision=True)
+    x = torch.randn(input_shape(kw, batch=1))
+
+    def switch(network, enabled, is_ddp=False):
+        nnUNetTrainer.set_deep_supervision_enabled(types.SimpleNamespace(network=network, is_ddp=is_ddp), enabled)
+
+    switch(net, False)
+    assert torch.is_tensor(net(x))
+    switch(torch.compile(net), True)  # OptimizedModule wrapper, never run
+    assert net.decoder.deep_supervision is True
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    try:
+        ddp = DDP(net)
+        switch(ddp, False, is_ddp=True)
+        assert torch.is_tensor(ddp(x))
+        switch(ddp, True, is_ddp=True)
+        assert isinstance(ddp(x), list)
+    finally:
+        dist.destroy_process_group()
