@@ -1,0 +1,149 @@
+"""UNet++ vs nnU-Net's PlainConvUNet for the same plans: forward+backward step time, peak memory, parameters.
+
+    python benchmarks/bench_network.py                          # small CPU config (default)
+    python benchmarks/bench_network.py --config task03 -device cuda --amp O1
+
+Each (network, config) is measured in a fresh subprocess, so the CPU's peak RSS (which cannot be reset) and
+allocator state belong to one network only. Writes JSON (``--out``) and prints a markdown table.
+Configs: ``cpu-small`` (3D, 5 stages, 16..128 features, 32x64x64 patch, batch 2) and ``task03``
+(nnU-Net's Task03_Liver 3d_fullres plan: 6 stages, 32..320 features, 128^3 patch, batch 2).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+CONFIGS = {
+    "cpu-small": dict(n_stages=5, features=[16, 32, 64, 128, 128], patch=[32, 64, 64], batch=2,
+                      strides=[[1, 1, 1], [1, 2, 2], [2, 2, 2], [2, 2, 2], [2, 2, 2]]),
+    "task03": dict(n_stages=6, features=[32, 64, 128, 256, 320, 320], patch=[128, 128, 128], batch=2,
+                   strides=[[1, 1, 1]] + [[2, 2, 2]] * 5),
+}
+NETWORKS = {"UNetPlusPlus": "nnpp.nets.unetpp.UNetPlusPlus",
+            "PlainConvUNet": "dynamic_network_architectures.architectures.unet.PlainConvUNet"}
+
+
+def arch_kwargs(cfg: dict) -> dict:
+    n = cfg["n_stages"]
+    return {"n_stages": n, "features_per_stage": cfg["features"], "conv_op": "torch.nn.modules.conv.Conv3d",
+            "kernel_sizes": [[3, 3, 3]] * n, "strides": cfg["strides"], "n_conv_per_stage": [2] * n,
+            "n_conv_per_stage_decoder": [2] * (n - 1), "conv_bias": True,
+            "norm_op": "torch.nn.modules.instancenorm.InstanceNorm3d", "norm_op_kwargs": {"eps": 1e-5, "affine": True},
+            "dropout_op": None, "dropout_op_kwargs": None, "nonlin": "torch.nn.LeakyReLU",
+            "nonlin_kwargs": {"inplace": True}}
+
+
+def measure(network: str, config: str, device_name: str, amp_mode: str, warmup: int, steps: int) -> dict:
+    """One network, one config, in this process."""
+    import torch
+    from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+
+    from nnpp import device as dev
+
+    cfg = CONFIGS[config]
+    device = dev.resolve_device(device_name)
+    amp = dev.make_amp(amp_mode, device)
+    dev.configure_backends(device)
+    net = get_network_from_plans(NETWORKS[network], arch_kwargs(cfg), ["conv_op", "norm_op", "dropout_op", "nonlin"],
+                                 1, 3, allow_init=True, deep_supervision=True).to(device)
+    opt = torch.optim.SGD(net.parameters(), lr=1e-3, momentum=0.99, nesterov=True)
+    x = torch.randn(cfg["batch"], 1, *cfg["patch"], device=device)
+    y = torch.randint(0, 3, (cfg["batch"], *cfg["patch"]), device=device)
+    ce = torch.nn.CrossEntropyLoss()
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        with amp.autocast():
+            out = net(x)
+            # every head at the target's resolution: UNet++ heads are full-res; PlainConvUNet's lower heads
+            # are upsampled so that both networks pay for a full-resolution loss on each output
+            loss = sum(ce(torch.nn.functional.interpolate(o.float(), size=cfg["patch"]) if o.shape[2:] != x.shape[2:]
+                          else o.float(), y) for o in out)
+        if amp.scaler is not None:
+            amp.scaler.scale(loss).backward()
+            amp.scaler.step(opt)
+            amp.scaler.update()
+        else:
+            loss.backward()
+            opt.step()
+
+    for _ in range(warmup):
+        step()
+    dev.synchronize(device)
+    dev.reset_peak_memory(device)
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        step()
+        dev.synchronize(device)
+        times.append(time.perf_counter() - t0)
+    return {"network": network, "config": config, "device": dev.device_name(device), "amp": amp.mode,
+            "batch": cfg["batch"], "patch": cfg["patch"], "params": sum(p.numel() for p in net.parameters()),
+            "step_s_median": statistics.median(times), "step_s_mean": statistics.fmean(times), "steps": steps,
+            "peak_memory_MiB": dev.peak_memory_bytes(device) / 2 ** 20,
+            "peak_memory_kind": "device allocated" if device.type in ("cuda", "npu") else "process peak RSS"}
+
+
+def param_counts(config: str) -> dict:
+    from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+    out = {}
+    for name, cls in NETWORKS.items():
+        net = get_network_from_plans(cls, arch_kwargs(CONFIGS[config]), ["conv_op", "norm_op", "dropout_op", "nonlin"],
+                                     1, 3, allow_init=False, deep_supervision=True)
+        out[name] = sum(p.numel() for p in net.parameters())
+    return out
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", default="cpu-small", choices=CONFIGS)
+    p.add_argument("-device", default="cpu")
+    p.add_argument("--amp", default="O0")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: all cores)")
+    p.add_argument("--out", default=None, help="JSON file (default benchmarks/results/network_<config>_<device>.json)")
+    p.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: measure one network, print JSON
+    a = p.parse_args()
+
+    if a.threads:
+        import torch
+        torch.set_num_threads(a.threads)
+    if a.one:
+        print("RESULT " + json.dumps(measure(a.one, a.config, a.device, a.amp, a.warmup, a.steps)))
+        return
+
+    rows = []
+    for name in NETWORKS:
+        cmd = [sys.executable, __file__, "--one", name, "--config", a.config, "-device", a.device, "--amp", a.amp,
+               "--warmup", str(a.warmup), "--steps", str(a.steps), "--threads", str(a.threads)]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+        if proc.returncode != 0 or not line:
+            sys.exit(f"bench_network: {name} failed:\n{proc.stderr[-2000:]}")
+        rows.append(json.loads(line[0][7:]))
+    result = {"config": a.config, "arch": arch_kwargs(CONFIGS[a.config]), "runs": rows,
+              "task03_params": param_counts("task03"), "host_cpus": os.cpu_count()}
+    out = a.out or os.path.join(os.path.dirname(__file__), "results", f"network_{a.config}_{a.device}_{a.amp}.json")
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(result, f, indent=2)
+
+    print(f"| network | config | device | AMP | batch x patch | params | step (median s) | peak memory (MiB) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['network']} | {r['config']} | {r['device']} | {r['amp']} | {r['batch']} x "
+              f"{'x'.join(map(str, r['patch']))} | {r['params'] / 1e6:.2f} M | {r['step_s_median']:.3f} | "
+              f"{r['peak_memory_MiB']:.0f} ({r['peak_memory_kind']}) |")
+    print("Task03-like 3D plan (6 stages, 32..320 features) parameters: "
+          + ", ".join(f"{k} {v / 1e6:.2f} M" for k, v in result["task03_params"].items()))
+    print(f"JSON: {out}")
+
+
+if __name__ == "__main__":
+    main()
