@@ -24,6 +24,8 @@ setup(
             "nnpp_train=nnpp.run.train:main",
             "nnpp_predict=nnpp.run.predict:main",
             "nnpp_demo=nnpp.run.demo:main",
+            "nnpp_change_bs=nnpp.tools.change_bs:main",
+            "nnpp_get_dice_result=nnpp.tools.get_dice_result:main",
         ],
     },
 )

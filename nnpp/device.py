@@ -185,6 +185,16 @@ def profiler_activities(device: torch.device) -> list:
     return acts
 
 
+def make_profiler(device: torch.device):
+    """A started-on-enter profiler for ``device``: torch.profiler, or torch_npu's profiler on NPU (whose
+    traces carry the NPU timeline). Both offer export_chrome_trace and key_averages."""
+    if device.type == "npu":
+        import_torch_npu()
+        import torch_npu.profiler as npu_prof
+        return npu_prof.profile(activities=profiler_activities(device))
+    return torch.profiler.profile(activities=profiler_activities(device))
+
+
 # -------------------------------------------------------------------------------------------------- AMP
 def bf16_supported(device: torch.device) -> bool:
     if device.type == "cuda":

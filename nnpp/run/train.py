@@ -39,6 +39,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iters", type=positive_int, help="training iterations per epoch (default 250)")
     p.add_argument("--val_iters", type=positive_int, help="pseudo-Dice iterations per epoch (default 50)")
     p.add_argument("--save_every", type=positive_int, help="write checkpoint_latest every N epochs (default 50)")
+    p.add_argument("--dbs", action="store_true", help="DDP: the plans batch size is the global batch, split "
+                   "across ranks (default: every rank uses the plans batch)")
+    p.add_argument("--local-rank", "--local_rank", dest="local_rank", type=int, default=None,
+                   help=argparse.SUPPRESS)  # passed by python -m torch.distributed.launch
+    p.add_argument("--other_use", choices=("fps", "prof"), default=None,
+                   help="performance mode instead of training: fps (throughput, perf.json) or prof (torch.profiler "
+                   "trace output.prof); results go to $nnUNet_results/nnpp_perf/, never to the real run")
+    p.add_argument("--warmup", type=positive_int, default=None, help="fps/prof warm-up steps (default 10 / 5)")
+    p.add_argument("--steps", type=positive_int, default=None, help="fps/prof measured steps (default 100 / 5)")
     p.add_argument("--preprocessed", help="overrides $nnUNet_preprocessed")
     p.add_argument("--results", help="overrides $nnUNet_results (v1: $RESULTS_FOLDER)")
     return p
@@ -77,25 +86,51 @@ def make_trainer(dataset: str, configuration: str, fold: str, trainer_name: str 
 
 
 def run(args) -> object:
-    setup_paths(preprocessed=args.preprocessed, results=args.results)
+    paths = setup_paths(preprocessed=args.preprocessed, results=args.results)
     if args.c and args.val:
         raise NnppError("--c and --val exclude each other: --c continues training, --val only validates")
+    if args.other_use and (args.c or args.val):
+        raise NnppError(f"--other_use {args.other_use} measures fresh training steps; drop --c/--val")
+    if args.other_use:  # performance runs get their own results tree, never the real run's folder
+        os.environ["nnUNet_results"] = os.path.join(paths["nnUNet_results"], "nnpp_perf", args.other_use)
 
+    from nnpp import device as dev
+    from nnpp import distributed
+
+    env = distributed.dist_env(args.local_rank)
+    device = dev.resolve_device(args.device, env.local_rank)
+    if device.type == "cpu":
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", env.world_size))
+        dev.set_cpu_threads(max(1, (os.cpu_count() or 1) // local_world))
+    distributed.init(env, dev.dist_backend(device))
+    try:
+        return _train(args, env, device)
+    finally:
+        distributed.teardown()
+
+
+def _train(args, env, device):
     from nnunetv2.run.run_training import maybe_load_checkpoint
 
     from nnpp import device as dev
+    from nnpp.training import DDP_VARIANTS
 
-    device = dev.resolve_device(args.device)
-    if device.type == "cpu":
-        dev.set_cpu_threads()
-    trainer = make_trainer(args.dataset_name_or_id, args.configuration, args.fold, args.tr, args.p, device,
+    trainer_name = DDP_VARIANTS[args.tr].__name__ if env.enabled and args.tr in DDP_VARIANTS else args.tr
+    trainer = make_trainer(args.dataset_name_or_id, args.configuration, args.fold, trainer_name, args.p, device,
                            continue_training=args.c)
     if hasattr(trainer, "configure_amp"):
         trainer.configure_amp(args.amp)
-    elif args.amp != "auto":
-        raise NnppError(f"--amp needs an nnpp trainer; {args.tr} uses nnU-Net's own AMP (fp16 on cuda only)")
+        trainer.distribute_batch = args.dbs
+    elif args.amp != "auto" or args.dbs:
+        raise NnppError(f"--amp and --dbs need an nnpp trainer; {args.tr} is nnU-Net's own")
     configure_run(trainer, args.epochs, args.iters, args.val_iters, args.save_every)
     trainer.disable_checkpointing = args.disable_checkpointing
+    if args.other_use:
+        if not hasattr(trainer, "amp"):
+            raise NnppError(f"--other_use needs an nnpp trainer; {args.tr} is nnU-Net's own")
+        from nnpp.training import performance
+        dev.configure_backends(device)
+        return performance.run(trainer, args.other_use, args.warmup, args.steps)
 
     final = os.path.join(trainer.output_folder, "checkpoint_final.pth")
     if args.val and not os.path.isfile(final):
@@ -108,7 +143,8 @@ def run(args) -> object:
     if args.val_best:
         trainer.load_checkpoint(os.path.join(trainer.output_folder, "checkpoint_best.pth"))
     trainer.perform_actual_validation(args.npz)
-    report(trainer)
+    if env.is_main:
+        report(trainer)
     return trainer
 
 

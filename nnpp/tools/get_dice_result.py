@@ -1,8 +1,13 @@
 """Read per-class Dice from an nnU-Net validation ``summary.json`` (v2 layout, and v1's ``results`` key)."""
 from __future__ import annotations
 
+import argparse
+import glob
+import json
+import os
+
 from nnpp import NnppError
-from nnpp.run.common import load_json_file
+from nnpp.run.common import entry_point, load_json_file, parse_dataset_id
 
 
 def read_dice(summary_path: str) -> dict[str, float]:
@@ -29,3 +34,79 @@ def format_dice(summary_path: str, dataset_json: dict | None = None) -> str:
     if dice:
         lines.append(f"Dice mean foreground: {sum(dice.values()) / len(dice):.4f}")
     return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------ the CLI
+# The seed's ``python get_dice_result.py -path ENV_ROOT -mode 1p|8p``: 1p reads the single-device trainer's
+# run, 8p the multi-process trainer's (nnpp_train names DDP runs differently so they never mix).
+MODE_TRAINERS = {"1p": ("nnUNetPlusPlusTrainer", "nnUNetPlusPlusTrainerV2"),
+                 "8p": ("nnUNetPlusPlusTrainerDDP", "nnUNetPlusPlusTrainerV2_hypDDP")}
+
+
+def find_summaries(root: str, mode: str = "1p", dataset: str | None = None, fold: str = "0",
+                   trainer: str | None = None, configuration: str | None = None) -> list[str]:
+    """summary.json files of matching runs: v2 ``Dataset*/TR__PLANS__CONFIG/fold_F/validation/summary.json``
+    and v1 ``Task*/TR__PLANS/fold_F/validation_raw/summary.json`` (any depth below root)."""
+    if not os.path.isdir(root):
+        raise NnppError(f"-path {root} is not a folder; pass the nnU-Net base or results folder")
+    trainers = (trainer,) if trainer else MODE_TRAINERS[mode]
+    hits = []
+    for sub in ("validation", "validation_raw"):
+        for path in glob.glob(os.path.join(root, "**", f"fold_{fold}", sub, "summary.json"), recursive=True):
+            run_dir = os.path.basename(os.path.dirname(os.path.dirname(os.path.dirname(path))))
+            ds_dir = os.path.basename(os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(path)))))
+            parts = run_dir.split("__")
+            if parts[0] not in trainers or not ds_dir.startswith(("Dataset", "Task")):
+                continue
+            if configuration and len(parts) > 2 and parts[2] != configuration:
+                continue
+            if dataset and parse_dataset_id(ds_dir) != parse_dataset_id(dataset):
+                continue
+            hits.append(path)
+    if not hits:
+        raise NnppError(f"no summary.json for trainer {'/'.join(trainers)}, fold {fold} under {root}; "
+                        f"has the validation run (nnpp_train ... --val)?")
+    datasets = sorted({p.split(os.sep)[-5] for p in hits})
+    if len(datasets) > 1:
+        raise NnppError(f"several datasets under {root} ({', '.join(datasets)}); choose one with -d")
+    return sorted(hits)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="nnpp_get_dice_result", description="Per-class Dice (x100) of a validated run")
+    p.add_argument("-path", required=True, help="nnU-Net base or results folder (searched recursively)")
+    p.add_argument("-mode", default="1p", choices=sorted(MODE_TRAINERS), help="1p: one-device run; 8p: DDP run")
+    p.add_argument("-d", "--dataset", default=None)
+    p.add_argument("-f", "--fold", default="0")
+    p.add_argument("-tr", "--trainer", default=None, help="trainer name (overrides -mode)")
+    p.add_argument("-c", "--configuration", default=None)
+    p.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    return p
+
+
+def _dataset_json_for(summary_path: str) -> dict | None:
+    run_dir = os.path.dirname(os.path.dirname(os.path.dirname(summary_path)))
+    path = os.path.join(run_dir, "dataset.json")
+    return load_json_file(path, "dataset.json") if os.path.isfile(path) else None
+
+
+@entry_point("get_dice_result")
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    rows = []
+    for path in find_summaries(args.path, args.mode, args.dataset, args.fold, args.trainer, args.configuration):
+        names = label_names(_dataset_json_for(path))
+        rows.append({"summary": path, "dice": {names.get(k, f"class {k}"): round(100 * v, 2)
+                                               for k, v in read_dice(path).items()}})
+    if args.json:
+        print(json.dumps(rows if len(rows) > 1 else rows[0], indent=2))
+        return
+    for row in rows:
+        print(row["summary"])
+        print("| " + " | ".join(row["dice"]) + " |")
+        print("|" + "---|" * len(row["dice"]))
+        print("| " + " | ".join(f"{v:.2f}" for v in row["dice"].values()) + " |")
+
+
+if __name__ == "__main__":
+    main()

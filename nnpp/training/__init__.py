@@ -1,8 +1,10 @@
 """nnpp trainers and the trainer lookup used by nnpp_train and nnpp_predict."""
 from nnpp import NnppError
-from nnpp.training.nnUNetPlusPlusTrainer import nnUNetPlusPlusTrainer, nnUNetPlusPlusTrainerV2
+from nnpp.training.nnUNetPlusPlusTrainer import (DDP_VARIANTS, nnUNetPlusPlusTrainer, nnUNetPlusPlusTrainerDDP,
+                                                 nnUNetPlusPlusTrainerV2, nnUNetPlusPlusTrainerV2_hypDDP)
 
-TRAINERS = {cls.__name__: cls for cls in (nnUNetPlusPlusTrainer, nnUNetPlusPlusTrainerV2)}
+TRAINERS = {cls.__name__: cls for cls in (nnUNetPlusPlusTrainer, nnUNetPlusPlusTrainerV2, nnUNetPlusPlusTrainerDDP,
+                                          nnUNetPlusPlusTrainerV2_hypDDP)}
 
 
 def find_trainer_class(name: str):
@@ -17,4 +19,4 @@ def find_trainer_class(name: str):
                         f"class name (e.g. nnUNetTrainer)") from None
 
 
-__all__ = ["TRAINERS", "find_trainer_class", "nnUNetPlusPlusTrainer", "nnUNetPlusPlusTrainerV2"]
+__all__ = ["DDP_VARIANTS", "TRAINERS", "find_trainer_class", "nnUNetPlusPlusTrainer", "nnUNetPlusPlusTrainerV2"]

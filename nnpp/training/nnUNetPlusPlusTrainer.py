@@ -25,14 +25,17 @@ import zipfile
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 from nnpp import NnppError
-from nnpp.device import compile_supported, make_amp
+from nnpp.device import compile_supported, ddp_device_ids, make_amp
+from nnpp.distributed import split_global_batch
 
 UNETPP_CLASS = "nnpp.nets.unetpp.UNetPlusPlus"
 
@@ -50,6 +53,10 @@ def check_checkpoint_file(path: str) -> None:
 
 
 class nnUNetPlusPlusTrainer(nnUNetTrainer):
+    #: under DDP: True (--dbs) splits the plans batch across ranks as nnU-Net does; False gives every rank
+    #: the plans batch (the global batch is then world_size x plans batch)
+    distribute_batch = False
+
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
@@ -73,6 +80,29 @@ class nnUNetPlusPlusTrainer(nnUNetTrainer):
     def deep_supervision_weights(self) -> np.ndarray:
         """Loss weight of each head, in output order (X^{0,L} first). All non-zero, summing to 1."""
         return np.full(self.num_heads, 1.0 / self.num_heads)
+
+    def _set_batch_size_and_oversample(self):
+        if self.is_ddp and not self.distribute_batch:
+            self.batch_size = self.configuration_manager.batch_size
+            return
+        if self.is_ddp:
+            split_global_batch(self.configuration_manager.batch_size, dist.get_world_size())
+        super()._set_batch_size_and_oversample()
+
+    def initialize(self):
+        # nnU-Net wraps DDP with device_ids=[global rank], which is right for CUDA on one node only: build
+        # everything as a single process, then wrap with the device layer's ids (None on the CPU, local index
+        # on cuda/npu) and rebuild what depends on DDP (per-rank batch, the Dice's all-gather).
+        is_ddp, self.is_ddp = self.is_ddp, False
+        try:
+            super().initialize()
+        finally:
+            self.is_ddp = is_ddp
+        if is_ddp:
+            self._set_batch_size_and_oversample()
+            self.network = DDP(nn.SyncBatchNorm.convert_sync_batchnorm(self.network),
+                               device_ids=ddp_device_ids(self.device))
+            self.loss = self._build_loss()
 
     def _do_i_compile(self) -> bool:
         return compile_supported(self.device) and super()._do_i_compile()
@@ -171,3 +201,16 @@ class nnUNetPlusPlusTrainer(nnUNetTrainer):
 
 class nnUNetPlusPlusTrainerV2(nnUNetPlusPlusTrainer):
     """The seed's trainer name (nnU-Net v1 fork). Same trainer; results land under this name."""
+
+
+class nnUNetPlusPlusTrainerDDP(nnUNetPlusPlusTrainer):
+    """Same trainer; nnpp_train picks it for multi-process runs so they never overwrite a 1-device run."""
+
+
+class nnUNetPlusPlusTrainerV2_hypDDP(nnUNetPlusPlusTrainerV2):
+    """The seed's name for its multi-process trainer."""
+
+
+#: trainer used for a multi-process run of each single-device trainer
+DDP_VARIANTS = {"nnUNetPlusPlusTrainer": nnUNetPlusPlusTrainerDDP,
+                "nnUNetPlusPlusTrainerV2": nnUNetPlusPlusTrainerV2_hypDDP}

@@ -1,0 +1,61 @@
+"""torch.distributed for nnpp: read what torchrun / torch.distributed.launch set, start and stop the group.
+
+Launchers: ``torchrun --nproc_per_node=N [--nnodes M --node_rank R --master_addr A --master_port P]`` sets
+RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT; the older ``python -m torch.distributed.launch``
+sets the same variables and also passes ``--local-rank=K`` (``--local_rank`` before torch 2.0).
+The backend follows the device (nccl / hccl / gloo), see :func:`nnpp.device.dist_backend`.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch.distributed as dist
+
+from nnpp import NnppError
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def dist_env(local_rank_arg: int | None = None) -> DistEnv:
+    """The launcher's view of this process. ``local_rank_arg`` is torch.distributed.launch's --local-rank."""
+    try:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        rank = int(os.environ.get("RANK", "0"))
+        local = int(os.environ.get("LOCAL_RANK", local_rank_arg if local_rank_arg is not None else 0))
+    except ValueError as e:
+        raise NnppError(f"bad distributed environment variable ({e}); launch with torchrun") from None
+    return DistEnv(rank, local, world)
+
+
+def init(env: DistEnv, backend: str, timeout_s: int = 1800) -> None:
+    """Join the process group (env:// rendezvous set up by the launcher)."""
+    if not env.enabled or dist.is_initialized():
+        return
+    dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
+
+
+def teardown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def split_global_batch(global_batch: int, world_size: int) -> None:
+    """--dbs: the plans batch is the global batch; every rank needs at least one sample."""
+    if global_batch < world_size:
+        raise NnppError(f"--dbs: the global batch size {global_batch} is smaller than the world size {world_size}; "
+                        f"raise the plans batch size (tools/change_bs.py) or use fewer processes")
