@@ -7,7 +7,10 @@ The backend follows the device (nccl / hccl / gloo), see :func:`nnpp.device.dist
 """
 from __future__ import annotations
 
+import ctypes
 import os
+import signal
+import sys
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -40,6 +43,21 @@ def dist_env(local_rank_arg: int | None = None) -> DistEnv:
     except ValueError as e:
         raise NnppError(f"bad distributed environment variable ({e}); launch with torchrun") from None
     return DistEnv(rank, local, world)
+
+
+def _die_with_parent() -> None:  # runs in every child forked by this process (Linux)
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def bind_children_to_this_process() -> None:
+    """Data-augmentation workers (batchgenerators forks them) must not outlive their rank: when torchrun
+    kills a rank, or the rank dies, the kernel kills its forked workers too. Without this, a dead rank's
+    workers are orphaned and keep the machine busy."""
+    if sys.platform.startswith("linux"):
+        os.register_at_fork(after_in_child=_die_with_parent)
 
 
 def init(env: DistEnv, backend: str, timeout_s: int = 1800) -> None:

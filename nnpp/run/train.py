@@ -98,6 +98,7 @@ def run(args) -> object:
     from nnpp import distributed
 
     env = distributed.dist_env(args.local_rank)
+    distributed.bind_children_to_this_process()
     device = dev.resolve_device(args.device, env.local_rank)
     if device.type == "cpu":
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", env.world_size))

@@ -39,16 +39,20 @@ def find_plans(root: str, dataset: str | None = None, plans: str = "nnUNetPlans"
     return found
 
 
-def _atomic_write(path: str, data: bytes) -> None:
-    shutil.copy2(path, path + ".bak")
+def _atomic_write(path: str, data: bytes, backup: bool = True) -> None:
+    if backup:
+        shutil.copy2(path, path + ".bak")
     tmp = path + ".tmp"
     with open(tmp, "wb") as f:
         f.write(data)
     os.replace(tmp, path)
 
 
-def change_batch_size(path: str, size: int, configuration: str = "3d_fullres") -> int:
-    """Set the batch size in one plans file; returns the old value."""
+def change_batch_size(path: str, size: int, configuration: str = "3d_fullres", copy_to: str | None = None) -> int:
+    """Set the batch size in one plans file; returns the old value. ``copy_to``: write the result as new v2
+    plans ``<copy_to>.json`` beside it (same preprocessed data) and leave the original untouched."""
+    if copy_to and not path.endswith(".json"):
+        raise NnppError("--copy_to works on nnU-Net v2 plans (JSON) only")
     if path.endswith(".json"):
         try:
             with open(path) as f:
@@ -63,7 +67,13 @@ def change_batch_size(path: str, size: int, configuration: str = "3d_fullres") -
                             f"'{configs[configuration].get('inherits_from')}'; change that one")
         old = configs[configuration]["batch_size"]
         configs[configuration]["batch_size"] = size
-        _atomic_write(path, (json.dumps(plans, indent=4) + "\n").encode())
+        if copy_to:
+            plans["plans_name"] = copy_to
+        data = (json.dumps(plans, indent=4) + "\n").encode()
+        if copy_to:
+            _atomic_write(os.path.join(os.path.dirname(path), copy_to + ".json"), data, backup=False)
+        else:
+            _atomic_write(path, data)
         return old
     try:
         with open(path, "rb") as f:
@@ -85,6 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-d", "--dataset", default=None, help="dataset id or name when ROOT holds several")
     p.add_argument("-c", "--configuration", default="3d_fullres", help="v2 configuration (default 3d_fullres)")
     p.add_argument("-p", "--plans", default="nnUNetPlans", help="v2 plans identifier (default nnUNetPlans)")
+    p.add_argument("--copy_to", default=None, help="write new v2 plans with this identifier instead of editing "
+                   "(e.g. nnUNetPlans_bs4; train with -p nnUNetPlans_bs4)")
     return p
 
 
@@ -92,8 +104,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None):
     args = build_parser().parse_args(argv)
     for path in find_plans(args.path, args.dataset, args.plans):
-        old = change_batch_size(path, args.size, args.configuration)
-        print(f"{path}: batch size {old} -> {args.size} (backup: {os.path.basename(path)}.bak)")
+        old = change_batch_size(path, args.size, args.configuration, args.copy_to)
+        if args.copy_to:
+            print(f"{path}: batch size {old} -> {args.size} written as plans '{args.copy_to}'")
+        else:
+            print(f"{path}: batch size {old} -> {args.size} (backup: {os.path.basename(path)}.bak)")
 
 
 if __name__ == "__main__":
