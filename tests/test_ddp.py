@@ -1,0 +1,225 @@
+"""DDP on the CPU (gloo, 2 processes): synchronised parameters, --dbs, torchrun and torch.distributed.launch,
+two nodes on loopback, a killed rank, resume, fps/prof modes, launch scripts and bad inputs."""
+import json
+import os
+import pathlib
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from conftest import nnunet_env
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+SHORT = ["--epochs", "1", "--iters", "2", "--val_iters", "1"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def port_is_free(port: int) -> bool:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
+
+
+def torchrun(*args, nproc=2, port=None, launcher="torch.distributed.run", extra=()):
+    return [sys.executable, "-m", launcher, f"--nproc_per_node={nproc}", f"--master_port={port or free_port()}",
+            *extra, "-m", "nnpp.run.train", *map(str, args)]
+
+
+def run(cmd, env, timeout=600):
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture
+def env(tiny_dataset, tmp_path):
+    return nnunet_env(tiny_dataset, nnUNet_results=str(tmp_path / "results"), OMP_NUM_THREADS="1")
+
+
+def run_dir(tiny_dataset, env, trainer, plans="nnUNetPlans", sub=""):
+    return pathlib.Path(env["nnUNet_results"], sub, tiny_dataset["name"], f"{trainer}__{plans}__3d_fullres", "fold_0")
+
+
+@pytest.mark.parametrize("dbs,batch", [(True, 1), (False, 2)])
+def test_ddp_ranks_stay_identical(tiny_dataset, tmp_path, monkeypatch, dbs, batch):
+    """After a few DDP steps both ranks hold the same (updated) parameters; --dbs halves the plans batch."""
+    import torch.multiprocessing as mp
+
+    import ddp_worker
+    monkeypatch.setenv("nnUNet_results", str(tmp_path / "results"))
+    mp.spawn(ddp_worker.run, args=(2, free_port(), str(tiny_dataset["id"]), dbs, str(tmp_path)), nprocs=2)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
+    assert r0["batch_size"] == r1["batch_size"] == batch
+    assert all(torch.equal(a, b) for a, b in zip(r0["params"], r1["params"]))
+    assert any(not torch.equal(a, b) for a, b in zip(r0["initial"], r0["params"]))  # they did train
+
+
+@pytest.mark.slow
+def test_torchrun_and_legacy_launch(tiny_dataset, env):
+    p = run(torchrun(tiny_dataset["id"], "3d_fullres", 0, "-device", "cpu", "--dbs", *SHORT), env)
+    assert p.returncode == 0, p.stderr[-3000:]
+    ddp_run = run_dir(tiny_dataset, env, "nnUNetPlusPlusTrainerDDP")
+    assert (ddp_run / "checkpoint_final.pth").is_file() and (ddp_run / "validation" / "summary.json").is_file()
+    assert not run_dir(tiny_dataset, env, "nnUNetPlusPlusTrainer").exists()  # 1-device results untouched
+    assert p.stdout.count("Dice liver") == 1  # rank 0 alone reports
+
+    # the seed's launcher passes --local-rank; the seed's trainer name maps to its DDP name
+    p = run(torchrun(tiny_dataset["id"], "3d_fullres", 0, "-device", "cpu", "-tr", "nnUNetPlusPlusTrainerV2",
+                     *SHORT, launcher="torch.distributed.launch"), env)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert (run_dir(tiny_dataset, env, "nnUNetPlusPlusTrainerV2_hypDDP") / "checkpoint_final.pth").is_file()
+
+
+@pytest.mark.slow
+def test_two_nodes_on_loopback(tiny_dataset, env):
+    port = free_port()
+    nodes = [subprocess.Popen(torchrun(tiny_dataset["id"], "3d_fullres", 0, "-device", "cpu", *SHORT, nproc=1,
+                                       port=port, extra=("--nnodes=2", f"--node_rank={r}", "--master_addr=127.0.0.1")),
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for r in (0, 1)]
+    outs = [n.communicate(timeout=600)[0] for n in nodes]
+    assert [n.returncode for n in nodes] == [0, 0], outs[0][-2000:] + outs[1][-2000:]
+    assert "world size is 2" in outs[0]
+    assert (run_dir(tiny_dataset, env, "nnUNetPlusPlusTrainerDDP") / "checkpoint_final.pth").is_file()
+
+
+def _children(pid: int) -> list[int]:
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
+    return [int(x) for x in out.split()]
+
+
+def _descendants(pid: int) -> list[int]:
+    kids = _children(pid)
+    return kids + [d for k in kids for d in _descendants(k)]
+
+
+@pytest.mark.slow
+def test_killed_rank_stops_the_run_then_resume(tiny_dataset, env):
+    port = free_port()
+    env = dict(env, nnUNet_n_proc_DA="1")  # with augmentation workers, which must not survive their rank
+    log = pathlib.Path(env["nnUNet_results"]).parent / "kill.log"
+    with open(log, "w") as f:
+        proc = subprocess.Popen(torchrun(tiny_dataset["id"], "3d_fullres", 0, "-device", "cpu", "--epochs", "100",
+                                         "--iters", "2", "--val_iters", "1", "--save_every", "1", port=port),
+                                env=env, stdout=f, stderr=subprocess.STDOUT)
+        deadline = time.time() + 300
+        while "Epoch 2" not in log.read_text() and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.5)
+        assert "Epoch 2" in log.read_text(), log.read_text()[-3000:]
+        everything = _descendants(proc.pid)
+        ranks = _children(proc.pid)
+        assert len(ranks) == 2 and len(everything) > 2  # two ranks and their augmentation workers
+        t0 = time.time()
+        os.kill(ranks[1], signal.SIGKILL)
+        rc = proc.wait(timeout=60)
+    assert rc != 0 and time.time() - t0 < 60
+    time.sleep(2)
+    alive = [p for p in everything if os.path.exists(f"/proc/{p}") and "zombie" not in
+             open(f"/proc/{p}/status").read().lower()]
+    assert alive == []
+    assert port_is_free(port)
+
+    ckpt = run_dir(tiny_dataset, env, "nnUNetPlusPlusTrainerDDP") / "checkpoint_latest.pth"
+    saved = torch.load(ckpt, map_location="cpu", weights_only=False)
+    epoch = saved["current_epoch"]
+    assert epoch >= 2
+    p = run(torchrun(tiny_dataset["id"], "3d_fullres", 0, "-device", "cpu", "--c", "--epochs", epoch + 1, "--iters",
+                     "2", "--val_iters", "1"), dict(env, nnUNet_n_proc_DA="0"))
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert f"Epoch {epoch}" in p.stdout and f"Epoch {epoch - 1}\n" not in p.stdout
+    final = torch.load(ckpt.with_name("checkpoint_final.pth"), map_location="cpu", weights_only=False)
+    assert final["current_epoch"] == epoch + 1
+    # the resumed run started from the saved state: its logged history up to the kill is the saved one
+    for key, values in saved["logging"].items():
+        if isinstance(values, list) and values and key != "epoch_end_timestamps":
+            assert final["logging"][key][:epoch] == values[:epoch], key
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_fps_and_prof_modes(tiny_dataset, env, nproc):
+    def launch(*a):
+        args = [tiny_dataset["id"], "3d_fullres", 0, "-device", "cpu", *a]
+        cmd = torchrun(*args, nproc=nproc) if nproc > 1 else [sys.executable, "-m", "nnpp.run.train", *map(str, args)]
+        return run(cmd, env)
+
+    trainer = "nnUNetPlusPlusTrainerDDP" if nproc > 1 else "nnUNetPlusPlusTrainer"
+    p = launch("--other_use", "fps", "--warmup", "1", "--steps", "3")
+    assert p.returncode == 0, p.stderr[-3000:]
+    lines = [line for line in p.stdout.splitlines() if line.startswith("[nnpp fps]")]
+    assert len(lines) == 1
+    perf = json.loads((run_dir(tiny_dataset, env, trainer, sub="nnpp_perf/fps") / "perf.json").read_text())
+    assert perf["world_size"] == nproc and perf["timed_steps"] == 3 and perf["batch_per_rank"] == 2
+    assert perf["images_per_s_total"] >= perf["images_per_s_rank"] > 0  # all-reduced sum over ranks
+    if nproc == 1:
+        assert perf["images_per_s_total"] == perf["images_per_s_rank"]
+    assert 0 <= perf["data_wait_share"] < 1 and perf["step_s_median"] > 0
+    assert f"FPS {perf['images_per_s_total']:.2f} img/s total" in lines[0]
+
+    p = launch("--other_use", "prof", "--warmup", "1", "--steps", "1")
+    assert p.returncode == 0, p.stderr[-3000:]
+    out = run_dir(tiny_dataset, env, trainer, sub="nnpp_perf/prof")
+    traces = sorted(f.name for f in out.glob("output*.prof"))
+    assert traces == (["output.prof"] if nproc == 1 else ["output_rank0.prof", "output_rank1.prof"])
+    for t in traces:
+        assert json.loads((out / t).read_text())["traceEvents"]
+    assert "Self CPU" in next(out.glob("prof_table*.txt")).read_text()
+    # neither mode touched a real run
+    assert not run_dir(tiny_dataset, env, trainer).exists()
+
+
+def test_dbs_global_batch_smaller_than_world(tiny_dataset, env):
+    plans = pathlib.Path(tiny_dataset["nnUNet_preprocessed"], tiny_dataset["name"])
+    p = run([sys.executable, "-m", "nnpp.tools.change_bs", "-path", str(plans), "-size", "1", "--copy_to",
+             "nnUNetPlans_bs1"], env)
+    assert p.returncode == 0, p.stderr
+    p = run(torchrun(tiny_dataset["id"], "3d_fullres", 0, "-device", "cpu", "--dbs", "-p", "nnUNetPlans_bs1"), env)
+    assert p.returncode != 0
+    assert "--dbs: the global batch size 1 is smaller than the world size 2" in p.stderr
+
+
+def test_npu_without_torch_npu_under_torchrun(tiny_dataset, env):
+    p = run(torchrun(tiny_dataset["id"], "3d_fullres", 0, "-device", "npu"), env)
+    assert p.returncode != 0
+    assert p.stderr.count("nnpp_train: error: -device npu needs the torch_npu package") == 2
+
+
+@pytest.mark.slow
+def test_launch_scripts_8p_with_two_processes(tiny_dataset, env):
+    common = dict(env, NPROC="2", DATASET=str(tiny_dataset["id"]), DEVICE="cpu", PYTHON=sys.executable,
+                  LOG_DIR=env["nnUNet_results"] + "/logs", MASTER_PORT=str(free_port()))
+    p = run(["bash", str(ROOT / "test" / "train_full_8p.sh")], dict(common, EPOCHS="1", ITERS="2",
+                                                                     EXTRA_ARGS="--val_iters 1"))
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    summary = p.stdout.split("summary (")[-1]
+    assert "Dice liver (label 1):" in summary
+    p = run(["bash", str(ROOT / "test" / "train_performance_8p.sh")], dict(common, BATCH_SIZE="4",
+                                                                           EXTRA_ARGS="--warmup 1 --steps 2"))
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert "[nnpp fps]" in p.stdout.split("summary (")[-1] and "batch/rank 2" in p.stdout
+    logs = list(pathlib.Path(common["LOG_DIR"]).glob("*.log"))
+    assert len(logs) == 2
+
+
+def test_launch_script_port_in_use(tiny_dataset, env):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        p = run(["bash", str(ROOT / "test" / "train_full_8p.sh")],
+                dict(env, NPROC="2", DATASET=str(tiny_dataset["id"]), DEVICE="cpu", PYTHON=sys.executable,
+                     MASTER_PORT=str(port), LOG_DIR=env["nnUNet_results"] + "/logs"))
+    assert p.returncode == 2
+    assert p.stderr.strip() == f"error: MASTER_PORT {port} is already in use (another run?); set MASTER_PORT " \
+                               f"to a free port"
