@@ -100,7 +100,7 @@ def run(args) -> object:
     env = distributed.dist_env(args.local_rank)
     distributed.bind_children_to_this_process()
     device = dev.resolve_device(args.device, env.local_rank)
-    if device.type == "cpu":
+    if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:  # share the cores between local ranks
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", env.world_size))
         dev.set_cpu_threads(max(1, (os.cpu_count() or 1) // local_world))
     distributed.init(env, dev.dist_backend(device))
