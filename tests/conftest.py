@@ -1,5 +1,6 @@
 """Shared fixtures: a tiny synthetic Task03-like dataset, planned and preprocessed once per session."""
 import os
+import socket
 import subprocess
 import sys
 
@@ -43,12 +44,19 @@ def tiny_dataset(nnunet_dirs, tmp_path_factory):
 
 
 def nnunet_env(dirs: dict | None = None, drop=(), **extra) -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in drop}
+    """os.environ for a subprocess: the session's nnU-Net folders, minus ``drop``, plus ``extra``."""
+    env = dict(os.environ)
     env.update({k: v for k, v in (dirs or {}).items() if k.startswith("nnUNet_")})
     for k in drop:
         env.pop(k, None)
     env.update(extra)
     return env
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def run_cli(module: str, *args, env=None, timeout=600) -> subprocess.CompletedProcess:

@@ -11,16 +11,10 @@ import time
 
 import pytest
 import torch
-from conftest import nnunet_env
+from conftest import free_port, nnunet_env
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SHORT = ["--epochs", "1", "--iters", "2", "--val_iters", "1"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def port_is_free(port: int) -> bool:

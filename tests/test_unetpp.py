@@ -1,6 +1,5 @@
 """UNet++ network: shapes, gradients to every head, pruning, deep-supervision switching, checkpoints."""
 import itertools
-import socket
 
 import pytest
 import torch
@@ -124,12 +123,6 @@ def test_checkpoint_loads_with_and_without_deep_supervision():
     with_ds.load_state_dict(without.state_dict(), strict=True)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_nnunet_switches_deep_supervision_through_wrappers():
     """nnU-Net's own set_deep_supervision_enabled (unwraps DDP and torch.compile) drives our decoder."""
     import types
@@ -150,7 +143,8 @@ def test_nnunet_switches_deep_supervision_through_wrappers():
     switch(torch.compile(net), True)  # OptimizedModule wrapper, never run
     assert net.decoder.deep_supervision is True
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    from conftest import free_port
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     try:
         ddp = DDP(net)
         switch(ddp, False, is_ddp=True)
