@@ -113,9 +113,13 @@ def profile(trainer, warmup: int = DEFAULT_WARMUP["prof"], steps: int = DEFAULT_
     finally:
         _finish(trainer)
     prof.export_chrome_trace(trace)
-    sort_by = "self_cpu_time_total" if device.type == "cpu" else "self_device_time_total"
+    if device.type == "npu":  # torch_npu's profiler exports traces but has no key_averages
+        text = "torch_npu's profiler has no key_averages table; open the trace, or analyse it with msprof-analyze\n"
+    else:
+        sort_by = "self_cpu_time_total" if device.type == "cpu" else "self_device_time_total"
+        text = prof.key_averages().table(sort_by=sort_by, row_limit=40)
     with open(table, "w") as f:
-        f.write(prof.key_averages().table(sort_by=sort_by, row_limit=40))
+        f.write(text)
     print(f"[nnpp prof] rank {rank}: {steps} profiled steps -> {trace}, {table}", flush=True)
     return {"mode": "prof", "trace": trace, "table": table, "rank": rank}
 
