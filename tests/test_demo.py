@@ -1,4 +1,4 @@
-"""The README's main command: nnpp_demo end to end with its defaults (about 6-8 minutes on 2 CPU cores)."""
+"""The README's main command: nnpp_demo end to end with its defaults (about 4-5 minutes on 2 CPU cores)."""
 import json
 import os
 import subprocess
