@@ -141,6 +141,31 @@ def test_killed_rank_stops_the_run_then_resume(tiny_dataset, env):
 
 
 @pytest.mark.slow
+def test_raising_rank_stops_the_run(tiny_dataset, env):
+    """A rank that raises (rather than being killed) ends every rank quickly, non-zero, port freed."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+           str(ROOT / "tests" / "raising_rank.py"), str(tiny_dataset["id"]), "3d_fullres", "0", "-device", "cpu",
+           "--epochs", "100", "--iters", "2", "--val_iters", "1"]
+    t0 = time.time()
+    p = run(cmd, dict(env, nnUNet_n_proc_DA="1"), timeout=300)
+    assert p.returncode != 0 and time.time() - t0 < 120, p.stderr[-3000:]
+    assert "injected fault on rank 1" in p.stderr and "Epoch 1" in p.stdout  # it failed where it was told to
+    assert "Epoch 99" not in p.stdout
+    time.sleep(2)
+    assert port_is_free(port)
+    left = [d.name for d in pathlib.Path("/proc").iterdir() if d.name.isdigit() and _cmdline_has(d, "raising_rank.py")]
+    assert left == []  # neither rank nor their augmentation workers survive
+
+
+def _cmdline_has(proc_dir: pathlib.Path, text: str) -> bool:
+    try:
+        return text in (proc_dir / "cmdline").read_bytes().decode(errors="replace")
+    except OSError:
+        return False
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("nproc", [1, 2])
 def test_fps_and_prof_modes(tiny_dataset, env, nproc):
     def launch(*a):
