@@ -8,6 +8,7 @@ The backend follows the device (nccl / hccl / gloo), see :func:`nnpp.device.dist
 from __future__ import annotations
 
 import ctypes
+import gc
 import os
 import signal
 import sys
@@ -67,8 +68,18 @@ def init(env: DistEnv, backend: str, timeout_s: int = 1800) -> None:
     dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
 
 
-def teardown() -> None:
+def teardown(finished: bool = False) -> None:
+    """Leave the process group.
+
+    ``finished``: this rank completed its work, so it first waits for the others (a rank that tears its
+    connections down while a peer still uses them can abort, gloo's "terminate called without an active
+    exception"). After an error no barrier: the launcher stops the other ranks. Unreachable DDP wrappers
+    (their reducers hold the group) are collected while the interpreter is still fully alive.
+    """
     if dist.is_available() and dist.is_initialized():
+        if finished:
+            dist.barrier()
+        gc.collect()
         dist.destroy_process_group()
 
 

@@ -63,3 +63,8 @@ def run_cli(module: str, *args, env=None, timeout=600) -> subprocess.CompletedPr
     """Run ``python -m nnpp.run.<module> args`` as a user would run the console script."""
     return subprocess.run([sys.executable, "-m", f"nnpp.run.{module}", *map(str, args)], env=env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+def output_tail(p, n: int = 3000) -> str:
+    """The end of a finished subprocess's stdout and stderr, for assertion messages."""
+    return f"--- stdout (tail) ---\n{p.stdout[-n:]}\n--- stderr (tail) ---\n{p.stderr[-n:]}"

@@ -13,6 +13,7 @@ def run(rank: int, world: int, port: int, dataset: str, dbs: bool, out: str, ste
 
     env = distributed.dist_env()
     distributed.init(env, "gloo")
+    finished = False
     try:
         trainer = make_trainer(dataset, "3d_fullres", "0", "nnUNetPlusPlusTrainerDDP", device=torch.device("cpu"))
         trainer.distribute_batch = dbs
@@ -23,5 +24,6 @@ def run(rank: int, world: int, port: int, dataset: str, dbs: bool, out: str, ste
         torch.save({"batch_size": trainer.batch_size, "losses": losses, "initial": initial,
                     "params": [p.detach().clone() for p in trainer.network.parameters()]},
                    os.path.join(out, f"rank{rank}.pt"))
+        finished = True
     finally:
-        distributed.teardown()
+        distributed.teardown(finished)

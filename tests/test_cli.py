@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import nnunet_env, run_cli
+from conftest import nnunet_env, output_tail, run_cli
 
 SHORT = ("--epochs", "1", "--iters", "2", "--val_iters", "1")
 V1_NAMES = ("nnUNet_raw_data_base", "RESULTS_FOLDER")
@@ -30,7 +30,7 @@ def test_train_continue_validate_predict(tiny_dataset, tmp_path):
     ds, env = tiny_dataset, nnunet_env(tiny_dataset)
     # 1. train 1 epoch
     p = run_cli("train", ds["id"], "3d_fullres", 0, "-device", "cpu", *SHORT, env=env)
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert p.returncode == 0, output_tail(p)
     out = fold_dir(ds, 0)
     for f in ("checkpoint_final.pth", "progress.png", "validation/summary.json", "debug.json"):
         assert os.path.isfile(os.path.join(out, f)), f
@@ -43,7 +43,7 @@ def test_train_continue_validate_predict(tiny_dataset, tmp_path):
     # 2. --c continues from the saved epoch to epoch 2 (Task id in the v1 form)
     p = run_cli("train", f"Task{ds['id']:03d}_SynthLiver", "3d_fullres", 0, "-device", "cpu", "--c", "--epochs", "2",
                 "--iters", "2", "--val_iters", "1", env=env)
-    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.returncode == 0, output_tail(p)
     assert "Epoch 1" in p.stdout and "Epoch 0\n" not in p.stdout
     ckpt = torch.load(os.path.join(out, "checkpoint_final.pth"), map_location="cpu", weights_only=False)
     assert ckpt["current_epoch"] == 2 and ckpt["trainer_name"] == "nnUNetPlusPlusTrainer"
@@ -53,7 +53,7 @@ def test_train_continue_validate_predict(tiny_dataset, tmp_path):
     v1 = nnunet_env(ds, drop=("nnUNet_raw", "nnUNet_results"), nnUNet_raw_data_base=ds["nnUNet_raw"],
                     RESULTS_FOLDER=ds["nnUNet_results"])
     p = run_cli("train", f"Dataset{ds['id']:03d}_SynthLiver", "3d_fullres", 0, "-device", "cpu", "--val", env=v1)
-    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.returncode == 0, output_tail(p)
     assert "Epoch" not in p.stdout and os.path.isfile(os.path.join(out, "validation", "summary.json"))
 
     # 4. predict the test case with nnpp_predict (nnU-Net's predictor, our trainer lookup)
@@ -61,7 +61,7 @@ def test_train_continue_validate_predict(tiny_dataset, tmp_path):
     pred = tmp_path / "pred"
     p = run_cli("predict", "-i", src, "-o", pred, "-d", ds["id"], "-c", "3d_fullres", "-f", "0", "-device", "cpu",
                 "--disable_tta", "-npp", "1", "-nps", "1", env=env)
-    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.returncode == 0, output_tail(p)
     inputs = sorted(f.replace("_0000.nii.gz", ".nii.gz") for f in os.listdir(src))
     assert sorted(f for f in os.listdir(pred) if f.endswith(".nii.gz")) == inputs
     import SimpleITK as sitk
@@ -75,7 +75,7 @@ def test_continue_without_checkpoint_starts_fresh(tiny_dataset):
     env = nnunet_env(tiny_dataset)
     p = run_cli("train", tiny_dataset["id"], "3d_fullres", 1, "-device", "cpu", "--c", "--epochs", "1", "--iters",
                 "1", "--val_iters", "1", env=env)
-    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.returncode == 0, output_tail(p)
     assert "no checkpoint available to continue from. Starting a new training" in p.stdout
     assert "Epoch 0" in p.stdout
 

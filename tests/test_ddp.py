@@ -11,7 +11,7 @@ import time
 
 import pytest
 import torch
-from conftest import free_port, nnunet_env
+from conftest import free_port, nnunet_env, output_tail
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SHORT = ["--epochs", "1", "--iters", "2", "--val_iters", "1"]
@@ -62,7 +62,7 @@ def test_ddp_ranks_stay_identical(tiny_dataset, tmp_path, monkeypatch, dbs, batc
 @pytest.mark.slow
 def test_torchrun_and_legacy_launch(tiny_dataset, env):
     p = run(torchrun(tiny_dataset["id"], "3d_fullres", 0, "-device", "cpu", "--dbs", *SHORT), env)
-    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.returncode == 0, output_tail(p)
     ddp_run = run_dir(tiny_dataset, env, "nnUNetPlusPlusTrainerDDP")
     assert (ddp_run / "checkpoint_final.pth").is_file() and (ddp_run / "validation" / "summary.json").is_file()
     assert not run_dir(tiny_dataset, env, "nnUNetPlusPlusTrainer").exists()  # 1-device results untouched
@@ -71,7 +71,7 @@ def test_torchrun_and_legacy_launch(tiny_dataset, env):
     # the seed's launcher passes --local-rank; the seed's trainer name maps to its DDP name
     p = run(torchrun(tiny_dataset["id"], "3d_fullres", 0, "-device", "cpu", "-tr", "nnUNetPlusPlusTrainerV2",
                      *SHORT, launcher="torch.distributed.launch"), env)
-    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.returncode == 0, output_tail(p)
     assert (run_dir(tiny_dataset, env, "nnUNetPlusPlusTrainerV2_hypDDP") / "checkpoint_final.pth").is_file()
 
 
@@ -130,7 +130,7 @@ def test_killed_rank_stops_the_run_then_resume(tiny_dataset, env):
     assert epoch >= 2
     p = run(torchrun(tiny_dataset["id"], "3d_fullres", 0, "-device", "cpu", "--c", "--epochs", epoch + 1, "--iters",
                      "2", "--val_iters", "1"), dict(env, nnUNet_n_proc_DA="0"))
-    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.returncode == 0, output_tail(p)
     assert f"Epoch {epoch}" in p.stdout and f"Epoch {epoch - 1}\n" not in p.stdout
     final = torch.load(ckpt.with_name("checkpoint_final.pth"), map_location="cpu", weights_only=False)
     assert final["current_epoch"] == epoch + 1
@@ -149,7 +149,7 @@ def test_raising_rank_stops_the_run(tiny_dataset, env):
            "--epochs", "100", "--iters", "2", "--val_iters", "1"]
     t0 = time.time()
     p = run(cmd, dict(env, nnUNet_n_proc_DA="1"), timeout=300)
-    assert p.returncode != 0 and time.time() - t0 < 120, p.stderr[-3000:]
+    assert p.returncode != 0 and time.time() - t0 < 120, output_tail(p)
     assert "injected fault on rank 1" in p.stderr and "Epoch 1" in p.stdout  # it failed where it was told to
     assert "Epoch 99" not in p.stdout
     time.sleep(2)
@@ -175,7 +175,7 @@ def test_fps_and_prof_modes(tiny_dataset, env, nproc):
 
     trainer = "nnUNetPlusPlusTrainerDDP" if nproc > 1 else "nnUNetPlusPlusTrainer"
     p = launch("--other_use", "fps", "--warmup", "1", "--steps", "3")
-    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.returncode == 0, output_tail(p)
     lines = [line for line in p.stdout.splitlines() if line.startswith("[nnpp fps]")]
     assert len(lines) == 1
     perf = json.loads((run_dir(tiny_dataset, env, trainer, sub="nnpp_perf/fps") / "perf.json").read_text())
@@ -187,7 +187,7 @@ def test_fps_and_prof_modes(tiny_dataset, env, nproc):
     assert f"FPS {perf['images_per_s_total']:.2f} img/s total" in lines[0]
 
     p = launch("--other_use", "prof", "--warmup", "1", "--steps", "1")
-    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.returncode == 0, output_tail(p)
     out = run_dir(tiny_dataset, env, trainer, sub="nnpp_perf/prof")
     traces = sorted(f.name for f in out.glob("output*.prof"))
     assert traces == (["output.prof"] if nproc == 1 else ["output_rank0.prof", "output_rank1.prof"])
@@ -220,12 +220,12 @@ def test_launch_scripts_8p_with_two_processes(tiny_dataset, env):
                   LOG_DIR=env["nnUNet_results"] + "/logs", MASTER_PORT=str(free_port()))
     p = run(["bash", str(ROOT / "test" / "train_full_8p.sh")], dict(common, EPOCHS="1", ITERS="2",
                                                                      EXTRA_ARGS="--val_iters 1"))
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert p.returncode == 0, output_tail(p)
     summary = p.stdout.split("summary (")[-1]
     assert "Dice liver (label 1):" in summary
     p = run(["bash", str(ROOT / "test" / "train_performance_8p.sh")], dict(common, BATCH_SIZE="4",
                                                                            EXTRA_ARGS="--warmup 1 --steps 2"))
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert p.returncode == 0, output_tail(p)
     assert "[nnpp fps]" in p.stdout.split("summary (")[-1] and "batch/rank 2" in p.stdout
     logs = list(pathlib.Path(common["LOG_DIR"]).glob("*.log"))
     assert len(logs) == 2

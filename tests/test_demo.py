@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+from conftest import output_tail
 
 
 @pytest.mark.slow
@@ -13,7 +14,7 @@ def test_demo_reaches_organ_dice(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("nnUNet_")}  # the demo sets its own
     p = subprocess.run([sys.executable, "-m", "nnpp.run.demo", "--workdir", str(work)], env=env,
                        capture_output=True, text=True, timeout=1800)
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert p.returncode == 0, output_tail(p)
     summary = work / "nnUNet_results" / "Dataset900_SynthLiver" / \
         "nnUNetPlusPlusTrainer__nnUNetPlans__3d_fullres" / "fold_0" / "validation" / "summary.json"
     liver = json.loads(summary.read_text())["mean"]["1"]["Dice"]

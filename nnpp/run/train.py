@@ -104,10 +104,13 @@ def run(args) -> object:
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", env.world_size))
         dev.set_cpu_threads(max(1, (os.cpu_count() or 1) // local_world))
     distributed.init(env, dev.dist_backend(device))
+    finished = False
     try:
-        return _train(args, env, device)
+        result = _train(args, env, device)
+        finished = True
+        return result
     finally:
-        distributed.teardown()
+        distributed.teardown(finished)
 
 
 def _train(args, env, device):
