@@ -187,12 +187,21 @@ def profiler_activities(device: torch.device) -> list:
 
 def make_profiler(device: torch.device):
     """A started-on-enter profiler for ``device``: torch.profiler, or torch_npu's profiler on NPU (whose
-    traces carry the NPU timeline). Both offer export_chrome_trace and key_averages."""
+    traces carry the NPU timeline). Both export chrome traces; read the summary with :func:`profiler_table`."""
+    activities = profiler_activities(device)  # imports torch_npu on NPU
     if device.type == "npu":
-        import_torch_npu()
         import torch_npu.profiler as npu_prof
-        return npu_prof.profile(activities=profiler_activities(device))
-    return torch.profiler.profile(activities=profiler_activities(device))
+        return npu_prof.profile(activities=activities)
+    return torch.profiler.profile(activities=activities)
+
+
+def profiler_table(prof, device: torch.device, row_limit: int = 40) -> str:
+    """The key-averages table of a finished :func:`make_profiler` run, sorted by self time on ``device``.
+    torch_npu's profiler has no key_averages: on NPU the text says where to look instead."""
+    if device.type == "npu":
+        return "torch_npu's profiler has no key_averages table; open the trace, or analyse it with msprof-analyze\n"
+    sort_by = "self_cpu_time_total" if device.type == "cpu" else "self_device_time_total"
+    return prof.key_averages().table(sort_by=sort_by, row_limit=row_limit)
 
 
 # -------------------------------------------------------------------------------------------------- AMP

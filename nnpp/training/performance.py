@@ -3,7 +3,7 @@
 ``fps``:  warm up W steps, time S steps with device synchronisation; images/s per rank and in total
           (all-reduced), mean/median step time, the share of time spent waiting for data. Rank 0 writes
           ``perf.json`` and prints one line starting with ``[nnpp fps]``.
-``prof``: warm up W steps, profile S steps with torch.profiler (torch_npu's profiler on NPU); each rank
+``prof``: warm up W steps, profile S steps with the device layer's profiler (Ascend's on NPU); each rank
           writes a chrome trace (``output.prof``, the seed's name; ``output_rank{R}.prof`` under DDP) and a
           key-averages table (``prof_table[_rank{R}].txt``).
 
@@ -113,13 +113,8 @@ def profile(trainer, warmup: int = DEFAULT_WARMUP["prof"], steps: int = DEFAULT_
     finally:
         _finish(trainer)
     prof.export_chrome_trace(trace)
-    if device.type == "npu":  # torch_npu's profiler exports traces but has no key_averages
-        text = "torch_npu's profiler has no key_averages table; open the trace, or analyse it with msprof-analyze\n"
-    else:
-        sort_by = "self_cpu_time_total" if device.type == "cpu" else "self_device_time_total"
-        text = prof.key_averages().table(sort_by=sort_by, row_limit=40)
     with open(table, "w") as f:
-        f.write(text)
+        f.write(dev.profiler_table(prof, device))
     print(f"[nnpp prof] rank {rank}: {steps} profiled steps -> {trace}, {table}", flush=True)
     return {"mode": "prof", "trace": trace, "table": table, "rank": rank}
 
