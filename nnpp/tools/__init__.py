@@ -1,0 +1,28 @@
+"""Seed-era tools (change_bs, get_dice_result) as importable functions with CLIs."""
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+from nnpp import NnppError
+from nnpp.run.common import parse_dataset_id
+
+
+def one_dataset(paths: list[str], dataset_dir: Callable[[str], str], root: str,
+                dataset: str | None = None) -> list[str]:
+    """The files among ``paths`` that lie in an nnU-Net dataset folder (``DatasetXXX_*`` / v1 ``TaskXXX_*``,
+    named by ``dataset_dir(path)``), of ``dataset`` when given; sorted. Files of several datasets and no
+    ``dataset`` chosen is an error. An empty result is the caller's to report (it knows what it looked for)."""
+    paths = [p for p in paths if dataset_dir(p).startswith(("Dataset", "Task"))]
+    if dataset is not None:
+        wanted = parse_dataset_id(dataset)
+        paths = [p for p in paths if parse_dataset_id(dataset_dir(p)) == wanted]
+    datasets = sorted({dataset_dir(p) for p in paths})
+    if len(datasets) > 1:
+        raise NnppError(f"several datasets under {root} ({', '.join(datasets)}); choose one with -d")
+    return sorted(paths)
+
+
+def require_folder(root: str, what: str) -> None:
+    if not os.path.isdir(root):
+        raise NnppError(f"-path {root} is not a folder; pass the nnU-Net base or {what} folder")

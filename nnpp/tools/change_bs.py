@@ -15,27 +15,21 @@ import pickle
 import shutil
 
 from nnpp import NnppError
-from nnpp.run.common import entry_point, parse_dataset_id, positive_int
+from nnpp.run.common import entry_point, positive_int
+from nnpp.tools import one_dataset, require_folder
 
 V1_PLANS = "nnUNetPlansv2.1_plans_3D.pkl"
 
 
 def find_plans(root: str, dataset: str | None = None, plans: str = "nnUNetPlans") -> list[str]:
     """Plans files under ``root``: v2 ``<plans>.json`` in DatasetXXX_* folders and v1 pkl in TaskXXX_* folders."""
-    if not os.path.isdir(root):
-        raise NnppError(f"-path {root} is not a folder; pass the nnU-Net base or nnUNet_preprocessed folder")
+    require_folder(root, "nnUNet_preprocessed")
     found = glob.glob(os.path.join(root, "**", f"{plans}.json"), recursive=True) + \
         glob.glob(os.path.join(root, "**", V1_PLANS), recursive=True)
-    found = sorted(f for f in found if os.path.basename(os.path.dirname(f)).startswith(("Dataset", "Task")))
-    if dataset is not None:
-        wanted = parse_dataset_id(dataset)
-        found = [f for f in found if parse_dataset_id(os.path.basename(os.path.dirname(f))) == wanted]
+    found = one_dataset(found, lambda f: os.path.basename(os.path.dirname(f)), root, dataset)
     if not found:
         raise NnppError(f"no plans ({plans}.json or {V1_PLANS}) found under {root}"
                         + (f" for dataset {dataset}" if dataset else "") + "; run nnU-Net's planning first")
-    datasets = sorted({os.path.basename(os.path.dirname(f)) for f in found})
-    if len(datasets) > 1:
-        raise NnppError(f"several datasets under {root} ({', '.join(datasets)}); choose one with -d")
     return found
 
 

@@ -5,9 +5,11 @@ import argparse
 import glob
 import json
 import os
+import pathlib
 
 from nnpp import NnppError
-from nnpp.run.common import entry_point, load_json_file, parse_dataset_id
+from nnpp.run.common import entry_point, load_json_file
+from nnpp.tools import one_dataset, require_folder
 
 
 def read_dice(summary_path: str) -> dict[str, float]:
@@ -47,29 +49,24 @@ def find_summaries(root: str, mode: str = "1p", dataset: str | None = None, fold
                    trainer: str | None = None, configuration: str | None = None) -> list[str]:
     """summary.json files of matching runs: v2 ``Dataset*/TR__PLANS__CONFIG/fold_F/validation/summary.json``
     and v1 ``Task*/TR__PLANS/fold_F/validation_raw/summary.json`` (any depth below root)."""
-    if not os.path.isdir(root):
-        raise NnppError(f"-path {root} is not a folder; pass the nnU-Net base or results folder")
+    require_folder(root, "results")
     trainers = (trainer,) if trainer else MODE_TRAINERS[mode]
     hits = []
     for sub in ("validation", "validation_raw"):
         for path in glob.glob(os.path.join(root, "**", f"fold_{fold}", sub, "summary.json"), recursive=True):
-            run_dir = os.path.basename(os.path.dirname(os.path.dirname(os.path.dirname(path))))
-            ds_dir = os.path.basename(os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(path)))))
-            parts = run_dir.split("__")
-            if parts[0] not in trainers or not ds_dir.startswith(("Dataset", "Task")):
-                continue
-            if configuration and len(parts) > 2 and parts[2] != configuration:
-                continue
-            if dataset and parse_dataset_id(ds_dir) != parse_dataset_id(dataset):
-                continue
-            hits.append(path)
+            parts = _run_dir(path).name.split("__")  # TRAINER__PLANS[__CONFIG]
+            if parts[0] in trainers and not (configuration and len(parts) > 2 and parts[2] != configuration):
+                hits.append(path)
+    hits = one_dataset(hits, lambda p: _run_dir(p).parent.name, root, dataset)
     if not hits:
         raise NnppError(f"no summary.json for trainer {'/'.join(trainers)}, fold {fold} under {root}; "
                         f"has the validation run (nnpp_train ... --val)?")
-    datasets = sorted({p.split(os.sep)[-5] for p in hits})
-    if len(datasets) > 1:
-        raise NnppError(f"several datasets under {root} ({', '.join(datasets)}); choose one with -d")
-    return sorted(hits)
+    return hits
+
+
+def _run_dir(summary_path: str) -> pathlib.PurePath:
+    """TRAINER__PLANS__CONFIG of ``.../TRAINER__PLANS__CONFIG/fold_F/validation/summary.json``."""
+    return pathlib.PurePath(summary_path).parents[2]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -85,8 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _dataset_json_for(summary_path: str) -> dict | None:
-    run_dir = os.path.dirname(os.path.dirname(os.path.dirname(summary_path)))
-    path = os.path.join(run_dir, "dataset.json")
+    path = os.path.join(_run_dir(summary_path), "dataset.json")
     return load_json_file(path, "dataset.json") if os.path.isfile(path) else None
 
 
