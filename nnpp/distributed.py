@@ -7,6 +7,7 @@ The backend follows the device (nccl / hccl / gloo), see :func:`nnpp.device.dist
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import gc
 import os
@@ -81,6 +82,18 @@ def teardown(finished: bool = False) -> None:
             dist.barrier()
         gc.collect()
         dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def process_group(env: DistEnv, backend: str):
+    """``init`` on entry; ``teardown`` on exit, with the barrier only when the body finished without error."""
+    init(env, backend)
+    try:
+        yield
+    except BaseException:
+        teardown(finished=False)
+        raise
+    teardown(finished=True)
 
 
 def split_global_batch(global_batch: int, world_size: int) -> None:

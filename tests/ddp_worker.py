@@ -11,10 +11,7 @@ def run(rank: int, world: int, port: int, dataset: str, dbs: bool, out: str, ste
     from nnpp import distributed
     from nnpp.run.train import make_trainer
 
-    env = distributed.dist_env()
-    distributed.init(env, "gloo")
-    finished = False
-    try:
+    with distributed.process_group(distributed.dist_env(), "gloo"):
         trainer = make_trainer(dataset, "3d_fullres", "0", "nnUNetPlusPlusTrainerDDP", device=torch.device("cpu"))
         trainer.distribute_batch = dbs
         trainer.initialize()
@@ -24,6 +21,3 @@ def run(rank: int, world: int, port: int, dataset: str, dbs: bool, out: str, ste
         torch.save({"batch_size": trainer.batch_size, "losses": losses, "initial": initial,
                     "params": [p.detach().clone() for p in trainer.network.parameters()]},
                    os.path.join(out, f"rank{rank}.pt"))
-        finished = True
-    finally:
-        distributed.teardown(finished)

@@ -103,14 +103,8 @@ def run(args) -> object:
     if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:  # share the cores between local ranks
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", env.world_size))
         dev.set_cpu_threads(max(1, (os.cpu_count() or 1) // local_world))
-    distributed.init(env, dev.dist_backend(device))
-    finished = False
-    try:
-        result = _train(args, env, device)
-        finished = True
-        return result
-    finally:
-        distributed.teardown(finished)
+    with distributed.process_group(env, dev.dist_backend(device)):
+        return _train(args, env, device)
 
 
 def _train(args, env, device):
@@ -125,22 +119,19 @@ def _train(args, env, device):
     if hasattr(trainer, "configure_amp"):
         trainer.configure_amp(args.amp)
         trainer.distribute_batch = args.dbs
-    elif args.amp != "auto" or args.dbs:
-        raise NnppError(f"--amp and --dbs need an nnpp trainer; {args.tr} is nnU-Net's own")
+    elif args.amp != "auto" or args.dbs or args.other_use:
+        raise NnppError(f"--amp, --dbs and --other_use need an nnpp trainer; {args.tr} is nnU-Net's own")
     configure_run(trainer, args.epochs, args.iters, args.val_iters, args.save_every)
     trainer.disable_checkpointing = args.disable_checkpointing
+    dev.configure_backends(device)
     if args.other_use:
-        if not hasattr(trainer, "amp"):
-            raise NnppError(f"--other_use needs an nnpp trainer; {args.tr} is nnU-Net's own")
         from nnpp.training import performance
-        dev.configure_backends(device)
         return performance.run(trainer, args.other_use, args.warmup, args.steps)
 
     final = os.path.join(trainer.output_folder, "checkpoint_final.pth")
     if args.val and not os.path.isfile(final):
         raise NnppError(f"--val needs a finished training: {final} does not exist; train first")
     maybe_load_checkpoint(trainer, args.c, args.val, args.pretrained_weights)
-    dev.configure_backends(device)
 
     if not args.val:
         trainer.run_training()

@@ -1,10 +1,8 @@
 """nnpp trainers and the trainer lookup used by nnpp_train and nnpp_predict."""
 from nnpp import NnppError
-from nnpp.training.nnUNetPlusPlusTrainer import (DDP_VARIANTS, nnUNetPlusPlusTrainer, nnUNetPlusPlusTrainerDDP,
-                                                 nnUNetPlusPlusTrainerV2, nnUNetPlusPlusTrainerV2_hypDDP)
+from nnpp.training.nnUNetPlusPlusTrainer import DDP_VARIANTS, nnUNetPlusPlusTrainer, nnUNetPlusPlusTrainerV2
 
-TRAINERS = {cls.__name__: cls for cls in (nnUNetPlusPlusTrainer, nnUNetPlusPlusTrainerV2, nnUNetPlusPlusTrainerDDP,
-                                          nnUNetPlusPlusTrainerV2_hypDDP)}
+TRAINERS = {cls.__name__: cls for cls in (nnUNetPlusPlusTrainer, nnUNetPlusPlusTrainerV2, *DDP_VARIANTS.values())}
 
 
 def find_trainer_class(name: str):
