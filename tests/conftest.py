@@ -68,3 +68,24 @@ def run_cli(module: str, *args, env=None, timeout=600) -> subprocess.CompletedPr
 def output_tail(p, n: int = 3000) -> str:
     """The end of a finished subprocess's stdout and stderr, for assertion messages."""
     return f"--- stdout (tail) ---\n{p.stdout[-n:]}\n--- stderr (tail) ---\n{p.stderr[-n:]}"
+
+
+@pytest.fixture(scope="session")
+def trained_model(tiny_dataset, tmp_path_factory):
+    """``trained_model(trainer="nnUNetPlusPlusTrainer", fold=0)`` -> the model folder
+    (``.../TRAINER__nnUNetPlans__3d_fullres``) of a 1-epoch x 2-iteration run on the tiny dataset, trained once
+    per session and (trainer, fold), validated (``fold_F/validation/summary.json``), under a results tree of its
+    own (returned folder's parents). Read-only for tests: copy it before changing anything in it."""
+    results = tmp_path_factory.mktemp("trained_models")
+    made = {}
+
+    def get(trainer: str = "nnUNetPlusPlusTrainer", fold=0) -> str:
+        if (trainer, str(fold)) not in made:
+            env = nnunet_env(tiny_dataset, nnUNet_results=str(results))
+            p = run_cli("train", tiny_dataset["id"], "3d_fullres", fold, "-tr", trainer, "-device", "cpu",
+                        "--epochs", "1", "--iters", "2", "--val_iters", "1", env=env)
+            assert p.returncode == 0, output_tail(p)
+            made[trainer, str(fold)] = os.path.join(str(results), tiny_dataset["name"],
+                                                    f"{trainer}__nnUNetPlans__3d_fullres")
+        return made[trainer, str(fold)]
+    return get
