@@ -134,3 +134,149 @@ def test_get_dice_result_bad_inputs(v2_root, tmp_path):
     one_error_line(tool("get_dice_result", "-path", v2_root), "several datasets")
     p = tool("get_dice_result", "-path", v2_root, "-d", "Dataset004_Hippocampus", "--json")
     assert p.returncode == 0 and json.loads(p.stdout)["dice"] == {"class 1": 80.0}
+
+
+# ------------------------------------------------------------------------------ hardening (issue 6, point 9)
+def v1_pkl_protocol(path):
+    """The protocol byte of a pickle file: protocol >= 2 pickles start with PROTO (0x80) and the protocol."""
+    data = pathlib.Path(path).read_bytes()
+    return data[1] if data[0] == 0x80 else 0
+
+
+def test_change_bs_second_run_keeps_the_original_backup(v2_root):
+    plans = v2_root / "nnUNet_preprocessed" / "Dataset003_Liver" / "nnUNetPlans.json"
+    original = plans.read_text()
+    assert tool("change_bs", "-path", v2_root, "-size", 8).returncode == 0
+    p = tool("change_bs", "-path", v2_root, "-size", 4)
+    assert p.returncode == 0, p.stderr
+    assert "(backup: nnUNetPlans.json.bak.1)" in p.stdout
+    assert plans.with_name("nnUNetPlans.json.bak").read_text() == original  # batch size 2, as planned
+    assert json.loads(plans.with_name("nnUNetPlans.json.bak.1").read_text())["configurations"]["3d_fullres"][
+        "batch_size"] == 8
+    assert json.loads(plans.read_text())["configurations"]["3d_fullres"]["batch_size"] == 4
+    # the same size again writes nothing, not even a backup
+    p = tool("change_bs", "-path", v2_root, "-size", 4)
+    assert p.returncode == 0 and "batch size already 4; nothing changed" in p.stdout
+    assert sorted(f.name for f in plans.parent.iterdir()) == ["nnUNetPlans.json", "nnUNetPlans.json.bak",
+                                                              "nnUNetPlans.json.bak.1"]
+
+
+def test_change_bs_copy_to_never_overwrites(v2_root):
+    folder = v2_root / "nnUNet_preprocessed" / "Dataset003_Liver"
+    source = (folder / "nnUNetPlans.json").read_text()
+    mine = folder / "nnUNetPlans_bs4.json"
+    mine.write_text('{"configurations": {"3d_fullres": {"batch_size": 4, "patch_size": [64, 64, 64]}}}')
+    before = mine.read_text()
+    one_error_line(tool("change_bs", "-path", v2_root, "-size", 4, "--copy_to", "nnUNetPlans_bs4"),
+                   "already exists")
+    assert mine.read_text() == before
+    one_error_line(tool("change_bs", "-path", v2_root, "-size", 4, "--copy_to", "nnUNetPlans"),
+                   "names the plans being read")
+    assert (folder / "nnUNetPlans.json").read_text() == source
+    one_error_line(tool("change_bs", "-path", v2_root, "-size", 4, "--copy_to", "../elsewhere"), "plans identifier")
+    # a copy made by the same command before is accepted (launch scripts re-run it), and left as it was
+    assert tool("change_bs", "-path", v2_root, "-size", 6, "--copy_to", "nnUNetPlans_bs6").returncode == 0
+    made = (folder / "nnUNetPlans_bs6.json").stat().st_mtime_ns
+    p = tool("change_bs", "-path", v2_root, "-size", 6, "--copy_to", "nnUNetPlans_bs6")
+    assert p.returncode == 0 and "identical, left as it was" in p.stdout
+    assert (folder / "nnUNetPlans_bs6.json").stat().st_mtime_ns == made
+    assert (folder / "nnUNetPlans.json").read_text() == source
+    assert not list(folder.glob("*.bak")) and not list(folder.glob("*.tmp"))
+
+
+def test_change_bs_v1_configurations(v1_root):
+    pre = v1_root / "nnUNet_preprocessed" / "Task003_Liver"
+    pkl3d = pre / "nnUNetPlansv2.1_plans_3D.pkl"
+    pkl2d = pre / "nnUNetPlansv2.1_plans_2D.pkl"
+    pkl2d.write_bytes(pickle.dumps({"plans_per_stage": {0: {"batch_size": 40, "patch_size": [192, 192]}},
+                                    "num_stages": 1}, protocol=3))
+    before3d = pkl3d.read_bytes()
+    p = tool("change_bs", "-path", v1_root, "-size", 12, "-c", "2d")
+    assert p.returncode == 0, p.stderr
+    assert pickle.loads(pkl2d.read_bytes())["plans_per_stage"][0]["batch_size"] == 12
+    assert pkl3d.read_bytes() == before3d
+    assert v1_pkl_protocol(pkl2d) == 3  # written back with the protocol it was read with
+    # 3d_lowres is stage 0 of the 3D plans (v1's default_configuration), 3d_fullres the last stage
+    p = tool("change_bs", "-path", v1_root, "-size", 3, "-c", "3d_lowres")
+    assert p.returncode == 0, p.stderr
+    stages = pickle.loads(pkl3d.read_bytes())["plans_per_stage"]
+    assert (stages[0]["batch_size"], stages[1]["batch_size"]) == (3, 2)
+    one_error_line(tool("change_bs", "-path", v1_root, "-size", 3, "-c", "3d_fancy"), "not an nnU-Net v1 configuration")
+    pkl2d.write_bytes(pickle.dumps({"plans_per_stage": {0: {"patch_size": [192, 192]}}}))
+    one_error_line(tool("change_bs", "-path", v1_root, "-size", 3, "-c", "2d"), "has no batch_size")
+    pkl2d.write_bytes(b"not a pickle")
+    one_error_line(tool("change_bs", "-path", v1_root, "-size", 3, "-c", "2d"), "is not an nnU-Net v1 plans file")
+
+
+def test_change_bs_v1_pickle_readable_by_v1_pythons(v1_root):
+    """Python 3.11 writes protocol 5 by default; nnU-Net v1's Pythons (3.6, 3.7) only read up to 4."""
+    import numpy as np
+    pkl = v1_root / "nnUNet_preprocessed" / "Task003_Liver" / "nnUNetPlansv2.1_plans_3D.pkl"
+    plans = {"plans_per_stage": {0: {"batch_size": 2, "current_spacing": np.array([1.0, 0.8, 0.8])}},
+             "num_stages": 1}
+    pkl.write_bytes(pickle.dumps(plans, protocol=5))
+    p = tool("change_bs", "-path", v1_root, "-size", 5)
+    assert p.returncode == 0, p.stderr
+    assert v1_pkl_protocol(pkl) == 4
+    back = pickle.loads(pkl.read_bytes())["plans_per_stage"][0]
+    assert back["batch_size"] == 5 and back["current_spacing"].tolist() == [1.0, 0.8, 0.8]
+    one_error_line(tool("change_bs", "-path", v1_root, "-size", 5, "-c", "3d_lowres"), "has one stage only")
+
+
+def v1_run(root, config, summary, fold_dir="fold_0", task="Task003_Liver"):
+    run = root / "RESULTS_FOLDER" / "nnUNet" / config / task / "nnUNetPlusPlusTrainerV2__nnUNetPlansv2.1" / \
+        fold_dir / "validation_raw"
+    run.mkdir(parents=True, exist_ok=True)
+    (run / "summary.json").write_text(summary if isinstance(summary, str) else json.dumps(summary))
+
+
+def strict_json(text):
+    def refuse(name):
+        raise ValueError(f"not JSON: {name}")
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_get_dice_result_v1_configuration_and_all_fold(v1_root):
+    v1_run(v1_root, "2d", {"results": {"mean": {"1": {"Dice": 0.5}, "2": {"Dice": 0.25}}}})
+    p = tool("get_dice_result", "-path", v1_root, "-c", "2d", "--json")
+    assert p.returncode == 0, p.stderr
+    assert strict_json(p.stdout)["dice"] == {"class 1": 50.0, "class 2": 25.0}
+    p = tool("get_dice_result", "-path", v1_root, "-c", "3d_fullres", "--json")
+    assert p.returncode == 0, p.stderr
+    assert strict_json(p.stdout)["dice"] == {"class 1": 6.86, "class 2": 0.08}
+    one_error_line(tool("get_dice_result", "-path", v1_root, "-c", "3d_lowres"), "configuration 3d_lowres")
+    # v1 trains fold 'all' into a folder named 'all' (v2: fold_all)
+    v1_run(v1_root, "3d_fullres", {"results": {"mean": {"1": {"Dice": 0.9}, "2": {"Dice": 0.4}}}}, fold_dir="all")
+    p = tool("get_dice_result", "-path", v1_root, "-f", "all", "--json")
+    assert p.returncode == 0, p.stderr
+    assert strict_json(p.stdout)["dice"] == {"class 1": 90.0, "class 2": 40.0}
+
+
+def test_get_dice_result_nan_is_null(v2_root):
+    summary = v2_root / "nnUNet_results" / "Dataset003_Liver" / "nnUNetPlusPlusTrainer__nnUNetPlans__3d_fullres" / \
+        "fold_0" / "validation" / "summary.json"
+    summary.write_text('{"mean": {"1": {"Dice": 0.9}, "2": {"Dice": NaN}}}')  # as nnU-Net writes it
+    p = tool("get_dice_result", "-path", v2_root, "--json")
+    assert p.returncode == 0, p.stderr
+    assert strict_json(p.stdout)["dice"] == {"liver": 90.0, "cancer": None}
+    p = tool("get_dice_result", "-path", v2_root)
+    assert p.returncode == 0 and "| 90.00 | nan |" in p.stdout
+    from nnpp.tools.get_dice_result import format_dice
+    lines = format_dice(str(summary)).splitlines()
+    assert lines[1] == "Dice class 2 (label 2): nan"
+    assert lines[2] == "Dice mean foreground: 0.9000"  # nnU-Net's nanmean over classes
+
+
+def test_dataset_choice_messages(v2_root):
+    """v2 Dataset003_Liver and v1 Task003_Liver share id 3: -d 3 cannot choose, the full name can."""
+    v1_run(v2_root, "3d_fullres", {"results": {"mean": {"1": {"Dice": 0.7}}}})
+    p = tool("get_dice_result", "-path", v2_root)
+    one_error_line(p, "choose one with -d")
+    p = tool("get_dice_result", "-path", v2_root, "-d", "3")
+    one_error_line(p, "-d 3 matches several datasets")
+    assert "choose one with -d" not in p.stderr
+    p = tool("get_dice_result", "-path", v2_root, "-d", "Task003_Liver", "--json")
+    assert p.returncode == 0, p.stderr
+    assert strict_json(p.stdout)["dice"] == {"class 1": 70.0}
+    p = tool("get_dice_result", "-path", v2_root, "-d", "Dataset003_Liver", "--json")
+    assert p.returncode == 0 and strict_json(p.stdout)["dice"] == {"liver": 95.12, "cancer": 61.23}

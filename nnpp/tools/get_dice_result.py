@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import glob
 import json
+import math
 import os
 import pathlib
 
@@ -13,7 +14,8 @@ from nnpp.tools import one_dataset, require_folder
 
 
 def read_dice(summary_path: str) -> dict[str, float]:
-    """{label id (str): mean Dice} for each foreground class; v2 ``mean`` or v1 ``results.mean``."""
+    """{label id (str): mean Dice over the validation cases} for each foreground class; v2 ``mean`` or v1
+    ``results.mean``. NaN (nnU-Net's value for a class absent from reference and prediction) stays NaN."""
     summary = load_json_file(summary_path, "validation summary")
     means = summary.get("mean") or summary.get("results", {}).get("mean")
     if not isinstance(means, dict):
@@ -33,8 +35,9 @@ def format_dice(summary_path: str, dataset_json: dict | None = None) -> str:
     dice = read_dice(summary_path)
     names = label_names(dataset_json)
     lines = [f"Dice {names.get(k, 'class ' + k)} (label {k}): {v:.4f}" for k, v in dice.items()]
-    if dice:
-        lines.append(f"Dice mean foreground: {sum(dice.values()) / len(dice):.4f}")
+    valid = [v for v in dice.values() if not math.isnan(v)]
+    if valid:  # nnU-Net's foreground_mean: the mean over classes, NaN classes left out
+        lines.append(f"Dice mean foreground: {sum(valid) / len(valid):.4f}")
     return "\n".join(lines)
 
 
@@ -47,25 +50,40 @@ MODE_TRAINERS = {"1p": ("nnUNetPlusPlusTrainer", "nnUNetPlusPlusTrainerV2"),
 
 def find_summaries(root: str, mode: str = "1p", dataset: str | None = None, fold: str = "0",
                    trainer: str | None = None, configuration: str | None = None) -> list[str]:
-    """summary.json files of matching runs: v2 ``Dataset*/TR__PLANS__CONFIG/fold_F/validation/summary.json``
-    and v1 ``Task*/TR__PLANS/fold_F/validation_raw/summary.json`` (any depth below root)."""
+    """summary.json files of matching runs (any depth below root):
+    v2 ``DatasetXXX/TR__PLANS__CONFIG/fold_F/validation/summary.json`` (fold ``all``: ``fold_all``) and
+    v1 ``CONFIG/TaskXXX/TR__PLANS/fold_F/validation_raw/summary.json`` (fold ``all``: folder ``all``; v1 keeps the
+    configuration in the folder above the task)."""
     require_folder(root, "results")
     trainers = (trainer,) if trainer else MODE_TRAINERS[mode]
+    fold = str(fold)
+    v1_fold = "all" if fold == "all" else f"fold_{fold}"
     hits = []
-    for sub in ("validation", "validation_raw"):
-        for path in glob.glob(os.path.join(root, "**", f"fold_{fold}", sub, "summary.json"), recursive=True):
-            parts = _run_dir(path).name.split("__")  # TRAINER__PLANS[__CONFIG]
-            if parts[0] in trainers and not (configuration and len(parts) > 2 and parts[2] != configuration):
+    for fold_dir, sub in ((f"fold_{fold}", "validation"), (v1_fold, "validation_raw")):
+        for path in glob.glob(os.path.join(root, "**", fold_dir, sub, "summary.json"), recursive=True):
+            trainer_name, config = run_identity(path)
+            if trainer_name in trainers and configuration in (None, config):
                 hits.append(path)
-    hits = one_dataset(hits, lambda p: _run_dir(p).parent.name, root, dataset)
+    hits = one_dataset(sorted(set(hits)), lambda p: _run_dir(p).parent.name, root, dataset)
     if not hits:
-        raise NnppError(f"no summary.json for trainer {'/'.join(trainers)}, fold {fold} under {root}; "
+        raise NnppError(f"no summary.json for trainer {'/'.join(trainers)}, fold {fold}"
+                        + (f", configuration {configuration}" if configuration else "") + f" under {root}; "
                         f"has the validation run (nnpp_train ... --val)?")
     return hits
 
 
+def run_identity(summary_path: str) -> tuple[str, str | None]:
+    """(trainer, configuration) of a run's summary.json: v2 ``TRAINER__PLANS__CONFIG``; v1 ``TRAINER__PLANS``
+    below ``CONFIG/TaskXXX_Name/``."""
+    run = _run_dir(summary_path)
+    parts = run.name.split("__")
+    if len(parts) > 2:
+        return parts[0], parts[2]
+    return parts[0], run.parent.parent.name
+
+
 def _run_dir(summary_path: str) -> pathlib.PurePath:
-    """TRAINER__PLANS__CONFIG of ``.../TRAINER__PLANS__CONFIG/fold_F/validation/summary.json``."""
+    """TRAINER__PLANS[__CONFIG] of ``.../TRAINER__PLANS__CONFIG/fold_F/validation/summary.json``."""
     return pathlib.PurePath(summary_path).parents[2]
 
 
@@ -74,10 +92,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-path", required=True, help="nnU-Net base or results folder (searched recursively)")
     p.add_argument("-mode", default="1p", choices=sorted(MODE_TRAINERS), help="1p: one-device run; 8p: DDP run")
     p.add_argument("-d", "--dataset", default=None)
-    p.add_argument("-f", "--fold", default="0")
+    p.add_argument("-f", "--fold", default="0", help="fold (default 0) or all")
     p.add_argument("-tr", "--trainer", default=None, help="trainer name (overrides -mode)")
-    p.add_argument("-c", "--configuration", default=None)
-    p.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    p.add_argument("-c", "--configuration", default=None,
+                   help="only runs of this configuration (v2 run folder suffix; v1 folder above the task)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of the table (NaN Dice as null)")
     return p
 
 
@@ -92,16 +111,16 @@ def main(argv=None):
     rows = []
     for path in find_summaries(args.path, args.mode, args.dataset, args.fold, args.trainer, args.configuration):
         names = label_names(_dataset_json_for(path))
-        rows.append({"summary": path, "dice": {names.get(k, f"class {k}"): round(100 * v, 2)
+        rows.append({"summary": path, "dice": {names.get(k, f"class {k}"): None if math.isnan(v) else round(100 * v, 2)
                                                for k, v in read_dice(path).items()}})
-    if args.json:
-        print(json.dumps(rows if len(rows) > 1 else rows[0], indent=2))
+    if args.json:  # strict JSON: NaN Dice is null
+        print(json.dumps(rows if len(rows) > 1 else rows[0], indent=2, allow_nan=False))
         return
     for row in rows:
         print(row["summary"])
         print("| " + " | ".join(row["dice"]) + " |")
         print("|" + "---|" * len(row["dice"]))
-        print("| " + " | ".join(f"{v:.2f}" for v in row["dice"].values()) + " |")
+        print("| " + " | ".join("nan" if v is None else f"{v:.2f}" for v in row["dice"].values()) + " |")
 
 
 if __name__ == "__main__":
