@@ -154,6 +154,25 @@ def configure_backends(device: torch.device, deterministic: bool = False) -> Non
         torch.backends.cudnn.benchmark = not deterministic
 
 
+def keeps_logits_on_device(device: torch.device) -> bool:
+    """Sliding-window logits can stay in device memory (nnU-Net's perform_everything_on_device; nnU-Net allows it
+    on cuda only, npu has the same memory model)."""
+    return device.type in ("cuda", "npu")
+
+
+def pins_host_memory(device: torch.device) -> bool:
+    """Whether host batches should be page-locked before the copy: host-to-device copies from pageable memory
+    are synchronous on cuda and npu. (nnU-Net's augmenter pins on cuda only; nnpp pins for npu itself.)"""
+    return device.type in ("cuda", "npu")
+
+
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host tensor -> ``device``, asynchronous where the device allows it (pinned source, non_blocking)."""
+    if pins_host_memory(device) and tensor.device.type == "cpu" and not tensor.is_pinned():
+        tensor = tensor.pin_memory()
+    return tensor.to(device, non_blocking=True)
+
+
 def set_cpu_threads(n: int | None = None) -> None:
     torch.set_num_threads(n or os.cpu_count() or 1)
 
@@ -244,8 +263,13 @@ class Amp:
     def dtype(self) -> torch.dtype:
         return {"O0": torch.float32, "O1": torch.float16, "bf16": torch.bfloat16}[self.mode]
 
-    def autocast(self):
+    def autocast(self, exclusive: bool = False):
+        """The mode's autocast. ``exclusive``: also switch off an enclosing autocast for O0 (nnU-Net's validation
+        enters fp16 autocast on CUDA by itself; the innermost autocast wins). mps rejects autocast contexts
+        even when disabled, so there O0 stays a no-op."""
         if self.mode == "O0":
+            if exclusive and self.device.type != "mps":
+                return torch.autocast(device_type=self.device.type, enabled=False)
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.dtype)
 

@@ -12,10 +12,13 @@ import ctypes
 import gc
 import os
 import signal
+import socket
 import sys
+import uuid
 from dataclasses import dataclass
 from datetime import timedelta
 
+import torch
 import torch.distributed as dist
 
 from nnpp import NnppError
@@ -94,6 +97,71 @@ def process_group(env: DistEnv, backend: str):
         teardown(finished=False)
         raise
     teardown(finished=True)
+
+
+def port_is_free(port: int, host: str = "") -> bool:
+    """Whether a rendezvous could listen on ``port`` (the launch scripts check MASTER_PORT with this)."""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+            return True
+        except OSError:
+            return False
+
+
+def free_port() -> int:
+    """A port that is free now (tests, benchmarks)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def world() -> tuple[int, int]:
+    """(rank, world size) of this process; (0, 1) outside a process group."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def all_reduce_sum(value: float, device) -> float:
+    """Sum of ``value`` over all ranks (a collective: every rank must call it); ``value`` alone outside DDP."""
+    if world()[1] == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return float(t.item())
+
+
+def check_shared_folder(path: str, what: str = "results folder") -> None:
+    """Every rank must see the same ``path`` (multi-node runs need a shared results folder: otherwise --c on
+    the other nodes starts at epoch 0 and the final validation scores only rank 0's node). Rank 0 writes a
+    token file there, the others read it; every rank raises the same clear error when one does not see it."""
+    rank, n = world()
+    if n == 1:
+        return
+    os.makedirs(path, exist_ok=True)
+    token = [uuid.uuid4().hex if rank == 0 else None]
+    dist.broadcast_object_list(token, src=0)
+    marker = os.path.join(path, f".nnpp_shared_{token[0]}")
+    if rank == 0:
+        with open(marker, "w") as f:
+            f.write(token[0])
+    dist.barrier()
+    try:
+        with open(marker) as f:
+            sees = f.read() == token[0]
+    except OSError:
+        sees = False
+    flags = [None] * n
+    dist.all_gather_object(flags, sees)
+    if rank == 0:
+        os.remove(marker)
+    missing = [r for r, flag in enumerate(flags) if not flag]
+    if missing:
+        raise NnppError(f"rank(s) {', '.join(map(str, missing))} do not see rank 0's {what} {path}: every node "
+                        f"needs the same shared folder (e.g. NFS) at the same path for nnUNet_results; mount it "
+                        f"or set nnUNet_results to a shared path")
 
 
 def split_global_batch(global_batch: int, world_size: int) -> None:

@@ -2,7 +2,8 @@
 # Shared body of the launch scripts (sourced). Everything is overridable from the environment:
 #   DATASET (3)  CONFIG (3d_fullres)  FOLD (0)  DEVICE (auto)  AMP (auto)  TRAINER (nnUNetPlusPlusTrainer)
 #   NPROC (1 or 8)  NNODES (1)  NODE_RANK (0)  MASTER_ADDR (127.0.0.1)  MASTER_PORT (29500)
-#   BATCH_SIZE (plans value; with NPROC > 1 it is the global batch, split across ranks with --dbs)
+#   BATCH_SIZE (default: the plans batch on every device, global batch = NPROC x plans batch; when set, it is
+#              the global batch: a copy of the plans with it, split across the ranks with --dbs)
 #   EPOCHS / ITERS (nnU-Net defaults)  PYTHON (python3)  LOG_DIR (test/output)  EXTRA_ARGS
 # MODE is set by the calling script: train | fps.
 set -uo pipefail
@@ -35,11 +36,16 @@ fi
 ARGS+=(${EXTRA_ARGS:-})
 
 if [ "$NPROC" -gt 1 ] || [ "$NNODES" -gt 1 ]; then
-  if [ "$NODE_RANK" = 0 ] && ! "$PYTHON" -c "import socket,sys; s=socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind(('', int(sys.argv[1])))" "$MASTER_PORT" 2>/dev/null; then
+  if [ "$NODE_RANK" = 0 ] && ! "$PYTHON" -c "import sys; from nnpp.distributed import port_is_free; sys.exit(not port_is_free(int(sys.argv[1])))" "$MASTER_PORT"; then
     echo "error: MASTER_PORT $MASTER_PORT is already in use (another run?); set MASTER_PORT to a free port" >&2
     exit 2
   fi
-  ARGS+=(--dbs)
+  if [ -n "${BATCH_SIZE:-}" ]; then
+    ARGS+=(--dbs)
+    echo "[$(basename "$0")] global batch $BATCH_SIZE (BATCH_SIZE), split across $((NPROC * NNODES)) ranks"
+  else
+    echo "[$(basename "$0")] global batch = $((NPROC * NNODES)) ranks x the plans batch per device (set BATCH_SIZE for a global batch split across the ranks)"
+  fi
   CMD=("$PYTHON" -m torch.distributed.run --nproc_per_node="$NPROC" --nnodes="$NNODES" --node_rank="$NODE_RANK"
        --master_addr="$MASTER_ADDR" --master_port="$MASTER_PORT" -m nnpp.run.train "${ARGS[@]}")
 else

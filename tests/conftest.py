@@ -1,10 +1,11 @@
 """Shared fixtures: a tiny synthetic Task03-like dataset, planned and preprocessed once per session."""
 import os
-import socket
 import subprocess
 import sys
 
 import pytest
+
+from nnpp.distributed import free_port  # noqa: F401 (re-exported for the tests)
 
 # Small, CPU-friendly nnU-Net settings for everything the tests start (in-process and subprocesses).
 os.environ.setdefault("nnUNet_n_proc_DA", "0")      # single-threaded augmentation
@@ -51,12 +52,6 @@ def nnunet_env(dirs: dict | None = None, drop=(), **extra) -> dict:
         env.pop(k, None)
     env.update(extra)
     return env
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_cli(module: str, *args, env=None, timeout=600) -> subprocess.CompletedProcess:

@@ -13,18 +13,10 @@ import pytest
 import torch
 from conftest import free_port, nnunet_env, output_tail
 
+from nnpp.distributed import port_is_free
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SHORT = ["--epochs", "1", "--iters", "2", "--val_iters", "1"]
-
-
-def port_is_free(port: int) -> bool:
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind(("127.0.0.1", port))
-            return True
-        except OSError:
-            return False
 
 
 def torchrun(*args, nproc=2, port=None, launcher="torch.distributed.run", extra=()):

@@ -72,8 +72,7 @@ def run(args) -> dict:
     summary = os.path.join(trainer.output_folder, "validation", "summary.json")
     dice = read_dice(summary)
     names = label_names(trainer.dataset_json)
-    fps = trainer.train_fps[1:] or trainer.train_fps
-    result = {"dice": {names.get(k, k): v for k, v in dice.items()}, "train_fps": sorted(fps)[len(fps) // 2],
+    result = {"dice": {names.get(k, k): v for k, v in dice.items()}, "train_fps": train.training_fps(trainer),
               "device": str(trainer.device), "amp": trainer.amp.mode, "seconds": time.time() - t0,
               "output_folder": trainer.output_folder}
     print("\n[nnpp_demo] done in {:.0f} s on {} (AMP {}): ".format(result["seconds"], result["device"], result["amp"])

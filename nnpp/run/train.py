@@ -27,9 +27,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "nnUNetPlusPlusTrainerV2 and nnU-Net's own trainers work too)")
     p.add_argument("-p", default="nnUNetPlans", help="plans identifier (default nnUNetPlans)")
     p.add_argument("-device", default="auto", choices=DEVICE_CHOICES, help="default auto: npu, cuda, mps, cpu")
-    p.add_argument("--amp", default="auto", choices=AMP_CHOICES,
-                   help="O0 fp32 | O1 fp16 autocast + loss scaling | bf16 | auto (O1 on cuda/npu, O0 on cpu/mps)")
-    p.add_argument("--c", action="store_true", help="continue from the latest checkpoint (fresh start if none)")
+    p.add_argument("--amp", default=None, choices=AMP_CHOICES,
+                   help="O0 fp32 | O1 fp16 autocast + loss scaling | bf16 | auto (default; O1 on cuda/npu, O0 on "
+                   "cpu/mps)")
+    p.add_argument("--c", action="store_true", help="continue from the latest checkpoint (fresh start if none) "
+                   "with the run's saved settings (--epochs/--iters/--val_iters/--amp/--dbs); a flag that "
+                   "contradicts them is an error")
     p.add_argument("--val", action="store_true", help="only run the final validation (needs checkpoint_final)")
     p.add_argument("--val_best", action="store_true", help="validate with checkpoint_best instead of final")
     p.add_argument("--npz", action="store_true", help="also save softmax outputs of the validation")
@@ -39,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iters", type=positive_int, help="training iterations per epoch (default 250)")
     p.add_argument("--val_iters", type=positive_int, help="pseudo-Dice iterations per epoch (default 50)")
     p.add_argument("--save_every", type=positive_int, help="write checkpoint_latest every N epochs (default 50)")
-    p.add_argument("--dbs", action="store_true", help="DDP: the plans batch size is the global batch, split "
+    p.add_argument("--dbs", action="store_true", default=None, help="DDP: the plans batch size is the global batch, split "
                    "across ranks (default: every rank uses the plans batch)")
     p.add_argument("--local-rank", "--local_rank", dest="local_rank", type=int, default=None,
                    help=argparse.SUPPRESS)  # passed by python -m torch.distributed.launch
@@ -85,7 +88,47 @@ def make_trainer(dataset: str, configuration: str, fold: str, trainer_name: str 
                          device=device if device is not None else torch.device("cpu"))
 
 
-def run(args) -> object:
+def checkpoint_to_resume(output_folder: str) -> str | None:
+    """The checkpoint ``--c`` continues from: final, else latest, else best (nnU-Net's order); None if none."""
+    for name in ("checkpoint_final.pth", "checkpoint_latest.pth", "checkpoint_best.pth"):
+        path = os.path.join(output_folder, name)
+        if os.path.isfile(path):
+            return path
+    return None
+
+
+def saved_run_settings(checkpoint: str) -> dict:
+    """The ``nnpp_run_settings`` stored in a checkpoint ({} for checkpoints of nnU-Net's own trainers)."""
+    import torch
+
+    from nnpp.training.nnUNetPlusPlusTrainer import check_checkpoint_file
+    check_checkpoint_file(checkpoint)
+    return torch.load(checkpoint, map_location="cpu", weights_only=False, mmap=True).get("nnpp_run_settings") or {}
+
+
+def resume_settings(args, saved: dict, checkpoint: str, device) -> None:
+    """``--c``: every saved setting that is a flag of ``args`` is reused when the flag was not given; a given
+    flag that contradicts it is an error (the LR schedule, iteration count, loss scaling and batch split of the
+    interrupted run must not change silently)."""
+    from nnpp.device import resolve_amp_mode
+    same = {"amp": lambda v: resolve_amp_mode(v, device)}
+    for key, value in saved.items():
+        if not hasattr(args, key):
+            continue
+        given = getattr(args, key)
+        if given is None:
+            setattr(args, key, value)
+        elif same.get(key, lambda v: v)(given) != same.get(key, lambda v: v)(value):
+            raise NnppError(f"--c: --{key} {given} contradicts the run being continued (--{key} {value}, saved in "
+                            f"{checkpoint}); drop --{key} to continue as it was started, or train into a new "
+                            f"folder (another -p/fold, or without --c)")
+    print(f"[nnpp_train] --c: continuing {checkpoint} with its settings "
+          + " ".join(f"{k}={getattr(args, k, v)}" for k, v in saved.items()), flush=True)
+
+
+def run(args, setup=None) -> object:
+    """nnpp_train's whole flow. ``setup(trainer, args)``, if given, runs right after the trainer is constructed
+    and configured from the (resume-resolved) arguments, before checkpoints are loaded (nnpp_distill's hook)."""
     paths = setup_paths(preprocessed=args.preprocessed, results=args.results)
     if args.c and args.val:
         raise NnppError("--c and --val exclude each other: --c continues training, --val only validates")
@@ -104,34 +147,48 @@ def run(args) -> object:
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", env.world_size))
         dev.set_cpu_threads(max(1, (os.cpu_count() or 1) // local_world))
     with distributed.process_group(env, dev.dist_backend(device)):
-        return _train(args, env, device)
+        return _train(args, env, device, setup)
 
 
-def _train(args, env, device):
-    from nnunetv2.run.run_training import maybe_load_checkpoint
-
+def _train(args, env, device, setup=None):
     from nnpp import device as dev
+    from nnpp import distributed
     from nnpp.training import DDP_VARIANTS
 
+    if args.c and args.pretrained_weights:
+        raise NnppError("--c and -pretrained_weights exclude each other: pretrained weights only start a training")
     trainer_name = DDP_VARIANTS[args.tr].__name__ if env.enabled and args.tr in DDP_VARIANTS else args.tr
     trainer = make_trainer(args.dataset_name_or_id, args.configuration, args.fold, trainer_name, args.p, device,
                            continue_training=args.c)
-    if hasattr(trainer, "configure_amp"):
-        trainer.configure_amp(args.amp)
-        trainer.distribute_batch = args.dbs
-    elif args.amp != "auto" or args.dbs or args.other_use:
-        raise NnppError(f"--amp, --dbs and --other_use need an nnpp trainer; {args.tr} is nnU-Net's own")
+    final = os.path.join(trainer.output_folder, "checkpoint_final.pth")
+    if args.val and not os.path.isfile(final):
+        raise NnppError(f"--val needs a finished training: {final} does not exist; train first")
+    resume = final if args.val else checkpoint_to_resume(trainer.output_folder) if args.c else None
+    if args.c and resume is None:
+        print("WARNING: no checkpoint available to continue from. Starting a new training...", flush=True)
+    if resume and args.c:
+        resume_settings(args, saved_run_settings(resume), resume, device)
+    nnpp_trainer = hasattr(trainer, "configure_amp")
+    if nnpp_trainer:
+        trainer.configure_amp(args.amp or "auto")
+        trainer.distribute_batch = bool(args.dbs)
+    elif args.amp not in (None, "auto") or args.dbs or args.other_use or args.pretrained_weights:
+        raise NnppError(f"--amp, --dbs, --other_use and -pretrained_weights need an nnpp trainer; {args.tr} is "
+                        f"nnU-Net's own (use nnUNetv2_train for it)")
     configure_run(trainer, args.epochs, args.iters, args.val_iters, args.save_every)
     trainer.disable_checkpointing = args.disable_checkpointing
+    if setup is not None:
+        setup(trainer, args)
     dev.configure_backends(device)
     if args.other_use:
         from nnpp.training import performance
         return performance.run(trainer, args.other_use, args.warmup, args.steps)
 
-    final = os.path.join(trainer.output_folder, "checkpoint_final.pth")
-    if args.val and not os.path.isfile(final):
-        raise NnppError(f"--val needs a finished training: {final} does not exist; train first")
-    maybe_load_checkpoint(trainer, args.c, args.val, args.pretrained_weights)
+    distributed.check_shared_folder(trainer.output_folder)
+    if resume:
+        trainer.load_checkpoint(resume)
+    elif args.pretrained_weights:
+        trainer.load_pretrained_weights(args.pretrained_weights)
 
     if not args.val:
         trainer.run_training()
@@ -150,11 +207,20 @@ def report(trainer) -> None:
     summary = os.path.join(trainer.output_folder, "validation", "summary.json")
     if os.path.isfile(summary):
         print(format_dice(summary, trainer.dataset_json))
+    fps = training_fps(trainer)
+    if fps is not None:
+        from nnpp.distributed import world
+        n = world()[1]
+        print(f"Training FPS: {fps:.2f} img/s total ({n} rank(s) x {fps / n:.2f} img/s/rank; median over "
+              f"{len(trainer.train_fps[1:] or trainer.train_fps)} epoch(s), device {trainer.device}, "
+              f"AMP {trainer.amp.mode})")
+
+
+def training_fps(trainer) -> float | None:
+    """Median training throughput over the epochs, all ranks together (images/s); the first epoch is left out
+    when there are more (it includes warm-up: cudnn benchmark, compile, caches). None for nnU-Net's trainers."""
     fps = getattr(trainer, "train_fps", [])
-    if fps:
-        steady = fps[1:] or fps  # the first epoch includes warm-up (cudnn benchmark, compile, caches)
-        print(f"Training FPS: {statistics.median(steady):.2f} img/s (median over {len(steady)} epoch(s), "
-              f"device {trainer.device}, AMP {trainer.amp.mode})")
+    return statistics.median(fps[1:] or fps) if fps else None
 
 
 @entry_point("nnpp_train")

@@ -25,7 +25,6 @@ import zipfile
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
@@ -34,8 +33,9 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from nnpp import NnppError
+from nnpp import device as dev
 from nnpp.device import compile_supported, ddp_device_ids, make_amp
-from nnpp.distributed import split_global_batch
+from nnpp.distributed import all_reduce_sum, split_global_batch, world
 
 UNETPP_CLASS = "nnpp.nets.unetpp.UNetPlusPlus"
 
@@ -75,7 +75,23 @@ class nnUNetPlusPlusTrainer(nnUNetTrainer):
 
     @property
     def num_heads(self) -> int:
-        return self.configuration_manager.network_arch_init_kwargs["n_stages"] - 1
+        """L, the number of UNet++ heads: the network's own depth (DDP / torch.compile wrappers unwrapped)."""
+        net = self.network.module if isinstance(self.network, DDP) else self.network
+        return getattr(net, "_orig_mod", net).depth
+
+    def run_settings(self) -> dict:
+        """What a ``--c`` must reuse, saved in every checkpoint under ``nnpp_run_settings``. Keys are the argparse
+        dests of nnpp_train's flags (nnpp.run.train resolves them on resume); subclasses add their own."""
+        return {"epochs": self.num_epochs, "iters": self.num_iterations_per_epoch,
+                "val_iters": self.num_val_iterations_per_epoch, "amp": self.amp.mode,
+                "dbs": bool(self.distribute_batch)}
+
+    def checkpoint_extras(self) -> dict:
+        """Extra top-level checkpoint entries (subclasses: KD modules under their own key)."""
+        return {}
+
+    def load_checkpoint_extras(self, checkpoint: dict) -> None:
+        """Restore what :meth:`checkpoint_extras` saved; called after nnU-Net restored network and optimizer."""
 
     def deep_supervision_weights(self) -> np.ndarray:
         """Loss weight of each head, in output order (X^{0,L} first). All non-zero, summing to 1."""
@@ -86,7 +102,7 @@ class nnUNetPlusPlusTrainer(nnUNetTrainer):
             self.batch_size = self.configuration_manager.batch_size
             return
         if self.is_ddp:
-            split_global_batch(self.configuration_manager.batch_size, dist.get_world_size())
+            split_global_batch(self.configuration_manager.batch_size, world()[1])
         super()._set_batch_size_and_oversample()
 
     def initialize(self):
@@ -103,6 +119,10 @@ class nnUNetPlusPlusTrainer(nnUNetTrainer):
             self.network = DDP(nn.SyncBatchNorm.convert_sync_batchnorm(self.network),
                                device_ids=ddp_device_ids(self.device))
             self.loss = self._build_loss()
+        n = world()[1]
+        self.print_to_log_file(f"batch size {self.batch_size} per rank x {n} rank(s) = global batch "
+                               f"{self.batch_size * n}" + (" (--dbs: the plans batch split across the ranks)"
+                                                           if is_ddp and self.distribute_batch else ""))
 
     def _do_i_compile(self) -> bool:
         return compile_supported(self.device) and super()._do_i_compile()
@@ -141,12 +161,12 @@ class nnUNetPlusPlusTrainer(nnUNetTrainer):
 
     # -------------------------------------------------------------------------------------------- steps
     def _batch_to_device(self, batch: dict):
-        data = batch["data"].to(self.device, non_blocking=True)
+        data = dev.to_device(batch["data"], self.device)
         target = batch["target"]
         if isinstance(target, list):
-            target = [t.to(self.device, non_blocking=True) for t in target]
+            target = [dev.to_device(t, self.device) for t in target]
         else:
-            target = target.to(self.device, non_blocking=True)
+            target = dev.to_device(target, self.device)
         return data, target
 
     def train_step(self, batch: dict) -> dict:
@@ -168,10 +188,25 @@ class nnUNetPlusPlusTrainer(nnUNetTrainer):
         return {"loss": loss.detach().cpu().numpy()}
 
     def validation_step(self, batch: dict) -> dict:
-        # nnU-Net's pseudo-Dice step under our autocast. On CUDA nnU-Net additionally enters its own fp16
-        # autocast inside, so there the online pseudo-Dice is computed in fp16 whatever --amp says.
-        with self.amp.autocast():
+        # nnU-Net's pseudo-Dice step. It enters its own fp16 autocast on CUDA; the network call below re-enters
+        # the run's AMP mode inside it (the innermost autocast wins), so --amp O0/bf16 hold in validation too.
+        network = self.network
+        self.network = lambda x: self._forward_in_amp(network, x)
+        try:
             return super().validation_step(batch)
+        finally:
+            self.network = network
+
+    def _forward_in_amp(self, network, x):
+        with self.amp.autocast(exclusive=True):
+            return network(x)
+
+    def perform_actual_validation(self, save_probabilities: bool = False):
+        """nnU-Net's final validation, with the predictor told what the device layer knows (logits stay on npu
+        as on cuda; the run's AMP mode instead of nnU-Net's CUDA-only fp16). See nnpp.predictor."""
+        from nnpp.predictor import nnunet_validation_uses
+        with nnunet_validation_uses(self.amp):
+            super().perform_actual_validation(save_probabilities)
 
     def on_train_epoch_start(self):
         super().on_train_epoch_start()
@@ -180,23 +215,94 @@ class nnUNetPlusPlusTrainer(nnUNetTrainer):
     def on_train_epoch_end(self, train_outputs):
         # train_step ends with loss.cpu(), which waits for the device: the wall time below is honest.
         seconds = time.perf_counter() - self._train_epoch_t0
-        fps = self.batch_size * self.num_iterations_per_epoch / seconds
-        self.train_fps.append(fps)
-        self.print_to_log_file(f"train throughput: {fps:.2f} img/s ({self.num_iterations_per_epoch} iterations, "
-                               f"batch {self.batch_size}, {seconds:.1f} s, AMP {self.amp.mode})")
+        per_rank = self.batch_size * self.num_iterations_per_epoch / seconds
+        total = all_reduce_sum(per_rank, self.device)  # every rank reaches this (collective)
+        self.train_fps.append(total)
+        _, n = world()
+        self.print_to_log_file(f"train throughput: {total:.2f} img/s total ({n} rank(s), {per_rank:.2f} img/s/rank; "
+                               f"{self.num_iterations_per_epoch} iterations, batch {self.batch_size}/rank, "
+                               f"{seconds:.1f} s, AMP {self.amp.mode})")
         super().on_train_epoch_end(train_outputs)
 
     # -------------------------------------------------------------------------------------- checkpoints
     def save_checkpoint(self, filename: str) -> None:
-        tmp = filename + ".tmp"
-        super().save_checkpoint(tmp)
-        if os.path.isfile(tmp):  # rank 0 with checkpointing enabled
-            os.replace(tmp, filename)
+        """nnU-Net's checkpoint plus ``nnpp_run_settings`` and :meth:`checkpoint_extras`, written by global rank 0
+        only (nnU-Net lets local rank 0 of every node write): a fresh temp file, fsync, rename, fsync of the
+        folder. Nothing else ever renames, so a ``.tmp`` left by a crashed run is never promoted."""
+        if world()[0] != 0:
+            return
+        if self.disable_checkpointing:
+            self.print_to_log_file("No checkpoint written, checkpointing is disabled")
+            return
+        mod = self.network.module if isinstance(self.network, DDP) else self.network
+        mod = getattr(mod, "_orig_mod", mod)
+        checkpoint = {
+            # nnU-Net 2.8's checkpoint layout (nnUNetTrainer.save_checkpoint), so its tools load ours
+            "network_weights": mod.state_dict(),
+            "optimizer_state": self.optimizer.state_dict(),
+            "grad_scaler_state": self.grad_scaler.state_dict() if self.grad_scaler is not None else None,
+            "logging": self.logger.get_checkpoint(),
+            "_best_ema": self._best_ema,
+            "current_epoch": self.current_epoch + 1,
+            "init_args": self.my_init_kwargs,
+            "trainer_name": self.__class__.__name__,
+            "inference_allowed_mirroring_axes": self.inference_allowed_mirroring_axes,
+            "nnpp_run_settings": self.run_settings(),
+            **self.checkpoint_extras(),
+        }
+        atomic_torch_save(checkpoint, filename)
 
     def load_checkpoint(self, filename_or_checkpoint) -> None:
-        if isinstance(filename_or_checkpoint, str):
-            check_checkpoint_file(filename_or_checkpoint)
+        # nnU-Net 2.8 only loads from a file name (its dict branch never binds the checkpoint); the extras are
+        # then read memory-mapped from the same file
+        checkpoint = filename_or_checkpoint
+        if isinstance(checkpoint, str):
+            check_checkpoint_file(checkpoint)
         super().load_checkpoint(filename_or_checkpoint)
+        if isinstance(checkpoint, str):
+            checkpoint = torch.load(checkpoint, map_location=self.device, weights_only=False, mmap=True)
+        self.load_checkpoint_extras(checkpoint)
+
+    def load_pretrained_weights(self, path: str) -> None:
+        """``-pretrained_weights``: nnU-Net's rule (every key but the segmentation heads must exist with the same
+        shape; heads are not transferred), loaded onto this trainer's device instead of ``cuda:rank``."""
+        if not self.was_initialized:
+            self.initialize()
+        check_checkpoint_file(path)
+        saved = torch.load(path, map_location="cpu", weights_only=False).get("network_weights")
+        if not isinstance(saved, dict):
+            raise NnppError(f"-pretrained_weights {path} has no 'network_weights'; pass an nnU-Net checkpoint (.pth)")
+        mod = self.network.module if isinstance(self.network, DDP) else self.network
+        mod = getattr(mod, "_orig_mod", mod)
+        own = mod.state_dict()
+        for key, value in own.items():
+            if ".seg_layers." in key:
+                continue
+            if key not in saved or saved[key].shape != value.shape:
+                found = "missing" if key not in saved else f"shape {tuple(saved[key].shape)}"
+                raise NnppError(f"-pretrained_weights {path} does not fit this network: {key} is {found}, the "
+                                f"network needs {tuple(value.shape)}; use weights of the same architecture")
+        own.update({k: v for k, v in saved.items() if k in own and ".seg_layers." not in k})
+        mod.load_state_dict(own)
+        self.print_to_log_file(f"initialised from pretrained weights {path} (segmentation heads not transferred)")
+
+
+def atomic_torch_save(obj, filename: str) -> None:
+    tmp = f"{filename}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, filename)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    fd = os.open(os.path.dirname(os.path.abspath(filename)), os.O_RDONLY)
+    try:  # the rename itself reaches the disk
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 class nnUNetPlusPlusTrainerV2(nnUNetPlusPlusTrainer):

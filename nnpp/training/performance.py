@@ -17,10 +17,8 @@ import os
 import statistics
 import time
 
-import torch
-import torch.distributed as dist
-
 from nnpp import device as dev
+from nnpp.distributed import all_reduce_sum, world
 
 DEFAULT_WARMUP = {"fps": 10, "prof": 5}
 DEFAULT_STEPS = {"fps": 100, "prof": 5}
@@ -34,21 +32,6 @@ def _start(trainer):
 
 def _finish(trainer):
     trainer.on_train_end()  # stops the augmentation workers; checkpointing is disabled
-
-
-def _world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _all_reduce_sum(value: float, device: torch.device) -> float:
-    _, world = _world()
-    if world == 1:
-        return value
-    t = torch.tensor([value], dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return float(t.item())
 
 
 def measure_fps(trainer, warmup: int = DEFAULT_WARMUP["fps"], steps: int = DEFAULT_STEPS["fps"]) -> dict:
@@ -71,10 +54,10 @@ def measure_fps(trainer, warmup: int = DEFAULT_WARMUP["fps"], steps: int = DEFAU
         total_s = time.perf_counter() - t_start
     finally:
         _finish(trainer)
-    rank, world = _world()
+    rank, world = world()
     per_rank = trainer.batch_size * steps / total_s
     result = {
-        "mode": "fps", "images_per_s_total": _all_reduce_sum(per_rank, device), "images_per_s_rank": per_rank,
+        "mode": "fps", "images_per_s_total": all_reduce_sum(per_rank, device), "images_per_s_rank": per_rank,
         "rank": rank, "world_size": world, "batch_per_rank": trainer.batch_size,
         "step_s_mean": statistics.fmean(step_s), "step_s_median": statistics.median(step_s),
         "data_wait_share": sum(data_s) / total_s, "warmup_steps": warmup, "timed_steps": steps,
@@ -97,7 +80,7 @@ def measure_fps(trainer, warmup: int = DEFAULT_WARMUP["fps"], steps: int = DEFAU
 
 def profile(trainer, warmup: int = DEFAULT_WARMUP["prof"], steps: int = DEFAULT_STEPS["prof"]) -> dict:
     device = trainer.device
-    rank, world = _world()
+    rank, world = world()
     suffix = f"_rank{rank}" if world > 1 else ""
     trace = os.path.join(trainer.output_folder, f"output{suffix}.prof")
     table = os.path.join(trainer.output_folder, f"prof_table{suffix}.txt")
