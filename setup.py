@@ -26,6 +26,7 @@ setup(
             "nnpp_demo=nnpp.run.demo:main",
             "nnpp_change_bs=nnpp.tools.change_bs:main",
             "nnpp_get_dice_result=nnpp.tools.get_dice_result:main",
+            "nnpp_convert_v1_model=nnpp.run.convert_v1_model:main",
         ],
     },
 )

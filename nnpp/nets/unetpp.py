@@ -14,6 +14,19 @@ what nnU-Net uses for pseudo-Dice and prediction); without, X^{0,L} alone. All h
 checkpoint loads either way. Pruning (the paper's inference-time feature): ``depth=k`` (argument or the
 ``prune_depth`` attribute) computes only the nodes X^{i,j} with i + j <= k and the encoder stages 0..k, and
 returns X^{0,k} (or ``[X^{0,k}, ..., X^{0,1}]`` with deep supervision).
+
+Options for networks trained elsewhere (keyword arguments, so nnU-Net plans carry them in
+``network_arch_init_kwargs``; the defaults are nnpp's own UNet++, whose modules, parameters and forward they
+leave untouched). ``nnpp_convert_v1_model`` sets them to reproduce the official nnU-Net v1 UNet++
+(``Generic_UNetPlusPlus``):
+
+* ``upsample_bias``: bias on the transposed convs Up_{i,j}; ``None`` (default) follows ``conv_bias``, v1: False.
+* ``seg_bias``: bias on the 1x1 segmentation heads; default True, v1: False.
+* ``decoder_kernels``: ``"own_level"`` (default, nnU-Net v2's convention: level-i nodes use kernel_sizes[i]) or
+  ``"level_below"`` (nnU-Net v1's: level-i nodes use kernel_sizes[i + 1]; differs for anisotropic plans).
+
+v1's other differences (heads stored deepest first, each node split in two conv groups, ``loc``/``up``
+key names) are storage layouts only: the converter maps them onto these modules.
 """
 from __future__ import annotations
 
@@ -31,13 +44,17 @@ from torch.nn.modules.dropout import _DropoutNd
 
 IntOrSeq = Union[int, List[int], Tuple[int, ...]]
 
+#: ``decoder_kernels`` option -> offset of the level whose kernel size a level-i node uses
+DECODER_KERNELS = {"own_level": 0, "level_below": 1}
+
 
 class UNetPlusPlusDecoder(nn.Module):
     """The nested nodes X^{i,j} (j >= 1) and the top-row heads. ``deep_supervision`` is the attribute
     nnU-Net's trainer flips (``network.decoder.deep_supervision``)."""
 
     def __init__(self, encoder: PlainConvEncoder, num_classes: int, n_conv_per_stage: IntOrSeq,
-                 deep_supervision: bool, nonlin_first: bool = False):
+                 deep_supervision: bool, nonlin_first: bool = False, upsample_bias: bool | None = None,
+                 seg_bias: bool = True, decoder_kernels: str = "own_level"):
         super().__init__()
         f = list(encoder.output_channels)
         self.depth = len(f) - 1
@@ -48,6 +65,11 @@ class UNetPlusPlusDecoder(nn.Module):
         if len(n_conv_per_stage) != self.depth:
             raise ValueError(f"n_conv_per_stage_decoder needs n_stages - 1 = {self.depth} entries, "
                              f"got {len(n_conv_per_stage)}")
+        if decoder_kernels not in DECODER_KERNELS:
+            raise ValueError(f"decoder_kernels must be one of {', '.join(DECODER_KERNELS)}, got {decoder_kernels!r}")
+        kernel_level = DECODER_KERNELS[decoder_kernels]  # level-i nodes use kernel_sizes[i + kernel_level]
+        if upsample_bias is None:
+            upsample_bias = encoder.conv_bias
         self.deep_supervision = deep_supervision
         transpconv = get_matching_convtransp(conv_op=encoder.conv_op)
         block_kwargs = dict(conv_bias=encoder.conv_bias, norm_op=encoder.norm_op,
@@ -59,13 +81,13 @@ class UNetPlusPlusDecoder(nn.Module):
         for j in range(1, self.depth + 1):
             for i in range(self.depth - j + 1):
                 stride = encoder.strides[i + 1]
-                self.up[self.key(i, j)] = transpconv(f[i + 1], f[i], stride, stride, bias=encoder.conv_bias)
+                self.up[self.key(i, j)] = transpconv(f[i + 1], f[i], stride, stride, bias=upsample_bias)
                 self.nodes[self.key(i, j)] = StackedConvBlocks(
                     n_conv_per_stage[self.depth - 1 - i], encoder.conv_op, (j + 1) * f[i], f[i],
-                    encoder.kernel_sizes[i], 1, **block_kwargs)
+                    encoder.kernel_sizes[i + kernel_level], 1, **block_kwargs)
         # seg_layers[j - 1] is the head on X^{0,j}
         self.seg_layers = nn.ModuleList(
-            encoder.conv_op(f[0], num_classes, 1, 1, 0, bias=True) for _ in range(self.depth))
+            encoder.conv_op(f[0], num_classes, 1, 1, 0, bias=seg_bias) for _ in range(self.depth))
 
     @staticmethod
     def key(i: int, j: int) -> str:
@@ -93,7 +115,8 @@ class UNetPlusPlus(AbstractDynamicNetworkArchitectures):
                  conv_bias: bool = False, norm_op: Union[None, Type[nn.Module]] = None,
                  norm_op_kwargs: dict = None, dropout_op: Union[None, Type[_DropoutNd]] = None,
                  dropout_op_kwargs: dict = None, nonlin: Union[None, Type[nn.Module]] = None,
-                 nonlin_kwargs: dict = None, deep_supervision: bool = False, nonlin_first: bool = False):
+                 nonlin_kwargs: dict = None, deep_supervision: bool = False, nonlin_first: bool = False,
+                 upsample_bias: bool | None = None, seg_bias: bool = True, decoder_kernels: str = "own_level"):
         super().__init__()
         self.key_to_encoder = "encoder.stages"
         self.key_to_stem = "encoder.stages.0"
@@ -105,7 +128,9 @@ class UNetPlusPlus(AbstractDynamicNetworkArchitectures):
                                         dropout_op, dropout_op_kwargs, nonlin, nonlin_kwargs,
                                         return_skips=True, nonlin_first=nonlin_first)
         self.decoder = UNetPlusPlusDecoder(self.encoder, num_classes, n_conv_per_stage_decoder,
-                                           deep_supervision, nonlin_first=nonlin_first)
+                                           deep_supervision, nonlin_first=nonlin_first,
+                                           upsample_bias=upsample_bias, seg_bias=seg_bias,
+                                           decoder_kernels=decoder_kernels)
         self.prune_depth: int | None = None  # None = full depth L
 
     @property
