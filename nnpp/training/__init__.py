@@ -18,3 +18,8 @@ def find_trainer_class(name: str):
 
 
 __all__ = ["DDP_VARIANTS", "TRAINERS", "find_trainer_class", "nnUNetPlusPlusTrainer", "nnUNetPlusPlusTrainerV2"]
+
+# distillation students (nnpp.distill imports this package first, so either import order resolves)
+from nnpp.distill.trainer import nnUNetPlusPlusTrainerKD, nnUNetTrainerKD  # noqa: E402
+
+TRAINERS.update({cls.__name__: cls for cls in (nnUNetPlusPlusTrainerKD, nnUNetTrainerKD)})

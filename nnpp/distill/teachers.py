@@ -1,0 +1,221 @@
+"""Teachers: nnU-Net v2 model folders rebuilt exactly as nnU-Net's predictor rebuilds them, frozen; their
+ensemble target; the start-up checks (compatibility with the student's data, leaks of validation cases).
+
+A model folder is ``$nnUNet_results/DatasetXXX_Name/TRAINER__PLANS__CONFIG`` with ``plans.json``,
+``dataset.json`` and ``fold_F/CHECKPOINT``. The checkpoint's ``trainer_name`` names the trainer class, whose
+static ``build_network_architecture(plans_manager, configuration_manager, n_in, n_out, False)`` builds the
+network (nnpp's UNet++, nnU-Net's PlainConvUNet, ResEnc, ...); the weights are loaded with ``strict=True``.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from nnpp import NnppError
+from nnpp.distill.losses import Target, ensemble_log_probs, ensemble_log_probs_binary
+
+
+@dataclass
+class Teacher:
+    """One frozen teacher network (eval mode, no parameter requires grad) and where it came from."""
+    network: nn.Module
+    folder: str = ""
+    fold: object = 0
+    plans_manager: object = None
+    configuration_manager: object = None
+    dataset_json: dict = field(default_factory=dict)
+    trainer_name: str = ""
+
+    def __post_init__(self):
+        self.network.eval()
+        self.network.requires_grad_(False)
+
+    @property
+    def name(self) -> str:
+        return f"{os.path.basename(self.folder.rstrip(os.sep)) or 'teacher'}/fold_{self.fold}"
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.network.parameters())
+
+    def forward(self, x: torch.Tensor, amp, features: bool = False):
+        """Logits (fp32, full resolution) and, with ``features``, the encoder skips (fp32) of one forward pass.
+        Runs under ``torch.no_grad()`` (not inference_mode: the KD losses keep these tensors for backward) and
+        the run's autocast (``amp``, an :class:`nnpp.device.Amp`)."""
+        net = self.network
+        with torch.no_grad(), amp.autocast():
+            if features:
+                skips = net.encoder(x)
+                logits = net.decoder(skips)
+            else:
+                logits, skips = net(x), None
+        if isinstance(logits, (list, tuple)):  # deep supervision left on: full resolution is output[0]
+            logits = logits[0]
+        return logits.float(), None if skips is None else [s.float() for s in skips]
+
+
+def _read_json(path: str, what: str) -> dict:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise NnppError(f"{what} not found: {path}; -t takes an nnU-Net model folder "
+                        f"($nnUNet_results/DatasetXXX/TRAINER__PLANS__CONFIG)") from None
+    except json.JSONDecodeError as e:
+        raise NnppError(f"{what} is not valid JSON ({path}: {e})") from None
+
+
+def load_teacher(folder: str, fold, checkpoint_name: str = "checkpoint_final.pth",
+                 device: torch.device = torch.device("cpu")) -> Teacher:
+    """Rebuild the network of ``folder/fold_{fold}/{checkpoint_name}`` the predictor's way, strictly loaded,
+    frozen, on ``device``. Bad folders, missing checkpoints and mismatching weights are one-line NnppErrors."""
+    from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    from nnpp.training import find_trainer_class
+    from nnpp.training.nnUNetPlusPlusTrainer import check_checkpoint_file
+
+    folder = os.path.abspath(folder)
+    if not os.path.isdir(folder):
+        raise NnppError(f"teacher folder {folder} does not exist; -t takes an nnU-Net model folder "
+                        f"($nnUNet_results/DatasetXXX/TRAINER__PLANS__CONFIG)")
+    plans = _read_json(os.path.join(folder, "plans.json"), "teacher plans.json")
+    dataset_json = _read_json(os.path.join(folder, "dataset.json"), "teacher dataset.json")
+    ckpt_path = os.path.join(folder, f"fold_{fold}", checkpoint_name)
+    if not os.path.isfile(ckpt_path):
+        raise NnppError(f"teacher checkpoint {ckpt_path} does not exist; train that fold, or choose the teacher "
+                        f"folds with -tf and the checkpoint with -tchk (e.g. checkpoint_best.pth)")
+    check_checkpoint_file(ckpt_path)
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    try:
+        trainer_name = ckpt["trainer_name"]
+        configuration = ckpt["init_args"]["configuration"]
+        weights = ckpt["network_weights"]
+    except (KeyError, TypeError):
+        raise NnppError(f"teacher checkpoint {ckpt_path} is not an nnU-Net v2 checkpoint (needs trainer_name, "
+                        f"init_args, network_weights)") from None
+    plans_manager = PlansManager(plans)
+    configuration_manager = plans_manager.get_configuration(configuration)
+    trainer_class = find_trainer_class(trainer_name)
+    n_in = determine_num_input_channels(plans_manager, configuration_manager, dataset_json)
+    n_out = plans_manager.get_label_manager(dataset_json).num_segmentation_heads
+    network = trainer_class.build_network_architecture(plans_manager, configuration_manager, n_in, n_out, False)
+    try:
+        network.load_state_dict(weights, strict=True)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[0]
+        raise NnppError(f"teacher checkpoint {ckpt_path} does not fit the network {trainer_name} builds from "
+                        f"{folder}/plans.json ({first}); the folder and the checkpoint belong to different "
+                        f"models") from None
+    return Teacher(network.to(device), folder, fold, plans_manager, configuration_manager, dataset_json,
+                   trainer_name)
+
+
+def ensemble_target(teacher_logits: list, T: float, binary: bool) -> Target:
+    """The KD target of several teachers: mean of their probabilities at temperature T (log space)."""
+    return (ensemble_log_probs_binary if binary else ensemble_log_probs)(teacher_logits, T)
+
+
+# --------------------------------------------------------------------------------------------- checks
+def check_compatible(teacher: Teacher, plans_manager, configuration_manager, dataset_json: dict) -> None:
+    """Same labels/regions and number of output heads, same spacing and intensity normalisation (the same
+    preprocessed data), and a student patch divisible by the teacher's total stride. One line per mismatch."""
+    from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
+
+    t_lm = teacher.plans_manager.get_label_manager(teacher.dataset_json)
+    s_lm = plans_manager.get_label_manager(dataset_json)
+    who = f"teacher {teacher.name}"
+    if (teacher.dataset_json.get("labels") != dataset_json.get("labels")
+            or t_lm.has_regions != s_lm.has_regions or t_lm.regions_class_order != s_lm.regions_class_order):
+        raise NnppError(f"{who} has labels {teacher.dataset_json.get('labels')}, the student's dataset "
+                        f"{dataset_json.get('labels')}: teachers must be trained on the same labels/regions")
+    if t_lm.num_segmentation_heads != s_lm.num_segmentation_heads:
+        raise NnppError(f"{who} predicts {t_lm.num_segmentation_heads} output channels, the student "
+                        f"{s_lm.num_segmentation_heads}: teachers must be trained on the same labels/regions")
+    tc = teacher.configuration_manager
+    n_t = determine_num_input_channels(teacher.plans_manager, tc, teacher.dataset_json)
+    n_s = determine_num_input_channels(plans_manager, configuration_manager, dataset_json)
+    if n_t != n_s:
+        raise NnppError(f"{who} takes {n_t} input channels, the student's data has {n_s}")
+    if not np.allclose(tc.spacing, configuration_manager.spacing, rtol=1e-4, atol=1e-6):
+        raise NnppError(f"{who} was trained at spacing {list(tc.spacing)}, the student's configuration uses "
+                        f"{list(configuration_manager.spacing)}: distil on the same preprocessed data (same "
+                        f"configuration and spacing)")
+    t_norm = (tc.normalization_schemes, tc.use_mask_for_norm,
+              teacher.plans_manager.foreground_intensity_properties_per_channel)
+    s_norm = (configuration_manager.normalization_schemes, configuration_manager.use_mask_for_norm,
+              plans_manager.foreground_intensity_properties_per_channel)
+    if json.dumps(t_norm, sort_keys=True) != json.dumps(s_norm, sort_keys=True):
+        raise NnppError(f"{who} normalises its input differently ({tc.normalization_schemes} with its own "
+                        f"intensity statistics) than the student's data ({configuration_manager.normalization_schemes}): "
+                        f"distil on the same preprocessed data")
+    strides = teacher.configuration_manager.pool_op_kernel_sizes
+    total = np.prod(np.array(strides), axis=0)
+    patch = np.array(configuration_manager.patch_size)
+    if len(total) != len(patch) or np.any(patch % total):
+        raise NnppError(f"student patch {list(patch)} is not divisible by {who}'s total stride {total.tolist()}; "
+                        f"the teacher cannot run on the student's patches (choose a configuration whose patch "
+                        f"fits both)")
+
+
+def split_cases(preprocessed_dataset_dir: str, fold) -> tuple[list, list]:
+    """(training cases, validation cases) of ``fold`` from the dataset's splits_final.json; fold 'all': every
+    case for both (nnU-Net trains and 'validates' on all)."""
+    splits_file = os.path.join(preprocessed_dataset_dir, "splits_final.json")
+    if str(fold) == "all":
+        if os.path.isfile(splits_file):
+            splits = _read_json(splits_file, "splits file")
+            cases = sorted(set(splits[0]["train"]) | set(splits[0]["val"]))
+        else:
+            cases = sorted(f[:-len(".pkl")] for f in _case_files(preprocessed_dataset_dir))
+        return cases, cases
+    if not os.path.isfile(splits_file):
+        raise NnppError(f"cannot check teachers for validation leaks: {splits_file} does not exist (nnU-Net writes "
+                        f"it at the first training of the dataset); train a teacher with nnU-Net/nnpp first")
+    splits = _read_json(splits_file, "splits file")
+    fold = int(fold)
+    if fold >= len(splits):
+        raise NnppError(f"fold {fold} is not in {splits_file} ({len(splits)} folds)")
+    return list(splits[fold]["train"]), list(splits[fold]["val"])
+
+
+def _case_files(preprocessed_dataset_dir: str) -> list:
+    for name in sorted(os.listdir(preprocessed_dataset_dir)):
+        sub = os.path.join(preprocessed_dataset_dir, name)
+        if os.path.isdir(sub):
+            found = [f for f in os.listdir(sub) if f.endswith(".pkl")]
+            if found:
+                return found
+    return []
+
+
+def check_leaks(teachers: list, preprocessed_root: str, student_fold, student_val: list,
+                allow_val_leak: bool = False) -> list:
+    """Refuse teachers whose **training cases** include the student's **validation cases** (compared by case id,
+    from the splits_final.json of the teacher's dataset, ``preprocessed_root/DatasetXXX_Name/``, not by fold
+    number). ``allow_val_leak``: accept and return the leaks as
+    ``[(teacher name, [case ids])]`` so the run can be marked leaky. A student on fold 'all' validates on its
+    own training cases, so no teacher can leak into it."""
+    if str(student_fold) == "all":
+        return []
+    leaks = []
+    val = set(student_val)
+    for t in teachers:
+        dataset = os.path.basename(os.path.dirname(os.path.abspath(t.folder)))
+        t_train, _ = split_cases(os.path.join(preprocessed_root, dataset), t.fold)
+        leaked = sorted(val & set(t_train))
+        if leaked:
+            leaks.append((t.name, leaked))
+    if leaks and not allow_val_leak:
+        name, cases = leaks[0]
+        shown = ", ".join(cases[:5]) + (f" and {len(cases) - 5} more" if len(cases) > 5 else "")
+        raise NnppError(f"teacher {name} was trained on {len(cases)} of the student's fold-{student_fold} validation "
+                        f"cases ({shown}): its targets would leak them into the student's validation Dice. Use "
+                        f"teachers of fold {student_fold} (-tf {student_fold}, the default), or pass "
+                        f"--allow-val-leak to accept it (the run is then marked leaky)")
+    return leaks

@@ -1,0 +1,407 @@
+"""The distillation trainers: nnpp's trainer with frozen teachers and KD terms in the loss.
+
+* ``nnUNetPlusPlusTrainerKD``: UNet++ student (all heads full resolution, head weights 1/L).
+* ``nnUNetTrainerKD``: plain U-Net student (nnU-Net's PlainConvUNet, nnU-Net's deep-supervision scales and
+  weights; the soft-KD target is pooled to each head's scale).
+
+The student is an ordinary nnU-Net model: the static ``build_network_architecture`` builds the class named in the
+student plans (``nnpp.distill.student``), and ``network_weights`` holds the student network only. Training wraps
+the student and its KD-only modules (feature adapters, MGD generators) in one :class:`KDStudent` module, so that
+DDP synchronises both and torch.compile sees one call whose forward also returns the encoder features; its
+``state_dict`` is the student's. The KD modules are saved under ``checkpoint['nnpp_kd']`` and optimised by the
+same optimizer (same poly LR, same gradient clipping), so ``--c`` restores them with the optimizer state.
+
+Loss per step (the KD terms in fp32 with autocast off; reductions in :mod:`nnpp.distill.losses`):
+
+    total = (1 - a) * seg + a * (soft_weight * soft + cwd_weight * cwd) + at_weight * at + sp_weight * sp
+            + mgd_weight * mgd
+
+``seg`` is nnU-Net's Dice+CE over the deep-supervision heads; ``soft`` is summed over the heads with the
+deep-supervision weights; ``cwd`` is on the full-resolution logits (plus, with ``cwd_feat``, the mean over the
+matched encoder stages through adapters); ``at``/``sp``/``mgd`` are means over matched encoder-stage pairs and
+teachers. Encoder stages are paired by spatial shape (the deepest teacher stage of that shape).
+"""
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import time
+
+import numpy as np
+import torch
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+from torch import nn
+from torch._dynamo import OptimizedModule
+
+from nnpp import NnppError
+from nnpp import device as dev
+from nnpp.distill import losses as L
+from nnpp.distill.teachers import ensemble_target
+from nnpp.distributed import world
+from nnpp.training.nnUNetPlusPlusTrainer import nnUNetPlusPlusTrainer
+
+METHODS = ("soft", "cwd", "at", "sp", "mgd")
+FEATURE_METHODS = ("at", "sp", "mgd")
+#: KD settings and their defaults; keys are nnpp_distill's argparse dests (saved as run settings, --c reuses them)
+KD_DEFAULTS = {"kd": ["soft"], "a": 0.5, "T": 2.0, "tchk": "checkpoint_final.pth", "allow_val_leak": False,
+               "da5": False, "soft_weight": 1.0, "cwd_weight": 1.0, "cwd_tau": 4.0, "cwd_feat": False,
+               "at_weight": 1.0, "sp_weight": 1.0, "sp_pool": 4, "mgd_weight": 1.0, "mgd_ratio": 0.75}
+KD_IDENTITY = ("t", "tf", "r", "student")
+
+
+class KDStudent(nn.Module):
+    """The student network plus its KD-only modules, as one module (for DDP and torch.compile).
+
+    ``forward(x)`` is the student's forward. ``forward(x, features=True)`` runs the student's encoder and decoder
+    once and returns ``(outputs, skips, extra)``: the usual outputs, the encoder stage outputs, and
+    ``{name: module(skips[stage])}`` for every KD module (names ``{method}_t{teacher}_s{stage}``).
+    ``state_dict``/``load_state_dict`` are the student's alone, so checkpoints carry no KD parts."""
+
+    def __init__(self, net: nn.Module, kd_modules: nn.ModuleDict):
+        super().__init__()
+        self.net = net
+        self.kd_modules = kd_modules
+
+    @property
+    def encoder(self):
+        return self.net.encoder
+
+    @property
+    def decoder(self):
+        return self.net.decoder
+
+    @property
+    def depth(self):
+        return self.net.depth
+
+    def forward(self, x, features: bool = False):
+        if not features:
+            return self.net(x)
+        skips = self.net.encoder(x)
+        out = self.net.decoder(skips)
+        extra = {name: m(skips[int(name.rsplit("_s", 1)[1])]) for name, m in self.kd_modules.items()}
+        return out, skips, extra
+
+    def state_dict(self, *args, **kwargs):
+        return self.net.state_dict(*args, **kwargs)
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        return self.net.load_state_dict(state_dict, strict=strict, assign=assign)
+
+
+def _unwrap(module):
+    module = getattr(module, "module", module)  # DDP
+    return module._orig_mod if isinstance(module, OptimizedModule) else module
+
+
+def match_stages(student_shapes: list, teacher_shapes: list) -> list:
+    """Pairs ``(student stage, teacher stage)`` of equal spatial shape (the deepest teacher stage of that shape)."""
+    pairs = []
+    for s, shape in enumerate(student_shapes):
+        same = [t for t, ts in enumerate(teacher_shapes) if tuple(ts) == tuple(shape)]
+        if same:
+            pairs.append((s, same[-1]))
+    return pairs
+
+
+class KDMixin:
+    """Everything distillation adds to an nnpp trainer. ``configure_kd`` before ``initialize``."""
+    teachers: list = []
+    kd_config: dict | None = None
+    kd_leaks: list = []
+
+    def configure_kd(self, teachers: list, config: dict, leaks: list | None = None) -> None:
+        """Teachers (:class:`nnpp.distill.teachers.Teacher`, frozen, on this trainer's device), the resolved KD
+        settings (``KD_DEFAULTS`` keys plus ``t``, ``tf``, ``r``, ``student``) and the accepted leaks."""
+        unknown = [m for m in config["kd"] if m not in METHODS]
+        if unknown:
+            raise NnppError(f"unknown KD method(s) {', '.join(unknown)}; choose from {' '.join(METHODS)}")
+        self.teachers = list(teachers)
+        self.kd_config = dict(config)
+        self.kd_leaks = list(leaks or [])
+        self.kd_pairs: list = []
+        self._kd_terms: list = []
+        if self.kd_leaks:
+            self.print_to_log_file("WARNING: leaky distillation (--allow-val-leak): " + "; ".join(
+                f"{name} trained on {len(cases)} student validation case(s) ({', '.join(cases[:5])})"
+                for name, cases in self.kd_leaks) + ". The student's validation Dice is optimistic.")
+
+    # ------------------------------------------------------------------------------------------ settings
+    @property
+    def kd_on(self) -> bool:
+        return self.kd_config is not None
+
+    @property
+    def leaky(self) -> bool:
+        return bool(self.kd_leaks)
+
+    def kd_needs_features(self) -> bool:
+        c = self.kd_config
+        return bool(set(c["kd"]) & set(FEATURE_METHODS) or ("cwd" in c["kd"] and c["cwd_feat"]))
+
+    def run_settings(self) -> dict:
+        settings = super().run_settings()
+        if self.kd_on:
+            settings.update({k: self.kd_config[k] for k in (*KD_DEFAULTS, *KD_IDENTITY) if k in self.kd_config})
+        return settings
+
+    def kd_record(self) -> dict:
+        """What ``kd_config.json`` and the checkpoint record about this distillation."""
+        return {**self.kd_config, "leaky": self.leaky,
+                "leaks": [{"teacher": n, "cases": c} for n, c in self.kd_leaks],
+                "teachers_resolved": [{"name": t.name, "folder": t.folder, "fold": t.fold, "trainer": t.trainer_name,
+                                       "parameters": t.num_parameters} for t in self.teachers],
+                "stage_pairs": self.kd_pairs}
+
+    # -------------------------------------------------------------------------------------- KD modules
+    def _feature_shapes(self, encoder, n_in: int):
+        x = torch.zeros((1, n_in, *self.configuration_manager.patch_size), device=self.device)
+        with torch.no_grad():
+            skips = encoder(x)
+        return [(tuple(s.shape[2:]), s.shape[1]) for s in skips]
+
+    def build_kd_modules(self, student: nn.Module) -> nn.ModuleDict:
+        """Adapters (CWD on features) and MGD generators for every matched stage pair of every teacher."""
+        modules = nn.ModuleDict()
+        self.kd_pairs = []
+        if not self.kd_needs_features():
+            return modules
+        c = self.kd_config
+        dim = len(self.configuration_manager.patch_size)
+        s_feats = self._feature_shapes(student.encoder, self.num_input_channels)
+        for k, t in enumerate(self.teachers):
+            if not (hasattr(t.network, "encoder") and hasattr(t.network, "decoder")):
+                raise NnppError(f"teacher {t.name} ({type(t.network).__name__}) has no encoder/decoder to take "
+                                f"features from; use --kd soft/cwd only with it")
+            t_feats = self._feature_shapes(t.network.encoder, self.num_input_channels)
+            pairs = match_stages([f[0] for f in s_feats], [f[0] for f in t_feats])
+            if not pairs:
+                raise NnppError(f"teacher {t.name} has no encoder stage with the student's feature-map shapes "
+                                f"{[f[0] for f in s_feats]}; feature KD needs matching strides")
+            self.kd_pairs.append(pairs)
+            for s, ts in pairs:
+                c_s, c_t = s_feats[s][1], t_feats[ts][1]
+                if "cwd" in c["kd"] and c["cwd_feat"]:
+                    modules[f"cwd_t{k}_s{s}"] = L.Adapter(c_s, c_t, dim) if c_s != c_t else nn.Identity()
+                if "mgd" in c["kd"]:
+                    modules[f"mgd_t{k}_s{s}"] = L.MGDGenerator(c_s, c_t, dim, c["mgd_ratio"])
+        return modules
+
+    def configure_optimizers(self):
+        # nnU-Net calls this right after building (and maybe compiling) the student: wrap the student with its
+        # KD modules first, so the optimizer (and DDP, wrapped next by nnpp's initialize) cover both.
+        if self.kd_on:
+            compiled = isinstance(self.network, OptimizedModule)
+            student = self.network._orig_mod if compiled else self.network
+            wrapper = KDStudent(student, self.build_kd_modules(student).to(self.device))
+            self.network = torch.compile(wrapper) if compiled else wrapper
+            n_kd = sum(p.numel() for p in wrapper.kd_modules.parameters())
+            self.print_to_log_file(f"KD: methods {' '.join(self.kd_config['kd'])}, {len(self.teachers)} teacher(s), "
+                                   f"stage pairs {self.kd_pairs}, {n_kd} KD-module parameters")
+        return super().configure_optimizers()
+
+    @property
+    def kd_modules(self) -> nn.ModuleDict | None:
+        net = _unwrap(self.network)
+        return net.kd_modules if isinstance(net, KDStudent) else None
+
+    def checkpoint_extras(self) -> dict:
+        extras = super().checkpoint_extras()
+        if self.kd_on and self.kd_modules is not None:
+            extras["nnpp_kd"] = {"config": self.kd_record(), "modules": self.kd_modules.state_dict()}
+        return extras
+
+    def load_checkpoint_extras(self, checkpoint: dict) -> None:
+        super().load_checkpoint_extras(checkpoint)
+        saved = checkpoint.get("nnpp_kd")
+        if not self.kd_on or saved is None:
+            return
+        ours = {k: self.kd_config.get(k) for k in KD_DEFAULTS}
+        theirs = {k: saved["config"].get(k) for k in KD_DEFAULTS}
+        diff = [k for k in KD_DEFAULTS if ours[k] != theirs[k]]
+        if diff:
+            raise NnppError("the checkpoint was distilled with another KD configuration (" + ", ".join(
+                f"{k}: {theirs[k]} there, {ours[k]} now" for k in diff) + "); continue with the same settings or "
+                "train into a new folder")
+        try:
+            self.kd_modules.load_state_dict(saved["modules"], strict=True)
+        except RuntimeError as e:
+            raise NnppError(f"the checkpoint's KD modules do not fit this run ({str(e).splitlines()[0]}); "
+                            f"continue with the same teachers and methods") from None
+
+    # ------------------------------------------------------------------------------------------ training
+    def kd_losses(self, outputs, skips, extra, t_logits: list, t_skips: list) -> dict:
+        """The unweighted KD terms (fp32 scalars) of one step; see the module docstring for the formula."""
+        c = self.kd_config
+        heads = outputs if isinstance(outputs, (list, tuple)) else [outputs]
+        terms = {}
+        if "soft" in c["kd"]:
+            target = ensemble_target(t_logits, c["T"], self.label_manager.has_regions)
+            weights = self.deep_supervision_weights() if len(heads) > 1 else [1.0]
+            terms["soft"] = sum(float(w) * L.soft_kd(h, target.pooled_to(h.shape[2:]), c["T"])
+                                for w, h in zip(weights, heads) if w != 0)
+        if "cwd" in c["kd"]:
+            tau = c["cwd_tau"]
+            cwd = L.cwd(heads[0], L.ensemble_spatial_log_probs(t_logits, tau), tau)
+            if c["cwd_feat"]:
+                feat = [L.cwd(extra[f"cwd_t{k}_s{s}"], L.ensemble_spatial_log_probs([t_skips[k][ts]], tau), tau)
+                        for k, pairs in enumerate(self.kd_pairs) for s, ts in pairs]
+                cwd = cwd + torch.stack(feat).mean()
+            terms["cwd"] = cwd
+        if "at" in c["kd"]:
+            terms["at"] = torch.stack([L.attention_transfer(skips[s], [t_skips[k][ts]])
+                                       for k, pairs in enumerate(self.kd_pairs) for s, ts in pairs]).mean()
+        if "sp" in c["kd"]:
+            terms["sp"] = torch.stack([L.similarity_preserving(skips[s], [t_skips[k][ts]], c["sp_pool"])
+                                       for k, pairs in enumerate(self.kd_pairs) for s, ts in pairs]).mean()
+        if "mgd" in c["kd"]:
+            terms["mgd"] = torch.stack([L.mgd(extra[f"mgd_t{k}_s{s}"], t_skips[k][ts])
+                                        for k, pairs in enumerate(self.kd_pairs) for s, ts in pairs]).mean()
+        return terms
+
+    def kd_total(self, seg: torch.Tensor, terms: dict) -> torch.Tensor:
+        c = self.kd_config
+        logit = sum(c[f"{m}_weight"] * terms[m] for m in ("soft", "cwd") if m in terms)
+        feature = sum(c[f"{m}_weight"] * terms[m] for m in FEATURE_METHODS if m in terms)
+        return (1 - c["a"]) * seg + c["a"] * logit + feature
+
+    def teacher_outputs(self, data: torch.Tensor):
+        feats = self.kd_needs_features()
+        outs = [t.forward(data, self.amp, features=feats) for t in self.teachers]
+        return [o[0] for o in outs], [o[1] for o in outs]
+
+    def train_step(self, batch: dict) -> dict:
+        if not self.kd_on:
+            return super().train_step(batch)
+        data, target = self._batch_to_device(batch)
+        t_logits, t_skips = self.teacher_outputs(data)
+        self.optimizer.zero_grad(set_to_none=True)
+        with self.amp.autocast():
+            outputs, skips, extra = self.network(data, features=True)
+            seg = self.loss(outputs, target)
+        with dev.Amp("O0", self.device).autocast(exclusive=True):  # KD terms in fp32
+            terms = self.kd_losses(outputs, skips, extra, t_logits, t_skips)
+            loss = self.kd_total(seg.float(), terms)
+        if self.grad_scaler is not None:
+            self.grad_scaler.scale(loss).backward()
+            self.grad_scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
+            self.grad_scaler.step(self.optimizer)
+            self.grad_scaler.update()
+        else:
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
+            self.optimizer.step()
+        self._kd_terms.append({"seg": seg.item(), **{k: v.item() for k, v in terms.items()}})
+        return {"loss": loss.detach().cpu().numpy()}
+
+    def on_train_start(self):
+        super().on_train_start()
+        if self.kd_on and world()[0] == 0:
+            self._write_kd_record()
+            self.report_sizes()
+
+    def _write_kd_record(self) -> None:
+        path = os.path.join(self.output_folder, "kd_config.json")
+        tmp = f"{path}.tmp{os.getpid()}"
+        with open(tmp, "w") as f:
+            json.dump(self.kd_record(), f, indent=2)
+        os.replace(tmp, path)
+        self.print_to_log_file(f"KD configuration ({'LEAKY' if self.leaky else 'leak-free'}, \"leaky\": "
+                               f"{str(self.leaky).lower()}): {path}")
+
+    def on_train_epoch_end(self, train_outputs):
+        if self.kd_on and self._kd_terms:
+            means = {k: statistics.fmean(t[k] for t in self._kd_terms) for k in self._kd_terms[0]}
+            self.print_to_log_file("KD terms (epoch means, unweighted): "
+                                   + ", ".join(f"{k} {v:.4f}" for k, v in means.items()))
+            self._kd_terms = []
+        super().on_train_epoch_end(train_outputs)
+
+    # ------------------------------------------------------------------------------------------- reports
+    def measure_latency(self, network: nn.Module, repeats: int = 3) -> float:
+        """Median forward time (ms) of ``network`` on one patch (batch 1) under the run's autocast, no grad."""
+        x = torch.randn((1, self.num_input_channels, *self.configuration_manager.patch_size), device=self.device)
+        times = []
+        with torch.no_grad(), self.amp.autocast():
+            for i in range(repeats + 1):
+                dev.synchronize(self.device)
+                t0 = time.perf_counter()
+                network(x)
+                dev.synchronize(self.device)
+                if i:
+                    times.append((time.perf_counter() - t0) * 1000)
+        return statistics.median(times)
+
+    def size_report(self) -> list:
+        """[(name, parameters, ms per patch)] for the student (first) and every teacher."""
+        student = _unwrap(self.network)
+        student = student.net if isinstance(student, KDStudent) else student
+        was_training = student.training
+        student.eval()
+        rows = [("student", sum(p.numel() for p in student.parameters()), self.measure_latency(student))]
+        student.train(was_training)
+        rows += [(f"teacher {t.name}", t.num_parameters, self.measure_latency(t.network)) for t in self.teachers]
+        return rows
+
+    def report_sizes(self) -> None:
+        rows = self.size_report()
+        s_params, s_ms = rows[0][1], rows[0][2]
+        for name, params, ms in rows:
+            extra = "" if name == "student" else f" ({params / s_params:.1f}x the student's parameters, " \
+                                                 f"{ms / s_ms:.1f}x its latency)"
+            self.print_to_log_file(f"[nnpp_distill] {name}: {params:,} parameters, {ms:.1f} ms per patch "
+                                   f"{tuple(self.configuration_manager.patch_size)} on {self.device}{extra}")
+
+    # ------------------------------------------------------------------------------------ augmentation
+    def configure_rotation_dummyDA_mirroring_and_inital_patch_size(self):
+        if self.kd_on and self.kd_config.get("da5"):
+            from nnunetv2.training.nnUNetTrainer.variants.data_augmentation.nnUNetTrainerDA5 import nnUNetTrainerDA5
+            return nnUNetTrainerDA5.configure_rotation_dummyDA_mirroring_and_inital_patch_size(self)
+        return super().configure_rotation_dummyDA_mirroring_and_inital_patch_size()
+
+    def get_training_transforms(self, *args, **kwargs):
+        if self.kd_on and self.kd_config.get("da5"):  # nnU-Net's DA5 pipeline (its own static method)
+            from nnunetv2.training.nnUNetTrainer.variants.data_augmentation.nnUNetTrainerDA5 import nnUNetTrainerDA5
+            return nnUNetTrainerDA5.get_training_transforms(*args, **kwargs)
+        return super().get_training_transforms(*args, **kwargs)
+
+
+class nnUNetPlusPlusTrainerKD(KDMixin, nnUNetPlusPlusTrainer):
+    """UNet++ student distilled from nnU-Net model folders (see the module docstring)."""
+
+    @staticmethod
+    def build_network_architecture(plans_manager, configuration_manager, num_input_channels: int,
+                                   num_output_channels: int, enable_deep_supervision: bool = True) -> nn.Module:
+        return nnUNetPlusPlusTrainer.build_network_architecture(plans_manager, configuration_manager,
+                                                                num_input_channels, num_output_channels,
+                                                                enable_deep_supervision)
+
+
+class nnUNetTrainerKD(KDMixin, nnUNetPlusPlusTrainer):
+    """Plain U-Net student (nnU-Net's PlainConvUNet from the student plans) with nnU-Net's deep supervision:
+    heads at 1, 1/2, 1/4, ... resolution, weights 1/2^i normalised, the lowest head 0 (1e-6 under DDP, whose
+    reducer needs every parameter in the graph)."""
+
+    @staticmethod
+    def build_network_architecture(plans_manager, configuration_manager, num_input_channels: int,
+                                   num_output_channels: int, enable_deep_supervision: bool = True) -> nn.Module:
+        return get_network_from_plans(configuration_manager.network_arch_class_name,
+                                      configuration_manager.network_arch_init_kwargs,
+                                      configuration_manager.network_arch_init_kwargs_req_import,
+                                      num_input_channels, num_output_channels, allow_init=True,
+                                      deep_supervision=enable_deep_supervision)
+
+    @property
+    def num_heads(self) -> int:
+        return self.configuration_manager.network_arch_init_kwargs["n_stages"] - 1
+
+    def _get_deep_supervision_scales(self):
+        return nnUNetTrainer._get_deep_supervision_scales(self)
+
+    def deep_supervision_weights(self) -> np.ndarray:
+        weights = np.array([1 / (2 ** i) for i in range(self.num_heads)])
+        weights[-1] = 1e-6 if self.is_ddp else 0
+        return weights / weights.sum()
