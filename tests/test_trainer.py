@@ -23,12 +23,16 @@ def _batch(trainer):
 
 
 def test_builds_unetpp_with_all_heads_weighted(trainer):
+    """The loss the trainer builds weights each of the L heads 1/L (nnU-Net's own: 4/7, 2/7, 1/7 and 0)."""
+    from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
+
     from nnpp.nets import UNetPlusPlus
     assert isinstance(trainer.network, UNetPlusPlus)
     n_stages = trainer.configuration_manager.network_arch_init_kwargs["n_stages"]
-    w = np.asarray(trainer.loss.weight_factors)
-    assert len(w) == trainer.network.depth == n_stages - 1 >= 2
-    assert np.all(w > 0) and np.isclose(w.sum(), 1.0)
+    assert trainer.network.depth == n_stages - 1 == 3  # the tiny plans: 4 stages
+    loss = trainer._build_loss()
+    assert isinstance(loss, DeepSupervisionWrapper)
+    assert list(loss.weight_factors) == [1 / 3, 1 / 3, 1 / 3]
 
 
 def test_full_resolution_target_per_head(trainer):
@@ -98,3 +102,119 @@ def test_dataset_id_forms():
         assert parse_dataset_id(text) == 3
     with pytest.raises(NnppError, match="not a dataset id"):
         parse_dataset_id("Liver")
+
+
+def test_stale_tmp_is_never_promoted(trainer):
+    """A .tmp left by a crashed run must not replace a good checkpoint, whether or not this save writes."""
+    path = os.path.join(trainer.output_folder, "checkpoint_latest.pth")
+    trainer.save_checkpoint(path)
+    good = open(path, "rb").read()
+    with open(path + ".tmp", "wb") as f:
+        f.write(b"half-written by a crashed run")
+    trainer.disable_checkpointing = True
+    trainer.save_checkpoint(path)
+    assert open(path, "rb").read() == good
+    trainer.disable_checkpointing = False
+    trainer.current_epoch = 3
+    trainer.save_checkpoint(path)
+    assert torch.load(path, weights_only=False)["current_epoch"] == 4
+    assert open(path + ".tmp", "rb").read() == b"half-written by a crashed run"  # untouched, never renamed
+    assert sorted(os.listdir(trainer.output_folder)) == ["checkpoint_latest.pth", "checkpoint_latest.pth.tmp"] + \
+        sorted(f for f in os.listdir(trainer.output_folder) if f.startswith("training_log"))
+
+
+def test_run_settings_saved_and_resolved_on_resume(trainer):
+    import argparse
+
+    from nnpp.run.train import build_parser, resume_settings
+    trainer.configure_amp("bf16")
+    trainer.num_epochs, trainer.num_iterations_per_epoch = 7, 3
+    path = os.path.join(trainer.output_folder, "checkpoint_latest.pth")
+    trainer.save_checkpoint(path)
+    saved = torch.load(path, weights_only=False)["nnpp_run_settings"]
+    assert saved == {"epochs": 7, "iters": 3, "val_iters": trainer.num_val_iterations_per_epoch, "amp": "bf16",
+                     "dbs": False}
+
+    args = build_parser().parse_args(["1", "3d_fullres", "0", "--c"])
+    resume_settings(args, saved, path, trainer.device)
+    assert (args.epochs, args.iters, args.amp, args.dbs) == (7, 3, "bf16", False)  # flags not given: the saved ones
+
+    args = build_parser().parse_args(["1", "3d_fullres", "0", "--c", "--epochs", "9"])
+    with pytest.raises(NnppError, match=r"--c: --epochs 9 contradicts the run being continued \(--epochs 7"):
+        resume_settings(args, saved, path, trainer.device)
+    args = build_parser().parse_args(["1", "3d_fullres", "0", "--c", "--amp", "O0"])
+    with pytest.raises(NnppError, match="--amp O0 contradicts"):
+        resume_settings(args, saved, path, trainer.device)
+    args = build_parser().parse_args(["1", "3d_fullres", "0", "--c", "--epochs", "9", "--change_settings"])
+    resume_settings(args, saved, path, trainer.device, change=True)
+    assert args.epochs == 9 and args.amp == "bf16"
+    o0 = dict(saved, amp="O0")  # 'auto' is O0 on the CPU: not a contradiction
+    resume_settings(argparse.Namespace(**vars(build_parser().parse_args(["1", "3d_fullres", "0", "--amp", "auto"]))),
+                    o0, path, trainer.device)
+
+
+def _dtypes_seen(network):
+    seen = []
+    network.register_forward_hook(lambda m, i, o: seen.append((o[0] if isinstance(o, list) else o).dtype))
+    return seen
+
+
+def test_validation_step_keeps_the_run_precision_inside_an_outer_autocast(trainer):
+    """nnU-Net's validation_step enters its own fp16 autocast on CUDA; --amp O0 must still run fp32 inside it
+    (the same mechanism, shown with the CPU's autocast)."""
+    trainer.configure_amp("O0")
+    _, val = trainer.get_dataloaders()
+    seen = _dtypes_seen(trainer.network)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        trainer.validation_step(next(val))
+    assert seen == [torch.float32]
+
+
+def test_final_validation_runs_in_the_run_precision(trainer):
+    """perform_actual_validation predicts through nnpp's predictor in the run's AMP mode (nnU-Net's predictor
+    autocasts on CUDA only, always fp16), and nnU-Net's predictor class is restored afterwards."""
+    import nnunetv2.training.nnUNetTrainer.nnUNetTrainer as nnunet_trainer_module
+    original = nnunet_trainer_module.nnUNetPredictor
+    trainer.configure_amp("bf16")
+    seen = _dtypes_seen(trainer.network)
+    trainer.perform_actual_validation()
+    assert seen and set(seen) == {torch.bfloat16}
+    assert nnunet_trainer_module.nnUNetPredictor is original
+    assert os.path.isfile(os.path.join(trainer.output_folder, "validation", "summary.json"))
+
+
+def test_predictor_keeps_logits_on_any_accelerator():
+    import types
+
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    from nnpp.predictor import nnppPredictor
+    npu = types.SimpleNamespace(type="npu", index=0)  # torch.device("npu") exists only once torch_npu is imported
+    assert nnUNetPredictor(device=npu).perform_everything_on_device is False  # nnU-Net: cuda only
+    assert nnppPredictor(device=npu).perform_everything_on_device is True
+    assert nnppPredictor(device=torch.device("cpu")).perform_everything_on_device is False
+    assert nnppPredictor(device=npu, perform_everything_on_device=False).perform_everything_on_device is False
+
+
+def test_pretrained_weights(trainer, tmp_path):
+    """-pretrained_weights: every tensor but the segmentation heads is taken over; a misfit is one clear error."""
+    donor_path = str(tmp_path / "donor.pth")
+    import copy
+    donor_net = copy.deepcopy(trainer.network)  # (its state_dict has aliases: conv.weight is all_modules.0.weight)
+    with torch.no_grad():
+        for p in donor_net.parameters():
+            p.normal_()
+    donor = donor_net.state_dict()
+    torch.save({"network_weights": donor}, donor_path)
+    before = {k: v.clone() for k, v in trainer.network.state_dict().items()}
+    trainer.load_pretrained_weights(donor_path)
+    after = trainer.network.state_dict()
+    for k in after:
+        expected = before[k] if ".seg_layers." in k else donor[k]
+        assert torch.equal(after[k], expected), k
+    assert any(".seg_layers." in k for k in after)
+
+    key = next(k for k in donor if k.endswith("weight") and ".seg_layers." not in k)
+    torch.save({"network_weights": dict(donor, **{key: torch.zeros(1)})}, donor_path)
+    with pytest.raises(NnppError, match=f"does not fit this network: {key} is shape \\(1,\\)"):
+        trainer.load_pretrained_weights(donor_path)

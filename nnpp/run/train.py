@@ -32,7 +32,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "cpu/mps)")
     p.add_argument("--c", action="store_true", help="continue from the latest checkpoint (fresh start if none) "
                    "with the run's saved settings (--epochs/--iters/--val_iters/--amp/--dbs); a flag that "
-                   "contradicts them is an error")
+                   "contradicts them is an error unless --change_settings is given")
+    p.add_argument("--change_settings", action="store_true", help="with --c: apply the given --epochs/--iters/"
+                   "--val_iters/--amp/--dbs instead of the saved ones (logged; a new --epochs changes the poly LR "
+                   "schedule from here on, a new --amp drops or starts the grad scaler state)")
     p.add_argument("--val", action="store_true", help="only run the final validation (needs checkpoint_final)")
     p.add_argument("--val_best", action="store_true", help="validate with checkpoint_best instead of final")
     p.add_argument("--npz", action="store_true", help="also save softmax outputs of the validation")
@@ -106,10 +109,10 @@ def saved_run_settings(checkpoint: str) -> dict:
     return torch.load(checkpoint, map_location="cpu", weights_only=False, mmap=True).get("nnpp_run_settings") or {}
 
 
-def resume_settings(args, saved: dict, checkpoint: str, device) -> None:
+def resume_settings(args, saved: dict, checkpoint: str, device, change: bool = False) -> None:
     """``--c``: every saved setting that is a flag of ``args`` is reused when the flag was not given; a given
     flag that contradicts it is an error (the LR schedule, iteration count, loss scaling and batch split of the
-    interrupted run must not change silently)."""
+    interrupted run must not change silently), or, with ``change`` (--change_settings), applied and logged."""
     from nnpp.device import resolve_amp_mode
     same = {"amp": lambda v: resolve_amp_mode(v, device)}
     for key, value in saved.items():
@@ -119,9 +122,11 @@ def resume_settings(args, saved: dict, checkpoint: str, device) -> None:
         if given is None:
             setattr(args, key, value)
         elif same.get(key, lambda v: v)(given) != same.get(key, lambda v: v)(value):
-            raise NnppError(f"--c: --{key} {given} contradicts the run being continued (--{key} {value}, saved in "
-                            f"{checkpoint}); drop --{key} to continue as it was started, or train into a new "
-                            f"folder (another -p/fold, or without --c)")
+            if not change:
+                raise NnppError(f"--c: --{key} {given} contradicts the run being continued (--{key} {value}, saved "
+                                f"in {checkpoint}); drop --{key} to continue as it was started, or add "
+                                f"--change_settings to change it deliberately")
+            print(f"[nnpp_train] --c --change_settings: {key} {value} -> {given}", flush=True)
     print(f"[nnpp_train] --c: continuing {checkpoint} with its settings "
           + " ".join(f"{k}={getattr(args, k, v)}" for k, v in saved.items()), flush=True)
 
@@ -155,6 +160,8 @@ def _train(args, env, device, setup=None):
     from nnpp import distributed
     from nnpp.training import DDP_VARIANTS
 
+    if args.change_settings and not args.c:
+        raise NnppError("--change_settings only applies with --c (it changes the settings of a continued run)")
     if args.c and args.pretrained_weights:
         raise NnppError("--c and -pretrained_weights exclude each other: pretrained weights only start a training")
     trainer_name = DDP_VARIANTS[args.tr].__name__ if env.enabled and args.tr in DDP_VARIANTS else args.tr
@@ -167,7 +174,7 @@ def _train(args, env, device, setup=None):
     if args.c and resume is None:
         print("WARNING: no checkpoint available to continue from. Starting a new training...", flush=True)
     if resume and args.c:
-        resume_settings(args, saved_run_settings(resume), resume, device)
+        resume_settings(args, saved_run_settings(resume), resume, device, args.change_settings)
     nnpp_trainer = hasattr(trainer, "configure_amp")
     if nnpp_trainer:
         trainer.configure_amp(args.amp or "auto")
