@@ -1,9 +1,21 @@
-"""nnpp_predict: nnUNetv2_predict with nnpp trainers (and nnU-Net's own), any dataset id form, device auto.
+"""nnpp_predict: nnU-Net's predictor for nnpp trainers (and nnU-Net's own), any device, torch or ONNX Runtime.
 
-Same flags as nnUNetv2_predict (-i -o -d -c -p -tr -f -chk -step_size --disable_tta --save_probabilities ...);
--tr defaults to nnUNetPlusPlusTrainer and -device to auto. nnU-Net's predictor only finds trainers inside its
-own package; nnpp points its trainer lookup at :func:`nnpp.training.find_trainer_class` (which falls back to
-nnU-Net's lookup) and then runs nnU-Net's own predict entry point.
+Same flags as nnUNetv2_predict (-i -o -d -c -p -tr -f -chk -step_size --disable_tta --save_probabilities
+--continue_prediction -npp -nps -prev_stage_predictions -num_parts -part_id --disable_progress_bar
+--not_on_device --verbose); -tr defaults to nnUNetPlusPlusTrainer and -device to auto (npu, cuda, mps, cpu).
+
+nnpp builds ``nnUNetPredictor(device=...)`` itself and initialises it manually: the network comes from the
+checkpoint's trainer class (found by :func:`nnpp.training.find_trainer_class`: nnpp's trainers, nnU-Net's, and
+those under ``nnUNet_extTrainer``) and plans.json + dataset.json, every fold's weights loaded strictly. So
+Ascend NPUs work (nnU-Net's own entry point only accepts cuda/mps/cpu) and nnU-Net's modules stay untouched.
+Preprocessing, Gaussian sliding window, mirroring, fold averaging, resampling and export are nnU-Net's.
+
+Ours:
+  --depth k             UNet++ pruned to depth k (only the nodes X^{0,k} needs run; 1..L)
+  --onnx FOLDER         run an nnpp_export folder with ONNX Runtime instead of torch (-d/-c/-tr/-p/-chk/--depth
+                        are then read from the folder; -f picks exported folds, default all of them)
+  --ort_provider P      cpu (default) | cuda (onnxruntime-gpu) | openvino (onnxruntime-openvino)
+  --ort_threads N       ONNX Runtime intra-op threads (default 0 = ONNX Runtime's choice, one per physical core)
 """
 from __future__ import annotations
 
@@ -13,60 +25,158 @@ import sys
 
 from nnpp import NnppError
 from nnpp.paths import setup_paths
-from nnpp.run.common import dataset_name, entry_point
+from nnpp.run.common import dataset_name, entry_point, positive_int
 from nnpp.run.train import DEFAULT_TRAINER
 
-PREDICT_DEVICES = ("auto", "cuda", "mps", "cpu")  # nnU-Net's predict entry point supports these
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got '{text}'")
+    return value
 
 
-def _our_flags() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(add_help=False)
-    p.add_argument("-i")
-    p.add_argument("-d")
-    p.add_argument("-c")
-    p.add_argument("-p", default="nnUNetPlans")
-    p.add_argument("-tr", default=DEFAULT_TRAINER)
-    p.add_argument("-f", nargs="+", default=["0", "1", "2", "3", "4"])
-    p.add_argument("-chk", default="checkpoint_final.pth")
-    p.add_argument("-device", default="auto")
+def parser() -> argparse.ArgumentParser:
+    from nnpp.device import DEVICE_CHOICES
+    from nnpp.deploy.ort import PROVIDERS
+    env_int = lambda name, default: int(os.environ.get(name, default))  # noqa: E731 (nnU-Net's nnUNet_npp/nps)
+    p = argparse.ArgumentParser(prog="nnpp_predict", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-i", required=True, help="input folder of CASE_XXXX.nii.gz (channel-suffixed) images")
+    p.add_argument("-o", required=True, help="output folder (created)")
+    p.add_argument("-d", help="dataset id (3, 003, Dataset003_Liver, Task003_Liver); not with --onnx")
+    p.add_argument("-c", help="configuration, e.g. 3d_fullres; not with --onnx")
+    p.add_argument("-p", default="nnUNetPlans", help="plans identifier (default nnUNetPlans)")
+    p.add_argument("-tr", default=DEFAULT_TRAINER, help=f"trainer (default {DEFAULT_TRAINER})")
+    p.add_argument("-f", nargs="+", default=None, help="folds (default 0 1 2 3 4; with --onnx all exported folds)")
+    p.add_argument("-chk", default="checkpoint_final.pth", help="checkpoint name (default checkpoint_final.pth)")
+    p.add_argument("-step_size", type=float, default=0.5, help="sliding-window step as a fraction of the patch")
+    p.add_argument("--disable_tta", action="store_true", help="no test-time mirroring")
+    p.add_argument("--verbose", action="store_true")
+    p.add_argument("--save_probabilities", action="store_true", help="also write .npz probabilities")
+    p.add_argument("--continue_prediction", action="store_true", help="keep existing outputs")
+    p.add_argument("-npp", type=int, default=env_int("nnUNet_npp", 3), help="preprocessing processes")
+    p.add_argument("-nps", type=int, default=env_int("nnUNet_nps", 3), help="segmentation export processes")
+    p.add_argument("-prev_stage_predictions", default=None, help="previous stage's predictions (cascade)")
+    p.add_argument("-num_parts", type=int, default=1)
+    p.add_argument("-part_id", type=int, default=0)
+    p.add_argument("-device", default="auto", choices=DEVICE_CHOICES, help="torch device (default auto)")
+    p.add_argument("--disable_progress_bar", action="store_true")
+    p.add_argument("--not_on_device", action="store_true", help="keep the logits on the CPU (large cases on cuda)")
+    p.add_argument("--depth", type=positive_int, default=None, help="UNet++ pruning depth k (1..L)")
+    p.add_argument("--onnx", default=None, metavar="FOLDER", help="an nnpp_export folder: predict with ONNX Runtime")
+    p.add_argument("--ort_provider", default="cpu", choices=tuple(PROVIDERS), help="ONNX Runtime provider")
+    p.add_argument("--ort_threads", type=_non_negative_int, default=0, help="ONNX Runtime intra-op threads (0 = auto)")
     return p
+
+
+def make_predictor(device, step_size: float = 0.5, mirroring: bool = True, on_device: bool = True,
+                   verbose: bool = False, progress: bool = True):
+    """``nnUNetPredictor`` on ``device`` (a torch.device: cpu, cuda, mps, npu...) with Gaussian weighting."""
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+    return nnUNetPredictor(tile_step_size=step_size, use_gaussian=True, use_mirroring=mirroring,
+                           perform_everything_on_device=on_device, device=device, verbose=verbose,
+                           verbose_preprocessing=verbose, allow_tqdm=progress)
+
+
+def _no_compile(predictor, compile_ok: bool) -> None:
+    """nnU-Net compiles the network when nnUNet_compile is set; undo that where compiling is not supported
+    (ONNX Runtime adapters, devices other than cuda)."""
+    from torch._dynamo.eval_frame import OptimizedModule
+    if not compile_ok and isinstance(predictor.network, OptimizedModule):
+        predictor.network = predictor.network._orig_mod
+
+
+def init_torch(predictor, model_folder: str, folds, checkpoint_name: str = "checkpoint_final.pth",
+               depth: int | None = None):
+    """Initialise ``predictor`` with the torch network of ``model_folder`` (built by the checkpoint's trainer
+    class, every fold loaded strictly, pruned to ``depth``). Returns the :class:`TrainedModel`."""
+    from nnpp import device as dev
+    from nnpp.deploy.model import load_trained_model, set_depth
+    model = load_trained_model(model_folder, folds, checkpoint_name)
+    network = set_depth(model.build_network(0), depth)
+    predictor.manual_initialization(network, model.plans_manager, model.configuration_manager, model.parameters,
+                                    model.dataset_json, model.trainer_name, model.inference_allowed_mirroring_axes)
+    _no_compile(predictor, dev.compile_supported(predictor.device))
+    return model
+
+
+def init_onnx(predictor, onnx_folder: str, folds=None, provider: str = "cpu", threads: int = 0) -> dict:
+    """Initialise ``predictor`` with the ONNX Runtime sessions of an nnpp_export folder (its plans.json,
+    dataset.json and mirroring axes; ``folds`` a subset of the exported ones). Returns the export metadata."""
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    from nnpp.deploy.model import _load_json
+    from nnpp.deploy.ort import load_onnx_folder
+    meta, network = load_onnx_folder(onnx_folder, provider, threads, folds)
+    plans = _load_json(os.path.join(onnx_folder, "plans.json"), "plans.json of the ONNX export")
+    dataset_json = _load_json(os.path.join(onnx_folder, "dataset.json"), "dataset.json of the ONNX export")
+    plans_manager = PlansManager(plans)
+    configuration_manager = plans_manager.get_configuration(meta["source"]["configuration"])
+    if list(configuration_manager.patch_size) != list(meta["patch_size"]):
+        raise NnppError(f"{onnx_folder}: plans.json patch {configuration_manager.patch_size} differs from the "
+                        f"exported models' {meta['patch_size']}; re-export")
+    mirror = meta.get("inference_allowed_mirroring_axes")
+    predictor.manual_initialization(network, plans_manager, configuration_manager, network.parameters_list(),
+                                    dataset_json, meta["source"]["trainer"], tuple(mirror) if mirror is not None else None)
+    _no_compile(predictor, False)
+    return meta
 
 
 @entry_point("nnpp_predict")
 def main(argv=None):
-    argv = list(sys.argv[1:] if argv is None else argv)
-    ours, rest = _our_flags().parse_known_args(argv)
-    if "-h" in rest or "--help" in rest:
-        print(__doc__)
-    setup_paths(required=("nnUNet_results",))
-
-    import nnunetv2.inference.predict_from_raw_data as nnunet_predict
+    args = parser().parse_args(sys.argv[1:] if argv is None else argv)
+    if not os.path.isdir(args.i):
+        raise NnppError(f"input folder '{args.i}' does not exist; -i takes a folder of CASE_0000.nii.gz images")
+    if not 0 <= args.part_id < args.num_parts:
+        raise NnppError(f"-part_id {args.part_id} must be in 0..{args.num_parts - 1} (-num_parts {args.num_parts})")
 
     from nnpp import device as dev
-    from nnpp.training import find_trainer_class
 
-    if ours.device not in PREDICT_DEVICES:
-        raise NnppError(f"-device {ours.device}: nnU-Net's predictor supports {', '.join(PREDICT_DEVICES)}")
-    device = dev.resolve_device(ours.device)
-    find_trainer_class(ours.tr)  # unknown trainer -> clear error before nnU-Net starts
-    args = rest + ["-tr", ours.tr, "-p", ours.p, "-f", *ours.f, "-chk", ours.chk, "-device", device.type]
-    if ours.i is not None:
-        if not os.path.isdir(ours.i):
-            raise NnppError(f"input folder '{ours.i}' does not exist; -i takes a folder of CASE_0000.nii.gz images")
-        args += ["-i", ours.i]
-    if ours.d is not None and ours.c is not None:
+    if args.onnx is not None:
+        if args.depth is not None:
+            raise NnppError("--depth is fixed at export with --onnx; export with nnpp_export --depth k instead")
+        setup_paths(required=())
+        device = dev.resolve_device("cuda" if args.ort_provider == "cuda" else "cpu")
+    else:
+        if args.d is None or args.c is None:
+            raise NnppError("-d DATASET and -c CONFIGURATION are required (or --onnx FOLDER from nnpp_export)")
+        setup_paths(required=("nnUNet_results",))
+        device = dev.resolve_device(args.device)
+    if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+        dev.set_cpu_threads()  # nnU-Net's choice on the CPU: all cores
+
+    predictor = make_predictor(device, args.step_size, not args.disable_tta, not args.not_on_device, args.verbose,
+                               not args.disable_progress_bar)
+    if args.onnx is not None:
+        meta = init_onnx(predictor, args.onnx, args.f, args.ort_provider, args.ort_threads)
+        print(f"[nnpp_predict] ONNX Runtime ({args.ort_provider}, threads {args.ort_threads or 'auto'}): "
+              f"{args.onnx}, folds {', '.join(str(f['fold']) for f in meta['folds'] if not args.f or str(f['fold']) in args.f)}, "
+              f"depth {meta['depth']}")
+    else:
         from nnunetv2.utilities.file_path_utilities import get_output_folder
-        name = dataset_name(ours.d)
-        model = get_output_folder(name, ours.tr, ours.p, ours.c)
-        missing = [f for f in ours.f if not os.path.isfile(os.path.join(model, f"fold_{f}", ours.chk))]
-        if missing:
-            raise NnppError(f"no {ours.chk} for fold(s) {', '.join(missing)} in {model}; train them or pass "
-                            f"-f with the trained folds")
-        args += ["-d", name, "-c", ours.c]
 
-    nnunet_predict.recursive_find_trainer_class_by_name = find_trainer_class
-    sys.argv = ["nnpp_predict"] + args
-    nnunet_predict.predict_entry_point()
+        from nnpp.training import find_trainer_class
+        find_trainer_class(args.tr)  # unknown trainer -> clear error before anything is loaded
+        folds = args.f or ["0", "1", "2", "3", "4"]
+        model_folder = get_output_folder(dataset_name(args.d), args.tr, args.p, args.c)
+        init_torch(predictor, model_folder, folds, args.chk, args.depth)
+        print(f"[nnpp_predict] torch on {device}: {model_folder}, folds {', '.join(folds)}"
+              f"{f', depth {args.depth}' if args.depth else ''}")
+
+    os.makedirs(args.o, exist_ok=True)  # as nnUNetv2_predict does, once the model is known to load
+    kwargs = dict(save_probabilities=args.save_probabilities, overwrite=not args.continue_prediction,
+                  folder_with_segs_from_prev_stage=args.prev_stage_predictions)
+    if args.npp == 0 and args.nps == 0 and args.num_parts == 1:
+        predictor.predict_from_files_sequential(args.i, args.o, **kwargs)
+    else:
+        predictor.predict_from_files(args.i, args.o, num_processes_preprocessing=args.npp,
+                                     num_processes_segmentation_export=args.nps, num_parts=args.num_parts,
+                                     part_id=args.part_id, **kwargs)
+    return 0
 
 
 if __name__ == "__main__":

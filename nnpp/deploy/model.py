@@ -1,0 +1,215 @@
+"""A trained nnU-Net model folder, rebuilt exactly as nnU-Net's predictor rebuilds it.
+
+``plans.json`` + ``dataset.json`` + the checkpoint's ``trainer_name`` -> that trainer class's static
+``build_network_architecture(plans_manager, configuration_manager, n_in, n_out, enable_deep_supervision=False)``
+-> ``load_state_dict(strict=True)`` for every fold. Never from command-line architecture flags, so an export or a
+prediction cannot drift from what was trained: a plans.json whose configuration differs from the one stored in
+the checkpoint, a checkpoint that does not fit the rebuilt network, or folds of different runs are refused with
+one line (:class:`nnpp.NnppError`).
+"""
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import os
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from nnpp import NnppError
+
+
+def sha256_file(path: str, chunk: int = 1 << 20) -> str:
+    """Hex SHA-256 of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _json_normal(obj):
+    """What ``obj`` looks like after a JSON round trip (tuples -> lists), for comparisons with files."""
+    return json.loads(json.dumps(obj))
+
+
+def _load_json(path: str, what: str) -> dict:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise NnppError(f"{what} not found: {path}; is this an nnU-Net model folder "
+                        f"(TRAINER__PLANS__CONFIG with plans.json, dataset.json, fold_F/)?") from None
+    except json.JSONDecodeError as e:
+        raise NnppError(f"{what} {path} is not valid JSON ({e}); restore it from the training run") from None
+
+
+def load_checkpoint(path: str) -> dict:
+    """torch.load of an nnU-Net checkpoint on the CPU, with one-line errors for missing/corrupt/foreign files."""
+    from nnpp.training.nnUNetPlusPlusTrainer import check_checkpoint_file
+    if not os.path.isfile(path):
+        raise NnppError(f"checkpoint not found: {path}; train that fold or pass -f with the trained folds")
+    check_checkpoint_file(path)
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # unpickling errors come in many types
+        raise NnppError(f"checkpoint {path} cannot be loaded ({type(e).__name__}: {e}); it is corrupt") from None
+    missing = [k for k in ("network_weights", "trainer_name", "init_args") if not isinstance(ckpt, dict) or k not in ckpt]
+    if missing:
+        raise NnppError(f"{path} is not an nnU-Net checkpoint (no {', '.join(missing)}); pass a checkpoint "
+                        f"written by nnpp_train / nnUNetv2_train")
+    return ckpt
+
+
+def build_network(trainer_class, plans_manager, configuration_manager, num_input_channels: int,
+                  num_output_channels: int) -> nn.Module:
+    """The trainer's static ``build_network_architecture`` with deep supervision off (nnU-Net's predictor's call,
+    old signature included)."""
+    sig = inspect.signature(trainer_class.build_network_architecture)
+    if "plans_manager" in sig.parameters:
+        return trainer_class.build_network_architecture(plans_manager, configuration_manager, num_input_channels,
+                                                        num_output_channels, enable_deep_supervision=False)
+    return trainer_class.build_network_architecture(
+        configuration_manager.network_arch_class_name, configuration_manager.network_arch_init_kwargs,
+        configuration_manager.network_arch_init_kwargs_req_import, num_input_channels, num_output_channels,
+        enable_deep_supervision=False)
+
+
+def load_strict(network: nn.Module, weights: dict, checkpoint: str, trainer_name: str) -> None:
+    """``network.load_state_dict(weights, strict=True)``; a mismatch becomes one line naming the first keys."""
+    try:
+        network.load_state_dict(weights, strict=True)
+    except RuntimeError as e:
+        own = network.state_dict()
+        missing = [k for k in own if k not in weights]
+        unexpected = [k for k in weights if k not in own]
+        shapes = [f"{k} {tuple(weights[k].shape)} vs {tuple(own[k].shape)}" for k in own
+                  if k in weights and hasattr(weights[k], "shape") and tuple(weights[k].shape) != tuple(own[k].shape)]
+        parts = [f"{name}: {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}"
+                 for name, keys in (("missing keys", missing), ("unexpected keys", unexpected),
+                                    ("size mismatch", shapes)) if keys]
+        detail = "; ".join(parts) or str(e).splitlines()[0]
+        raise NnppError(f"checkpoint {checkpoint} does not match the network that plans.json + {trainer_name} build "
+                        f"({detail}); the model folder was edited or mixes runs: restore plans.json/dataset.json "
+                        f"from the training run") from None
+
+
+@dataclass
+class TrainedModel:
+    """Everything nnU-Net's predictor needs, read from a model folder and checked fold by fold.
+
+    ``parameters[i]`` is the state dict of ``folds[i]``; ``checkpoint_sha256[i]`` the hash of its file.
+    """
+    folder: str
+    folds: list
+    checkpoint_name: str
+    checkpoints: list
+    checkpoint_sha256: list
+    parameters: list
+    plans: dict
+    dataset_json: dict
+    plans_manager: object
+    configuration_manager: object
+    configuration: str
+    trainer_name: str
+    trainer_class: type
+    num_input_channels: int
+    num_output_channels: int
+    inference_allowed_mirroring_axes: tuple | None
+    extra: dict = field(default_factory=dict)
+
+    def build_network(self, fold_index: int = 0) -> nn.Module:
+        """A fresh network (deep supervision off, eval mode) holding fold ``fold_index``'s weights, loaded strictly."""
+        net = build_network(self.trainer_class, self.plans_manager, self.configuration_manager,
+                            self.num_input_channels, self.num_output_channels)
+        load_strict(net, self.parameters[fold_index], self.checkpoints[fold_index], self.trainer_name)
+        return net.eval()
+
+    @property
+    def patch_size(self) -> list:
+        return list(self.configuration_manager.patch_size)
+
+
+def load_trained_model(folder: str, folds, checkpoint_name: str = "checkpoint_final.pth") -> TrainedModel:
+    """Read ``folder`` (``.../TRAINER__PLANS__CONFIG``) for ``folds`` and check that every fold's weights fit the
+    network the folder's plans build (strict load) and that plans.json/dataset.json are the ones each checkpoint
+    was trained with. Raises NnppError naming the file and what to do."""
+    from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    from nnpp.training import find_trainer_class
+
+    folds = [str(f) for f in folds]
+    if not folds:
+        raise NnppError(f"no folds given for {folder}; pass -f 0 [1 ...]")
+    missing = [f for f in folds if not os.path.isfile(os.path.join(folder, f"fold_{f}", checkpoint_name))]
+    if missing:
+        raise NnppError(f"no {checkpoint_name} for fold(s) {', '.join(missing)} in {folder}; train them or pass "
+                        f"-f with the trained folds (or check -d/-c/-tr/-p)")
+    plans = _load_json(os.path.join(folder, "plans.json"), "plans.json")
+    dataset_json = _load_json(os.path.join(folder, "dataset.json"), "dataset.json")
+    plans_manager = PlansManager(plans)
+
+    checkpoints, hashes, parameters = [], [], []
+    trainer_name = configuration = mirror_axes = None
+    for f in folds:
+        path = os.path.join(folder, f"fold_{f}", checkpoint_name)
+        ckpt = load_checkpoint(path)
+        init = ckpt["init_args"]
+        if trainer_name is None:
+            trainer_name, configuration = ckpt["trainer_name"], init.get("configuration")
+            mirror_axes = ckpt.get("inference_allowed_mirroring_axes")
+        elif (ckpt["trainer_name"], init.get("configuration")) != (trainer_name, configuration):
+            raise NnppError(f"{path} comes from {ckpt['trainer_name']} / {init.get('configuration')} but fold "
+                            f"{folds[0]} from {trainer_name} / {configuration}; the folds of one model folder must "
+                            f"come from one trainer and configuration")
+        if configuration not in plans.get("configurations", {}):
+            raise NnppError(f"{path} was trained with configuration '{configuration}', which plans.json in {folder} "
+                            f"does not have; restore plans.json from the training run")
+        # the plans and labels stored in the checkpoint are the ones the weights were trained with
+        if "plans" in init:
+            trained_cfg = PlansManager(init["plans"]).get_configuration(configuration).configuration
+            here_cfg = plans_manager.get_configuration(configuration).configuration
+            diff = sorted(k for k in set(trained_cfg) | set(here_cfg) if k != "batch_size"
+                          and _json_normal(trained_cfg.get(k)) != _json_normal(here_cfg.get(k)))
+            if diff:
+                raise NnppError(f"plans.json in {folder} differs from the plans {path} was trained with (configuration "
+                                f"'{configuration}': {', '.join(diff)}); restore plans.json from the training run")
+        if "dataset_json" in init and _json_normal(init["dataset_json"].get("labels")) != \
+                _json_normal(dataset_json.get("labels")):
+            raise NnppError(f"dataset.json in {folder} has labels {dataset_json.get('labels')} but {path} was "
+                            f"trained with {init['dataset_json'].get('labels')}; restore dataset.json")
+        checkpoints.append(path)
+        hashes.append(sha256_file(path))
+        parameters.append(ckpt["network_weights"])
+
+    configuration_manager = plans_manager.get_configuration(configuration)
+    trainer_class = find_trainer_class(trainer_name)
+    model = TrainedModel(
+        folder=folder, folds=folds, checkpoint_name=checkpoint_name, checkpoints=checkpoints,
+        checkpoint_sha256=hashes, parameters=parameters, plans=plans, dataset_json=dataset_json,
+        plans_manager=plans_manager, configuration_manager=configuration_manager, configuration=configuration,
+        trainer_name=trainer_name, trainer_class=trainer_class,
+        num_input_channels=determine_num_input_channels(plans_manager, configuration_manager, dataset_json),
+        num_output_channels=plans_manager.get_label_manager(dataset_json).num_segmentation_heads,
+        inference_allowed_mirroring_axes=tuple(mirror_axes) if mirror_axes is not None else None)
+    net = build_network(trainer_class, plans_manager, configuration_manager, model.num_input_channels,
+                        model.num_output_channels)
+    for weights, path in zip(parameters, checkpoints):
+        load_strict(net, weights, path, trainer_name)
+    return model
+
+
+def set_depth(network: nn.Module, depth: int | None) -> nn.Module:
+    """Prune a UNet++ to ``depth`` k (its ``prune_depth``: only the nodes X^{0,k} needs run); None = full depth.
+    Raises NnppError for networks without pruning (nnU-Net's U-Net) or k outside 1..L."""
+    if depth is None:
+        return network
+    if not hasattr(network, "prune_depth") or not hasattr(network, "depth"):
+        raise NnppError(f"--depth is a UNet++ option; {type(network).__name__} cannot be pruned: drop --depth")
+    if not 1 <= depth <= network.depth:
+        raise NnppError(f"--depth {depth} is out of range: this UNet++ has depth L = {network.depth}, use 1..{network.depth}")
+    network.prune_depth = depth
+    return network

@@ -1,0 +1,117 @@
+"""ONNX Runtime in nnU-Net's predictor: sessions, and the module that stands where the torch network stood.
+
+nnU-Net's predictor calls ``self.network(x)`` on patch-sized tiles (sliding window, mirroring) and, for each
+fold, ``self.network.load_state_dict(params)`` before predicting with that fold (it averages the folds'
+probabilities). :class:`OrtNetwork` is an ``nn.Module`` without parameters whose ``forward`` runs the active
+fold's ONNX Runtime session and whose ``load_state_dict`` switches the active fold, so the predictor's own code
+does everything else: preprocessing, Gaussian-weighted sliding window, test-time mirroring, fold averaging,
+resampling and export.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+
+import numpy as np
+import torch
+from torch import nn
+
+from nnpp import NnppError
+
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider",
+             "openvino": "OpenVINOExecutionProvider"}
+METADATA_FILE = "nnpp_onnx.json"
+
+
+def require(module: str, extra: str = "onnx"):
+    """Import an optional deployment dependency or raise one line saying which extra installs it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        raise NnppError(f"{module} is not installed ({e}); install the deployment extra: "
+                        f"pip install 'nnpp[{extra}]'") from None
+
+
+def make_session(path: str, provider: str = "cpu", threads: int = 0):
+    """An ``onnxruntime.InferenceSession`` for ``path``: ``provider`` cpu | cuda | openvino (the matching execution
+    provider must be in the installed onnxruntime build), ``threads`` intra-op threads (0 = ONNX Runtime's
+    default: one per physical core). Graph optimisations: all."""
+    ort = require("onnxruntime")
+    if provider not in PROVIDERS:
+        raise NnppError(f"unknown ONNX Runtime provider '{provider}'; choose one of {', '.join(PROVIDERS)}")
+    name = PROVIDERS[provider]
+    available = ort.get_available_providers()
+    if name not in available:
+        hint = {"cuda": "pip install onnxruntime-gpu (instead of onnxruntime)",
+                "openvino": "pip install onnxruntime-openvino (instead of onnxruntime)"}.get(provider, "")
+        raise NnppError(f"--ort_provider {provider}: this onnxruntime has no {name} (available: "
+                        f"{', '.join(available)}); {hint}")
+    if threads < 0:
+        raise NnppError(f"--ort_threads must be >= 0 (0 = ONNX Runtime's default), got {threads}")
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    providers = [name] if name == "CPUExecutionProvider" else [name, "CPUExecutionProvider"]
+    try:
+        return ort.InferenceSession(path, sess_options=opts, providers=providers)
+    except Exception as e:  # onnxruntime raises its own exception types for bad files
+        raise NnppError(f"ONNX Runtime cannot load {path} ({type(e).__name__}: {str(e).splitlines()[0]}); "
+                        f"re-export it with nnpp_export") from None
+
+
+class OrtNetwork(nn.Module):
+    """ONNX Runtime sessions (one per fold) behind the ``nn.Module`` calls nnU-Net's predictor makes.
+
+    ``forward(x)``: ``x`` (B, C, *patch) float tensor on any device -> logits (B, classes, *patch) float32 on
+    ``x``'s device, from the active fold's session. ``load_state_dict({"onnx_fold": f})`` makes fold ``f`` active
+    (the predictor calls it with each entry of :meth:`parameters_list`). No torch parameters, nothing to train.
+    """
+
+    def __init__(self, sessions: dict):
+        super().__init__()
+        if not sessions:
+            raise ValueError("OrtNetwork needs at least one session")
+        self.sessions = dict(sessions)
+        self.active = next(iter(self.sessions))
+        self.input_name = self.sessions[self.active].get_inputs()[0].name
+
+    def parameters_list(self) -> list:
+        """What to hand the predictor as ``parameters``: one fold selector per session, in fold order."""
+        return [{"onnx_fold": f} for f in self.sessions]
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        fold = state_dict.get("onnx_fold") if isinstance(state_dict, dict) else None
+        if fold not in self.sessions:
+            raise KeyError(f"OrtNetwork has folds {list(self.sessions)}; got {state_dict!r}")
+        self.active = fold
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        feed = np.ascontiguousarray(x.detach().to("cpu", torch.float32).numpy())
+        out = self.sessions[self.active].run(None, {self.input_name: feed})[0]
+        return torch.from_numpy(out).to(x.device)
+
+
+def load_onnx_folder(folder: str, provider: str = "cpu", threads: int = 0, folds=None) -> tuple[dict, OrtNetwork]:
+    """Read an ``nnpp_export`` folder: its metadata (``nnpp_onnx.json``), plans/dataset json, and one session per
+    fold (``folds``: a subset of the exported folds, default all). Each ``.onnx`` file is checked against the
+    SHA-256 recorded at export, so a replaced or damaged model is refused. Returns (metadata, OrtNetwork)."""
+    from nnpp.deploy.model import _load_json, sha256_file
+    if not os.path.isdir(folder):
+        raise NnppError(f"--onnx {folder}: no such folder; export one with nnpp_export")
+    meta = _load_json(os.path.join(folder, METADATA_FILE), f"{METADATA_FILE} (written by nnpp_export)")
+    exported = {str(e["fold"]): e for e in meta.get("folds", [])}
+    wanted = [str(f) for f in folds] if folds else list(exported)
+    unknown = [f for f in wanted if f not in exported]
+    if unknown:
+        raise NnppError(f"--onnx {folder} has fold(s) {', '.join(exported)}, not {', '.join(unknown)}; pass -f with "
+                        f"exported folds or export them")
+    sessions = {}
+    for f in wanted:
+        path = os.path.join(folder, exported[f]["file"])
+        if not os.path.isfile(path):
+            raise NnppError(f"{path} is missing; re-export with nnpp_export")
+        if sha256_file(path) != exported[f]["sha256"]:
+            raise NnppError(f"{path} is not the file nnpp_export wrote (SHA-256 differs from {METADATA_FILE}); "
+                            f"re-export it")
+        sessions[f] = make_session(path, provider, threads)
+    return meta, OrtNetwork(sessions)

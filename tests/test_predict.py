@@ -1,0 +1,182 @@
+"""nnpp_predict builds nnU-Net's predictor itself: any device object, nnU-Net's modules untouched, strict loading,
+pruning, and one-line errors for model folders that do not fit their checkpoints."""
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+from conftest import nnunet_env, output_tail, run_cli
+
+from nnpp import NnppError
+
+
+def results_of(model_folder):
+    """nnUNet_results of a trained_model folder (.../RESULTS/DatasetXXX/TRAINER__PLANS__CONFIG)."""
+    return os.path.dirname(os.path.dirname(model_folder))
+
+
+def images_ts(ds):
+    return os.path.join(ds["nnUNet_raw"], ds["name"], "imagesTs")
+
+
+def read_seg(folder):
+    files = sorted(f for f in os.listdir(folder) if f.endswith(".nii.gz"))
+    assert files
+    return {f: sitk.GetArrayFromImage(sitk.ReadImage(os.path.join(folder, f))) for f in files}
+
+
+def predict_in_process(model_folder, ds, out, monkeypatch, *extra):
+    from nnpp.run import predict
+    monkeypatch.setenv("nnUNet_results", results_of(model_folder))
+    tr = os.path.basename(model_folder).split("__")[0]
+    rc = predict.main(["-i", images_ts(ds), "-o", str(out), "-d", str(ds["id"]), "-c", "3d_fullres", "-tr", tr,
+                       "-npp", "0", "-nps", "0", "--disable_progress_bar", *extra])
+    assert rc == 0
+    return read_seg(str(out))
+
+
+def test_npu_device_reaches_nnunets_predictor_untouched(trained_model, tiny_dataset, tmp_path, monkeypatch):
+    """-device npu (what -device auto resolves to on Ascend) is handed to nnUNetPredictor as a torch.device; nnU-Net's
+    own entry point asserts on that name, and nnU-Net's trainer lookup is not replaced. Before: NnppError
+    ("nnU-Net's predictor supports auto, cuda, mps, cpu") and a patched recursive_find_trainer_class_by_name."""
+    import nnunetv2.inference.predict_from_raw_data as nnunet_predict
+    import nnunetv2.utilities.find_objects as find_objects
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    from nnpp import device as dev
+    asked, made = [], []
+    # no NPU here: resolve 'npu' to the CPU, and record the device nnUNetPredictor is built with
+    monkeypatch.setattr(dev, "resolve_device", lambda name="auto", local_rank=None: asked.append(name) or torch.device("cpu"))
+    orig_init = nnUNetPredictor.__init__
+    monkeypatch.setattr(nnUNetPredictor, "__init__", lambda self, *a, **k: made.append(k["device"]) or orig_init(self, *a, **k))
+    original_lookup = nnunet_predict.recursive_find_trainer_class_by_name
+    segs = predict_in_process(trained_model("nnUNetPlusPlusTrainer", 0), tiny_dataset, tmp_path / "p", monkeypatch,
+                              "-f", "0", "-device", "npu", "--disable_tta")
+    assert asked == ["npu"] and made == [torch.device("cpu")]
+    assert nnunet_predict.recursive_find_trainer_class_by_name is original_lookup \
+        is find_objects.recursive_find_trainer_class_by_name
+    img = sitk.GetArrayFromImage(sitk.ReadImage(os.path.join(images_ts(tiny_dataset), os.listdir(images_ts(tiny_dataset))[0])))
+    (seg,) = segs.values()
+    assert seg.shape == img.shape and set(np.unique(seg).tolist()) <= {0, 1, 2}
+
+
+def test_same_masks_as_nnunets_own_initialisation(trained_model, tiny_dataset, tmp_path, monkeypatch):
+    """nnU-Net's plain U-Net: nnpp's manual initialisation predicts exactly what nnU-Net's
+    initialize_from_trained_model_folder predicts (same network, same weights, same pipeline, mirroring on)."""
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+    folder = trained_model("nnUNetTrainer", 0)
+    ours = predict_in_process(folder, tiny_dataset, tmp_path / "ours", monkeypatch, "-f", "0", "-device", "cpu")
+    ref = nnUNetPredictor(device=torch.device("cpu"), allow_tqdm=False)
+    ref.initialize_from_trained_model_folder(folder, (0,), "checkpoint_final.pth")
+    os.makedirs(tmp_path / "ref")
+    ref.predict_from_files_sequential(images_ts(tiny_dataset), str(tmp_path / "ref"))
+    theirs = read_seg(str(tmp_path / "ref"))
+    assert ours.keys() == theirs.keys()
+    for k in ours:
+        np.testing.assert_array_equal(ours[k], theirs[k])
+
+
+def test_depth_prunes_the_predictor_network(trained_model, tiny_dataset, tmp_path):
+    from nnpp.run.predict import init_torch, make_predictor
+    folder = trained_model("nnUNetPlusPlusTrainer", 0)
+    pred = make_predictor(torch.device("cpu"), progress=False)
+    init_torch(pred, folder, ["0"], depth=1)
+    assert pred.network.prune_depth == 1
+    x = torch.randn(1, 1, *pred.configuration_manager.patch_size)
+    with torch.no_grad():
+        assert torch.equal(pred.network(x), pred.network(x, depth=1))
+        assert not torch.allclose(pred.network(x), pred.network(x, depth=pred.network.depth))
+    with pytest.raises(NnppError, match=r"--depth 9 is out of range: this UNet\+\+ has depth L = \d"):
+        init_torch(make_predictor(torch.device("cpu")), folder, ["0"], depth=9)
+    with pytest.raises(NnppError, match=r"--depth is a UNet\+\+ option; PlainConvUNet cannot be pruned"):
+        init_torch(make_predictor(torch.device("cpu")), trained_model("nnUNetTrainer", 0), ["0"], depth=1)
+
+
+# ------------------------------------------------------------------------------------- tampered model folders
+def copy_model(trained_model, tmp_path, trainer="nnUNetPlusPlusTrainer"):
+    src = trained_model(trainer, 0)
+    dst = tmp_path / "results" / os.path.basename(os.path.dirname(src)) / os.path.basename(src)
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("validation"))
+    return str(dst)
+
+
+def edit_json(path, fn):
+    with open(path) as f:
+        obj = json.load(f)
+    fn(obj)
+    with open(path, "w") as f:
+        json.dump(obj, f)
+
+
+def _features(plans):
+    arch = plans["configurations"]["3d_fullres"]["architecture"]["arch_kwargs"]
+    arch["features_per_stage"] = [2 * f for f in arch["features_per_stage"]]
+
+
+def _patch(plans):
+    plans["configurations"]["3d_fullres"]["patch_size"][0] *= 2
+
+
+def _nonlin(plans):
+    plans["configurations"]["3d_fullres"]["architecture"]["arch_kwargs"]["nonlin_kwargs"] = {"negative_slope": 0.5}
+
+
+@pytest.mark.parametrize("edit,fragments", [
+    (_features, ("plans.json in", "differs from the plans", "architecture", "restore plans.json")),
+    (_patch, ("differs from the plans", "patch_size")),
+    (_nonlin, ("differs from the plans", "architecture")),
+])
+def test_edited_plans_are_refused(trained_model, tmp_path, edit, fragments):
+    from nnpp.deploy.model import load_trained_model
+    folder = copy_model(trained_model, tmp_path)
+    edit_json(os.path.join(folder, "plans.json"), edit)
+    with pytest.raises(NnppError) as e:
+        load_trained_model(folder, ["0"])
+    for f in fragments:
+        assert f in str(e.value)
+
+
+def test_checkpoint_without_stored_plans_is_checked_by_strict_load(trained_model, tmp_path):
+    """A checkpoint from elsewhere (no init_args plans to compare with) must still fit the network exactly."""
+    from nnpp.deploy.model import load_trained_model
+    folder = copy_model(trained_model, tmp_path)
+    ckpt_path = os.path.join(folder, "fold_0", "checkpoint_final.pth")
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    del ckpt["init_args"]["plans"]
+    torch.save(ckpt, ckpt_path)
+    edit_json(os.path.join(folder, "plans.json"), _features)
+    with pytest.raises(NnppError, match=r"does not match the network that plans.json \+ nnUNetPlusPlusTrainer build "
+                                        r"\(size mismatch: encoder\.stages\.0"):
+        load_trained_model(folder, ["0"])
+
+
+def test_folds_of_different_trainers_are_refused(trained_model, tmp_path):
+    from nnpp.deploy.model import load_trained_model
+    folder = copy_model(trained_model, tmp_path)
+    os.makedirs(os.path.join(folder, "fold_1"))
+    shutil.copy(os.path.join(trained_model("nnUNetTrainer", 0), "fold_0", "checkpoint_final.pth"),
+                os.path.join(folder, "fold_1", "checkpoint_final.pth"))
+    with pytest.raises(NnppError, match="comes from nnUNetTrainer / 3d_fullres but fold 0 from nnUNetPlusPlusTrainer"):
+        load_trained_model(folder, ["0", "1"])
+
+
+@pytest.mark.slow
+def test_cli_bad_model_folders(trained_model, tiny_dataset, tmp_path):
+    """As a user runs it: one line, exit 2, nothing predicted."""
+    folder = copy_model(trained_model, tmp_path)
+    env = nnunet_env(tiny_dataset, nnUNet_results=results_of(folder))
+    args = ("-i", images_ts(tiny_dataset), "-o", tmp_path / "o", "-d", tiny_dataset["id"], "-c", "3d_fullres",
+            "-f", "0", "-device", "cpu")
+    with open(os.path.join(folder, "fold_0", "checkpoint_final.pth"), "r+b") as f:
+        f.truncate(1000)
+    p = run_cli("predict", *args, env=env)
+    assert p.returncode == 2 and "Traceback" not in p.stderr, output_tail(p)
+    assert "checkpoint_final.pth is unreadable" in p.stderr and "truncated or corrupt" in p.stderr
+    p = run_cli("predict", *args, "--depth", "0", env=env)
+    assert p.returncode == 2 and "expected a positive integer, got '0'" in p.stderr
+    p = run_cli("predict", "-i", images_ts(tiny_dataset), "-o", tmp_path / "o", "-device", "cpu", env=env)
+    assert p.returncode == 2 and "-d DATASET and -c CONFIGURATION are required" in p.stderr
+    assert not (tmp_path / "o").exists()
