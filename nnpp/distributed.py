@@ -141,16 +141,18 @@ def check_shared_folder(path: str, what: str = "results folder") -> None:
     if n == 1:
         return
     os.makedirs(path, exist_ok=True)
-    token = [uuid.uuid4().hex if rank == 0 else None]
-    dist.broadcast_object_list(token, src=0)
-    marker = os.path.join(path, f".nnpp_shared_{token[0]}")
+    token, path0 = [uuid.uuid4().hex, os.path.abspath(path)] if rank == 0 else [None, None]
+    shared = [token, path0]
+    dist.broadcast_object_list(shared, src=0)
+    token, path0 = shared
+    marker = os.path.join(path, f".nnpp_shared_{token}")
     if rank == 0:
         with open(marker, "w") as f:
-            f.write(token[0])
+            f.write(token)
     dist.barrier()
     try:
         with open(marker) as f:
-            sees = f.read() == token[0]
+            sees = f.read() == token
     except OSError:
         sees = False
     flags = [None] * n
@@ -159,7 +161,7 @@ def check_shared_folder(path: str, what: str = "results folder") -> None:
         os.remove(marker)
     missing = [r for r, flag in enumerate(flags) if not flag]
     if missing:
-        raise NnppError(f"rank(s) {', '.join(map(str, missing))} do not see rank 0's {what} {path}: every node "
+        raise NnppError(f"rank(s) {', '.join(map(str, missing))} do not see rank 0's {what} {path0}: every node "
                         f"needs the same shared folder (e.g. NFS) at the same path for nnUNet_results; mount it "
                         f"or set nnUNet_results to a shared path")
 

@@ -1,13 +1,20 @@
-"""One rank of the in-process DDP test (started by torch.multiprocessing.spawn from test_ddp.py)."""
+"""Ranks of the in-process DDP tests (started by torch.multiprocessing.spawn from test_ddp.py)."""
 import os
 
 import torch
 
 
-def run(rank: int, world: int, port: int, dataset: str, dbs: bool, out: str, steps: int = 3) -> None:
+def _join(rank: int, world: int, port: int) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
+
+
+def run(rank: int, world: int, port: int, dataset: str, dbs: bool, out: str, steps: int = 3) -> None:
+    """A few training steps; then, under the process group, -pretrained_weights and the checkpoint writes."""
+    _join(rank, world, port)
+    import torch.distributed as dist
+
     from nnpp import distributed
     from nnpp.run.train import make_trainer
 
@@ -18,6 +25,42 @@ def run(rank: int, world: int, port: int, dataset: str, dbs: bool, out: str, ste
         initial = [p.detach().clone() for p in trainer.network.parameters()]
         loader, _ = trainer.get_dataloaders()
         losses = [float(trainer.train_step(next(loader))["loss"]) for _ in range(steps)]
-        torch.save({"batch_size": trainer.batch_size, "losses": losses, "initial": initial,
-                    "params": [p.detach().clone() for p in trainer.network.parameters()]},
+        params = [p.detach().clone() for p in trainer.network.parameters()]
+
+        # checkpoints: a stale .tmp planted by rank 0 must survive; rank 1 saving alone writes nothing; both
+        # saving at once, repeatedly, never fail and leave rank 0's checkpoint
+        ckpt = os.path.join(trainer.output_folder, "checkpoint_latest.pth")
+        if rank == 0:
+            with open(ckpt + ".tmp", "wb") as f:
+                f.write(b"stale")
+        dist.barrier()
+        if rank == 1:
+            trainer.save_checkpoint(ckpt)
+        dist.barrier()
+        alone = os.path.exists(ckpt)
+        dist.barrier()
+        for epoch in range(4):
+            trainer.current_epoch = epoch
+            trainer.save_checkpoint(ckpt)
+        dist.barrier()
+        # -pretrained_weights under a process group on the CPU (nnU-Net's loader maps to cuda:rank)
+        trainer.load_pretrained_weights(ckpt)
+        torch.save({"batch_size": trainer.batch_size, "losses": losses, "initial": initial, "params": params,
+                    "rank1_alone_wrote": alone, "stale": open(ckpt + ".tmp", "rb").read(),
+                    "saved_epoch": torch.load(ckpt, weights_only=False)["current_epoch"]},
                    os.path.join(out, f"rank{rank}.pt"))
+
+
+def shared_folder(rank: int, world: int, port: int, folders: list, out: str) -> None:
+    """nnpp.distributed.check_shared_folder with each rank's own view of the results folder."""
+    _join(rank, world, port)
+    from nnpp import NnppError, distributed
+
+    with distributed.process_group(distributed.dist_env(), "gloo"):
+        try:
+            distributed.check_shared_folder(folders[rank])
+            result = "ok"
+        except NnppError as e:
+            result = str(e)
+    with open(os.path.join(out, f"shared{rank}.txt"), "w") as f:
+        f.write(result)
