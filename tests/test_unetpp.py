@@ -80,6 +80,44 @@ def test_every_parameter_gets_a_gradient():
     assert len(net.decoder.seg_layers) == 3  # one head per top-row node, all reached above
 
 
+@pytest.mark.parametrize("dim,depth", [(3, 4), (2, 3)])
+def test_nested_wiring(dim, depth):
+    """Read off the running network with forward hooks: node X^{i,j} receives exactly
+    cat(X^{i,0}, ..., X^{i,j-1}, up_{i,j}(X^{i+1,j-1})), where X^{i,0} is encoder stage i's output and the
+    upsampling of (i, j) receives X^{i+1,j-1}; head j (output index L - j) sees X^{0,j}."""
+    torch.manual_seed(0)
+    kw = plans_kwargs(dim, depth)
+    net = UNetPlusPlus(**kw, deep_supervision=True).eval()
+    seen = {}
+
+    def record(name):
+        def hook(module, inputs, output):
+            seen[name] = (inputs[0].detach(), output.detach())
+        return hook
+    for s, stage in enumerate(net.encoder.stages):
+        stage.register_forward_hook(record(("enc", s)))
+    for key, node in net.decoder.nodes.items():
+        node.register_forward_hook(record(("node", *map(int, key.split("_")))))
+    for key, up in net.decoder.up.items():
+        up.register_forward_hook(record(("up", *map(int, key.split("_")))))
+    for j, head in enumerate(net.decoder.seg_layers, start=1):
+        head.register_forward_hook(record(("head", j)))
+    with torch.no_grad():
+        outputs = net(torch.randn(input_shape(kw)))
+
+    def X(i, j):
+        return seen["enc", i][1] if j == 0 else seen["node", i, j][1]
+    nodes = [(i, j) for j in range(1, depth + 1) for i in range(depth - j + 1)]
+    assert sorted(k[1:] for k in seen if k[0] == "node") == sorted(nodes)
+    for i, j in nodes:
+        assert torch.equal(seen["up", i, j][0], X(i + 1, j - 1)), (i, j)
+        expected = torch.cat([X(i, m) for m in range(j)] + [seen["up", i, j][1]], dim=1)
+        assert torch.equal(seen["node", i, j][0], expected), (i, j)
+    for j in range(1, depth + 1):
+        assert torch.equal(seen["head", j][0], X(0, j))
+        assert torch.equal(outputs[depth - j], seen["head", j][1])
+
+
 @pytest.mark.parametrize("deep_supervision", [True, False])
 def test_pruned_output_equals_full_network_node(deep_supervision):
     torch.manual_seed(0)
