@@ -186,16 +186,37 @@ def v2_checkpoint(network, weights: dict, plans: dict, dataset_json: dict, confi
     }
 
 
+def _prepare_preprocessed_dataset_json(dataset_name: str, ds_json: dict, log) -> None:
+    """nnUNetv2_preprocess reads ``nnUNet_preprocessed/DATASET/dataset.json`` (nnU-Net's fingerprint step copies
+    it from nnUNet_raw): copy it when missing, after checking the raw dataset has the model's labels/channels."""
+    import shutil
+
+    from nnunetv2.paths import nnUNet_preprocessed, nnUNet_raw
+    raw = os.path.join(nnUNet_raw, dataset_name, "dataset.json") if nnUNet_raw else None
+    if not raw or not os.path.isfile(raw):
+        log(f"note: no v2 raw dataset {dataset_name} in nnUNet_raw; to validate, convert the v1 task with "
+            f"nnUNetv2_convert_old_nnUNet_dataset first, then preprocess with these plans")
+        return
+    from nnpp.run.common import load_json_file
+    raw_json = load_json_file(raw, "dataset.json")
+    if sorted(raw_json.get("labels", {}).values()) != sorted(ds_json["labels"].values()) or \
+            len(raw_json.get("channel_names", {})) != len(ds_json["channel_names"]):
+        raise NnppError(f"{raw} (labels {raw_json.get('labels')}, channels {raw_json.get('channel_names')}) does not "
+                        f"fit the model (labels {ds_json['labels']}, channels {ds_json['channel_names']}); convert "
+                        f"into the dataset the v1 model was trained on")
+    target = os.path.join(nnUNet_preprocessed, dataset_name, "dataset.json")
+    if not os.path.isfile(target):
+        tmp = target + ".tmp"
+        shutil.copyfile(raw, tmp)
+        os.replace(tmp, target)
+        log(f"dataset.json copied to {target}")
+
+
 def convert_v1_model(v1_folder: str, dataset: str, configuration: str | None = None, folds=None,
                      trainer: str | None = None, plans_name: str | None = None, dataset_json: str | None = None,
                      checkpoints=("model_final_checkpoint", "model_best"), to_preprocessed: bool = False,
                      overwrite: bool = False, log=print) -> str:
     """Convert (see module doc); returns the v2 model folder. Needs ``nnUNet_results`` set (nnpp.paths)."""
-    import torch
-    from nnunetv2.paths import nnUNet_preprocessed, nnUNet_results
-
-    from nnpp.training import find_trainer_class
-
     src = inspect_v1_folder(v1_folder)
     configuration = configuration or src.configuration
     if configuration is None:
@@ -211,7 +232,6 @@ def convert_v1_model(v1_folder: str, dataset: str, configuration: str | None = N
         raise NnppError(f"fold(s) {', '.join(missing)} not in {src.path} (it has fold(s) {', '.join(sorted(src.folds))})")
     plans_name = plans_name or src.plans_name
     trainer_name = trainer or V1_UNETPP_TRAINERS[src.trainer]
-    trainer_class = find_trainer_class(trainer_name)
 
     v1_plans = load_v1_pickle(str(src.path / "plans.pkl"), "v1 plans")
     if not isinstance(v1_plans, dict):
@@ -231,6 +251,12 @@ def convert_v1_model(v1_folder: str, dataset: str, configuration: str | None = N
             jobs.append((fold, stem, model, info))
         if not any(j[0] == fold for j in jobs):
             raise NnppError(f"fold_{fold} has none of {', '.join(s + '.model' for s in checkpoints)}")
+
+    import torch
+    from nnunetv2.paths import nnUNet_preprocessed, nnUNet_results
+
+    from nnpp.training import find_trainer_class
+    trainer_class = find_trainer_class(trainer_name)
 
     init = jobs[0][3].get("init") or ()
     stage = pick_stage(v1_plans, configuration, init[5] if len(init) > 5 else None)
@@ -301,6 +327,10 @@ def convert_v1_model(v1_folder: str, dataset: str, configuration: str | None = N
         target = os.path.join(nnUNet_preprocessed, dataset_name, plans_name + ".json")
         if _write_json_atomic(plans, target, overwrite):
             log(f"plans copied to {target}")
+        _prepare_preprocessed_dataset_json(dataset_name, ds_json, log)
+        did = int(dataset_name[len("Dataset"):len("Dataset") + 3])
+        log(f"to validate: nnUNetv2_preprocess -d {did} -plans_name {plans_name} -c {configuration}, then "
+            f"nnpp_train {did} {configuration} {folds[0]} -tr {trainer_name} -p {plans_name} --val")
     for note in notes:
         log(f"note: {note}")
     # read back what was written, the predictor's way
