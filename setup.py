@@ -18,11 +18,16 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=7", "pytest-timeout"],
+        # nnpp_export / nnpp_predict --onnx: torch's dynamo ONNX exporter needs onnxscript
+        "onnx": ["onnx>=1.16", "onnxruntime>=1.18", "onnxscript>=0.2"],
+        # nnpp_predict --onnx DIR --ort_provider openvino: OpenVINO's runtime on the same .onnx (CPU)
+        "openvino": ["onnx>=1.16", "onnxruntime>=1.18", "onnxscript>=0.2", "openvino>=2024.0"],
     },
     entry_points={
         "console_scripts": [
             "nnpp_train=nnpp.run.train:main",
             "nnpp_predict=nnpp.run.predict:main",
+            "nnpp_export=nnpp.run.export:main",
             "nnpp_demo=nnpp.run.demo:main",
             "nnpp_change_bs=nnpp.tools.change_bs:main",
             "nnpp_get_dice_result=nnpp.tools.get_dice_result:main",

@@ -152,6 +152,7 @@ def load_trained_model(folder: str, folds, checkpoint_name: str = "checkpoint_fi
     dataset_json = _load_json(os.path.join(folder, "dataset.json"), "dataset.json")
     plans_manager = PlansManager(plans)
 
+    named = os.path.basename(os.path.normpath(folder)).split("__")  # nnU-Net's TRAINER__PLANS__CONFIG
     checkpoints, hashes, parameters = [], [], []
     trainer_name = configuration = mirror_axes = None
     for f in folds:
@@ -165,6 +166,10 @@ def load_trained_model(folder: str, folds, checkpoint_name: str = "checkpoint_fi
             raise NnppError(f"{path} comes from {ckpt['trainer_name']} / {init.get('configuration')} but fold "
                             f"{folds[0]} from {trainer_name} / {configuration}; the folds of one model folder must "
                             f"come from one trainer and configuration")
+        if len(named) == 3 and (ckpt["trainer_name"], init.get("configuration")) != (named[0], named[2]):
+            raise NnppError(f"{path} was written by {ckpt['trainer_name']} / {init.get('configuration')}, but this is "
+                            f"the {named[0]} / {named[2]} model folder; it mixes runs: put each checkpoint back in "
+                            f"its own TRAINER__PLANS__CONFIG folder")
         if configuration not in plans.get("configurations", {}):
             raise NnppError(f"{path} was trained with configuration '{configuration}', which plans.json in {folder} "
                             f"does not have; restore plans.json from the training run")

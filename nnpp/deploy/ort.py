@@ -32,22 +32,59 @@ def require(module: str, extra: str = "onnx"):
                         f"pip install 'nnpp[{extra}]'") from None
 
 
-def make_session(path: str, provider: str = "cpu", threads: int = 0):
-    """An ``onnxruntime.InferenceSession`` for ``path``: ``provider`` cpu | cuda | openvino (the matching execution
-    provider must be in the installed onnxruntime build), ``threads`` intra-op threads (0 = ONNX Runtime's
-    default: one per physical core). Graph optimisations: all."""
+class OpenVinoSession:
+    """OpenVINO's CPU plugin reading the same ``.onnx``, behind the two session calls :class:`OrtNetwork` makes
+    (``get_inputs()[0].name`` and ``run(None, {name: array}) -> [logits]``). ``threads``: INFERENCE_NUM_THREADS
+    (0 = OpenVINO's default); latency hint, fp32 inference precision (no silent bf16 on CPUs that have it)."""
+
+    def __init__(self, path: str, threads: int = 0):
+        ov = require("openvino", extra="openvino")
+        cfg = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"}
+        if threads:
+            cfg["INFERENCE_NUM_THREADS"] = threads
+        try:
+            self.model = ov.Core().compile_model(path, "CPU", cfg)
+        except Exception as e:
+            raise NnppError(f"OpenVINO cannot compile {path} ({type(e).__name__}: {str(e).splitlines()[0]}); "
+                            f"use --ort_provider cpu or re-export") from None
+        self.request = self.model.create_infer_request()
+        self._input = type("Input", (), {"name": self.model.inputs[0].get_any_name()})()
+
+    def get_inputs(self):
+        return [self._input]
+
+    def run(self, _output_names, feed: dict):
+        (x,) = feed.values()
+        return [self.request.infer({0: x})[self.model.outputs[0]].copy()]
+
+
+def check_provider(provider: str):
+    """Raise one line unless ``provider`` can run here; returns the onnxruntime module."""
     ort = require("onnxruntime")
     if provider not in PROVIDERS:
         raise NnppError(f"unknown ONNX Runtime provider '{provider}'; choose one of {', '.join(PROVIDERS)}")
-    name = PROVIDERS[provider]
     available = ort.get_available_providers()
-    if name not in available:
-        hint = {"cuda": "pip install onnxruntime-gpu (instead of onnxruntime)",
-                "openvino": "pip install onnxruntime-openvino (instead of onnxruntime)"}.get(provider, "")
-        raise NnppError(f"--ort_provider {provider}: this onnxruntime has no {name} (available: "
-                        f"{', '.join(available)}); {hint}")
+    if provider == "openvino" and PROVIDERS[provider] not in available:
+        require("openvino", extra="openvino")
+    elif PROVIDERS[provider] not in available:
+        raise NnppError(f"--ort_provider {provider}: this onnxruntime has no {PROVIDERS[provider]} (available: "
+                        f"{', '.join(available)}); pip install onnxruntime-gpu (instead of onnxruntime)")
+    return ort
+
+
+def make_session(path: str, provider: str = "cpu", threads: int = 0):
+    """A session for ``path``: ``provider`` cpu | cuda (``onnxruntime.InferenceSession`` with that execution
+    provider; cuda needs onnxruntime-gpu) | openvino (onnxruntime-openvino's execution provider when installed,
+    else OpenVINO's own runtime, :class:`OpenVinoSession`, from the ``openvino`` package). ``threads``: intra-op
+    threads (0 = the runtime's default: one per physical core). ONNX Runtime graph optimisations: all."""
+    ort = check_provider(provider)
     if threads < 0:
         raise NnppError(f"--ort_threads must be >= 0 (0 = ONNX Runtime's default), got {threads}")
+    name = PROVIDERS[provider]
+    if provider == "openvino" and name not in ort.get_available_providers():
+        if not os.path.isfile(path):
+            raise NnppError(f"{path} is missing; re-export with nnpp_export")
+        return OpenVinoSession(path, threads)
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL

@@ -14,7 +14,8 @@ Ours:
   --depth k             UNet++ pruned to depth k (only the nodes X^{0,k} needs run; 1..L)
   --onnx FOLDER         run an nnpp_export folder with ONNX Runtime instead of torch (-d/-c/-tr/-p/-chk/--depth
                         are then read from the folder; -f picks exported folds, default all of them)
-  --ort_provider P      cpu (default) | cuda (onnxruntime-gpu) | openvino (onnxruntime-openvino)
+  --ort_provider P      cpu (default) | cuda (onnxruntime-gpu) | openvino (OpenVINO on the CPU: the `openvino`
+                        package, [openvino] extra, or onnxruntime-openvino's execution provider)
   --ort_threads N       ONNX Runtime intra-op threads (default 0 = ONNX Runtime's choice, one per physical core)
 """
 from __future__ import annotations
@@ -139,6 +140,8 @@ def main(argv=None):
     if args.onnx is not None:
         if args.depth is not None:
             raise NnppError("--depth is fixed at export with --onnx; export with nnpp_export --depth k instead")
+        from nnpp.deploy.ort import check_provider
+        check_provider(args.ort_provider)  # before the device: a missing provider is the error to report
         setup_paths(required=())
         device = dev.resolve_device("cuda" if args.ort_provider == "cuda" else "cpu")
     else:

@@ -1,0 +1,183 @@
+"""ONNX export of a trained model folder, checked against torch before it is written.
+
+One ``fold_F.onnx`` per fold, each built the predictor's way (:func:`nnpp.deploy.model.load_trained_model`:
+plans.json + trainer class, weights loaded strictly), deep supervision off, optionally pruned to depth k.
+Input ``input`` (batch, C, *patch): static spatial size = the plans' patch (nnU-Net's predictor only feeds
+patch-sized tiles), dynamic batch. Output ``logits`` (batch, classes, *patch), float32.
+
+Exporter: torch's dynamo-based exporter (``torch.onnx.export(..., dynamo=True)``, needs ``onnxscript``) by
+default; the TorchScript one (``dynamo=False``, deprecated in torch) on request. Both were checked on 3D UNet++
+and nnU-Net's U-Net (Conv, ConvTranspose, InstanceNormalization, LeakyRelu, Concat); the exported op set is
+checked anyway: a training-mode BatchNormalization (what instance norm has been lowered to before, and what
+ONNX Runtime's CUDA provider rejects) or an op outside the standard ONNX domain fails the export.
+
+Beside the models: ``plans.json``, ``dataset.json`` (copies from the model folder) and ``nnpp_onnx.json``
+(patch size, channels, classes, mirroring axes, depth, opset, exporter, op set, source checkpoints with their
+SHA-256, each fold's parity figures and the ``.onnx`` files' SHA-256), so inference re-types nothing.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import shutil
+import tempfile
+import warnings
+
+import numpy as np
+import torch
+
+from nnpp import NnppError
+from nnpp.deploy.model import TrainedModel, set_depth, sha256_file
+from nnpp.deploy.ort import METADATA_FILE, make_session, require
+
+EXPORTERS = ("dynamo", "torchscript")
+DEFAULT_OPSET = 18
+DEFAULT_TOL = 1e-4
+INPUT_NAME, OUTPUT_NAME = "input", "logits"
+
+
+def export_network(network: torch.nn.Module, path: str, num_input_channels: int, patch_size, opset: int = DEFAULT_OPSET,
+                   exporter: str = "dynamo") -> None:
+    """Write ``network`` (eval mode, single-tensor output) to ``path`` as one self-contained ``.onnx`` file
+    (no external data), input (batch, C, *patch) with a dynamic batch axis."""
+    if exporter not in EXPORTERS:
+        raise NnppError(f"unknown exporter '{exporter}'; choose one of {', '.join(EXPORTERS)}")
+    if exporter == "dynamo":
+        require("onnxscript")
+    network = network.eval()
+    x = torch.randn(2, num_input_channels, *patch_size)  # batch 2: a batch of 1 could be specialised to a constant
+    kwargs = dict(input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], opset_version=opset)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice; dynamo's fallbacks
+        try:
+            if exporter == "dynamo":
+                torch.onnx.export(network, (x,), path, dynamo=True, external_data=False, verbose=False,
+                                  dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=1024)},), **kwargs)
+            else:
+                torch.onnx.export(network, (x,), path, dynamo=False,
+                                  dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}}, **kwargs)
+        except Exception as e:
+            raise NnppError(f"torch.onnx.export ({exporter}, opset {opset}) failed: {type(e).__name__}: "
+                            f"{str(e).splitlines()[0] if str(e) else ''}; try --exporter "
+                            f"{'torchscript' if exporter == 'dynamo' else 'dynamo'} or another --opset") from None
+
+
+def check_ops(path: str) -> list:
+    """``onnx.checker`` on the file, then the op set: returns the sorted op types; raises NnppError for a
+    training-mode BatchNormalization or an op outside the standard ONNX domain."""
+    onnx = require("onnx")
+    model = onnx.load(path)
+    try:
+        onnx.checker.check_model(model)
+    except Exception as e:
+        raise NnppError(f"the exported model {path} is not valid ONNX ({str(e).splitlines()[0]})") from None
+    ops, bad = set(), []
+    for node in model.graph.node:
+        ops.add(node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}::{node.op_type}")
+        if node.domain not in ("", "ai.onnx"):
+            bad.append(f"{node.domain}::{node.op_type} (non-standard domain)")
+        if node.op_type == "BatchNormalization" and any(a.name == "training_mode" and a.i for a in node.attribute):
+            bad.append(f"{node.name or 'BatchNormalization'} in training mode")
+    if bad:
+        raise NnppError(f"the exported graph has ops ONNX Runtime cannot run as inference: {', '.join(sorted(set(bad))[:3])}; "
+                        f"try the other --exporter")
+    return sorted(ops)
+
+
+def parity(network: torch.nn.Module, path: str, num_input_channels: int, patch_size, seed: int = 0,
+           batch: int = 2) -> dict:
+    """Torch (fp32, CPU, eval) vs ONNX Runtime (CPU provider) on one seeded N(0, 1) input of ``batch`` x patch.
+
+    Returns ``max_abs_diff`` (max over all logits of |ort - torch|), ``max_abs_logit`` (max |torch logit|, the
+    scale the difference is judged against) and ``argmax_agreement`` (fraction of voxels whose arg-max class is
+    the same in both, over batch and voxels)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, num_input_channels, *patch_size, generator=g)
+    with torch.no_grad():
+        ref = network.eval().to("cpu")(x).float().numpy()
+    session = make_session(path, "cpu")
+    out = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    if out.shape != ref.shape:
+        raise NnppError(f"{path}: ONNX Runtime returns shape {out.shape}, torch {ref.shape}")
+    return {"max_abs_diff": float(np.abs(out - ref).max()), "max_abs_logit": float(np.abs(ref).max()),
+            "argmax_agreement": float((out.argmax(1) == ref.argmax(1)).mean()), "input_shape": list(x.shape),
+            "seed": seed}
+
+
+def parity_ok(result: dict, tol: float) -> bool:
+    """Accept when max |ort - torch| <= tol * max(1, max |torch logit|) (a relative bound for large logits)."""
+    return result["max_abs_diff"] <= tol * max(1.0, result["max_abs_logit"])
+
+
+def _write_json(obj, path: str) -> None:
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=False)
+
+
+def export_model(model: TrainedModel, out: str, depth: int | None = None, opset: int = DEFAULT_OPSET,
+                 exporter: str = "dynamo", tol: float = DEFAULT_TOL, source: dict | None = None, log=print) -> dict:
+    """Export every fold of ``model`` to ``out`` (``fold_F.onnx``, ``plans.json``, ``dataset.json``,
+    ``nnpp_onnx.json``), each checked by :func:`check_ops` and :func:`parity` (fails above ``tol``).
+    Everything is written to a temporary folder first and moved into ``out`` only when all folds pass, the
+    metadata last; a failed export leaves ``out`` as it was. Returns the metadata."""
+    ort = require("onnxruntime")
+    onnx = require("onnx")
+    patch = model.patch_size
+    parent = os.path.dirname(os.path.abspath(out)) or "."
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".nnpp_export_", dir=parent)
+    try:
+        folds, ops, full_depth = [], set(), None
+        for i, fold in enumerate(model.folds):
+            net = model.build_network(i)
+            full_depth = getattr(net, "depth", None) if hasattr(net, "prune_depth") else None
+            set_depth(net, depth)
+            name = f"fold_{fold}.onnx"
+            path = os.path.join(tmp, name)
+            log(f"[nnpp_export] fold {fold}: exporting ({exporter}, opset {opset}"
+                f"{f', depth {depth}' if depth else ''}) ...")
+            export_network(net, path, model.num_input_channels, patch, opset, exporter)
+            ops |= set(check_ops(path))
+            check = parity(net, path, model.num_input_channels, patch)
+            ok = parity_ok(check, tol)
+            log(f"[nnpp_export] fold {fold}: parity ONNX Runtime vs torch on {'x'.join(map(str, check['input_shape']))}: "
+                f"max abs diff {check['max_abs_diff']:.3g} (max |logit| {check['max_abs_logit']:.3g}, tolerance "
+                f"{tol:g} x max(1, max |logit|)), argmax agreement {100 * check['argmax_agreement']:.4f}% "
+                f"-> {'OK' if ok else 'FAILED'}")
+            if not ok:
+                raise NnppError(f"fold {fold}: ONNX Runtime differs from torch by {check['max_abs_diff']:.3g} "
+                                f"(> {tol:g} x max(1, {check['max_abs_logit']:.3g})); nothing was written to {out}: "
+                                f"try --exporter {'torchscript' if exporter == 'dynamo' else 'dynamo'} or another --opset")
+            folds.append({"fold": fold, "file": name, "sha256": sha256_file(path),
+                          "checkpoint": os.path.abspath(model.checkpoints[i]),
+                          "checkpoint_sha256": model.checkpoint_sha256[i], "parity": check})
+        mirror = model.inference_allowed_mirroring_axes
+        meta = {
+            "format": "nnpp-onnx", "version": 1,
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "source": {"model_folder": os.path.abspath(model.folder), "trainer": model.trainer_name,
+                       "configuration": model.configuration, "checkpoint_name": model.checkpoint_name,
+                       **(source or {})},
+            "input_name": INPUT_NAME, "output_name": OUTPUT_NAME,
+            "input_shape": ["batch", model.num_input_channels, *patch], "patch_size": patch,
+            "num_input_channels": model.num_input_channels, "num_classes": model.num_output_channels,
+            "labels": model.dataset_json.get("labels"),
+            "inference_allowed_mirroring_axes": list(mirror) if mirror is not None else None,
+            "depth": depth or full_depth, "full_depth": full_depth, "pruned": bool(depth and depth != full_depth),
+            "opset": opset, "exporter": exporter, "ops": sorted(ops), "parity_tolerance": tol,
+            "versions": {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": ort.__version__},
+            "folds": folds,
+        }
+        _write_json(model.plans, os.path.join(tmp, "plans.json"))
+        _write_json(model.dataset_json, os.path.join(tmp, "dataset.json"))
+        _write_json(meta, os.path.join(tmp, METADATA_FILE))
+        os.makedirs(out, exist_ok=True)
+        stale = os.path.join(out, METADATA_FILE)
+        if os.path.exists(stale):
+            os.remove(stale)  # a half-replaced folder must not look like a finished export
+        for f in sorted(os.listdir(tmp), key=lambda n: n == METADATA_FILE):  # metadata last
+            os.replace(os.path.join(tmp, f), os.path.join(out, f))
+        return meta
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
