@@ -40,13 +40,18 @@ def test_train_continue_validate_predict(tiny_dataset, tmp_path):
     assert f"Dice liver (label 1): {summary['mean']['1']['Dice']:.4f}" in p.stdout
     assert "Training FPS:" in p.stdout
 
-    # 2. --c continues from the saved epoch to epoch 2 (Task id in the v1 form)
+    # 2. --c keeps the run's settings: another --epochs is an error, unless changed deliberately
     p = run_cli("train", f"Task{ds['id']:03d}_SynthLiver", "3d_fullres", 0, "-device", "cpu", "--c", "--epochs", "2",
-                "--iters", "2", "--val_iters", "1", env=env)
+                env=env)
+    assert_one_line_error(p, "--c: --epochs 2 contradicts the run being continued (--epochs 1")
+    p = run_cli("train", f"Task{ds['id']:03d}_SynthLiver", "3d_fullres", 0, "-device", "cpu", "--c", "--epochs", "2",
+                "--change_settings", env=env)
     assert p.returncode == 0, output_tail(p)
+    assert "--change_settings: epochs 1 -> 2" in p.stdout
     assert "Epoch 1" in p.stdout and "Epoch 0\n" not in p.stdout
     ckpt = torch.load(os.path.join(out, "checkpoint_final.pth"), map_location="cpu", weights_only=False)
     assert ckpt["current_epoch"] == 2 and ckpt["trainer_name"] == "nnUNetPlusPlusTrainer"
+    assert ckpt["nnpp_run_settings"] == {"epochs": 2, "iters": 2, "val_iters": 1, "amp": "O0", "dbs": False}
 
     # 3. --val only, found through the v1 variable names
     os.remove(os.path.join(out, "validation", "summary.json"))
@@ -68,6 +73,17 @@ def test_train_continue_validate_predict(tiny_dataset, tmp_path):
     seg = sitk.GetArrayFromImage(sitk.ReadImage(str(pred / inputs[0])))
     img = sitk.GetArrayFromImage(sitk.ReadImage(os.path.join(src, os.listdir(src)[0])))
     assert seg.shape == img.shape and set(map(int, seg.flatten().tolist())) <= {0, 1, 2}
+
+
+@pytest.mark.slow
+def test_2d_configuration_end_to_end(tiny_dataset):
+    """A 2D plan: UNet++ with 2D convs trains, validates slice by slice, and reports Dice."""
+    p = run_cli("train", tiny_dataset["id"], "2d", 0, "-device", "cpu", *SHORT, env=nnunet_env(tiny_dataset))
+    assert p.returncode == 0, output_tail(p)
+    out = os.path.join(tiny_dataset["nnUNet_results"], tiny_dataset["name"], "nnUNetPlusPlusTrainer__nnUNetPlans__2d")
+    ckpt = torch.load(os.path.join(out, "fold_0", "checkpoint_final.pth"), map_location="cpu", weights_only=False)
+    assert ckpt["network_weights"]["decoder.seg_layers.0.weight"].ndim == 4  # Conv2d heads
+    assert os.path.isfile(os.path.join(out, "fold_0", "validation", "summary.json")) and "Dice liver" in p.stdout
 
 
 @pytest.mark.slow

@@ -141,7 +141,7 @@ def test_killed_rank_stops_the_run_then_resume(tiny_dataset, env):
     saved = torch.load(ckpt, map_location="cpu", weights_only=False)
     epoch = saved["current_epoch"]
     assert epoch >= 2
-    p = run(torchrun(tiny_dataset["id"], "3d_fullres", 0, "-device", "cpu", "--c", "--epochs", epoch + 1, "--iters",
+    p = run(torchrun(tiny_dataset["id"], "3d_fullres", 0, "-device", "cpu", "--c", "--change_settings", "--epochs", epoch + 1, "--iters",
                      "2", "--val_iters", "1"), dict(env, nnUNet_n_proc_DA="0"))
     assert p.returncode == 0, output_tail(p)
     assert f"Epoch {epoch}" in p.stdout and f"Epoch {epoch - 1}\n" not in p.stdout
@@ -228,20 +228,48 @@ def test_npu_without_torch_npu_under_torchrun(tiny_dataset, env):
 
 
 @pytest.mark.slow
-def test_launch_scripts_8p_with_two_processes(tiny_dataset, env):
-    common = dict(env, NPROC="2", DATASET=str(tiny_dataset["id"]), DEVICE="cpu", PYTHON=sys.executable,
+def test_launch_scripts_8p_more_processes_than_the_plans_batch(tiny_dataset, env):
+    """Stock plans (batch 2) with NPROC=3: every device takes the plans batch (global 6), no BATCH_SIZE needed;
+    the reported throughput is the total of the 3 ranks. BATCH_SIZE gives a global batch split with --dbs."""
+    common = dict(env, DATASET=str(tiny_dataset["id"]), DEVICE="cpu", PYTHON=sys.executable,
                   LOG_DIR=env["nnUNet_results"] + "/logs", MASTER_PORT=str(free_port()))
-    p = run(["bash", str(ROOT / "test" / "train_full_8p.sh")], dict(common, EPOCHS="1", ITERS="2",
+    p = run(["bash", str(ROOT / "test" / "train_full_8p.sh")], dict(common, NPROC="3", EPOCHS="1", ITERS="1",
                                                                      EXTRA_ARGS="--val_iters 1"))
     assert p.returncode == 0, output_tail(p)
+    assert "global batch = 3 ranks x the plans batch per device" in p.stdout
+    assert "batch size 2 per rank x 3 rank(s) = global batch 6" in p.stdout
     summary = p.stdout.split("summary (")[-1]
     assert "Dice liver (label 1):" in summary
-    p = run(["bash", str(ROOT / "test" / "train_performance_8p.sh")], dict(common, BATCH_SIZE="4",
+    fps = [line for line in summary.splitlines() if line.startswith("Training FPS:")]
+    assert len(fps) == 1 and " img/s total (3 rank(s) x " in fps[0], summary
+    logged = [line for line in p.stdout.splitlines() if "train throughput:" in line]
+    assert logged and all("img/s total (3 rank(s), " in line for line in logged)
+    p = run(["bash", str(ROOT / "test" / "train_performance_8p.sh")], dict(common, NPROC="2", BATCH_SIZE="4",
                                                                            EXTRA_ARGS="--warmup 1 --steps 2"))
     assert p.returncode == 0, output_tail(p)
     assert "[nnpp fps]" in p.stdout.split("summary (")[-1] and "batch/rank 2" in p.stdout
+    assert "global batch 4 (BATCH_SIZE), split across 2 ranks" in p.stdout
     logs = list(pathlib.Path(common["LOG_DIR"]).glob("*.log"))
     assert len(logs) == 2
+
+
+@pytest.mark.slow
+def test_launch_scripts_1p_pretrained_and_val_best(tiny_dataset, env, trained_model):
+    """train_full_1p.sh from pretrained weights, validated with checkpoint_best; train_performance_1p.sh."""
+    pretrained = os.path.join(trained_model("nnUNetPlusPlusTrainer", 0), "fold_0", "checkpoint_final.pth")
+    common = dict(env, DATASET=str(tiny_dataset["id"]), DEVICE="cpu", PYTHON=sys.executable,
+                  LOG_DIR=env["nnUNet_results"] + "/logs")
+    p = run(["bash", str(ROOT / "test" / "train_full_1p.sh")], dict(
+        common, EPOCHS="1", ITERS="1", EXTRA_ARGS=f"--val_iters 1 --val_best -pretrained_weights {pretrained}"))
+    assert p.returncode == 0, output_tail(p)
+    assert f"initialised from pretrained weights {pretrained}" in p.stdout
+    best = run_dir(tiny_dataset, env, "nnUNetPlusPlusTrainer") / "checkpoint_best.pth"
+    assert f"validating with {best} (epoch 1)" in p.stdout
+    summary = p.stdout.split("summary (")[-1]
+    assert "Dice liver (label 1):" in summary and "img/s total (1 rank(s) x " in summary
+    p = run(["bash", str(ROOT / "test" / "train_performance_1p.sh")], dict(common, EXTRA_ARGS="--warmup 1 --steps 2"))
+    assert p.returncode == 0, output_tail(p)
+    assert "[nnpp fps] FPS " in p.stdout.split("summary (")[-1]
 
 
 def test_launch_script_port_in_use(tiny_dataset, env):

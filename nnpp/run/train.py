@@ -200,7 +200,13 @@ def _train(args, env, device, setup=None):
     if not args.val:
         trainer.run_training()
     if args.val_best:
-        trainer.load_checkpoint(os.path.join(trainer.output_folder, "checkpoint_best.pth"))
+        best = os.path.join(trainer.output_folder, "checkpoint_best.pth")
+        if not os.path.isfile(best):
+            raise NnppError(f"--val_best: {best} does not exist (written when the pseudo-Dice EMA improves, "
+                            f"not with --disable_checkpointing); validate checkpoint_final without --val_best")
+        trainer.load_checkpoint(best)
+        if env.is_main:
+            print(f"[nnpp_train] validating with {best} (epoch {trainer.current_epoch})", flush=True)
     trainer.perform_actual_validation(args.npz)
     if env.is_main:
         report(trainer)

@@ -54,11 +54,11 @@ def measure_fps(trainer, warmup: int = DEFAULT_WARMUP["fps"], steps: int = DEFAU
         total_s = time.perf_counter() - t_start
     finally:
         _finish(trainer)
-    rank, world = world()
+    rank, n_ranks = world()
     per_rank = trainer.batch_size * steps / total_s
     result = {
         "mode": "fps", "images_per_s_total": all_reduce_sum(per_rank, device), "images_per_s_rank": per_rank,
-        "rank": rank, "world_size": world, "batch_per_rank": trainer.batch_size,
+        "rank": rank, "world_size": n_ranks, "batch_per_rank": trainer.batch_size,
         "step_s_mean": statistics.fmean(step_s), "step_s_median": statistics.median(step_s),
         "data_wait_share": sum(data_s) / total_s, "warmup_steps": warmup, "timed_steps": steps,
         "device": str(device), "device_name": dev.device_name(device), "amp": trainer.amp.mode,
@@ -70,7 +70,7 @@ def measure_fps(trainer, warmup: int = DEFAULT_WARMUP["fps"], steps: int = DEFAU
         with open(path + ".tmp", "w") as f:
             json.dump(result, f, indent=2)
         os.replace(path + ".tmp", path)
-        print(f"[nnpp fps] FPS {result['images_per_s_total']:.2f} img/s total ({world} x "
+        print(f"[nnpp fps] FPS {result['images_per_s_total']:.2f} img/s total ({n_ranks} x "
               f"{per_rank:.2f} img/s/rank), step mean {result['step_s_mean']:.4f} s median "
               f"{result['step_s_median']:.4f} s, data wait {100 * result['data_wait_share']:.1f}%, "
               f"device {result['device_name']}, AMP {result['amp']}, batch/rank {trainer.batch_size} -> {path}",
@@ -80,8 +80,8 @@ def measure_fps(trainer, warmup: int = DEFAULT_WARMUP["fps"], steps: int = DEFAU
 
 def profile(trainer, warmup: int = DEFAULT_WARMUP["prof"], steps: int = DEFAULT_STEPS["prof"]) -> dict:
     device = trainer.device
-    rank, world = world()
-    suffix = f"_rank{rank}" if world > 1 else ""
+    rank, n_ranks = world()
+    suffix = f"_rank{rank}" if n_ranks > 1 else ""
     trace = os.path.join(trainer.output_folder, f"output{suffix}.prof")
     table = os.path.join(trainer.output_folder, f"prof_table{suffix}.txt")
     _start(trainer)
