@@ -1,7 +1,6 @@
 """nnpp_convert_v1_model on the official-code v1 UNet++ fixture (tests/data/v1_unetpp, a copy of
 shared/fixtures/v1_unetpp): exact reproduction of the v1 network's outputs, the converted plans, safe v1
 pickles, bad inputs, and the converted folder used by nnpp_predict, nnpp_train --val and get_dice_result."""
-import io
 import json
 import os
 import pathlib

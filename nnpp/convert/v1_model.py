@@ -255,9 +255,6 @@ def convert_v1_model(v1_folder: str, dataset: str, configuration: str | None = N
     import torch
     from nnunetv2.paths import nnUNet_preprocessed, nnUNet_results
 
-    from nnpp.training import find_trainer_class
-    trainer_class = find_trainer_class(trainer_name)
-
     init = jobs[0][3].get("init") or ()
     stage = pick_stage(v1_plans, configuration, init[5] if len(init) > 5 else None)
     batch_dice = bool(init[4]) if len(init) > 4 else configuration in ("2d", "3d_lowres")
@@ -271,6 +268,13 @@ def convert_v1_model(v1_folder: str, dataset: str, configuration: str | None = N
                      f"decides it with nnUNetv2_determine_postprocessing after validation")
 
     out = os.path.join(nnUNet_results, dataset_name, f"{trainer_name}__{plans_name}__{configuration}")
+    targets = [os.path.join(out, f"fold_{fold}", CHECKPOINTS[stem]) for fold, stem, _, _ in jobs]
+    existing = [t for t in targets if os.path.isfile(t)]
+    if existing and not overwrite:
+        raise NnppError(f"{existing[0]} exists; pass --overwrite to replace the converted checkpoint(s)")
+
+    from nnpp.training import find_trainer_class
+    trainer_class = find_trainer_class(trainer_name)
     converted = []
     plans = None
     for fold, stem, model, info in jobs:
@@ -311,10 +315,6 @@ def convert_v1_model(v1_folder: str, dataset: str, configuration: str | None = N
     for _, _, _, checkpoint in converted:
         checkpoint["init_args"]["plans"] = plans
 
-    targets = [os.path.join(out, f"fold_{fold}", CHECKPOINTS[stem]) for fold, stem, _, _ in converted]
-    existing = [t for t in targets if os.path.isfile(t)]
-    if existing and not overwrite:
-        raise NnppError(f"{existing[0]} exists; pass --overwrite to replace the converted checkpoint(s)")
     _write_json_atomic(plans, os.path.join(out, "plans.json"), overwrite)
     _write_json_atomic(ds_json, os.path.join(out, "dataset.json"), overwrite)
     for (fold, stem, model, checkpoint), target in zip(converted, targets):
