@@ -70,6 +70,11 @@ def device_count(kind: str) -> int:
     return 1
 
 
+def auto_device_type() -> str:
+    """What ``-device auto`` means on this machine: the first available of npu, cuda, mps, cpu."""
+    return next(k for k in ("npu", "cuda", "mps", "cpu") if _available(k))
+
+
 def resolve_device(name: str = "auto", local_rank: int | None = None) -> torch.device:
     """Turn ``auto|cuda|npu|mps|cpu`` into a torch.device; accelerators get index ``local_rank`` (default 0)
     and become the current device of this process."""
@@ -77,7 +82,7 @@ def resolve_device(name: str = "auto", local_rank: int | None = None) -> torch.d
     if name not in DEVICE_CHOICES:
         raise NnppError(f"unknown device '{name}'; choose one of {', '.join(DEVICE_CHOICES)}")
     if name == "auto":
-        name = next(k for k in ("npu", "cuda", "mps", "cpu") if _available(k))
+        name = auto_device_type()
     elif name == "npu":
         import_torch_npu()  # clear message when missing
         if not torch.npu.is_available():

@@ -78,6 +78,8 @@ def test_train_continue_validate_predict(tiny_dataset, tmp_path):
 @pytest.mark.slow
 def test_2d_configuration_end_to_end(tiny_dataset):
     """A 2D plan: UNet++ with 2D convs trains, validates slice by slice, and reports Dice."""
+    from nnunetv2.experiment_planning.plan_and_preprocess_api import preprocess_dataset
+    preprocess_dataset(tiny_dataset["id"], "nnUNetPlans", ("2d",), (1,), show_progress_bar=False)
     p = run_cli("train", tiny_dataset["id"], "2d", 0, "-device", "cpu", *SHORT, env=nnunet_env(tiny_dataset))
     assert p.returncode == 0, output_tail(p)
     out = os.path.join(tiny_dataset["nnUNet_results"], tiny_dataset["name"], "nnUNetPlusPlusTrainer__nnUNetPlans__2d")

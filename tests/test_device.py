@@ -30,7 +30,9 @@ def device_calls(source: str):
             hits.append(node.lineno)
         elif isinstance(node, ast.Name) and node.id == "torch_npu":
             hits.append(node.lineno)
-        elif isinstance(node, ast.Import) and any(a.name.split(".")[0] == "torch_npu" for a in node.names):
+        elif isinstance(node, ast.Import) and any(
+                a.name.split(".")[0] == "torch_npu" or a.name.startswith(tuple(f"torch.{m}" for m in DEVICE_MODULES))
+                for a in node.names):
             hits.append(node.lineno)
         elif isinstance(node, ast.ImportFrom) and node.module and (
                 node.module.split(".")[0] == "torch_npu"
@@ -122,9 +124,7 @@ def test_auto_prefers_an_accelerator(monkeypatch):
     for present, expected in (({"npu", "cuda", "cpu"}, "npu"), ({"cuda", "mps", "cpu"}, "cuda"),
                               ({"mps", "cpu"}, "mps"), ({"cpu"}, "cpu")):
         monkeypatch.setattr(dev, "_available", lambda kind, present=present: kind in present)
-        monkeypatch.setattr(dev, "device_count", lambda kind: 1)
-        monkeypatch.setattr(dev, "set_device", lambda d: None)
-        assert dev.resolve_device("auto").type == expected
+        assert dev.auto_device_type() == expected
 
 
 def test_rank_beyond_the_visible_devices(monkeypatch):
