@@ -26,6 +26,7 @@ setup(
     entry_points={
         "console_scripts": [
             "nnpp_train=nnpp.run.train:main",
+            "nnpp_distill=nnpp.run.distill:main",
             "nnpp_predict=nnpp.run.predict:main",
             "nnpp_export=nnpp.run.export:main",
             "nnpp_demo=nnpp.run.demo:main",

@@ -230,6 +230,8 @@ class KDMixin:
         except RuntimeError as e:
             raise NnppError(f"the checkpoint's KD modules do not fit this run ({str(e).splitlines()[0]}); "
                             f"continue with the same teachers and methods") from None
+        self.print_to_log_file(f"KD: restored {len(saved['modules'])} KD-module tensors and the KD configuration "
+                               f"from the checkpoint")
 
     # ------------------------------------------------------------------------------------------ training
     def kd_losses(self, outputs, skips, extra, t_logits: list, t_skips: list) -> dict:
@@ -321,17 +323,18 @@ class KDMixin:
         super().on_train_epoch_end(train_outputs)
 
     # ------------------------------------------------------------------------------------------- reports
-    def measure_latency(self, network: nn.Module, repeats: int = 3) -> float:
-        """Median forward time (ms) of ``network`` on one patch (batch 1) under the run's autocast, no grad."""
+    def measure_latency(self, network: nn.Module, repeats: int = 5, warmup: int = 2) -> float:
+        """Median forward time (ms) of ``network`` on one patch (batch 1) under the run's autocast, no grad, after
+        ``warmup`` untimed calls."""
         x = torch.randn((1, self.num_input_channels, *self.configuration_manager.patch_size), device=self.device)
         times = []
         with torch.no_grad(), self.amp.autocast():
-            for i in range(repeats + 1):
+            for i in range(warmup + repeats):
                 dev.synchronize(self.device)
                 t0 = time.perf_counter()
                 network(x)
                 dev.synchronize(self.device)
-                if i:
+                if i >= warmup:
                     times.append((time.perf_counter() - t0) * 1000)
         return statistics.median(times)
 

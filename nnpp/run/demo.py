@@ -30,6 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-device", default="auto", choices=DEVICE_CHOICES)
     p.add_argument("--amp", default="auto", choices=AMP_CHOICES)
     p.add_argument("-np", type=positive_int, default=2, help="processes for conversion and preprocessing")
+    p.add_argument("--distill", action="store_true", help="then distil the trained UNet++ into a student (r=2) with "
+                   "nnpp_distill, train the same student without KD for the same budget, and compare Dice and latency")
     return p
 
 
@@ -79,7 +81,63 @@ def run(args) -> dict:
           + ", ".join(f"{k} Dice {v:.4f}" for k, v in result["dice"].items())
           + f", training FPS {result['train_fps']:.2f} img/s")
     print(f"[nnpp_demo] results: {trainer.output_folder}")
+    if args.distill:
+        result["distill"] = run_distill(args, trainer)
     return result
+
+
+def run_distill(args, teacher_trainer) -> list:
+    """``--distill``: the trained UNet++ (fold 0) as teacher -> a UNet++ student with r=2 distilled by nnpp_distill
+    (soft KD), and the same student plans trained by nnpp_train without KD for the same epochs/iterations. Prints
+    the three models' validation Dice, parameters and forward latency on one patch side by side."""
+    from nnpp.run import distill, train
+    from nnpp.tools.get_dice_result import label_names, read_dice
+
+    teacher_folder = os.path.dirname(os.path.abspath(teacher_trainer.output_folder))
+    budget = ["-device", args.device, "--amp", args.amp, "--epochs", str(args.epochs), "--iters", str(args.iters),
+              "--val_iters", str(args.val_iters)]
+    common = [str(args.dataset_id), "3d_fullres", "0"]
+    print(f"[nnpp_demo] distillation 1/2: nnpp_distill {' '.join(common)} -t {teacher_folder} --kd soft -r 2", flush=True)
+    kd = distill.run(distill.build_parser().parse_args(common + ["-t", teacher_folder, "--kd", "soft", "-r", "2"] + budget))
+    print(f"[nnpp_demo] distillation 2/2: the same student without KD: nnpp_train {' '.join(common)} -p {kd.plans_manager.plans_name}",
+          flush=True)
+    plain = train.run(train.build_parser().parse_args(common + ["-p", kd.plans_manager.plans_name] + budget))
+    names = label_names(teacher_trainer.dataset_json)
+    rows = []
+    for what, t in (("teacher UNet++", teacher_trainer), ("student r=2, KD", kd), ("student r=2, no KD", plain)):
+        net = getattr(t.network, "module", t.network)
+        net = getattr(net, "net", net)  # the KD wrapper's student
+        dice = read_dice(os.path.join(t.output_folder, "validation", "summary.json"))
+        rows.append({"model": what, "parameters": sum(p.numel() for p in net.parameters()),
+                     "latency_ms": _latency_ms(net, t), "dice": {names.get(k, k): v for k, v in dice.items()},
+                     "output_folder": t.output_folder})
+    labels = list(rows[0]["dice"])
+    print("\n[nnpp_demo] distillation: " + f"{args.epochs} epochs x {args.iters} iterations each, fold 0 validation")
+    print(f"{'model':<22}{'parameters':>12}{'ms/patch':>10}" + "".join(f"{k + ' Dice':>14}" for k in labels))
+    for r in rows:
+        print(f"{r['model']:<22}{r['parameters']:>12,}{r['latency_ms']:>10.1f}"
+              + "".join(f"{r['dice'][k]:>14.4f}" for k in labels))
+    return rows
+
+
+def _latency_ms(net, trainer, repeats: int = 5) -> float:
+    """Median forward time of ``net`` on one patch (batch 1, no grad, the run's autocast), after 2 warm-up calls."""
+    import statistics
+
+    import torch
+
+    from nnpp import device as dev
+    x = torch.randn((1, trainer.num_input_channels, *trainer.configuration_manager.patch_size), device=trainer.device)
+    net.eval()
+    times = []
+    with torch.no_grad(), trainer.amp.autocast():
+        for i in range(repeats + 2):
+            dev.synchronize(trainer.device)
+            t0 = time.perf_counter()
+            net(x)
+            dev.synchronize(trainer.device)
+            times.append(time.perf_counter() - t0)
+    return 1000 * statistics.median(times[2:])
 
 
 @entry_point("nnpp_demo")

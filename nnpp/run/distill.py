@@ -140,7 +140,8 @@ def report(trainer) -> None:
     from nnpp.tools.get_dice_result import label_names, read_dice
 
     names = label_names(trainer.dataset_json)
-    rows = [("student " + os.path.basename(trainer.output_folder.rstrip(os.sep)).split("__")[0],
+    model = os.path.basename(os.path.dirname(os.path.abspath(trainer.output_folder)))
+    rows = [(f"student {model}/fold_{trainer.fold}",
              os.path.join(trainer.output_folder, "validation", "summary.json"))]
     rows += [(f"teacher {t.name}", os.path.join(t.folder, f"fold_{t.fold}", "validation", "summary.json"))
              for t in trainer.teachers]
