@@ -18,30 +18,25 @@ import subprocess
 import sys
 import time
 
+from nnpp.nets import plans
+from nnpp.nets.plans import PLAIN_UNET_CLASS, UNETPP_CLASS
+
 CONFIGS = {
     "cpu-small": dict(n_stages=5, features=[16, 32, 64, 128, 128], patch=[32, 64, 64], batch=2,
                       strides=[[1, 1, 1], [1, 2, 2], [2, 2, 2], [2, 2, 2], [2, 2, 2]]),
     "task03": dict(n_stages=6, features=[32, 64, 128, 256, 320, 320], patch=[128, 128, 128], batch=2,
                    strides=[[1, 1, 1]] + [[2, 2, 2]] * 5),
 }
-NETWORKS = {"UNetPlusPlus": "nnpp.nets.unetpp.UNetPlusPlus",
-            "PlainConvUNet": "dynamic_network_architectures.architectures.unet.PlainConvUNet"}
+NETWORKS = {"UNetPlusPlus": UNETPP_CLASS, "PlainConvUNet": PLAIN_UNET_CLASS}
 
 
 def arch_kwargs(cfg: dict) -> dict:
-    n = cfg["n_stages"]
-    return {"n_stages": n, "features_per_stage": cfg["features"], "conv_op": "torch.nn.modules.conv.Conv3d",
-            "kernel_sizes": [[3, 3, 3]] * n, "strides": cfg["strides"], "n_conv_per_stage": [2] * n,
-            "n_conv_per_stage_decoder": [2] * (n - 1), "conv_bias": True,
-            "norm_op": "torch.nn.modules.instancenorm.InstanceNorm3d", "norm_op_kwargs": {"eps": 1e-5, "affine": True},
-            "dropout_op": None, "dropout_op_kwargs": None, "nonlin": "torch.nn.LeakyReLU",
-            "nonlin_kwargs": {"inplace": True}}
+    return plans.arch_kwargs(cfg["features"], cfg["strides"])
 
 
 def measure(network: str, config: str, device_name: str, amp_mode: str, warmup: int, steps: int) -> dict:
     """One network, one config, in this process."""
     import torch
-    from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 
     from nnpp import device as dev
 
@@ -49,8 +44,7 @@ def measure(network: str, config: str, device_name: str, amp_mode: str, warmup: 
     device = dev.resolve_device(device_name)
     amp = dev.make_amp(amp_mode, device)
     dev.configure_backends(device)
-    net = get_network_from_plans(NETWORKS[network], arch_kwargs(cfg), ["conv_op", "norm_op", "dropout_op", "nonlin"],
-                                 1, 3, allow_init=True, deep_supervision=True).to(device)
+    net = plans.build_network(NETWORKS[network], arch_kwargs(cfg), 1, 3).to(device)
     opt = torch.optim.SGD(net.parameters(), lr=1e-3, momentum=0.99, nesterov=True)
     x = torch.randn(cfg["batch"], 1, *cfg["patch"], device=device)
     y = torch.randint(0, 3, (cfg["batch"], *cfg["patch"]), device=device)
@@ -90,11 +84,9 @@ def measure(network: str, config: str, device_name: str, amp_mode: str, warmup: 
 
 
 def param_counts(config: str) -> dict:
-    from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
     out = {}
     for name, cls in NETWORKS.items():
-        net = get_network_from_plans(cls, arch_kwargs(CONFIGS[config]), ["conv_op", "norm_op", "dropout_op", "nonlin"],
-                                     1, 3, allow_init=False, deep_supervision=True)
+        net = plans.build_network(cls, arch_kwargs(CONFIGS[config]), 1, 3, allow_init=False)
         out[name] = sum(p.numel() for p in net.parameters())
     return out
 

@@ -3,14 +3,16 @@ import itertools
 
 import pytest
 import torch
-from torch import nn
 
 from nnpp.nets import UNetPlusPlus
 
 
 def plans_kwargs(dim: int, depth: int, features=4, conv_bias=True) -> dict:
-    """PlainConvUNet-style kwargs as nnU-Net plans give them, with anisotropic strides and kernels:
-    the pooling axis rotates so each axis is pooled about depth/dim times (small inputs, any depth)."""
+    """UNetPlusPlus constructor arguments from nnU-Net-style plans (nnpp.nets.plans), with anisotropic strides and
+    kernels: the pooling axis rotates so each axis is pooled about depth/dim times (small inputs, any depth)."""
+    from pydoc import locate
+
+    from nnpp.nets.plans import REQUIRES_IMPORT, arch_kwargs
     n_stages = depth + 1
     strides, kernels = [[1] * dim], [[3] * dim]
     for s in range(depth):
@@ -20,13 +22,9 @@ def plans_kwargs(dim: int, depth: int, features=4, conv_bias=True) -> dict:
             stride = [2, 2] if s < 2 else [2 if a == s % 2 else 1 for a in range(2)]
         strides.append(stride)
         kernels.append([1 if dim == 3 and a == 0 and s == 0 else 3 for a in range(dim)])  # one (1,3,3) level
-    conv = nn.Conv3d if dim == 3 else nn.Conv2d
-    norm = nn.InstanceNorm3d if dim == 3 else nn.InstanceNorm2d
-    return dict(input_channels=1, n_stages=n_stages, features_per_stage=[min(features * 2 ** i, 32) for i in range(n_stages)],
-                conv_op=conv, kernel_sizes=kernels, strides=strides, n_conv_per_stage=[2] * n_stages, num_classes=3,
-                n_conv_per_stage_decoder=[2] * depth, conv_bias=conv_bias, norm_op=norm,
-                norm_op_kwargs={"eps": 1e-5, "affine": True}, dropout_op=None, dropout_op_kwargs=None,
-                nonlin=nn.LeakyReLU, nonlin_kwargs={"inplace": True})
+    kw = arch_kwargs([min(features * 2 ** i, 32) for i in range(n_stages)], strides, kernels, conv_bias=conv_bias)
+    kw.update({k: locate(kw[k]) if kw[k] else None for k in REQUIRES_IMPORT})
+    return dict(kw, input_channels=1, num_classes=3)
 
 
 def input_shape(kw: dict, batch=2):

@@ -25,13 +25,12 @@ from __future__ import annotations
 import numpy as np
 
 from nnpp import NnppError
+from nnpp.nets.plans import PLAIN_UNET_CLASS, UNETPP_CLASS
 
 NORMALIZATION = {"CT": "CTNormalization", "nonCT": "ZScoreNormalization", "noNorm": "NoNormalization"}
 INTENSITY_NAMES = {"max": "mx", "mean": "mean", "median": "median", "min": "mn",
                    "percentile_00_5": "percentile_00_5", "percentile_99_5": "percentile_99_5", "std": "sd"}
 V1_MAX_FEATURES = {2: 480, 3: 320}  # Generic_UNet(PlusPlus).MAX_FILTERS_2D / MAX_NUM_FILTERS_3D
-UNETPP_CLASS = "nnpp.nets.unetpp.UNetPlusPlus"
-PLAIN_UNET_CLASS = "dynamic_network_architectures.architectures.unet.PlainConvUNet"
 #: the options of nnpp's UNet++ that make it the official v1 Generic_UNetPlusPlus
 V1_UNETPP_OPTIONS = {"upsample_bias": False, "seg_bias": False, "decoder_kernels": "level_below"}
 

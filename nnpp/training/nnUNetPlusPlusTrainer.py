@@ -36,8 +36,8 @@ from nnpp import NnppError
 from nnpp import device as dev
 from nnpp.device import compile_supported, ddp_device_ids, make_amp
 from nnpp.distributed import all_reduce_sum, split_global_batch, world
+from nnpp.nets.plans import UNETPP_CLASS
 
-UNETPP_CLASS = "nnpp.nets.unetpp.UNetPlusPlus"
 
 
 def check_checkpoint_file(path: str) -> None:
