@@ -122,7 +122,8 @@ class nnUNetPlusPlusTrainer(nnUNetTrainer):
         n = world()[1]
         self.print_to_log_file(f"batch size {self.batch_size} per rank x {n} rank(s) = global batch "
                                f"{self.batch_size * n}" + (" (--dbs: the plans batch split across the ranks)"
-                                                           if is_ddp and self.distribute_batch else ""))
+                                                           if is_ddp and self.distribute_batch else ""),
+                               also_print_to_console=world()[0] == 0)
 
     def _do_i_compile(self) -> bool:
         return compile_supported(self.device) and super()._do_i_compile()
@@ -221,7 +222,7 @@ class nnUNetPlusPlusTrainer(nnUNetTrainer):
         _, n = world()
         self.print_to_log_file(f"train throughput: {total:.2f} img/s total ({n} rank(s), {per_rank:.2f} img/s/rank; "
                                f"{self.num_iterations_per_epoch} iterations, batch {self.batch_size}/rank, "
-                               f"{seconds:.1f} s, AMP {self.amp.mode})")
+                               f"{seconds:.1f} s, AMP {self.amp.mode})", also_print_to_console=world()[0] == 0)
         super().on_train_epoch_end(train_outputs)
 
     # -------------------------------------------------------------------------------------- checkpoints
