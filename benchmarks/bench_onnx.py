@@ -1,0 +1,204 @@
+"""ONNX Runtime (and OpenVINO, when installed) vs torch eager on the CPU, for the full UNet++ and each pruning depth.
+
+    OMP_NUM_THREADS=2 python benchmarks/bench_onnx.py --model_folder RESULTS/Dataset900_.../nnUNetPlusPlusTrainer__nnUNetPlans__3d_fullres
+
+For every depth k = 1..L (L = full network; a plain U-Net has only "full"), in one process with the same thread
+count for every backend (``--threads``, default OMP_NUM_THREADS or 2):
+
+* export fold ``-f`` with :func:`nnpp.deploy.export.export_model` (parity-checked),
+* **per patch**: median wall time of one forward pass, batch 1 x the plans' patch, after ``--warmup`` passes
+  (``--patches`` timed passes), for torch eager (fp32, ``torch.inference_mode``), ONNX Runtime (CPU provider,
+  ``intra_op_num_threads`` = threads) and OpenVINO (its CPU plugin reading the same ``.onnx``,
+  ``INFERENCE_NUM_THREADS`` = threads, latency hint, fp32 precision hint) if ``openvino`` imports,
+* **per case**: nnU-Net's predictor, file to file (``predict_from_files_sequential``: preprocessing, Gaussian
+  sliding window, mirroring unless ``--disable_tta``, resampling, export) over the fold's first ``--cases``
+  validation cases; seconds per case (total wall time / cases), each backend once, warm from the patch timing,
+* **Dice** per foreground label of each backend's masks against the labels (nnU-Net's
+  ``compute_metrics_on_folder``; mean over the cases) and the share of voxels where ONNX Runtime's mask equals
+  torch's.
+
+Writes ``--out`` (JSON) and prints a markdown table. Speed-up = torch seconds / backend seconds (> 1: faster).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+
+
+def cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def time_calls(fn, warmup: int, n: int) -> list:
+    for _ in range(warmup):
+        fn()
+    out = []
+    for _ in range(n):
+        t = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t)
+    return out
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model_folder", required=True, help="trained model folder (TRAINER__PLANS__CONFIG)")
+    p.add_argument("-f", default="0", help="fold (default 0): exported model and validation cases")
+    p.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", 2)))
+    p.add_argument("--depths", default="all", help="comma-separated depths or 'all' (1..L)")
+    p.add_argument("--backends", default="torch,ort,openvino")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--patches", type=int, default=10)
+    p.add_argument("--cases", type=int, default=2, help="validation cases for the per-case latency and Dice")
+    p.add_argument("--disable_tta", action="store_true", help="no test-time mirroring in the per-case runs")
+    p.add_argument("--machine", default=None, help="machine description for the table (default: CPU model)")
+    p.add_argument("--out", default="benchmarks/results/onnx_cpu.json")
+    args = p.parse_args(argv)
+
+    # nnU-Net's predictor caps torch's threads at nnUNet_def_n_proc (read at import): same threads everywhere
+    os.environ["nnUNet_def_n_proc"] = str(args.threads)
+    import numpy as np
+    import SimpleITK as sitk
+    import torch
+    torch.set_num_threads(args.threads)
+    from nnunetv2.evaluation.evaluate_predictions import compute_metrics_on_folder
+    from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
+
+    from nnpp.deploy.export import export_model
+    from nnpp.deploy.model import load_trained_model, set_depth
+    from nnpp.deploy.ort import make_session
+    from nnpp.run.predict import init_onnx, init_torch, make_predictor
+
+    backends = args.backends.split(",")
+    if "openvino" in backends:
+        try:
+            import openvino
+            ov_version = openvino.__version__
+        except ImportError:
+            print("[bench_onnx] openvino is not installed: skipping it (pip install openvino)")
+            backends.remove("openvino")
+            ov_version = None
+    folder = os.path.abspath(args.model_folder)
+    model = load_trained_model(folder, [args.f])
+    net0 = model.build_network(0)
+    full = getattr(net0, "depth", None) if hasattr(net0, "prune_depth") else None
+    depths = ([None] if full is None else list(range(1, full + 1))) if args.depths == "all" else \
+        [int(d) for d in args.depths.split(",")]
+
+    # validation cases of the fold, from nnU-Net's splits; their raw images and labels
+    name = os.path.basename(os.path.dirname(folder))
+    raw = os.path.join(os.environ["nnUNet_raw"], name)
+    splits = json.load(open(os.path.join(os.environ["nnUNet_preprocessed"], name, "splits_final.json")))
+    cases = sorted(splits[int(args.f)]["val"])[:args.cases]
+    ending = model.dataset_json["file_ending"]
+    work = tempfile.mkdtemp(prefix="bench_onnx_")
+    inputs = os.path.join(work, "in")
+    os.makedirs(inputs)
+    for c in cases:
+        for f in os.listdir(os.path.join(raw, "imagesTr")):
+            if f.startswith(c + "_") and f.endswith(ending):
+                os.symlink(os.path.join(raw, "imagesTr", f), os.path.join(inputs, f))
+    labels = os.path.join(raw, "labelsTr")
+    fg = [v for k, v in model.dataset_json["labels"].items() if v != 0]
+    patch = model.patch_size
+    x = torch.randn(1, model.num_input_channels, *patch)
+    rows = []
+    try:
+        for k in depths:
+            tag = "full" if k is None or k == full else f"depth{k}"
+            onnx_dir = os.path.join(work, f"onnx_{tag}")
+            meta = export_model(model, onnx_dir, depth=None if k == full else k, log=lambda *_: None)
+            onnx_path = os.path.join(onnx_dir, f"fold_{args.f}.onnx")
+            net = set_depth(model.build_network(0), None if k == full else k)
+            res = {"depth": k, "tag": tag, "parity_max_abs_diff": meta["folds"][0]["parity"]["max_abs_diff"],
+                   "onnx_bytes": os.path.getsize(onnx_path), "backends": {}}
+            masks = {}
+            for b in backends:
+                if b == "torch":
+                    def fwd():
+                        with torch.inference_mode():
+                            net(x)
+                else:
+                    sess = make_session(onnx_path, "cpu" if b == "ort" else "openvino", args.threads)
+                    feed = {sess.get_inputs()[0].name: x.numpy()}
+
+                    def fwd(sess=sess, feed=feed):
+                        sess.run(None, feed)
+                patch_s = time_calls(fwd, args.warmup, args.patches)
+                # per case: nnU-Net's predictor, file to file
+                pred = make_predictor(torch.device("cpu"), mirroring=not args.disable_tta, progress=False)
+                if b == "torch":
+                    init_torch(pred, folder, [args.f], depth=None if k == full else k)
+                else:
+                    init_onnx(pred, onnx_dir, provider="cpu" if b == "ort" else "openvino", threads=args.threads)
+                out = os.path.join(work, f"pred_{tag}_{b}")
+                os.makedirs(out)
+                t = time.perf_counter()  # the backend is warm: the per-patch timing ran first
+                pred.predict_from_files_sequential(inputs, out)
+                case_s = (time.perf_counter() - t) / len(cases)
+                metrics = compute_metrics_on_folder(labels, out, None, SimpleITKIO(), ending, fg, num_processes=1,
+                                                    chill=True)
+                dice = {str(lab): metrics["mean"][lab]["Dice"] for lab in fg}
+                masks[b] = [sitk.GetArrayFromImage(sitk.ReadImage(os.path.join(out, f)))
+                            for f in sorted(os.listdir(out)) if f.endswith(ending)]
+                res["backends"][b] = {"patch_s_median": statistics.median(patch_s), "patch_s": patch_s,
+                                      "case_s": case_s, "dice": dice}
+                print(f"[bench_onnx] {tag:7s} {b:8s} patch {statistics.median(patch_s) * 1e3:8.1f} ms  "
+                      f"case {case_s:7.2f} s  Dice {dice}", flush=True)
+            for b in backends:
+                if b != "torch" and "torch" in masks:
+                    res["backends"][b]["mask_agreement_vs_torch"] = float(np.mean(np.concatenate(
+                        [(m == t).ravel() for m, t in zip(masks[b], masks["torch"])])))
+            rows.append(res)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    import onnxruntime
+    result = {
+        "machine": args.machine or f"{cpu_name()}, {os.cpu_count()} cores visible, CPU only",
+        "threads": args.threads, "model_folder": folder, "fold": args.f, "patch_size": patch,
+        "full_depth": full, "cases": cases, "tta": not args.disable_tta,
+        "warmup": args.warmup, "patches": args.patches,
+        "versions": {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__, "openvino": ov_version
+                     if "openvino" in args.backends else None, "python": sys.version.split()[0]},
+        "rows": rows,
+    }
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    tmp = args.out + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(result, f, indent=2)
+    os.replace(tmp, args.out)
+    print(table(result))
+
+
+def table(r: dict) -> str:
+    labels = list(r["rows"][0]["backends"]["torch"]["dice"]) if r["rows"] and "torch" in r["rows"][0]["backends"] else []
+    head = ("| depth | backend | per patch (ms) | speed-up | per case (s) | speed-up | "
+            + " | ".join(f"Dice {lab}" for lab in labels) + " | mask = torch |")
+    lines = [head, "|" + "---|" * (6 + len(labels) + 1)]
+    for row in r["rows"]:
+        t = row["backends"].get("torch")
+        for b, v in row["backends"].items():
+            sp = f"{t['patch_s_median'] / v['patch_s_median']:.2f}x" if t else ""
+            sc = f"{t['case_s'] / v['case_s']:.2f}x" if t else ""
+            agree = f"{100 * v['mask_agreement_vs_torch']:.3f}%" if "mask_agreement_vs_torch" in v else ""
+            lines.append(f"| {row['tag']} | {b} | {v['patch_s_median'] * 1e3:.1f} | {sp} | {v['case_s']:.2f} | {sc} | "
+                         + " | ".join(f"{v['dice'][lab]:.4f}" for lab in labels) + f" | {agree} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
