@@ -27,12 +27,23 @@ leave untouched). ``nnpp_convert_v1_model`` sets them to reproduce the official 
 
 v1's other differences (heads stored deepest first, each node split in two conv groups, ``loc``/``up``
 key names) are storage layouts only: the converter maps them onto these modules.
+
+Memory (see ``compute_conv_feature_map_size`` and README "Memory and speed"):
+
+* ``checkpoint_nodes``: activation checkpointing of the nested nodes X^{i,j} (``torch.utils.checkpoint``,
+  ``use_reentrant=False``, only while gradients are enabled; no parameters or state_dict keys change).
+  ``"none"`` (default; also ``False``): nothing is recomputed. ``"node"`` (also ``True``): each node's
+  transposed conv, concatenation and conv block are recomputed in backward; only the node outputs stay.
+  ``"cat_conv1"``: only the concatenation and the block's first conv are recomputed (the concatenation
+  buffer, the largest saved tensor of a node, is never kept).
 """
 from __future__ import annotations
 
 from typing import List, Tuple, Type, Union
 
+import numpy as np
 import torch
+from dynamic_network_architectures.building_blocks.helper import convert_conv_op_to_dim
 from dynamic_network_architectures.architectures.abstract_arch import AbstractDynamicNetworkArchitectures
 from dynamic_network_architectures.building_blocks.helper import get_matching_convtransp
 from dynamic_network_architectures.building_blocks.plain_conv_encoder import PlainConvEncoder
@@ -41,11 +52,25 @@ from dynamic_network_architectures.initialization.weight_init import InitWeights
 from torch import nn
 from torch.nn.modules.conv import _ConvNd
 from torch.nn.modules.dropout import _DropoutNd
+from torch.utils.checkpoint import checkpoint
 
 IntOrSeq = Union[int, List[int], Tuple[int, ...]]
 
 #: ``decoder_kernels`` option -> offset of the level whose kernel size a level-i node uses
 DECODER_KERNELS = {"own_level": 0, "level_below": 1}
+#: ``checkpoint_nodes`` option values (``False``/``True`` are accepted for ``"none"``/``"node"``)
+CHECKPOINT_MODES = ("none", "node", "cat_conv1")
+
+
+def checkpoint_mode(value) -> str:
+    """Normalise a ``checkpoint_nodes`` value (bool or one of :data:`CHECKPOINT_MODES`)."""
+    if value is None or value is False:
+        return "none"
+    if value is True:
+        return "node"
+    if value not in CHECKPOINT_MODES:
+        raise ValueError(f"checkpoint_nodes must be one of {', '.join(CHECKPOINT_MODES)} (or a bool), got {value!r}")
+    return value
 
 
 class UNetPlusPlusDecoder(nn.Module):
@@ -54,8 +79,11 @@ class UNetPlusPlusDecoder(nn.Module):
 
     def __init__(self, encoder: PlainConvEncoder, num_classes: int, n_conv_per_stage: IntOrSeq,
                  deep_supervision: bool, nonlin_first: bool = False, upsample_bias: bool | None = None,
-                 seg_bias: bool = True, decoder_kernels: str = "own_level"):
+                 seg_bias: bool = True, decoder_kernels: str = "own_level", checkpoint_nodes="none"):
         super().__init__()
+        self.checkpoint_nodes = checkpoint_mode(checkpoint_nodes)
+        self.encoder_strides = [list(np.atleast_1d(s)) for s in encoder.strides]
+        self.num_classes = num_classes
         f = list(encoder.output_channels)
         self.depth = len(f) - 1
         if self.depth < 1:
@@ -93,17 +121,84 @@ class UNetPlusPlusDecoder(nn.Module):
     def key(i: int, j: int) -> str:
         return f"{i}_{j}"
 
+    def _node(self, i: int, j: int, below: torch.Tensor, *same_row: torch.Tensor) -> torch.Tensor:
+        """X^{i,j} from X^{i+1,j-1} (``below``) and X^{i,0..j-1} (``same_row``)."""
+        up = self.up[self.key(i, j)](below)
+        return self.nodes[self.key(i, j)](torch.cat([*same_row, up], dim=1))
+
+    def _cat_conv1(self, i: int, j: int, *inputs: torch.Tensor) -> torch.Tensor:
+        """The concatenation and the first conv (conv, norm, nonlin) of node X^{i,j}'s block."""
+        return self.nodes[self.key(i, j)].convs[0](torch.cat(inputs, dim=1))
+
     def forward(self, skips: List[torch.Tensor], depth: int | None = None):
         """``skips`` = [X^{0,0}, ..., X^{k,0}] with k = depth (default: full depth)."""
         k = self.depth if depth is None else depth
+        mode = self.checkpoint_nodes if torch.is_grad_enabled() else "none"
         rows = [[skips[i]] for i in range(k + 1)]  # rows[i][j] = X^{i,j}
         for j in range(1, k + 1):
             for i in range(k - j + 1):
-                up = self.up[self.key(i, j)](rows[i + 1][j - 1])
-                rows[i].append(self.nodes[self.key(i, j)](torch.cat(rows[i] + [up], dim=1)))
+                if mode == "node":
+                    x = checkpoint(self._node, i, j, rows[i + 1][j - 1], *rows[i], use_reentrant=False)
+                elif mode == "cat_conv1":
+                    up = self.up[self.key(i, j)](rows[i + 1][j - 1])
+                    x = checkpoint(self._cat_conv1, i, j, *rows[i], up, use_reentrant=False)
+                    for conv in self.nodes[self.key(i, j)].convs[1:]:
+                        x = conv(x)
+                else:
+                    x = self._node(i, j, rows[i + 1][j - 1], *rows[i])
+                rows[i].append(x)
         if self.deep_supervision:
             return [self.seg_layers[j - 1](rows[0][j]) for j in range(k, 0, -1)]
         return self.seg_layers[k - 1](rows[0][k])
+
+    def level_sizes(self, input_size) -> List[List[int]]:
+        """Spatial size of level i (X^{i,*}) for an input of ``input_size`` voxels per axis."""
+        sizes, size = [], list(input_size)
+        for s in self.encoder_strides:
+            size = [a // b for a, b in zip(size, s)]
+            sizes.append(size)
+        return sizes
+
+    def node_feature_map_size(self, i: int, j: int, size) -> np.int64:
+        """Node X^{i,j} at level size ``size``, unchecked, in nnU-Net's units (elements, batch 1): its conv
+        block's count (one map per conv, as nnU-Net counts) plus its concatenation of j + 1 maps at half weight.
+        Half weight because that is how PlainConvUNet's count treats its own concatenation: a decoder stage
+        concatenates 2 f maps and nnU-Net counts f for it (its "transposed conv" term); in the same way each
+        counted conv map stands for the two maps autograd keeps (conv output and normalised output). So this
+        node count, like nnU-Net's, is half the elements the node really keeps (the transposed conv's output is
+        freed after the concatenation copied it)."""
+        f = self.nodes[self.key(i, j)].output_channels
+        vox = np.prod(size, dtype=np.int64)
+        return self.nodes[self.key(i, j)].compute_conv_feature_map_size(size) + (j + 1) * f * vox // 2
+
+    def compute_conv_feature_map_size(self, input_size) -> np.int64:
+        """nnU-Net's feature-map count for the nested nodes and heads (``input_size`` is the encoder's input
+        size, as in dynamic_network_architectures' UNetDecoder); units as PlainConvUNet's (elements, batch 1;
+        about half the elements autograd keeps, for both networks), so nnU-Net's reference values keep their
+        meaning.
+
+        Unchecked, each node X^{i,j} counts :meth:`node_feature_map_size`. With ``checkpoint_nodes="node"`` a
+        node keeps only its output (f_i maps, counted at half weight like every kept map), plus, once, the
+        largest node's full count (the one node recomputed at a time during backward). With ``"cat_conv1"`` a
+        node keeps its transposed conv's output instead of the concatenation: its conv block's count. Heads: L
+        full-resolution maps of ``num_classes`` with deep supervision, one without (as nnU-Net counts heads)."""
+        sizes = self.level_sizes(input_size)
+        output, largest = np.int64(0), np.int64(0)
+        for j in range(1, self.depth + 1):
+            for i in range(self.depth - j + 1):
+                full = self.node_feature_map_size(i, j, sizes[i])
+                largest = max(largest, full)
+                f, vox = self.nodes[self.key(i, j)].output_channels, np.prod(sizes[i], dtype=np.int64)
+                if self.checkpoint_nodes == "node":
+                    output += f * vox // 2
+                elif self.checkpoint_nodes == "cat_conv1":
+                    output += self.nodes[self.key(i, j)].compute_conv_feature_map_size(sizes[i])
+                else:
+                    output += full
+        if self.checkpoint_nodes == "node":
+            output += largest
+        n_heads = self.depth if self.deep_supervision else 1
+        return output + n_heads * self.num_classes * np.prod(sizes[0], dtype=np.int64)
 
 
 class UNetPlusPlus(AbstractDynamicNetworkArchitectures):
@@ -116,7 +211,8 @@ class UNetPlusPlus(AbstractDynamicNetworkArchitectures):
                  norm_op_kwargs: dict = None, dropout_op: Union[None, Type[_DropoutNd]] = None,
                  dropout_op_kwargs: dict = None, nonlin: Union[None, Type[nn.Module]] = None,
                  nonlin_kwargs: dict = None, deep_supervision: bool = False, nonlin_first: bool = False,
-                 upsample_bias: bool | None = None, seg_bias: bool = True, decoder_kernels: str = "own_level"):
+                 upsample_bias: bool | None = None, seg_bias: bool = True, decoder_kernels: str = "own_level",
+                 checkpoint_nodes="none"):
         super().__init__()
         self.key_to_encoder = "encoder.stages"
         self.key_to_stem = "encoder.stages.0"
@@ -130,7 +226,7 @@ class UNetPlusPlus(AbstractDynamicNetworkArchitectures):
         self.decoder = UNetPlusPlusDecoder(self.encoder, num_classes, n_conv_per_stage_decoder,
                                            deep_supervision, nonlin_first=nonlin_first,
                                            upsample_bias=upsample_bias, seg_bias=seg_bias,
-                                           decoder_kernels=decoder_kernels)
+                                           decoder_kernels=decoder_kernels, checkpoint_nodes=checkpoint_nodes)
         self.prune_depth: int | None = None  # None = full depth L
 
     @property
@@ -156,6 +252,46 @@ class UNetPlusPlus(AbstractDynamicNetworkArchitectures):
             skips.append(x)
         return self.decoder(skips, k)
 
+    @property
+    def checkpoint_nodes(self) -> str:
+        """Activation checkpointing of the nested nodes: ``"none"``, ``"node"`` or ``"cat_conv1"``."""
+        return self.decoder.checkpoint_nodes
+
+    @checkpoint_nodes.setter
+    def checkpoint_nodes(self, value) -> None:
+        self.decoder.checkpoint_nodes = checkpoint_mode(value)
+
+    def compute_conv_feature_map_size(self, input_size) -> np.int64:
+        """What nnU-Net's planner calls (``static_estimate_VRAM_usage``): feature-map elements kept for backward
+        for one sample of ``input_size`` (spatial axes only), in PlainConvUNet's units (one map per conv output,
+        transposed-conv outputs and heads counted; see the decoder's method for the nested nodes), so nnU-Net's
+        reference values (``UNet_reference_val_3d``) keep their meaning."""
+        if len(input_size) != convert_conv_op_to_dim(self.encoder.conv_op):
+            raise ValueError(f"give the spatial size only (x, y[, z]), got {tuple(input_size)}")
+        return self.encoder.compute_conv_feature_map_size(input_size) + \
+            self.decoder.compute_conv_feature_map_size(input_size)
+
     @staticmethod
     def initialize(module):
         InitWeights_He(1e-2)(module)
+
+
+def saved_activation_bytes(network: nn.Module, x: torch.Tensor) -> int:
+    """Bytes a forward of ``network`` on ``x`` keeps for backward: every tensor autograd saves (caught with
+    ``torch.autograd.graph.saved_tensors_hooks``, which also sees the inputs that non-reentrant checkpointing
+    keeps), counted once per storage, parameters excluded. Outputs are summed into a scalar so the heads count
+    as a loss would keep them; nothing runs backward."""
+    params = {p.untyped_storage().data_ptr() for p in network.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = network(x)
+        outs = out if isinstance(out, (list, tuple)) else [out]
+        sum(o.float().square().mean() for o in outs)  # the heads' outputs are saved as a loss would save them
+    return int(sum(seen.values()))
