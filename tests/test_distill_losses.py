@@ -63,9 +63,10 @@ def test_soft_kd_keeps_its_size_when_classes_are_added():
     wide = L.soft_kd(logits(0, 0, *pad), L.ensemble_log_probs([logits(math.log(3), 0, *pad)]), T=1)
     assert wide == pytest.approx(base.item(), abs=1e-6)
     # what the issue warns about: reduction='mean' divides by the element count, classes included
-    buggy = torch.nn.functional.kl_div(torch.log_softmax(logits(0, 0, *pad), 1),
-                                       torch.log_softmax(logits(math.log(3), 0, *pad), 1),
-                                       log_target=True, reduction="mean")
+    with pytest.warns(UserWarning):
+        buggy = torch.nn.functional.kl_div(torch.log_softmax(logits(0, 0, *pad), 1),
+                                           torch.log_softmax(logits(math.log(3), 0, *pad), 1),
+                                           log_target=True, reduction="mean")
     assert buggy == pytest.approx(base.item() / 8, abs=1e-6)
 
 
@@ -290,3 +291,33 @@ def test_compatibility_checks(kd_trainer):
     spaced = Teacher(t.network, "teacher", "0", pm, pm.get_configuration("3d_fullres"), tr.dataset_json)
     with pytest.raises(NnppError, match="spacing"):
         check_compatible(spaced, tr.plans_manager, tr.configuration_manager, tr.dataset_json)
+
+
+def test_unet_student_pools_the_target_to_each_head(tiny_dataset, tmp_path, monkeypatch):
+    """--student unet: nnU-Net's PlainConvUNet from the student plans, nnU-Net's head weights (lowest 0), the
+    soft-KD target average-pooled to each head's scale, and a training step on a real batch."""
+    from nnpp.distill.student import write_student_plans
+    from nnpp.distill.teachers import Teacher
+    from nnpp.distill.trainer import KD_DEFAULTS, KDStudent
+    from nnpp.run.train import make_trainer
+    from nnpp.training import nnUNetPlusPlusTrainer
+
+    monkeypatch.setenv("nnUNet_results", str(tmp_path / "results"))
+    pre = os.path.join(tiny_dataset["nnUNet_preprocessed"], tiny_dataset["name"])
+    plans_name = write_student_plans(pre, "nnUNetPlans", "3d_fullres", 4, "unet")
+    trainer = make_trainer(str(tiny_dataset["id"]), "3d_fullres", "0", "nnUNetTrainerKD", plans_name,
+                           torch.device("cpu"))
+    net = nnUNetPlusPlusTrainer.build_network_architecture(trainer.plans_manager, trainer.configuration_manager, 1,
+                                                           trainer.label_manager.num_segmentation_heads, False)
+    trainer.configure_kd([Teacher(net, folder="teacher", fold="0")],
+                         {**KD_DEFAULTS, "kd": ["soft"], "t": ["x"], "tf": ["0"], "r": 4, "student": "unet"})
+    trainer.initialize()
+    assert isinstance(trainer.network, KDStudent) and type(trainer.network.net).__name__ == "PlainConvUNet"
+    w = trainer.deep_supervision_weights()
+    assert w.tolist() == pytest.approx([2 / 3, 1 / 3, 0])  # nnU-Net's 1, 1/2, (1/4 -> 0), normalised
+    batch = next(trainer.get_dataloaders()[0])
+    outputs = trainer.network(batch["data"])
+    assert [tuple(o.shape[2:]) for o in outputs] == [tuple(t.shape[2:]) for t in batch["target"]]
+    assert outputs[1].shape[2] < outputs[0].shape[2]  # coarser heads exist
+    out = trainer.train_step(batch)
+    assert np.isfinite(out["loss"]) and trainer._kd_terms[-1]["soft"] > 0
