@@ -33,6 +33,7 @@ setup(
             "nnpp_change_bs=nnpp.tools.change_bs:main",
             "nnpp_get_dice_result=nnpp.tools.get_dice_result:main",
             "nnpp_convert_v1_model=nnpp.run.convert_v1_model:main",
+            "nnpp_plan_and_preprocess=nnpp.run.plan_and_preprocess:main",
         ],
     },
 )

@@ -3,7 +3,8 @@
 What differs from ``nnUNetTrainer`` (everything else is nnU-Net's: data loading, augmentation, poly LR,
 SGD, checkpoints, ``progress.png``, validation and ``summary.json``):
 
-* Network: :class:`nnpp.nets.UNetPlusPlus` built from the plans' PlainConvUNet arguments.
+* Network: :class:`nnpp.nets.UNetPlusPlus` built from the plans' PlainConvUNet arguments, or the class that
+  UNet++ plans name (``nnpp_plan_and_preprocess``: UNet++-sized patch, optional ``checkpoint_nodes``).
 * Deep supervision: UNet++ heads X^{0,1..L} all predict at full resolution, so every head is trained
   against the full-resolution target (nnU-Net's pipeline with scale 1 for every head: no downsampled
   targets are made; its collate step stacks one full-res target per head).
@@ -36,7 +37,7 @@ from nnpp import NnppError
 from nnpp import device as dev
 from nnpp.device import compile_supported, ddp_device_ids, make_amp
 from nnpp.distributed import all_reduce_sum, split_global_batch, world
-from nnpp.nets.plans import UNETPP_CLASS
+from nnpp.nets.plans import PLAIN_UNET_CLASS, UNETPP_CLASS
 
 
 
@@ -138,7 +139,11 @@ class nnUNetPlusPlusTrainer(nnUNetTrainer):
             raise NnppError(f"UNet++ is built from PlainConvUNet plans (n_conv_per_stage, ...); these plans "
                             f"describe {configuration_manager.network_arch_class_name}: plan with nnU-Net's "
                             f"default planner (nnUNetPlans)")
-        return get_network_from_plans(UNETPP_CLASS, kwargs, configuration_manager.network_arch_init_kwargs_req_import,
+        # plans from nnpp's UNet++ planner name UNet++ (or a subclass): build that; nnU-Net's PlainConvUNet plans
+        # describe the same arguments: build UNet++ from them
+        arch = configuration_manager.network_arch_class_name
+        arch = UNETPP_CLASS if arch == PLAIN_UNET_CLASS else arch
+        return get_network_from_plans(arch, kwargs, configuration_manager.network_arch_init_kwargs_req_import,
                                       num_input_channels, num_output_channels, allow_init=True,
                                       deep_supervision=enable_deep_supervision)
 

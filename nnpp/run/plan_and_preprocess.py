@@ -1,0 +1,135 @@
+"""nnpp_plan_and_preprocess: nnU-Net's fingerprint -> plan -> preprocess, planned for UNet++.
+
+    nnpp_plan_and_preprocess -d 3 [-c 3d_fullres] [-np 4] [--verify_dataset_integrity]
+                             [-gpu_memory_target 8] [--checkpoint [node|cat_conv1]] [-pl UNetPlusPlusPlanner]
+
+nnU-Net's own ``nnUNetv2_plan_and_preprocess -pl`` only finds planners inside nnU-Net's package, so this command
+calls nnU-Net's planning API (``extract_fingerprint_dataset``, ``plan_experiment_dataset``,
+``preprocess_dataset``) with nnpp's planner class. The plans (default name ``nnppUNetPlusPlusPlans``) name
+``nnpp.nets.unetpp.UNetPlusPlus`` and size patch and batch from UNet++'s feature-map count under
+``-gpu_memory_target`` GB; train with ``nnpp_train D 3d_fullres F -p nnppUNetPlusPlusPlans``. Configurations whose
+data identifier is nnU-Net's (``nnUNetPlans_2d``, ``nnUNetPlans_3d_fullres``) and whose preprocessed folder
+already exists for the same spacing are not preprocessed again. An existing fingerprint is reused
+(``--clean`` recomputes it).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from nnpp import NnppError
+from nnpp.paths import setup_paths
+from nnpp.run.common import entry_point, parse_dataset_id, positive_int
+
+PLANNERS = ("UNetPlusPlusPlanner", "SmallUNetPlusPlusPlanner")
+
+
+def parser() -> argparse.ArgumentParser:
+    from nnpp.nets.unetpp import CHECKPOINT_MODES
+    p = argparse.ArgumentParser(prog="nnpp_plan_and_preprocess", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-d", nargs="+", required=True, help="dataset id(s): 3, 003, Dataset003_Liver or Task003_Liver")
+    p.add_argument("-c", nargs="+", default=["2d", "3d_fullres", "3d_lowres"],
+                   help="configurations to preprocess (default 2d 3d_fullres 3d_lowres)")
+    p.add_argument("-np", nargs="+", type=positive_int, default=None,
+                   help="processes: one number, or one per configuration (default 8 4 8 as nnU-Net); "
+                        "the first is also used for the fingerprint")
+    p.add_argument("--verify_dataset_integrity", action="store_true", help="nnU-Net's dataset check first")
+    p.add_argument("-gpu_memory_target", type=float, default=8.0,
+                   help="GPU memory (GB) the plans are sized for (default 8, nnU-Net's)")
+    p.add_argument("--checkpoint", nargs="?", const="node", default="none", choices=CHECKPOINT_MODES,
+                   help="plan for activation-checkpointed nested nodes (written into the plans; a larger patch "
+                        "fits): node (the default when the flag is given alone) or cat_conv1")
+    p.add_argument("-pl", default=PLANNERS[0], choices=PLANNERS, help="planner in nnpp.planning (default "
+                   f"{PLANNERS[0]}; SmallUNetPlusPlusPlanner: 8..64 features, patch <= 32x48x48, for CPUs)")
+    p.add_argument("-overwrite_plans_name", default=None, help="plans name (default nnppUNetPlusPlusPlans)")
+    p.add_argument("--no_pp", action="store_true", help="plan only, do not preprocess")
+    p.add_argument("--clean", action="store_true", help="recompute the dataset fingerprint even if it exists")
+    return p
+
+
+def _reusable(preprocessed: str, plans: dict, configuration: str) -> bool:
+    """True if nnU-Net's default plans already preprocessed this configuration's data at the same spacing."""
+    conf = plans["configurations"].get(configuration, {})
+    ident = conf.get("data_identifier")
+    default_plans = os.path.join(preprocessed, "nnUNetPlans.json")
+    if ident != f"nnUNetPlans_{configuration}" or not os.path.isdir(os.path.join(preprocessed, ident)) \
+            or not os.path.isfile(default_plans):
+        return False
+    with open(default_plans) as f:
+        theirs = json.load(f)["configurations"].get(configuration, {})
+    return theirs.get("data_identifier") == ident and theirs.get("spacing") == conf.get("spacing") \
+        and bool(os.listdir(os.path.join(preprocessed, ident)))
+
+
+def plan_and_preprocess(dataset_id: int, configurations, num_processes, planner_name: str = PLANNERS[0],
+                        gpu_memory_target: float = 8.0, checkpoint: str = "none", plans_name: str | None = None,
+                        verify: bool = False, preprocess: bool = True, clean: bool = False) -> str:
+    """Fingerprint (kept if present unless ``clean``), plan with ``nnpp.planning.<planner_name>``, preprocess
+    what is not reusable. Returns the plans identifier."""
+    from nnunetv2.experiment_planning.plan_and_preprocess_api import (extract_fingerprint_dataset,
+                                                                       preprocess_dataset)
+    from nnunetv2.utilities.dataset_name_id_conversion import convert_id_to_dataset_name
+
+    from nnpp import planning
+    try:
+        name = convert_id_to_dataset_name(dataset_id)
+    except RuntimeError:
+        raise NnppError(f"dataset {dataset_id} not found in nnUNet_raw ({os.environ.get('nnUNet_raw')}); "
+                        f"convert it first (nnUNetv2_convert_MSD_dataset)") from None
+    preprocessed = os.path.join(os.environ["nnUNet_preprocessed"], name)
+    if clean or verify or not os.path.isfile(os.path.join(preprocessed, "dataset_fingerprint.json")):
+        extract_fingerprint_dataset(dataset_id, num_processes=num_processes[0], check_dataset_integrity=verify,
+                                    clean=True, verbose=False)
+    kwargs = dict(gpu_memory_target_in_gb=gpu_memory_target, checkpoint_nodes=checkpoint)
+    if plans_name:
+        kwargs["plans_name"] = plans_name
+    planner = getattr(planning, planner_name)(dataset_id, **kwargs)
+    # nnU-Net's estimate sets torch's threads to nnUNet_n_proc_DA, which fails for 0 (a valid training setting)
+    n_da = os.environ.get("nnUNet_n_proc_DA")
+    if n_da is not None and int(n_da) < 1:
+        os.environ["nnUNet_n_proc_DA"] = "1"
+    try:
+        plans = planner.plan_experiment()
+    finally:
+        if n_da is not None:
+            os.environ["nnUNet_n_proc_DA"] = n_da
+    for c, conf in plans["configurations"].items():
+        if "patch_size" in conf:
+            print(f"[nnpp_plan_and_preprocess] {name} {c}: patch {conf['patch_size']}, batch {conf['batch_size']}, "
+                  f"checkpoint_nodes {checkpoint} ({gpu_memory_target:g} GB target)", flush=True)
+    if preprocess:
+        todo, n = [], []
+        for i, c in enumerate(configurations):
+            if _reusable(preprocessed, plans, c):
+                print(f"[nnpp_plan_and_preprocess] {c}: reusing nnU-Net's preprocessed "
+                      f"{plans['configurations'][c]['data_identifier']} (same spacing)", flush=True)
+                continue
+            todo.append(c)
+            n.append(num_processes[min(i, len(num_processes) - 1)])
+        if todo:
+            preprocess_dataset(dataset_id, planner.plans_identifier, todo, n, show_progress_bar=True)
+    return planner.plans_identifier
+
+
+@entry_point("nnpp_plan_and_preprocess")
+def main(argv=None):
+    args = parser().parse_args(sys.argv[1:] if argv is None else argv)
+    setup_paths(required=("nnUNet_raw", "nnUNet_preprocessed"))
+    if args.np is not None and len(args.np) not in (1, len(args.c)):
+        raise NnppError(f"-np takes one number or one per configuration ({len(args.c)}), got {len(args.np)}")
+    if not args.gpu_memory_target > 0:
+        raise NnppError(f"-gpu_memory_target must be > 0 GB, got {args.gpu_memory_target}")
+    num_processes = args.np or [{"2d": 8, "3d_fullres": 4, "3d_lowres": 8}.get(c, 4) for c in args.c]
+    for d in args.d:
+        plans = plan_and_preprocess(parse_dataset_id(d), args.c, num_processes, args.pl, args.gpu_memory_target,
+                                    args.checkpoint, args.overwrite_plans_name, args.verify_dataset_integrity,
+                                    not args.no_pp, args.clean)
+        print(f"[nnpp_plan_and_preprocess] plans {plans} written; train with: nnpp_train {d} 3d_fullres FOLD "
+              f"-p {plans}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
