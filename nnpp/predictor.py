@@ -23,8 +23,9 @@ class nnppPredictor(nnUNetPredictor):
                  perform_everything_on_device: bool = True, device: torch.device = torch.device("cuda"),
                  verbose: bool = False, verbose_preprocessing: bool = False, allow_tqdm: bool = True,
                  amp: dev.Amp | None = None):
-        super().__init__(tile_step_size, use_gaussian, use_mirroring, perform_everything_on_device, device,
-                         verbose, verbose_preprocessing, allow_tqdm)
+        super().__init__(tile_step_size=tile_step_size, use_gaussian=use_gaussian, use_mirroring=use_mirroring,
+                         perform_everything_on_device=perform_everything_on_device, device=device, verbose=verbose,
+                         verbose_preprocessing=verbose_preprocessing, allow_tqdm=allow_tqdm)
         self.perform_everything_on_device = perform_everything_on_device and dev.keeps_logits_on_device(device)
         self.amp = amp
 

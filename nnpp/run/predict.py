@@ -4,7 +4,7 @@ Same flags as nnUNetv2_predict (-i -o -d -c -p -tr -f -chk -step_size --disable_
 --continue_prediction -npp -nps -prev_stage_predictions -num_parts -part_id --disable_progress_bar
 --not_on_device --verbose); -tr defaults to nnUNetPlusPlusTrainer and -device to auto (npu, cuda, mps, cpu).
 
-nnpp builds ``nnUNetPredictor(device=...)`` itself and initialises it manually: the network comes from the
+nnpp builds nnU-Net's predictor (``nnppPredictor(device=...)``, nnpp/predictor.py) itself and initialises it manually: the network comes from the
 checkpoint's trainer class (found by :func:`nnpp.training.find_trainer_class`: nnpp's trainers, nnU-Net's, and
 those under ``nnUNet_extTrainer``) and plans.json + dataset.json, every fold's weights loaded strictly. So
 Ascend NPUs work (nnU-Net's own entry point only accepts cuda/mps/cpu) and nnU-Net's modules stay untouched.
@@ -76,9 +76,10 @@ def parser() -> argparse.ArgumentParser:
 
 def make_predictor(device, step_size: float = 0.5, mirroring: bool = True, on_device: bool = True,
                    verbose: bool = False, progress: bool = True):
-    """``nnUNetPredictor`` on ``device`` (a torch.device: cpu, cuda, mps, npu...) with Gaussian weighting."""
-    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
-    return nnUNetPredictor(tile_step_size=step_size, use_gaussian=True, use_mirroring=mirroring,
+    """nnU-Net's predictor on ``device`` (a torch.device: cpu, cuda, mps, npu...) with Gaussian weighting;
+    :class:`nnpp.predictor.nnppPredictor`, so logits stay on npu as they do on cuda (``on_device``)."""
+    from nnpp.predictor import nnppPredictor
+    return nnppPredictor(tile_step_size=step_size, use_gaussian=True, use_mirroring=mirroring,
                            perform_everything_on_device=on_device, device=device, verbose=verbose,
                            verbose_preprocessing=verbose, allow_tqdm=progress)
 
