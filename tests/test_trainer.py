@@ -35,12 +35,22 @@ def test_builds_unetpp_with_all_heads_weighted(trainer):
     assert list(loss.weight_factors) == [1 / 3, 1 / 3, 1 / 3]
 
 
-def test_full_resolution_target_per_head(trainer):
+def test_one_full_resolution_target_for_all_heads(trainer):
+    """The pipeline carries one full-resolution target (not one per head); the loss pairs it with every head."""
+    from nnpp.training.nnUNetPlusPlusTrainer import SharedTargetDeepSupervision
     batch = _batch(trainer)
     target = batch["target"]
-    assert isinstance(target, list) and len(target) == trainer.network.depth
     patch = tuple(trainer.configuration_manager.patch_size)
-    assert all(tuple(t.shape[2:]) == patch and torch.equal(t, target[0]) for t in target)
+    assert isinstance(target, torch.Tensor) and tuple(target.shape) == (trainer.batch_size, 1, *patch)
+    # by hand: heads 2 and 4 against target 1 (2 voxels each), |o - t| summed, weights 0.5 / 0.5 -> 1 + 3
+    loss = SharedTargetDeepSupervision(lambda o, t: (o - t).abs().sum(), [0.5, 0.5])
+    assert loss([torch.full((2,), 2.0), torch.full((2,), 4.0)], torch.ones(2)).item() == 4.0
+    # nnU-Net's per-head target lists still work (its multi-scale trainers, the KD student)
+    assert loss([torch.full((2,), 2.0), torch.full((1,), 4.0)], [torch.ones(2), torch.zeros(1)]).item() == 3.0
+    out = trainer.train_step(batch)
+    assert np.isfinite(out["loss"])
+    val = trainer.validation_step(_batch(trainer))
+    assert np.isfinite(val["loss"]) and len(val["tp_hard"]) == trainer.label_manager.num_segmentation_heads - 1
 
 
 @pytest.mark.parametrize("mode", ["O0", "O1", "bf16"])

@@ -6,8 +6,9 @@ SGD, checkpoints, ``progress.png``, validation and ``summary.json``):
 * Network: :class:`nnpp.nets.UNetPlusPlus` built from the plans' PlainConvUNet arguments, or the class that
   UNet++ plans name (``nnpp_plan_and_preprocess``: UNet++-sized patch, optional ``checkpoint_nodes``).
 * Deep supervision: UNet++ heads X^{0,1..L} all predict at full resolution, so every head is trained
-  against the full-resolution target (nnU-Net's pipeline with scale 1 for every head: no downsampled
-  targets are made; its collate step stacks one full-res target per head).
+  against the one full-resolution target: the data pipeline makes no per-head targets (nnU-Net's pipeline
+  without deep-supervision scales: one target tensor through collate, worker IPC, pinning and the host-to-
+  device copy), and the loss (:class:`SharedTargetDeepSupervision`) pairs every head with that same tensor.
 * Head weights: equal, 1/L each (the UNet++ paper averages the losses of its heads). Every head gets a
   gradient; nnU-Net's default would give the last output weight 0, which is why the reference UNet++
   port never trained its deeper nodes. Override :meth:`deep_supervision_weights` to change this.
@@ -39,6 +40,17 @@ from nnpp.device import compile_supported, ddp_device_ids, make_amp
 from nnpp.distributed import all_reduce_sum, split_global_batch, world
 from nnpp.nets.plans import PLAIN_UNET_CLASS, UNETPP_CLASS
 
+
+
+class SharedTargetDeepSupervision(DeepSupervisionWrapper):
+    """nnU-Net's DeepSupervisionWrapper (weighted sum over heads of ``loss(output_i, target_i)``) for heads that
+    all share one target: given a single tensor, every head is paired with that same tensor (no copies); given a
+    list (nnU-Net's multi-scale targets), it behaves as nnU-Net's wrapper."""
+
+    def forward(self, outputs, target):
+        if isinstance(target, torch.Tensor):
+            target = [target] * len(outputs)
+        return super().forward(outputs, target)
 
 
 def check_checkpoint_file(path: str) -> None:
@@ -148,10 +160,8 @@ class nnUNetPlusPlusTrainer(nnUNetTrainer):
                                       deep_supervision=enable_deep_supervision)
 
     def _get_deep_supervision_scales(self):
-        if not self.enable_deep_supervision:
-            return None
-        # every UNet++ head predicts at full resolution: scale 1 for each (the transform reuses the tensor)
-        return [[1.0] * len(self.configuration_manager.patch_size)] * self.num_heads
+        # every UNet++ head predicts at full resolution: the pipeline carries one target, the loss reuses it
+        return None
 
     def _build_loss(self):
         # nnU-Net's Dice + CE (its choice of options and compile handling), without its resolution-based
@@ -162,7 +172,7 @@ class nnUNetPlusPlusTrainer(nnUNetTrainer):
         finally:
             self.enable_deep_supervision = enabled
         if enabled:
-            loss = DeepSupervisionWrapper(loss, self.deep_supervision_weights())
+            loss = SharedTargetDeepSupervision(loss, self.deep_supervision_weights())
         return loss
 
     # -------------------------------------------------------------------------------------------- steps
@@ -194,6 +204,9 @@ class nnUNetPlusPlusTrainer(nnUNetTrainer):
         return {"loss": loss.detach().cpu().numpy()}
 
     def validation_step(self, batch: dict) -> dict:
+        # nnU-Net's step indexes target[0] with deep supervision on: give it the one target as a list of one
+        if self.enable_deep_supervision and not isinstance(batch["target"], list):
+            batch = {**batch, "target": [batch["target"]]}
         # nnU-Net's pseudo-Dice step. It enters its own fp16 autocast on CUDA; the network call below re-enters
         # the run's AMP mode inside it (the innermost autocast wins), so --amp O0/bf16 hold in validation too.
         network = self.network
