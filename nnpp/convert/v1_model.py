@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from nnpp import NnppError
+from nnpp.checkpoints import atomic_torch_save
 from nnpp.convert.v1_files import load_v1_checkpoint, load_v1_pickle
 from nnpp.convert.v1_plans import V1_MAX_FEATURES, convert_dataset_json, convert_plans, features_per_stage, pick_stage
 from nnpp.convert.v1_weights import (map_state_dict, strip_module_prefix, v1_stage_features, v1_unetpp_layout,
@@ -146,22 +147,14 @@ def _write_json_atomic(obj: dict, path: str, overwrite: bool) -> bool:
     return True
 
 
-def _save_atomic(obj, path: str) -> None:
-    import torch
-    tmp = path + ".tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 def build_network(plans: dict, dataset_json: dict, configuration: str, trainer_class, deep_supervision=True):
     """The network exactly as nnU-Net's predictor builds it from a model folder's plans and dataset.json."""
-    from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    from nnpp.deploy.model import build_network as build, io_channels
     pm = PlansManager(plans)
     cm = pm.get_configuration(configuration)
-    n_in = determine_num_input_channels(pm, cm, dataset_json)
-    n_out = pm.get_label_manager(dataset_json).num_segmentation_heads
-    return trainer_class.build_network_architecture(pm, cm, n_in, n_out, deep_supervision)
+    return build(trainer_class, pm, cm, *io_channels(pm, cm, dataset_json), deep_supervision)
 
 
 def v2_checkpoint(network, weights: dict, plans: dict, dataset_json: dict, configuration: str, fold,
@@ -319,7 +312,7 @@ def convert_v1_model(v1_folder: str, dataset: str, configuration: str | None = N
     _write_json_atomic(ds_json, os.path.join(out, "dataset.json"), overwrite)
     for (fold, stem, model, checkpoint), target in zip(converted, targets):
         os.makedirs(os.path.dirname(target), exist_ok=True)
-        _save_atomic(checkpoint, target)
+        atomic_torch_save(checkpoint, target)
         log(f"fold {fold}: {model.name} (epoch {checkpoint['current_epoch']}) -> {target}")
     if to_preprocessed:
         if not nnUNet_preprocessed:

@@ -15,10 +15,10 @@ import json
 import os
 from dataclasses import dataclass, field
 
-import torch
 from torch import nn
 
 from nnpp import NnppError
+from nnpp.checkpoints import load_checkpoint
 
 
 def sha256_file(path: str, chunk: int = 1 << 20) -> str:
@@ -46,35 +46,25 @@ def _load_json(path: str, what: str) -> dict:
         raise NnppError(f"{what} {path} is not valid JSON ({e}); restore it from the training run") from None
 
 
-def load_checkpoint(path: str) -> dict:
-    """torch.load of an nnU-Net checkpoint on the CPU, with one-line errors for missing/corrupt/foreign files."""
-    from nnpp.training.nnUNetPlusPlusTrainer import check_checkpoint_file
-    if not os.path.isfile(path):
-        raise NnppError(f"checkpoint not found: {path}; train that fold or pass -f with the trained folds")
-    check_checkpoint_file(path)
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # unpickling errors come in many types
-        raise NnppError(f"checkpoint {path} cannot be loaded ({type(e).__name__}: {e}); it is corrupt") from None
-    missing = [k for k in ("network_weights", "trainer_name", "init_args") if not isinstance(ckpt, dict) or k not in ckpt]
-    if missing:
-        raise NnppError(f"{path} is not an nnU-Net checkpoint (no {', '.join(missing)}); pass a checkpoint "
-                        f"written by nnpp_train / nnUNetv2_train")
-    return ckpt
-
-
 def build_network(trainer_class, plans_manager, configuration_manager, num_input_channels: int,
-                  num_output_channels: int) -> nn.Module:
-    """The trainer's static ``build_network_architecture`` with deep supervision off (nnU-Net's predictor's call,
-    old signature included)."""
+                  num_output_channels: int, deep_supervision: bool = False) -> nn.Module:
+    """The trainer's static ``build_network_architecture`` (nnU-Net's predictor's call: deep supervision off by
+    default; old signature included)."""
     sig = inspect.signature(trainer_class.build_network_architecture)
     if "plans_manager" in sig.parameters:
         return trainer_class.build_network_architecture(plans_manager, configuration_manager, num_input_channels,
-                                                        num_output_channels, enable_deep_supervision=False)
+                                                        num_output_channels, enable_deep_supervision=deep_supervision)
     return trainer_class.build_network_architecture(
         configuration_manager.network_arch_class_name, configuration_manager.network_arch_init_kwargs,
         configuration_manager.network_arch_init_kwargs_req_import, num_input_channels, num_output_channels,
-        enable_deep_supervision=False)
+        enable_deep_supervision=deep_supervision)
+
+
+def io_channels(plans_manager, configuration_manager, dataset_json: dict) -> tuple[int, int]:
+    """(input channels, segmentation heads) of a model, as nnU-Net's predictor determines them."""
+    from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
+    return (determine_num_input_channels(plans_manager, configuration_manager, dataset_json),
+            plans_manager.get_label_manager(dataset_json).num_segmentation_heads)
 
 
 def load_strict(network: nn.Module, weights: dict, checkpoint: str, trainer_name: str) -> None:
@@ -136,7 +126,6 @@ def load_trained_model(folder: str, folds, checkpoint_name: str = "checkpoint_fi
     """Read ``folder`` (``.../TRAINER__PLANS__CONFIG``) for ``folds`` and check that every fold's weights fit the
     network the folder's plans build (strict load) and that plans.json/dataset.json are the ones each checkpoint
     was trained with. Raises NnppError naming the file and what to do."""
-    from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
     from nnpp.training import find_trainer_class
@@ -192,13 +181,13 @@ def load_trained_model(folder: str, folds, checkpoint_name: str = "checkpoint_fi
 
     configuration_manager = plans_manager.get_configuration(configuration)
     trainer_class = find_trainer_class(trainer_name)
+    n_in, n_out = io_channels(plans_manager, configuration_manager, dataset_json)
     model = TrainedModel(
         folder=folder, folds=folds, checkpoint_name=checkpoint_name, checkpoints=checkpoints,
         checkpoint_sha256=hashes, parameters=parameters, plans=plans, dataset_json=dataset_json,
         plans_manager=plans_manager, configuration_manager=configuration_manager, configuration=configuration,
         trainer_name=trainer_name, trainer_class=trainer_class,
-        num_input_channels=determine_num_input_channels(plans_manager, configuration_manager, dataset_json),
-        num_output_channels=plans_manager.get_label_manager(dataset_json).num_segmentation_heads,
+        num_input_channels=n_in, num_output_channels=n_out,
         inference_allowed_mirroring_axes=tuple(mirror_axes) if mirror_axes is not None else None)
     net = build_network(trainer_class, plans_manager, configuration_manager, model.num_input_channels,
                         model.num_output_channels)

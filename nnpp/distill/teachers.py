@@ -78,7 +78,7 @@ def load_teacher(folder: str, fold, checkpoint_name: str = "checkpoint_final.pth
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
     from nnpp.training import find_trainer_class
-    from nnpp.training.nnUNetPlusPlusTrainer import check_checkpoint_file
+    from nnpp.checkpoints import check_checkpoint_file
 
     folder = os.path.abspath(folder)
     if not os.path.isdir(folder):

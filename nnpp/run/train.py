@@ -104,7 +104,7 @@ def saved_run_settings(checkpoint: str) -> dict:
     """The ``nnpp_run_settings`` stored in a checkpoint ({} for checkpoints of nnU-Net's own trainers)."""
     import torch
 
-    from nnpp.training.nnUNetPlusPlusTrainer import check_checkpoint_file
+    from nnpp.checkpoints import check_checkpoint_file
     check_checkpoint_file(checkpoint)
     return torch.load(checkpoint, map_location="cpu", weights_only=False, mmap=True).get("nnpp_run_settings") or {}
 

@@ -21,9 +21,7 @@ A distillation trainer subclasses this and overrides ``build_network_architectur
 """
 from __future__ import annotations
 
-import os
 import time
-import zipfile
 
 import numpy as np
 import torch
@@ -36,6 +34,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from nnpp import NnppError
 from nnpp import device as dev
+from nnpp.checkpoints import atomic_torch_save, check_checkpoint_file
 from nnpp.device import compile_supported, ddp_device_ids, make_amp
 from nnpp.distributed import all_reduce_sum, split_global_batch, world
 from nnpp.nets.plans import PLAIN_UNET_CLASS, UNETPP_CLASS
@@ -51,18 +50,6 @@ class SharedTargetDeepSupervision(DeepSupervisionWrapper):
         if isinstance(target, torch.Tensor):
             target = [target] * len(outputs)
         return super().forward(outputs, target)
-
-
-def check_checkpoint_file(path: str) -> None:
-    """torch.save writes a zip archive: a truncated or corrupt file fails the zip check (cheap, no unpickling)."""
-    try:
-        with zipfile.ZipFile(path) as zf:
-            bad = zf.testzip()
-    except (zipfile.BadZipFile, OSError) as e:
-        raise NnppError(f"checkpoint {path} is unreadable ({e}); it is truncated or corrupt: delete it "
-                        f"(or restore a backup) and run again") from None
-    if bad is not None:
-        raise NnppError(f"checkpoint {path} is corrupt (bad member {bad}); delete it and run again")
 
 
 class nnUNetPlusPlusTrainer(nnUNetTrainer):
@@ -304,24 +291,6 @@ class nnUNetPlusPlusTrainer(nnUNetTrainer):
         own.update({k: v for k, v in saved.items() if k in own and ".seg_layers." not in k})
         mod.load_state_dict(own)
         self.print_to_log_file(f"initialised from pretrained weights {path} (segmentation heads not transferred)")
-
-
-def atomic_torch_save(obj, filename: str) -> None:
-    tmp = f"{filename}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, filename)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    fd = os.open(os.path.dirname(os.path.abspath(filename)), os.O_RDONLY)
-    try:  # the rename itself reaches the disk
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class nnUNetPlusPlusTrainerV2(nnUNetPlusPlusTrainer):
