@@ -51,7 +51,7 @@ def test_distill_one_process_continue_and_predict(tiny_dataset, teacher, tmp_pat
 
     # --c with another KD setting: one line, exit 2; --c as started: the adapters and the config come back
     p = run_cli("distill", ds["id"], "3d_fullres", 0, "--c", "-T", "5", "-device", "cpu", env=env)
-    assert p.returncode == 2 and "contradicts" in p.stderr and p.stderr.count("\n") == 1, output_tail(p)
+    assert p.returncode == 2 and "--c: -T 5.0 contradicts the run being continued (-T " in p.stderr and p.stderr.count("\n") == 1, output_tail(p)
     before = os.path.getmtime(fold / "checkpoint_final.pth")
     p = run_cli("distill", ds["id"], "3d_fullres", 0, "--c", "-device", "cpu", env=env)
     assert p.returncode == 0, output_tail(p)

@@ -73,47 +73,21 @@ def _read_json(path: str, what: str) -> dict:
 def load_teacher(folder: str, fold, checkpoint_name: str = "checkpoint_final.pth",
                  device: torch.device = torch.device("cpu")) -> Teacher:
     """Rebuild the network of ``folder/fold_{fold}/{checkpoint_name}`` the predictor's way, strictly loaded,
-    frozen, on ``device``. Bad folders, missing checkpoints and mismatching weights are one-line NnppErrors."""
-    from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
-    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
-
-    from nnpp.training import find_trainer_class
-    from nnpp.checkpoints import check_checkpoint_file
+    frozen, on ``device`` (:func:`nnpp.deploy.model.load_trained_model`, which also checks plans.json and the
+    labels against the checkpoint). Bad folders, missing checkpoints and mismatching weights are one-line errors."""
+    from nnpp.deploy.model import load_trained_model
 
     folder = os.path.abspath(folder)
     if not os.path.isdir(folder):
         raise NnppError(f"teacher folder {folder} does not exist; -t takes an nnU-Net model folder "
                         f"($nnUNet_results/DatasetXXX/TRAINER__PLANS__CONFIG)")
-    plans = _read_json(os.path.join(folder, "plans.json"), "teacher plans.json")
-    dataset_json = _read_json(os.path.join(folder, "dataset.json"), "teacher dataset.json")
     ckpt_path = os.path.join(folder, f"fold_{fold}", checkpoint_name)
     if not os.path.isfile(ckpt_path):
         raise NnppError(f"teacher checkpoint {ckpt_path} does not exist; train that fold, or choose the teacher "
                         f"folds with -tf and the checkpoint with -tchk (e.g. checkpoint_best.pth)")
-    check_checkpoint_file(ckpt_path)
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-    try:
-        trainer_name = ckpt["trainer_name"]
-        configuration = ckpt["init_args"]["configuration"]
-        weights = ckpt["network_weights"]
-    except (KeyError, TypeError):
-        raise NnppError(f"teacher checkpoint {ckpt_path} is not an nnU-Net v2 checkpoint (needs trainer_name, "
-                        f"init_args, network_weights)") from None
-    plans_manager = PlansManager(plans)
-    configuration_manager = plans_manager.get_configuration(configuration)
-    trainer_class = find_trainer_class(trainer_name)
-    n_in = determine_num_input_channels(plans_manager, configuration_manager, dataset_json)
-    n_out = plans_manager.get_label_manager(dataset_json).num_segmentation_heads
-    network = trainer_class.build_network_architecture(plans_manager, configuration_manager, n_in, n_out, False)
-    try:
-        network.load_state_dict(weights, strict=True)
-    except RuntimeError as e:
-        first = str(e).strip().splitlines()[0]
-        raise NnppError(f"teacher checkpoint {ckpt_path} does not fit the network {trainer_name} builds from "
-                        f"{folder}/plans.json ({first}); the folder and the checkpoint belong to different "
-                        f"models") from None
-    return Teacher(network.to(device), folder, fold, plans_manager, configuration_manager, dataset_json,
-                   trainer_name)
+    model = load_trained_model(folder, [fold], checkpoint_name)
+    return Teacher(model.build_network(0).to(device), folder, fold, model.plans_manager, model.configuration_manager,
+                   model.dataset_json, model.trainer_name)
 
 
 def ensemble_target(teacher_logits: list, T: float, binary: bool) -> Target:

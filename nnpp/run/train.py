@@ -116,6 +116,7 @@ def resume_settings(args, saved: dict, checkpoint: str, device, change: bool = F
     from nnpp.device import resolve_amp_mode
     same = {"amp": lambda v: resolve_amp_mode(v, device)}
     for key, value in saved.items():
+        flag = f"-{key}" if len(key) == 1 else f"--{key}"  # argparse style of our flags: -T, -a, -r, --epochs
         if not hasattr(args, key):
             continue
         given = getattr(args, key)
@@ -123,8 +124,8 @@ def resume_settings(args, saved: dict, checkpoint: str, device, change: bool = F
             setattr(args, key, value)
         elif same.get(key, lambda v: v)(given) != same.get(key, lambda v: v)(value):
             if not change:
-                raise NnppError(f"--c: --{key} {given} contradicts the run being continued (--{key} {value}, saved "
-                                f"in {checkpoint}); drop --{key} to continue as it was started, or add "
+                raise NnppError(f"--c: {flag} {given} contradicts the run being continued ({flag} {value}, saved "
+                                f"in {checkpoint}); drop {flag} to continue as it was started, or add "
                                 f"--change_settings to change it deliberately")
             print(f"[nnpp_train] --c --change_settings: {key} {value} -> {given}", flush=True)
     print(f"[nnpp_train] --c: continuing {checkpoint} with its settings "
