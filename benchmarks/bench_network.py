@@ -197,7 +197,7 @@ def main():
         print(f"JSON: {out}")
         return
 
-    print(f"| network | config | device | AMP | batch x patch | params | step (median s) | peak memory (MiB) |")
+    print("| network | config | device | AMP | batch x patch | params | step (median s) | peak memory (MiB) |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['network']} | {r['config']} | {r['device']} | {r['amp']} | {r['batch']} x "

@@ -261,7 +261,7 @@ def test_get_dice_result_nan_is_null(v2_root):
     assert strict_json(p.stdout)["dice"] == {"liver": 90.0, "cancer": None}
     p = tool("get_dice_result", "-path", v2_root)
     assert p.returncode == 0 and "| 90.00 | nan |" in p.stdout
-    from nnpp.tools.get_dice_result import format_dice
+    from nnpp.cli import format_dice
     lines = format_dice(str(summary)).splitlines()
     assert lines[1] == "Dice class 2 (label 2): nan"
     assert lines[2] == "Dice mean foreground: 0.9000"  # nnU-Net's nanmean over classes

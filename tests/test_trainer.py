@@ -107,7 +107,7 @@ def test_seed_alias_and_unknown_trainer():
 
 
 def test_dataset_id_forms():
-    from nnpp.run.common import parse_dataset_id
+    from nnpp.cli import parse_dataset_id
     for text in ("3", "003", "Dataset003_Liver", "Task003_Liver", "Task03_Liver"):
         assert parse_dataset_id(text) == 3
     with pytest.raises(NnppError, match="not a dataset id"):

@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 
 from nnpp.paths import setup_paths
-from nnpp.run.common import entry_point
+from nnpp.cli import entry_point
 
 STEMS = {"final": "model_final_checkpoint", "best": "model_best"}
 

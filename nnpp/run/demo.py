@@ -14,7 +14,7 @@ import time
 
 from nnpp import NnppError
 from nnpp.device import AMP_CHOICES, DEVICE_CHOICES
-from nnpp.run.common import entry_point, positive_int
+from nnpp.cli import dice_text, entry_point, positive_int
 
 MARKER = ".nnpp_demo"
 
@@ -57,7 +57,7 @@ def run(args) -> dict:
 
     from nnpp.data.synthetic import make_msd_task, prepare_dataset
     from nnpp.run import train
-    from nnpp.tools.get_dice_result import label_names, read_dice
+    from nnpp.cli import label_names, read_dice
 
     print(f"[nnpp_demo] 1/3 writing a synthetic Task03_Liver-like MSD task ({args.cases} training cases) "
           f"under {work}", flush=True)
@@ -78,7 +78,7 @@ def run(args) -> dict:
               "device": str(trainer.device), "amp": trainer.amp.mode, "seconds": time.time() - t0,
               "output_folder": trainer.output_folder}
     print("\n[nnpp_demo] done in {:.0f} s on {} (AMP {}): ".format(result["seconds"], result["device"], result["amp"])
-          + ", ".join(f"{k} Dice {v:.4f}" for k, v in result["dice"].items())
+          + ", ".join(f"{k} Dice {dice_text(v)}" for k, v in result["dice"].items())
           + f", training FPS {result['train_fps']:.2f} img/s")
     print(f"[nnpp_demo] results: {trainer.output_folder}")
     if args.distill:
@@ -91,7 +91,7 @@ def run_distill(args, teacher_trainer) -> list:
     (soft KD), and the same student plans trained by nnpp_train without KD for the same epochs/iterations. Prints
     the three models' validation Dice, parameters and forward latency on one patch side by side."""
     from nnpp.run import distill, train
-    from nnpp.tools.get_dice_result import label_names, read_dice
+    from nnpp.cli import label_names, read_dice
 
     teacher_folder = os.path.dirname(os.path.abspath(teacher_trainer.output_folder))
     budget = ["-device", args.device, "--amp", args.amp, "--epochs", str(args.epochs), "--iters", str(args.iters),
@@ -116,7 +116,7 @@ def run_distill(args, teacher_trainer) -> list:
     print(f"{'model':<22}{'parameters':>12}{'ms/patch':>10}" + "".join(f"{k + ' Dice':>14}" for k in labels))
     for r in rows:
         print(f"{r['model']:<22}{r['parameters']:>12,}{r['latency_ms']:>10.1f}"
-              + "".join(f"{r['dice'][k]:>14.4f}" for k in labels))
+              + "".join(dice_text(r["dice"][k]).rjust(14) for k in labels))
     return rows
 
 

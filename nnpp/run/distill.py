@@ -17,7 +17,7 @@ import os
 
 from nnpp import NnppError
 from nnpp.run import train
-from nnpp.run.common import dataset_name, entry_point, positive_int
+from nnpp.cli import dataset_name, entry_point, positive_int
 
 STUDENT_TRAINERS = {"unetpp": "nnUNetPlusPlusTrainerKD", "unet": "nnUNetTrainerKD"}
 DEFAULT_R = 2
@@ -46,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("-T", type=float, default=None, help="soft-KD temperature (default 2)")
     g.add_argument("-r", type=int, default=None,
                    help=f"channel reduction of the student: features_per_stage // r, never below 8 (default {DEFAULT_R})")
-    g.add_argument("--student", default=None, help=f"unetpp (default) or unet (nnU-Net's PlainConvUNet)")
+    g.add_argument("--student", default=None, help="unetpp (default) or unet (nnU-Net's PlainConvUNet)")
     g.add_argument("--allow-val-leak", dest="allow_val_leak", action="store_true", default=None,
                    help="accept teachers trained on the student's validation cases; the run is marked leaky")
     g.add_argument("--da5", action="store_true", default=None, help="nnU-Net's DA5 data augmentation")
@@ -129,7 +129,7 @@ def setup(trainer, args) -> None:
     _, student_val = split_cases(trainer.preprocessed_dataset_folder_base, trainer.fold)
     leaks = check_leaks(teachers, str(nnUNet_preprocessed), trainer.fold, student_val, config["allow_val_leak"])
     if leaks and int(os.environ.get("RANK", 0)) == 0:
-        print(f"[nnpp_distill] WARNING: leaky run (--allow-val-leak): "
+        print("[nnpp_distill] WARNING: leaky run (--allow-val-leak): "
               + "; ".join(f"{n} was trained on {len(c)} of the student's validation cases" for n, c in leaks)
               + '; kd_config.json records "leaky": true', flush=True)
     trainer.configure_kd(teachers, config, leaks)
@@ -137,7 +137,7 @@ def setup(trainer, args) -> None:
 
 def report(trainer) -> None:
     """The student's validation Dice beside each teacher's (their fold's validation/summary.json, if present)."""
-    from nnpp.tools.get_dice_result import label_names, read_dice
+    from nnpp.cli import dice_text, label_names, read_dice
 
     names = label_names(trainer.dataset_json)
     model = os.path.basename(os.path.dirname(os.path.abspath(trainer.output_folder)))
@@ -153,7 +153,7 @@ def report(trainer) -> None:
              "".ljust(width) + "".join(f"{names.get(k, k):>12}" for k in labels)]
     for name, _ in rows:
         d = dice[name]
-        lines.append(name.ljust(width) + ("".join(f"{d.get(k, float('nan')):>12.4f}" for k in labels)
+        lines.append(name.ljust(width) + ("".join(dice_text(d.get(k, float("nan"))).rjust(12) for k in labels)
                                           if d else "   (no summary.json)"))
     print("\n".join(lines), flush=True)
 

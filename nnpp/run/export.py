@@ -17,7 +17,7 @@ import os
 import sys
 
 from nnpp.paths import setup_paths
-from nnpp.run.common import dataset_name, entry_point, positive_int
+from nnpp.cli import dataset_name, entry_point, positive_int
 from nnpp.run.train import DEFAULT_TRAINER
 
 

@@ -21,7 +21,7 @@ import sys
 
 from nnpp import NnppError
 from nnpp.paths import setup_paths
-from nnpp.run.common import entry_point, parse_dataset_id, positive_int
+from nnpp.cli import entry_point, parse_dataset_id, positive_int
 
 PLANNERS = ("UNetPlusPlusPlanner", "SmallUNetPlusPlusPlanner")
 

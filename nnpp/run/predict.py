@@ -26,7 +26,7 @@ import sys
 
 from nnpp import NnppError
 from nnpp.paths import setup_paths
-from nnpp.run.common import dataset_name, entry_point, positive_int
+from nnpp.cli import dataset_name, entry_point, positive_int
 from nnpp.run.train import DEFAULT_TRAINER
 
 

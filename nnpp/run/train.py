@@ -12,7 +12,7 @@ import statistics
 from nnpp import NnppError
 from nnpp.device import AMP_CHOICES, DEVICE_CHOICES
 from nnpp.paths import setup_paths
-from nnpp.run.common import check_fold, dataset_name, entry_point, load_json_file, positive_int
+from nnpp.cli import check_fold, dataset_name, entry_point, load_json_file, positive_int
 
 DEFAULT_TRAINER = "nnUNetPlusPlusTrainer"
 
@@ -216,7 +216,7 @@ def _train(args, env, device, setup=None):
 
 def report(trainer) -> None:
     """Per-class Dice from the validation summary.json and the training throughput."""
-    from nnpp.tools.get_dice_result import format_dice
+    from nnpp.cli import format_dice
 
     summary = os.path.join(trainer.output_folder, "validation", "summary.json")
     if os.path.isfile(summary):

@@ -19,7 +19,7 @@ import shutil
 import tempfile
 
 from nnpp import NnppError
-from nnpp.run.common import entry_point, positive_int
+from nnpp.cli import entry_point, positive_int
 from nnpp.tools import one_dataset, require_folder
 
 V1_PLANS_3D = "nnUNetPlansv2.1_plans_3D.pkl"

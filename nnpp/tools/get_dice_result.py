@@ -9,36 +9,8 @@ import os
 import pathlib
 
 from nnpp import NnppError
-from nnpp.run.common import entry_point, load_json_file
+from nnpp.cli import dice_text, entry_point, label_names, load_json_file, read_dice
 from nnpp.tools import one_dataset, require_folder
-
-
-def read_dice(summary_path: str) -> dict[str, float]:
-    """{label id (str): mean Dice over the validation cases} for each foreground class; v2 ``mean`` or v1
-    ``results.mean``. NaN (nnU-Net's value for a class absent from reference and prediction) stays NaN."""
-    summary = load_json_file(summary_path, "validation summary")
-    means = summary.get("mean") or summary.get("results", {}).get("mean")
-    if not isinstance(means, dict):
-        raise NnppError(f"{summary_path} has no per-class 'mean' Dice; is it an nnU-Net summary.json?")
-    return {str(k): float(v["Dice"]) for k, v in means.items() if str(k) != "0" and "Dice" in v}
-
-
-def label_names(dataset_json: dict | None) -> dict[str, str]:
-    """{label id: name}. v2 dataset.json maps name -> id, v1 maps id -> name."""
-    labels = (dataset_json or {}).get("labels", {})
-    if all(isinstance(v, int) for v in labels.values()):
-        return {str(v): k for k, v in labels.items()}
-    return {str(k): str(v) for k, v in labels.items()}
-
-
-def format_dice(summary_path: str, dataset_json: dict | None = None) -> str:
-    dice = read_dice(summary_path)
-    names = label_names(dataset_json)
-    lines = [f"Dice {names.get(k, 'class ' + k)} (label {k}): {v:.4f}" for k, v in dice.items()]
-    valid = [v for v in dice.values() if not math.isnan(v)]
-    if valid:  # nnU-Net's foreground_mean: the mean over classes, NaN classes left out
-        lines.append(f"Dice mean foreground: {sum(valid) / len(valid):.4f}")
-    return "\n".join(lines)
 
 
 # ------------------------------------------------------------------------------------------------ the CLI
@@ -120,7 +92,8 @@ def main(argv=None):
         print(row["summary"])
         print("| " + " | ".join(row["dice"]) + " |")
         print("|" + "---|" * len(row["dice"]))
-        print("| " + " | ".join("nan" if v is None else f"{v:.2f}" for v in row["dice"].values()) + " |")
+        print("| " + " | ".join("nan" if v is None else dice_text(v / 100, percent=True) for v in row["dice"].values())
+              + " |")
 
 
 if __name__ == "__main__":
