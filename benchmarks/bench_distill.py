@@ -106,13 +106,7 @@ def kd_step(config: str, teachers: int, device_name: str, amp_mode: str, warmup:
                 soft = sum(L.soft_kd(o, target, 2.0) for o in out) / len(out)
                 c = L.cwd(out[0], L.ensemble_spatial_log_probs(t_logits, 4.0), 4.0)
                 loss = 0.5 * seg.float() + 0.5 * (soft + c)
-        if amp.scaler is not None:
-            amp.scaler.scale(loss).backward()
-            amp.scaler.step(opt)
-            amp.scaler.update()
-        else:
-            loss.backward()
-            opt.step()
+        amp.backward_and_step(loss, opt)
 
     dev.reset_peak_memory(device)
     seconds = timed(step, device, warmup, steps)

@@ -88,13 +88,7 @@ def measure(network: str, config: str, device_name: str, amp_mode: str, warmup: 
             # are upsampled so that both networks pay for a full-resolution loss on each output
             loss = sum(ce(torch.nn.functional.interpolate(o.float(), size=cfg["patch"]) if o.shape[2:] != x.shape[2:]
                           else o.float(), y) for o in out)
-        if amp.scaler is not None:
-            amp.scaler.scale(loss).backward()
-            amp.scaler.step(opt)
-            amp.scaler.update()
-        else:
-            loss.backward()
-            opt.step()
+        amp.backward_and_step(loss, opt)
 
     for _ in range(warmup):
         step()

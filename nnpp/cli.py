@@ -48,14 +48,16 @@ def dataset_name(text: str) -> str:
     return str(found[0])
 
 
-def load_json_file(path: str, what: str):
+def load_json_file(path: str, what: str, missing_hint: str = "", fix: str = "regenerate it"):
+    """``json.load`` with one-line errors: ``{what} not found: {path}[; missing_hint]`` and
+    ``{what} is not valid JSON (...); {fix}``."""
     try:
         with open(path) as f:
             return json.load(f)
     except FileNotFoundError:
-        raise NnppError(f"{what} not found: {path}") from None
+        raise NnppError(f"{what} not found: {path}" + (f"; {missing_hint}" if missing_hint else "")) from None
     except json.JSONDecodeError as e:
-        raise NnppError(f"{what} is not valid JSON ({path}: {e}); regenerate it") from None
+        raise NnppError(f"{what} is not valid JSON ({path}: {e}); {fix}") from None
 
 
 def check_fold(fold: str, preprocessed_dataset_dir: str):

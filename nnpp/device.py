@@ -279,6 +279,23 @@ class Amp:
         return torch.autocast(device_type=self.device.type, dtype=self.dtype)
 
 
+    def backward_and_step(self, loss: torch.Tensor, optimizer, clip_params=None, max_norm: float = 12.0) -> None:
+        """Backward (loss scaled under O1), gradient-norm clipping of ``clip_params`` on the unscaled gradients
+        when given, optimizer step (skipped by the scaler when gradients overflowed)."""
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            if clip_params is not None:
+                self.scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(clip_params, max_norm)
+            self.scaler.step(optimizer)
+            self.scaler.update()
+        else:
+            loss.backward()
+            if clip_params is not None:
+                torch.nn.utils.clip_grad_norm_(clip_params, max_norm)
+            optimizer.step()
+
+
 def make_amp(mode: str, device: torch.device) -> Amp:
     mode = resolve_amp_mode(mode, device)
     return Amp(mode, device, make_grad_scaler(device) if mode == "O1" else None)

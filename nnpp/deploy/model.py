@@ -36,14 +36,10 @@ def _json_normal(obj):
 
 
 def _load_json(path: str, what: str) -> dict:
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except FileNotFoundError:
-        raise NnppError(f"{what} not found: {path}; is this an nnU-Net model folder "
-                        f"(TRAINER__PLANS__CONFIG with plans.json, dataset.json, fold_F/)?") from None
-    except json.JSONDecodeError as e:
-        raise NnppError(f"{what} {path} is not valid JSON ({e}); restore it from the training run") from None
+    """A model folder's JSON file (nnpp.cli.load_json_file with model-folder hints)."""
+    from nnpp.cli import load_json_file
+    return load_json_file(path, what, missing_hint="is this an nnU-Net model folder (TRAINER__PLANS__CONFIG with "
+                          "plans.json, dataset.json, fold_F/)?", fix="restore it from the training run")
 
 
 def build_network(trainer_class, plans_manager, configuration_manager, num_input_channels: int,

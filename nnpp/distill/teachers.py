@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from nnpp import NnppError
+from nnpp.cli import load_json_file
 from nnpp.distill.losses import Target, ensemble_log_probs, ensemble_log_probs_binary
 
 
@@ -57,17 +58,6 @@ class Teacher:
         if isinstance(logits, (list, tuple)):  # deep supervision left on: full resolution is output[0]
             logits = logits[0]
         return logits.float(), None if skips is None else [s.float() for s in skips]
-
-
-def _read_json(path: str, what: str) -> dict:
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except FileNotFoundError:
-        raise NnppError(f"{what} not found: {path}; -t takes an nnU-Net model folder "
-                        f"($nnUNet_results/DatasetXXX/TRAINER__PLANS__CONFIG)") from None
-    except json.JSONDecodeError as e:
-        raise NnppError(f"{what} is not valid JSON ({path}: {e})") from None
 
 
 def load_teacher(folder: str, fold, checkpoint_name: str = "checkpoint_final.pth",
@@ -143,7 +133,7 @@ def split_cases(preprocessed_dataset_dir: str, fold) -> tuple[list, list]:
     splits_file = os.path.join(preprocessed_dataset_dir, "splits_final.json")
     if str(fold) == "all":
         if os.path.isfile(splits_file):
-            splits = _read_json(splits_file, "splits file")
+            splits = load_json_file(splits_file, "splits file")
             cases = sorted(set(splits[0]["train"]) | set(splits[0]["val"]))
         else:
             cases = sorted(f[:-len(".pkl")] for f in _case_files(preprocessed_dataset_dir))
@@ -151,7 +141,7 @@ def split_cases(preprocessed_dataset_dir: str, fold) -> tuple[list, list]:
     if not os.path.isfile(splits_file):
         raise NnppError(f"cannot check teachers for validation leaks: {splits_file} does not exist (nnU-Net writes "
                         f"it at the first training of the dataset); train a teacher with nnU-Net/nnpp first")
-    splits = _read_json(splits_file, "splits file")
+    splits = load_json_file(splits_file, "splits file")
     fold = int(fold)
     if fold >= len(splits):
         raise NnppError(f"fold {fold} is not in {splits_file} ({len(splits)} folds)")

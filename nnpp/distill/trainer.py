@@ -286,16 +286,7 @@ class KDMixin:
         with dev.Amp("O0", self.device).autocast(exclusive=True):  # KD terms in fp32
             terms = self.kd_losses(outputs, skips, extra, t_logits, t_skips)
             loss = self.kd_total(seg.float(), terms)
-        if self.grad_scaler is not None:
-            self.grad_scaler.scale(loss).backward()
-            self.grad_scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
-            self.grad_scaler.step(self.optimizer)
-            self.grad_scaler.update()
-        else:
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
-            self.optimizer.step()
+        self.backward_and_step(loss)
         self._kd_terms.append({"seg": seg.item(), **{k: v.item() for k, v in terms.items()}})
         return {"loss": loss.detach().cpu().numpy()}
 

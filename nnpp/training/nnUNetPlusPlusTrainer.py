@@ -178,17 +178,12 @@ class nnUNetPlusPlusTrainer(nnUNetTrainer):
         with self.amp.autocast():
             output = self.network(data)
             loss = self.loss(output, target)
-        if self.grad_scaler is not None:
-            self.grad_scaler.scale(loss).backward()
-            self.grad_scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
-            self.grad_scaler.step(self.optimizer)
-            self.grad_scaler.update()
-        else:
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
-            self.optimizer.step()
+        self.backward_and_step(loss)
         return {"loss": loss.detach().cpu().numpy()}
+
+    def backward_and_step(self, loss: torch.Tensor) -> None:
+        """nnU-Net's update: backward (through the grad scaler under O1), gradient norm clipped to 12, step."""
+        self.amp.backward_and_step(loss, self.optimizer, self.network.parameters(), 12)
 
     def validation_step(self, batch: dict) -> dict:
         # nnU-Net's step indexes target[0] with deep supervision on: give it the one target as a list of one
