@@ -141,8 +141,7 @@ def check_shared_folder(path: str, what: str = "results folder") -> None:
     if n == 1:
         return
     os.makedirs(path, exist_ok=True)
-    token, path0 = [uuid.uuid4().hex, os.path.abspath(path)] if rank == 0 else [None, None]
-    shared = [token, path0]
+    shared = [uuid.uuid4().hex, os.path.abspath(path)] if rank == 0 else [None, None]
     dist.broadcast_object_list(shared, src=0)
     token, path0 = shared
     marker = os.path.join(path, f".nnpp_shared_{token}")

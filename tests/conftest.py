@@ -17,13 +17,18 @@ DATASET_ID = 901
 PLAN_KW = dict(base_features=8, max_features=32, max_patch=(16, 32, 32))
 
 
+def make_nnunet_dirs(root) -> dict:
+    """Fresh nnUNet_raw / nnUNet_preprocessed / nnUNet_results folders under ``root``: {variable: path}."""
+    dirs = {k: os.path.join(str(root), k) for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")}
+    for d in dirs.values():
+        os.makedirs(d)
+    return dirs
+
+
 @pytest.fixture(scope="session")
 def nnunet_dirs(tmp_path_factory):
     """nnU-Net folders for the session, exported for in-process use and returned for subprocess envs."""
-    root = tmp_path_factory.mktemp("nnunet")
-    dirs = {k: str(root / k) for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")}
-    for d in dirs.values():
-        os.makedirs(d)
+    dirs = make_nnunet_dirs(tmp_path_factory.mktemp("nnunet"))
     old = {k: os.environ.get(k) for k in dirs}
     os.environ.update(dirs)
     yield dirs

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import nnunet_env, output_tail, run_cli
+from conftest import make_nnunet_dirs, nnunet_env, output_tail, run_cli
 
 DATA = pathlib.Path(__file__).resolve().parent / "data" / "v1_unetpp"
 V1_FOLDER = DATA / "RESULTS_FOLDER" / "nnUNet" / "3d_fullres" / "Task003_Liver" / "nnUNetPlusPlusTrainerV2__nnUNetPlansv2.1"
@@ -50,10 +50,7 @@ def make_raw_dataset(raw: pathlib.Path, n_cases=5):
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
     """The fixture converted once into a private nnU-Net tree (raw dataset 950 present, --to_preprocessed)."""
-    root = tmp_path_factory.mktemp("v1conv")
-    dirs = {k: str(root / k) for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")}
-    for d in dirs.values():
-        os.makedirs(d)
+    dirs = make_nnunet_dirs(tmp_path_factory.mktemp("v1conv"))
     make_raw_dataset(pathlib.Path(dirs["nnUNet_raw"]))
     env = nnunet_env(dirs, drop=("nnUNet_raw_data_base", "RESULTS_FOLDER"))
     p = run_cli("convert_v1_model", V1_FOLDER, 950, "--to_preprocessed", env=env)

@@ -91,11 +91,6 @@ class KDStudent(nn.Module):
         return self.net.load_state_dict(state_dict, strict=strict, assign=assign)
 
 
-def _unwrap(module):
-    module = getattr(module, "module", module)  # DDP
-    return module._orig_mod if isinstance(module, OptimizedModule) else module
-
-
 def match_stages(student_shapes: list, teacher_shapes: list) -> list:
     """Pairs ``(student stage, teacher stage)`` of equal spatial shape (the deepest teacher stage of that shape)."""
     pairs = []
@@ -204,7 +199,7 @@ class KDMixin:
 
     @property
     def kd_modules(self) -> nn.ModuleDict | None:
-        net = _unwrap(self.network)
+        net = self.bare_network
         return net.kd_modules if isinstance(net, KDStudent) else None
 
     def checkpoint_extras(self) -> dict:
@@ -331,7 +326,7 @@ class KDMixin:
 
     def size_report(self) -> list:
         """[(name, parameters, ms per patch)] for the student (first) and every teacher."""
-        student = _unwrap(self.network)
+        student = self.bare_network
         student = student.net if isinstance(student, KDStudent) else student
         was_training = student.training
         student.eval()

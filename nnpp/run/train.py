@@ -116,9 +116,9 @@ def resume_settings(args, saved: dict, checkpoint: str, device, change: bool = F
     from nnpp.device import resolve_amp_mode
     same = {"amp": lambda v: resolve_amp_mode(v, device)}
     for key, value in saved.items():
-        flag = f"-{key}" if len(key) == 1 else f"--{key}"  # argparse style of our flags: -T, -a, -r, --epochs
         if not hasattr(args, key):
             continue
+        flag = f"-{key}" if len(key) == 1 else f"--{key}"  # argparse style of our flags: -T, -a, -r, --epochs
         given = getattr(args, key)
         if given is None:
             setattr(args, key, value)

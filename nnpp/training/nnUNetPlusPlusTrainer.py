@@ -76,8 +76,13 @@ class nnUNetPlusPlusTrainer(nnUNetTrainer):
     @property
     def num_heads(self) -> int:
         """L, the number of UNet++ heads: the network's own depth (DDP / torch.compile wrappers unwrapped)."""
+        return self.bare_network.depth
+
+    @property
+    def bare_network(self) -> nn.Module:
+        """The network itself, DDP and torch.compile wrappers removed (what checkpoints store)."""
         net = self.network.module if isinstance(self.network, DDP) else self.network
-        return getattr(net, "_orig_mod", net).depth
+        return getattr(net, "_orig_mod", net)
 
     def run_settings(self) -> dict:
         """What a ``--c`` must reuse, saved in every checkpoint under ``nnpp_run_settings``. Keys are the argparse
@@ -235,8 +240,7 @@ class nnUNetPlusPlusTrainer(nnUNetTrainer):
         if self.disable_checkpointing:
             self.print_to_log_file("No checkpoint written, checkpointing is disabled")
             return
-        mod = self.network.module if isinstance(self.network, DDP) else self.network
-        mod = getattr(mod, "_orig_mod", mod)
+        mod = self.bare_network
         checkpoint = {
             # nnU-Net 2.8's checkpoint layout (nnUNetTrainer.save_checkpoint), so its tools load ours
             "network_weights": mod.state_dict(),
@@ -273,8 +277,7 @@ class nnUNetPlusPlusTrainer(nnUNetTrainer):
         saved = torch.load(path, map_location="cpu", weights_only=False).get("network_weights")
         if not isinstance(saved, dict):
             raise NnppError(f"-pretrained_weights {path} has no 'network_weights'; pass an nnU-Net checkpoint (.pth)")
-        mod = self.network.module if isinstance(self.network, DDP) else self.network
-        mod = getattr(mod, "_orig_mod", mod)
+        mod = self.bare_network
         own = mod.state_dict()
         for key, value in own.items():
             if ".seg_layers." in key:
