@@ -6,9 +6,9 @@ and UNet++ as-is vs each speed/memory option alone vs all together (issue 9).
     python benchmarks/bench_network.py --config issue9 --variants --threads 2   # as-is vs each option vs all
 
 Variants (``--variants``): PlainConvUNet and UNet++ as-is (fp32, contiguous, no checkpointing), then UNet++ with
-channels_last_3d (network and batch), bf16 autocast, checkpointed nodes (``node``, ``cat_conv1``), and all
-together. Each row also has the bytes saved for backward by one forward (``saved_activation_bytes``, batch of
-the config) and the network's own feature-map count (``compute_conv_feature_map_size`` x batch, nnU-Net's units).
+channels_last_3d (network and batch), bf16 autocast, both (nnpp's CPU default on a CPU with native bf16),
+checkpointed nodes (``node``, ``cat_conv1``), and all together. Each row also has the bytes saved for backward by
+one forward (``saved_activation_bytes``, batch of the config) and the network's own feature-map count (``compute_conv_feature_map_size`` x batch, nnU-Net's units).
 Memory at Task03's plan (128^3 x 2) is reported as the count only (no forward at that size on a CPU).
 
 Each (network, config) is measured in a fresh subprocess, so the CPU's peak RSS (which cannot be reset) and
@@ -45,6 +45,7 @@ VARIANTS = {
     "UNet++ as-is": ("UNetPlusPlus", None, False, "none"),
     "UNet++ channels_last_3d": ("UNetPlusPlus", None, True, "none"),
     "UNet++ bf16": ("UNetPlusPlus", "bf16", False, "none"),
+    "UNet++ channels_last_3d + bf16": ("UNetPlusPlus", "bf16", True, "none"),
     "UNet++ ckpt node": ("UNetPlusPlus", None, False, "node"),
     "UNet++ ckpt cat_conv1": ("UNetPlusPlus", None, False, "cat_conv1"),
     "UNet++ all (channels_last + bf16 + ckpt node)": ("UNetPlusPlus", "bf16", True, "node"),
@@ -113,7 +114,7 @@ def task03_counts() -> dict:
     """Feature-map counts (nnU-Net's units, x batch 2) at Task03's plan, 128^3: no forward, the networks' own count."""
     cfg, out = CONFIGS["task03"], {}
     for name, (network, _, _, ckpt) in VARIANTS.items():
-        if name.startswith("UNet++ all") or name.endswith(("channels_last_3d", "bf16")):
+        if name.startswith("UNet++ all") or "channels_last" in name or "bf16" in name:
             continue
         kwargs = dict(arch_kwargs(cfg), **({"checkpoint_nodes": ckpt} if ckpt else {}))
         net = plans.build_network(NETWORKS[network], kwargs, 1, 3, allow_init=False)

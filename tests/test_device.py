@@ -109,8 +109,12 @@ def test_amp_modes_on_cpu(mode, dtype, scaled):
     assert y.dtype == dtype
 
 
-def test_amp_auto_and_bad_mode():
+def test_amp_auto_and_bad_mode(monkeypatch):
+    monkeypatch.setattr(dev, "cpu_has_native_bf16", lambda: False)
     assert dev.make_amp("auto", torch.device("cpu")).mode == "O0"
+    monkeypatch.setattr(dev, "cpu_has_native_bf16", lambda: True)  # AVX512-BF16 / AMX: bf16 measured faster
+    assert dev.make_amp("auto", torch.device("cpu")).mode == "bf16"
+    assert dev.resolve_amp_mode("auto", torch.device("mps")) == "O0"
     assert dev.resolve_amp_mode("auto", torch.device("cuda", 0)) == "O1"
     npu = types.SimpleNamespace(type="npu", index=0)  # torch.device("npu") exists only once torch_npu is imported
     assert dev.resolve_amp_mode("auto", npu) == "O1"
@@ -153,3 +157,24 @@ def test_o0_switches_off_an_enclosing_autocast():
             assert lin(torch.randn(2, 4)).dtype == torch.float32
         with dev.make_amp("O0", torch.device("cpu")).autocast():
             assert lin(torch.randn(2, 4)).dtype == torch.bfloat16  # not exclusive: the enclosing one holds
+
+
+@pytest.mark.parametrize("avx512_bf16, amx, expected",
+                         [(True, False, True), (False, True, True), (False, False, False)])
+def test_native_bf16_probe(monkeypatch, avx512_bf16, amx, expected):
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    assert dev.cpu_has_native_bf16() is expected
+
+
+def test_native_bf16_probe_without_the_probes(monkeypatch):
+    """A torch without the CPU-feature probes: no native bf16 assumed (auto stays O0)."""
+    monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported")
+    monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported")
+    assert dev.cpu_has_native_bf16() is False
+
+
+def test_memory_format_per_device():
+    assert dev.memory_format(torch.device("cpu"), 3) == torch.channels_last_3d
+    assert dev.memory_format(torch.device("cpu"), 2) == torch.contiguous_format
+    assert dev.memory_format(torch.device("cuda", 0), 3) == torch.contiguous_format

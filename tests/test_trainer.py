@@ -48,7 +48,7 @@ def test_one_full_resolution_target_for_all_heads(trainer):
     # nnU-Net's per-head target lists still work (its multi-scale trainers, the KD student)
     assert loss([torch.full((2,), 2.0), torch.full((1,), 4.0)], [torch.ones(2), torch.zeros(1)]).item() == 3.0
     out = trainer.train_step(batch)
-    assert np.isfinite(out["loss"])
+    assert torch.isfinite(out["loss"])
     val = trainer.validation_step(_batch(trainer))
     assert np.isfinite(val["loss"]) and len(val["tp_hard"]) == trainer.label_manager.num_segmentation_heads - 1
 
@@ -60,7 +60,7 @@ def test_train_step_updates_every_head(trainer, mode):
     batch = _batch(trainer)
     heads = [h.weight.detach().clone() for h in trainer.network.decoder.seg_layers]
     out = trainer.train_step(batch)
-    assert np.isfinite(out["loss"])
+    assert torch.isfinite(out["loss"])
     changed = [not torch.equal(before, h.weight) for before, h in zip(heads, trainer.network.decoder.seg_layers)]
     assert all(changed)
 
@@ -133,9 +133,10 @@ def test_stale_tmp_is_never_promoted(trainer):
         sorted(f for f in os.listdir(trainer.output_folder) if f.startswith("training_log"))
 
 
-def test_run_settings_saved_and_resolved_on_resume(trainer):
+def test_run_settings_saved_and_resolved_on_resume(trainer, monkeypatch):
     import argparse
 
+    from nnpp import device as dev
     from nnpp.run.train import build_parser, resume_settings
     trainer.configure_amp("bf16")
     trainer.num_epochs, trainer.num_iterations_per_epoch = 7, 3
@@ -143,11 +144,11 @@ def test_run_settings_saved_and_resolved_on_resume(trainer):
     trainer.save_checkpoint(path)
     saved = torch.load(path, weights_only=False)["nnpp_run_settings"]
     assert saved == {"epochs": 7, "iters": 3, "val_iters": trainer.num_val_iterations_per_epoch, "amp": "bf16",
-                     "dbs": False}
+                     "dbs": False, "checkpoint": "none"}
 
     args = build_parser().parse_args(["1", "3d_fullres", "0", "--c"])
     resume_settings(args, saved, path, trainer.device)
-    assert (args.epochs, args.iters, args.amp, args.dbs) == (7, 3, "bf16", False)  # flags not given: the saved ones
+    assert (args.epochs, args.iters, args.amp, args.dbs, args.checkpoint) == (7, 3, "bf16", False, "none")
 
     args = build_parser().parse_args(["1", "3d_fullres", "0", "--c", "--epochs", "9"])
     with pytest.raises(NnppError, match=r"--c: --epochs 9 contradicts the run being continued \(--epochs 7"):
@@ -158,9 +159,17 @@ def test_run_settings_saved_and_resolved_on_resume(trainer):
     args = build_parser().parse_args(["1", "3d_fullres", "0", "--c", "--epochs", "9", "--change_settings"])
     resume_settings(args, saved, path, trainer.device, change=True)
     assert args.epochs == 9 and args.amp == "bf16"
-    o0 = dict(saved, amp="O0")  # 'auto' is O0 on the CPU: not a contradiction
-    resume_settings(argparse.Namespace(**vars(build_parser().parse_args(["1", "3d_fullres", "0", "--amp", "auto"]))),
-                    o0, path, trainer.device)
+    args = build_parser().parse_args(["1", "3d_fullres", "0", "--c", "--checkpoint", "node"])
+    with pytest.raises(NnppError, match="--checkpoint node contradicts the run being continued"):
+        resume_settings(args, saved, path, trainer.device)
+    # 'auto' is what it resolves to on this device: not a contradiction of the same mode
+    for native_bf16, same in ((False, "O0"), (True, "bf16")):
+        monkeypatch.setattr(dev, "cpu_has_native_bf16", lambda: native_bf16)
+        args = argparse.Namespace(**vars(build_parser().parse_args(["1", "3d_fullres", "0", "--amp", "auto"])))
+        resume_settings(args, dict(saved, amp=same), path, trainer.device)
+        other = "bf16" if same == "O0" else "O0"
+        with pytest.raises(NnppError, match=f"--amp auto contradicts .*--amp {other}"):
+            resume_settings(args, dict(saved, amp=other), path, trainer.device)
 
 
 def _dtypes_seen(network):
@@ -228,3 +237,51 @@ def test_pretrained_weights(trainer, tmp_path):
     torch.save({"network_weights": dict(donor, **{key: torch.zeros(1)})}, donor_path)
     with pytest.raises(NnppError, match=f"does not fit this network: {key} is shape \\(1,\\)"):
         trainer.load_pretrained_weights(donor_path)
+
+
+def test_loss_stays_on_the_device_and_the_epoch_mean_is_logged(trainer):
+    """train_step hands back the loss as a device tensor (no host synchronisation per step); the epoch's mean is
+    read once and logged as nnU-Net's train loss."""
+    out = trainer.train_step(_batch(trainer))
+    assert isinstance(out["loss"], torch.Tensor) and out["loss"].device == trainer.device
+    assert not out["loss"].requires_grad
+    trainer.on_train_epoch_start()
+    trainer.on_train_epoch_end([{"loss": torch.tensor(1.0)}, {"loss": torch.tensor(2.0)}, {"loss": torch.tensor(4.5)}])
+    assert trainer.logger.get_value("train_losses", step=trainer.current_epoch) == pytest.approx(2.5)
+
+
+def test_network_and_batches_in_the_device_memory_format(trainer):
+    """On the CPU a 3D network trains in channels_last_3d (nnpp.device.memory_format): its conv weights and every
+    batch it sees in training and in the pseudo-Dice step."""
+    assert trainer.memory_format == torch.channels_last_3d
+    conv = trainer.network.encoder.stages[0][0].convs[0].conv
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last_3d)
+    seen = []
+    trainer.network.register_forward_pre_hook(
+        lambda m, args: seen.append(args[0].is_contiguous(memory_format=torch.channels_last_3d)))
+    trainer.train_step(_batch(trainer))
+    trainer.validation_step(_batch(trainer))
+    assert seen == [True, True]
+
+
+def test_checkpointing_flag_reaches_the_network(tiny_dataset, tmp_path, monkeypatch):
+    """``checkpoint_nodes`` (nnpp_train --checkpoint) switches the nested nodes to recomputation in the built network
+    (a training step goes through torch.utils.checkpoint for each of the 6 nodes of the depth-3 UNet++), and the run
+    settings record it; a network without the option refuses it in one line."""
+    from dynamic_network_architectures.architectures.unet import PlainConvUNet
+
+    from nnpp.nets import unetpp
+    from nnpp.run.train import make_trainer
+    monkeypatch.setenv("nnUNet_results", str(tmp_path / "results"))
+    t = make_trainer(str(tiny_dataset["id"]), "3d_fullres", "0", device=torch.device("cpu"))
+    assert t.checkpoint_mode == "none"  # the plans say nothing: no checkpointing
+    t.checkpoint_nodes = "node"
+    t.initialize()
+    assert t.network.checkpoint_nodes == "node" and t.run_settings()["checkpoint"] == "node"
+    calls = []
+    monkeypatch.setattr(unetpp, "checkpoint", lambda fn, *a, **kw: calls.append(1) or fn(*a))
+    t.train_step(_batch(t))
+    assert len(calls) == 6
+    t.network = PlainConvUNet(1, 2, [4, 8], torch.nn.Conv3d, 3, [1, 2], 1, 2, 1)
+    with pytest.raises(NnppError, match="--checkpoint node: activation checkpointing is a UNet\\+\\+ option"):
+        t._configure_network()

@@ -95,18 +95,19 @@ def make_msd_task(root: str, task_id: int = 900, name: str = "SynthLiver", n_tra
 
 
 def prepare_dataset(msd_folder: str, dataset_id: int, configurations=("3d_fullres",), num_processes: int = 2,
-                    **planner_kwargs) -> str:
-    """nnU-Net's pipeline on an MSD folder: convert, fingerprint, plan (small UNet), preprocess.
-    nnU-Net path variables must be set. Returns the v2 dataset name."""
+                    planner: str = "SmallUNetPlanner", **planner_kwargs) -> str:
+    """nnU-Net's pipeline on an MSD folder: convert, fingerprint, plan (``planner``, a class of nnpp.planning: small
+    PlainConvUNet plans ``nnUNetPlans`` by default, ``SmallUNetPlusPlusPlanner`` for UNet++-sized plans
+    ``nnppUNetPlusPlusPlans``), preprocess. nnU-Net path variables must be set. Returns the v2 dataset name."""
     from nnunetv2.dataset_conversion.convert_MSD_dataset import convert_msd_dataset
     from nnunetv2.experiment_planning.plan_and_preprocess_api import extract_fingerprint_dataset, preprocess_dataset
 
-    from nnpp.planning import SmallUNetPlanner
+    from nnpp import planning
 
     convert_msd_dataset(msd_folder, overwrite_target_id=dataset_id, num_processes=num_processes)
     extract_fingerprint_dataset(dataset_id, num_processes=num_processes, check_dataset_integrity=True,
                                 verbose=False, show_progress_bar=False)
-    planner = SmallUNetPlanner(dataset_id, **planner_kwargs)
+    planner = getattr(planning, planner)(dataset_id, **planner_kwargs)
     # nnU-Net's VRAM estimate calls torch.set_num_threads(nnUNet_n_proc_DA), which fails for 0 (= augment
     # in the main process, a valid training setting): plan with at least 1.
     n_da = os.environ.get("nnUNet_n_proc_DA")

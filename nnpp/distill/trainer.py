@@ -282,8 +282,9 @@ class KDMixin:
             terms = self.kd_losses(outputs, skips, extra, t_logits, t_skips)
             loss = self.kd_total(seg.float(), terms)
         self.backward_and_step(loss)
-        self._kd_terms.append({"seg": seg.item(), **{k: v.item() for k, v in terms.items()}})
-        return {"loss": loss.detach().cpu().numpy()}
+        # on the device: read once per epoch (on_train_epoch_end), no host synchronisation per step
+        self._kd_terms.append({"seg": seg.detach(), **{k: v.detach() for k, v in terms.items()}})
+        return {"loss": loss.detach()}
 
     def on_train_start(self):
         super().on_train_start()
@@ -302,7 +303,7 @@ class KDMixin:
 
     def on_train_epoch_end(self, train_outputs):
         if self.kd_on and self._kd_terms:
-            means = {k: statistics.fmean(t[k] for t in self._kd_terms) for k in self._kd_terms[0]}
+            means = {k: torch.stack([t[k].float() for t in self._kd_terms]).mean().item() for k in self._kd_terms[0]}
             self.print_to_log_file("KD terms (epoch means, unweighted): "
                                    + ", ".join(f"{k} {v:.4f}" for k, v in means.items()))
             self._kd_terms = []

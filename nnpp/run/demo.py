@@ -1,7 +1,8 @@
 """nnpp_demo: the whole pipeline on a built-in synthetic Task03_Liver-like dataset, end to end.
 
-Generates an MSD-layout task, converts it with nnU-Net's MSD converter, fingerprints, plans (small UNet,
-small patch) and preprocesses it, trains UNet++ briefly on the auto device, validates fold 0 and prints
+Generates an MSD-layout task, converts it with nnU-Net's MSD converter, fingerprints, plans it with nnpp's UNet++
+planner (small width, small patch: plans ``nnppUNetPlusPlusPlans``) and preprocesses it, trains UNet++ briefly on
+the auto device (``--amp auto``: bf16 on CPUs with native bf16), validates fold 0 and prints
 per-class Dice and training FPS. Everything lives under --workdir (its own nnUNet_raw / nnUNet_preprocessed /
 nnUNet_results; your own nnU-Net folders are never touched).
 """
@@ -56,6 +57,7 @@ def run(args) -> dict:
         os.makedirs(os.environ[var])
 
     from nnpp.data.synthetic import make_msd_task, prepare_dataset
+    from nnpp.planning import UNETPP_PLANS
     from nnpp.run import train
     from nnpp.cli import label_names, read_dice
 
@@ -63,11 +65,11 @@ def run(args) -> dict:
           f"under {work}", flush=True)
     msd = make_msd_task(os.path.join(work, "msd"), args.dataset_id, n_train=args.cases, n_test=2)
     print("[nnpp_demo] 2/3 nnU-Net: MSD conversion, fingerprint, planning, preprocessing", flush=True)
-    name = prepare_dataset(msd, args.dataset_id, num_processes=args.np)
+    name = prepare_dataset(msd, args.dataset_id, num_processes=args.np, planner="SmallUNetPlusPlusPlanner")
     print(f"[nnpp_demo] 3/3 training UNet++ on {name}, fold 0: {args.epochs} epochs x {args.iters} iterations",
           flush=True)
     train_args = train.build_parser().parse_args(
-        [str(args.dataset_id), "3d_fullres", "0", "-device", args.device, "--amp", args.amp,
+        [str(args.dataset_id), "3d_fullres", "0", "-p", UNETPP_PLANS, "-device", args.device, "--amp", args.amp,
          "--epochs", str(args.epochs), "--iters", str(args.iters), "--val_iters", str(args.val_iters)])
     trainer = train.run(train_args)
 
@@ -90,15 +92,18 @@ def run_distill(args, teacher_trainer) -> list:
     """``--distill``: the trained UNet++ (fold 0) as teacher -> a UNet++ student with r=2 distilled by nnpp_distill
     (soft KD), and the same student plans trained by nnpp_train without KD for the same epochs/iterations. Prints
     the three models' validation Dice, parameters and forward latency on one patch side by side."""
-    from nnpp.run import distill, train
     from nnpp.cli import label_names, read_dice
+    from nnpp.planning import UNETPP_PLANS
+    from nnpp.run import distill, train
 
     teacher_folder = os.path.dirname(os.path.abspath(teacher_trainer.output_folder))
     budget = ["-device", args.device, "--amp", args.amp, "--epochs", str(args.epochs), "--iters", str(args.iters),
               "--val_iters", str(args.val_iters)]
     common = [str(args.dataset_id), "3d_fullres", "0"]
-    print(f"[nnpp_demo] distillation 1/2: nnpp_distill {' '.join(common)} -t {teacher_folder} --kd soft -r 2", flush=True)
-    kd = distill.run(distill.build_parser().parse_args(common + ["-t", teacher_folder, "--kd", "soft", "-r", "2"] + budget))
+    print(f"[nnpp_demo] distillation 1/2: nnpp_distill {' '.join(common)} -t {teacher_folder} --kd soft -r 2 "
+          f"-p {UNETPP_PLANS}", flush=True)
+    kd = distill.run(distill.build_parser().parse_args(common + ["-t", teacher_folder, "--kd", "soft", "-r", "2",
+                                                                 "-p", UNETPP_PLANS] + budget))
     print(f"[nnpp_demo] distillation 2/2: the same student without KD: nnpp_train {' '.join(common)} -p {kd.plans_manager.plans_name}",
           flush=True)
     plain = train.run(train.build_parser().parse_args(common + ["-p", kd.plans_manager.plans_name] + budget))

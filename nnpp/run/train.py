@@ -1,6 +1,7 @@
 """nnpp_train: nnU-Net v2's training command for nnpp trainers, on any device, with AMP and short runs.
 
     nnpp_train DATASET CONFIG FOLD [-tr TRAINER] [-p PLANS] [-device auto|cuda|npu|mps|cpu] [--amp MODE]
+               [--checkpoint none|node|cat_conv1]
                [--c] [--val] [--val_best] [--npz] [--epochs N] [--iters N] [--val_iters N] [--save_every N]
 """
 from __future__ import annotations
@@ -11,6 +12,7 @@ import statistics
 
 from nnpp import NnppError
 from nnpp.device import AMP_CHOICES, DEVICE_CHOICES
+from nnpp.nets.unetpp import CHECKPOINT_MODES
 from nnpp.paths import setup_paths
 from nnpp.cli import check_fold, dataset_name, entry_point, load_json_file, positive_int
 
@@ -28,13 +30,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-p", default="nnUNetPlans", help="plans identifier (default nnUNetPlans)")
     p.add_argument("-device", default="auto", choices=DEVICE_CHOICES, help="default auto: npu, cuda, mps, cpu")
     p.add_argument("--amp", default=None, choices=AMP_CHOICES,
-                   help="O0 fp32 | O1 fp16 autocast + loss scaling | bf16 | auto (default; O1 on cuda/npu, O0 on "
-                   "cpu/mps)")
+                   help="O0 fp32 | O1 fp16 autocast + loss scaling | bf16 | auto (default; O1 on cuda/npu, bf16 on "
+                   "CPUs with native bf16 (AVX512-BF16/AMX), O0 on other CPUs and mps)")
+    p.add_argument("--checkpoint", default=None, choices=CHECKPOINT_MODES,
+                   help="activation checkpointing of UNet++'s nested nodes (recomputed in backward): node (each node; "
+                   "about 0.25x the activations) | cat_conv1 | none (default: what the plans say, nnpp_plan_and_"
+                   "preprocess --checkpoint)")
     p.add_argument("--c", action="store_true", help="continue from the latest checkpoint (fresh start if none) "
-                   "with the run's saved settings (--epochs/--iters/--val_iters/--amp/--dbs); a flag that "
-                   "contradicts them is an error unless --change_settings is given")
+                   "with the run's saved settings (--epochs/--iters/--val_iters/--amp/--dbs/--checkpoint); a flag "
+                   "that contradicts them is an error unless --change_settings is given")
     p.add_argument("--change_settings", action="store_true", help="with --c: apply the given --epochs/--iters/"
-                   "--val_iters/--amp/--dbs instead of the saved ones (logged; a new --epochs changes the poly LR "
+                   "--val_iters/--amp/--dbs/--checkpoint instead of the saved ones (logged; a new --epochs changes the "
+                   "poly LR "
                    "schedule from here on, a new --amp drops or starts the grad scaler state)")
     p.add_argument("--val", action="store_true", help="only run the final validation (needs checkpoint_final)")
     p.add_argument("--val_best", action="store_true", help="validate with checkpoint_best instead of final")
@@ -114,7 +121,8 @@ def resume_settings(args, saved: dict, checkpoint: str, device, change: bool = F
     flag that contradicts it is an error (the LR schedule, iteration count, loss scaling and batch split of the
     interrupted run must not change silently), or, with ``change`` (--change_settings), applied and logged."""
     from nnpp.device import resolve_amp_mode
-    same = {"amp": lambda v: resolve_amp_mode(v, device)}
+    from nnpp.nets.unetpp import checkpoint_mode
+    same = {"amp": lambda v: resolve_amp_mode(v, device), "checkpoint": checkpoint_mode}
     for key, value in saved.items():
         if not hasattr(args, key):
             continue
@@ -180,9 +188,10 @@ def _train(args, env, device, setup=None):
     if nnpp_trainer:
         trainer.configure_amp(args.amp or "auto")
         trainer.distribute_batch = bool(args.dbs)
-    elif args.amp not in (None, "auto") or args.dbs or args.other_use or args.pretrained_weights:
-        raise NnppError(f"--amp, --dbs, --other_use and -pretrained_weights need an nnpp trainer; {args.tr} is "
-                        f"nnU-Net's own (use nnUNetv2_train for it)")
+        trainer.checkpoint_nodes = args.checkpoint
+    elif args.amp not in (None, "auto") or args.dbs or args.other_use or args.pretrained_weights or args.checkpoint:
+        raise NnppError(f"--amp, --dbs, --checkpoint, --other_use and -pretrained_weights need an nnpp trainer; "
+                        f"{args.tr} is nnU-Net's own (use nnUNetv2_train for it)")
     configure_run(trainer, args.epochs, args.iters, args.val_iters, args.save_every)
     trainer.disable_checkpointing = args.disable_checkpointing
     if setup is not None:

@@ -13,6 +13,10 @@ SGD, checkpoints, ``progress.png``, validation and ``summary.json``):
   gradient; nnU-Net's default would give the last output weight 0, which is why the reference UNet++
   port never trained its deeper nodes. Override :meth:`deep_supervision_weights` to change this.
 * AMP on every device through :mod:`nnpp.device` (nnU-Net autocasts on CUDA only): ``configure_amp``.
+* Memory format from the device layer (channels_last_3d for 3D on the CPU): network and every batch.
+* Activation checkpointing of UNet++'s nested nodes: ``checkpoint_nodes`` (nnpp_train ``--checkpoint``; default:
+  what the plans say), recorded in the run settings.
+* The loss stays on the device: one read per epoch (the epoch mean), not one host synchronisation per step.
 * torch.compile only where the device layer says it works (CUDA), still switchable with nnUNet_compile.
 * Checkpoints are written atomically (temp file + rename); a truncated checkpoint gives one clear error.
 * Train throughput (images/s over the training iterations of each epoch) is logged per epoch.
@@ -38,6 +42,7 @@ from nnpp.checkpoints import atomic_torch_save, check_checkpoint_file
 from nnpp.device import compile_supported, ddp_device_ids, make_amp
 from nnpp.distributed import all_reduce_sum, split_global_batch, world
 from nnpp.nets.plans import PLAIN_UNET_CLASS, UNETPP_CLASS
+from nnpp.nets.unetpp import checkpoint_mode
 
 
 
@@ -56,6 +61,8 @@ class nnUNetPlusPlusTrainer(nnUNetTrainer):
     #: under DDP: True (--dbs) splits the plans batch across ranks as nnU-Net does; False gives every rank
     #: the plans batch (the global batch is then world_size x plans batch)
     distribute_batch = False
+    #: activation checkpointing of UNet++'s nested nodes ("none", "node", "cat_conv1"); None: as the plans say
+    checkpoint_nodes: str | None = None
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
@@ -64,6 +71,7 @@ class nnUNetPlusPlusTrainer(nnUNetTrainer):
         self.device = device
         self.configure_amp("auto")
         self.train_fps: list[float] = []
+        self.memory_format = torch.contiguous_format  # set by the device layer in initialize()
         self._train_epoch_t0 = None
 
     # ------------------------------------------------------------------------------------- configuration
@@ -89,7 +97,17 @@ class nnUNetPlusPlusTrainer(nnUNetTrainer):
         dests of nnpp_train's flags (nnpp.run.train resolves them on resume); subclasses add their own."""
         return {"epochs": self.num_epochs, "iters": self.num_iterations_per_epoch,
                 "val_iters": self.num_val_iterations_per_epoch, "amp": self.amp.mode,
-                "dbs": bool(self.distribute_batch)}
+                "dbs": bool(self.distribute_batch), "checkpoint": self.checkpoint_mode}
+
+    @property
+    def checkpoint_mode(self) -> str:
+        """The checkpointing the network runs with: the ``checkpoint_nodes`` setting, else the plans' value."""
+        decoder = getattr(self.bare_network, "decoder", None) if self.was_initialized else None
+        if hasattr(decoder, "checkpoint_nodes"):
+            return decoder.checkpoint_nodes
+        if self.checkpoint_nodes is not None:
+            return checkpoint_mode(self.checkpoint_nodes)
+        return checkpoint_mode(self.configuration_manager.network_arch_init_kwargs.get("checkpoint_nodes"))
 
     def checkpoint_extras(self) -> dict:
         """Extra top-level checkpoint entries (subclasses: KD modules under their own key)."""
@@ -119,6 +137,7 @@ class nnUNetPlusPlusTrainer(nnUNetTrainer):
             super().initialize()
         finally:
             self.is_ddp = is_ddp
+        self._configure_network()
         if is_ddp:
             self._set_batch_size_and_oversample()
             self.network = DDP(nn.SyncBatchNorm.convert_sync_batchnorm(self.network),
@@ -129,6 +148,23 @@ class nnUNetPlusPlusTrainer(nnUNetTrainer):
                                f"{self.batch_size * n}" + (" (--dbs: the plans batch split across the ranks)"
                                                            if is_ddp and self.distribute_batch else ""),
                                also_print_to_console=world()[0] == 0)
+
+    def _configure_network(self) -> None:
+        """Checkpointing and memory format of the freshly built network (parameters keep their identity, so the
+        optimizer nnU-Net built is unaffected)."""
+        net = self.bare_network
+        decoder = getattr(net, "decoder", None)
+        if self.checkpoint_nodes is not None:
+            mode = checkpoint_mode(self.checkpoint_nodes)
+            if hasattr(decoder, "checkpoint_nodes"):
+                decoder.checkpoint_nodes = mode
+            elif mode != "none":
+                raise NnppError(f"--checkpoint {mode}: activation checkpointing is a UNet++ option and "
+                                f"{type(net).__name__} has none; drop --checkpoint")
+        self.memory_format = dev.memory_format(self.device, len(self.configuration_manager.patch_size))
+        net.to(memory_format=self.memory_format)
+        self.print_to_log_file(f"activation checkpointing: {self.checkpoint_mode}; memory format: "
+                               f"{str(self.memory_format).replace('torch.', '')}", also_print_to_console=False)
 
     def _do_i_compile(self) -> bool:
         return compile_supported(self.device) and super()._do_i_compile()
@@ -169,7 +205,7 @@ class nnUNetPlusPlusTrainer(nnUNetTrainer):
 
     # -------------------------------------------------------------------------------------------- steps
     def _batch_to_device(self, batch: dict):
-        data = dev.to_device(batch["data"], self.device)
+        data = dev.to_device(batch["data"], self.device).contiguous(memory_format=self.memory_format)
         target = batch["target"]
         if isinstance(target, list):
             target = [dev.to_device(t, self.device) for t in target]
@@ -184,7 +220,7 @@ class nnUNetPlusPlusTrainer(nnUNetTrainer):
             output = self.network(data)
             loss = self.loss(output, target)
         self.backward_and_step(loss)
-        return {"loss": loss.detach().cpu().numpy()}
+        return {"loss": loss.detach()}  # stays on the device: read once per epoch (on_train_epoch_end)
 
     def backward_and_step(self, loss: torch.Tensor) -> None:
         """nnU-Net's update: backward (through the grad scaler under O1), gradient norm clipped to 12, step."""
@@ -205,7 +241,7 @@ class nnUNetPlusPlusTrainer(nnUNetTrainer):
 
     def _forward_in_amp(self, network, x):
         with self.amp.autocast(exclusive=True):
-            return network(x)
+            return network(x.contiguous(memory_format=self.memory_format))
 
     def perform_actual_validation(self, save_probabilities: bool = False):
         """nnU-Net's final validation, with the predictor told what the device layer knows (logits stay on npu
@@ -219,7 +255,11 @@ class nnUNetPlusPlusTrainer(nnUNetTrainer):
         self._train_epoch_t0 = time.perf_counter()
 
     def on_train_epoch_end(self, train_outputs):
-        # train_step ends with loss.cpu(), which waits for the device: the wall time below is honest.
+        # the epoch's mean loss: one read from the device, which also waits for its queued work, so the wall time
+        # below is honest; nnU-Net logs (and under DDP all-gathers) this mean
+        losses = [o["loss"] for o in train_outputs]
+        if losses and isinstance(losses[0], torch.Tensor):
+            train_outputs = [{"loss": torch.stack(losses).float().mean().item()}]
         seconds = time.perf_counter() - self._train_epoch_t0
         per_rank = self.batch_size * self.num_iterations_per_epoch / seconds
         total = all_reduce_sum(per_rank, self.device)  # every rank reaches this (collective)
