@@ -9,10 +9,10 @@ AMP modes (``--amp``):
   ``O1``    fp16 autocast + dynamic loss scaling (GradScaler); the seed's apex O1 choice.
   ``bf16``  bfloat16 autocast, no loss scaling (bf16 has fp32's exponent range).
   ``auto``  O1 on cuda and npu; bf16 on CPUs with native bfloat16 instructions (AVX512-BF16 or AMX: measured
-            0.45x the fp32 step of UNet++ and the same demo Dice, benchmarks/RESULTS.md); O0 on other CPUs and
+            0.44-0.45x the fp32 step of UNet++ and the same demo Dice, benchmarks/RESULTS.md); O0 on other CPUs and
             on mps (fp16 autocast on the CPU is correct but slow).
 
-Memory format (:func:`memory_format`): channels_last_3d for 3D networks and batches on the CPU (measured 0.71x
+Memory format (:func:`memory_format`): channels_last_3d for 3D networks and batches on the CPU (measured 0.71-0.80x
 the contiguous UNet++ step); contiguous elsewhere until measured there.
 """
 from __future__ import annotations
@@ -167,7 +167,7 @@ def configure_backends(device: torch.device, deterministic: bool = False) -> Non
 def memory_format(device: torch.device, spatial_dims: int) -> torch.memory_format:
     """The memory format nnpp trains in on ``device`` for a network with ``spatial_dims`` spatial axes (applied to
     the network and to every batch). channels_last_3d for 3D on the CPU, where oneDNN's NDHWC convolutions made the
-    UNet++ step 0.71x the contiguous one (fp32; benchmarks/RESULTS.md); contiguous otherwise (2D, and cuda/npu/mps:
+    UNet++ step 0.71-0.80x the contiguous one (fp32; benchmarks/RESULTS.md); contiguous otherwise (2D, and cuda/npu/mps:
     not measured yet)."""
     if device.type == "cpu" and spatial_dims == 3:
         return torch.channels_last_3d

@@ -7,6 +7,8 @@ import pytest
 import torch
 from conftest import nnunet_env, output_tail, run_cli
 
+from nnpp.device import resolve_amp_mode
+
 SHORT = ("--epochs", "1", "--iters", "2", "--val_iters", "1")
 V1_NAMES = ("nnUNet_raw_data_base", "RESULTS_FOLDER")
 
@@ -51,7 +53,9 @@ def test_train_continue_validate_predict(tiny_dataset, tmp_path):
     assert "Epoch 1" in p.stdout and "Epoch 0\n" not in p.stdout
     ckpt = torch.load(os.path.join(out, "checkpoint_final.pth"), map_location="cpu", weights_only=False)
     assert ckpt["current_epoch"] == 2 and ckpt["trainer_name"] == "nnUNetPlusPlusTrainer"
-    assert ckpt["nnpp_run_settings"] == {"epochs": 2, "iters": 2, "val_iters": 1, "amp": "O0", "dbs": False}
+    auto = resolve_amp_mode("auto", torch.device("cpu"))  # what this CPU trains in by default (O0 or bf16)
+    assert ckpt["nnpp_run_settings"] == {"epochs": 2, "iters": 2, "val_iters": 1, "amp": auto, "dbs": False,
+                                         "checkpoint": "none"}
 
     # 3. --val only, found through the v1 variable names
     os.remove(os.path.join(out, "validation", "summary.json"))

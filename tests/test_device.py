@@ -159,14 +159,6 @@ def test_o0_switches_off_an_enclosing_autocast():
             assert lin(torch.randn(2, 4)).dtype == torch.bfloat16  # not exclusive: the enclosing one holds
 
 
-@pytest.mark.parametrize("avx512_bf16, amx, expected",
-                         [(True, False, True), (False, True, True), (False, False, False)])
-def test_native_bf16_probe(monkeypatch, avx512_bf16, amx, expected):
-    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
-    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
-    assert dev.cpu_has_native_bf16() is expected
-
-
 def test_native_bf16_probe_without_the_probes(monkeypatch):
     """A torch without the CPU-feature probes: no native bf16 assumed (auto stays O0)."""
     monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported")

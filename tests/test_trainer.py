@@ -251,17 +251,22 @@ def test_loss_stays_on_the_device_and_the_epoch_mean_is_logged(trainer):
 
 
 def test_network_and_batches_in_the_device_memory_format(trainer):
-    """On the CPU a 3D network trains in channels_last_3d (nnpp.device.memory_format): its conv weights and every
-    batch it sees in training and in the pseudo-Dice step."""
+    """On the CPU a 3D network trains in channels_last_3d (nnpp.device.memory_format): its conv weights, and every
+    batch it is given in training and in the pseudo-Dice step (strides read off the tensors the network receives;
+    the tiny dataset's batches get a second channel, as a 1-channel tensor is channels-last already)."""
     assert trainer.memory_format == torch.channels_last_3d
-    conv = trainer.network.encoder.stages[0][0].convs[0].conv
-    assert conv.weight.is_contiguous(memory_format=torch.channels_last_3d)
+    for name, p in trainer.network.named_parameters():
+        if p.ndim == 5 and p.shape[1] > 1 and p.shape[2:].numel() > 1:  # else both layouts are the same strides
+            assert p.is_contiguous(memory_format=torch.channels_last_3d) and not p.is_contiguous(), name
     seen = []
-    trainer.network.register_forward_pre_hook(
-        lambda m, args: seen.append(args[0].is_contiguous(memory_format=torch.channels_last_3d)))
-    trainer.train_step(_batch(trainer))
-    trainer.validation_step(_batch(trainer))
-    assert seen == [True, True]
+    trainer.network.encoder.stages[0].register_forward_pre_hook(lambda m, args: seen.append(args[0].stride()))
+    block = trainer.network.encoder.stages[0][0].convs[0]
+    block.conv = block.all_modules[0] = torch.nn.Conv3d(2, block.conv.out_channels, 3, padding=1)
+    two_channels = lambda b: {**b, "data": torch.cat([b["data"], b["data"]], 1)}  # noqa: E731
+    trainer.train_step(two_channels(_batch(trainer)))
+    trainer.validation_step(two_channels(_batch(trainer)))
+    b, c, d, h, w = two_channels(_batch(trainer))["data"].shape
+    assert seen == [(c * d * h * w, 1, h * w * c, w * c, c)] * 2  # NDHWC: channels innermost
 
 
 def test_checkpointing_flag_reaches_the_network(tiny_dataset, tmp_path, monkeypatch):
@@ -274,7 +279,7 @@ def test_checkpointing_flag_reaches_the_network(tiny_dataset, tmp_path, monkeypa
     from nnpp.run.train import make_trainer
     monkeypatch.setenv("nnUNet_results", str(tmp_path / "results"))
     t = make_trainer(str(tiny_dataset["id"]), "3d_fullres", "0", device=torch.device("cpu"))
-    assert t.checkpoint_mode == "none"  # the plans say nothing: no checkpointing
+    assert t.activation_checkpointing == "none"  # the plans say nothing: no checkpointing
     t.checkpoint_nodes = "node"
     t.initialize()
     assert t.network.checkpoint_nodes == "node" and t.run_settings()["checkpoint"] == "node"

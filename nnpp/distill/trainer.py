@@ -123,6 +123,12 @@ class KDMixin:
                 f"{name} trained on {len(cases)} student validation case(s) ({', '.join(cases[:5])})"
                 for name, cases in self.kd_leaks) + ". The student's validation Dice is optimistic.")
 
+    def _configure_network(self) -> None:
+        # the teachers see the student's batches: same memory format (else every teacher conv re-lays its input)
+        super()._configure_network()
+        for t in self.teachers:
+            t.network.to(memory_format=self.memory_format)
+
     # ------------------------------------------------------------------------------------------ settings
     @property
     def kd_on(self) -> bool:
@@ -314,6 +320,7 @@ class KDMixin:
         """Median forward time (ms) of ``network`` on one patch (batch 1) under the run's autocast, no grad, after
         ``warmup`` untimed calls."""
         x = torch.randn((1, self.num_input_channels, *self.configuration_manager.patch_size), device=self.device)
+        x = x.contiguous(memory_format=self.memory_format)
         times = []
         with torch.no_grad(), self.amp.autocast():
             for i in range(warmup + repeats):

@@ -16,7 +16,7 @@ SGD, checkpoints, ``progress.png``, validation and ``summary.json``):
 * Memory format from the device layer (channels_last_3d for 3D on the CPU): network and every batch.
 * Activation checkpointing of UNet++'s nested nodes: ``checkpoint_nodes`` (nnpp_train ``--checkpoint``; default:
   what the plans say), recorded in the run settings.
-* The loss stays on the device: one read per epoch (the epoch mean), not one host synchronisation per step.
+* The loss stays on the device: one read per epoch (the epoch mean) instead of one per step.
 * torch.compile only where the device layer says it works (CUDA), still switchable with nnUNet_compile.
 * Checkpoints are written atomically (temp file + rename); a truncated checkpoint gives one clear error.
 * Train throughput (images/s over the training iterations of each epoch) is logged per epoch.
@@ -97,10 +97,10 @@ class nnUNetPlusPlusTrainer(nnUNetTrainer):
         dests of nnpp_train's flags (nnpp.run.train resolves them on resume); subclasses add their own."""
         return {"epochs": self.num_epochs, "iters": self.num_iterations_per_epoch,
                 "val_iters": self.num_val_iterations_per_epoch, "amp": self.amp.mode,
-                "dbs": bool(self.distribute_batch), "checkpoint": self.checkpoint_mode}
+                "dbs": bool(self.distribute_batch), "checkpoint": self.activation_checkpointing}
 
     @property
-    def checkpoint_mode(self) -> str:
+    def activation_checkpointing(self) -> str:
         """The checkpointing the network runs with: the ``checkpoint_nodes`` setting, else the plans' value."""
         decoder = getattr(self.bare_network, "decoder", None) if self.was_initialized else None
         if hasattr(decoder, "checkpoint_nodes"):
@@ -163,7 +163,7 @@ class nnUNetPlusPlusTrainer(nnUNetTrainer):
                                 f"{type(net).__name__} has none; drop --checkpoint")
         self.memory_format = dev.memory_format(self.device, len(self.configuration_manager.patch_size))
         net.to(memory_format=self.memory_format)
-        self.print_to_log_file(f"activation checkpointing: {self.checkpoint_mode}; memory format: "
+        self.print_to_log_file(f"activation checkpointing: {self.activation_checkpointing}; memory format: "
                                f"{str(self.memory_format).replace('torch.', '')}", also_print_to_console=False)
 
     def _do_i_compile(self) -> bool:
