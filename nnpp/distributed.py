@@ -133,6 +133,17 @@ def all_reduce_sum(value: float, device) -> float:
     return float(t.item())
 
 
+def rank0_choice(value):
+    """Rank 0's ``value`` on every rank (a collective: every rank must call it); ``value`` itself outside DDP. For
+    choices each rank makes from its own machine (e.g. ``--amp auto`` on nodes with different CPUs) that must be
+    one choice for the whole run."""
+    if world()[1] == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def check_shared_folder(path: str, what: str = "results folder") -> None:
     """Every rank must see the same ``path`` (multi-node runs need a shared results folder: otherwise --c on
     the other nodes starts at epoch 0 and the final validation scores only rank 0's node). Rank 0 writes a

@@ -64,3 +64,18 @@ def shared_folder(rank: int, world: int, port: int, folders: list, out: str) -> 
             result = str(e)
     with open(os.path.join(out, f"shared{rank}.txt"), "w") as f:
         f.write(result)
+
+
+def amp_auto(rank: int, world: int, port: int, out: str) -> None:
+    """--amp auto on two ranks whose CPUs differ (rank 0 with native bf16, rank 1 without)."""
+    _join(rank, world, port)
+    from nnpp import device as dev
+    from nnpp import distributed
+    from nnpp.run.train import amp_mode
+
+    dev.cpu_has_native_bf16 = lambda: rank == 0
+    with distributed.process_group(distributed.dist_env(), "gloo"):
+        chosen = amp_mode(None, torch.device("cpu"))
+    own = dev.resolve_amp_mode("auto", torch.device("cpu"))
+    with open(os.path.join(out, f"amp{rank}.txt"), "w") as f:
+        f.write(f"{chosen} {own}")

@@ -72,6 +72,15 @@ def test_every_rank_must_see_the_results_folder(tmp_path):
             assert results[0].startswith(f"rank(s) 1 do not see rank 0's results folder {folders[0]}")
 
 
+def test_amp_auto_is_rank0s_choice(tmp_path):
+    """Ranks on nodes with different CPUs resolve --amp auto differently on their own; the run takes rank 0's."""
+    import torch.multiprocessing as mp
+
+    import ddp_worker
+    mp.spawn(ddp_worker.amp_auto, args=(2, free_port(), str(tmp_path)), nprocs=2)
+    assert [(tmp_path / f"amp{r}.txt").read_text() for r in (0, 1)] == ["bf16 bf16", "bf16 O0"]
+
+
 @pytest.mark.slow
 def test_torchrun_and_legacy_launch(tiny_dataset, env):
     p = run(torchrun(tiny_dataset["id"], "3d_fullres", 0, "-device", "cpu", "--dbs", *SHORT), env)

@@ -98,6 +98,14 @@ def make_trainer(dataset: str, configuration: str, fold: str, trainer_name: str 
                          device=device if device is not None else torch.device("cpu"))
 
 
+def amp_mode(flag: str | None, device) -> str:
+    """``--amp`` resolved for ``device`` (None: auto); under DDP every rank takes rank 0's resolution, so ranks on
+    nodes with different CPUs (native bf16 or not) never train in different precisions while rank 0's is saved."""
+    from nnpp import distributed
+    from nnpp.device import resolve_amp_mode
+    return distributed.rank0_choice(resolve_amp_mode(flag or "auto", device))
+
+
 def checkpoint_to_resume(output_folder: str) -> str | None:
     """The checkpoint ``--c`` continues from: final, else latest, else best (nnU-Net's order); None if none."""
     for name in ("checkpoint_final.pth", "checkpoint_latest.pth", "checkpoint_best.pth"):
@@ -186,7 +194,7 @@ def _train(args, env, device, setup=None):
         resume_settings(args, saved_run_settings(resume), resume, device, args.change_settings)
     nnpp_trainer = hasattr(trainer, "configure_amp")
     if nnpp_trainer:
-        trainer.configure_amp(args.amp or "auto")
+        trainer.configure_amp(amp_mode(args.amp, device))
         trainer.distribute_batch = bool(args.dbs)
         trainer.checkpoint_nodes = args.checkpoint
     elif args.amp not in (None, "auto") or args.dbs or args.other_use or args.pretrained_weights or args.checkpoint:
