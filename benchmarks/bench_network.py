@@ -8,7 +8,8 @@ and UNet++ as-is vs each speed/memory option alone vs all together (issue 9).
 Variants (``--variants``): PlainConvUNet and UNet++ as-is (fp32, contiguous, no checkpointing), then UNet++ with
 channels_last_3d (network and batch), bf16 autocast, both (nnpp's CPU default on a CPU with native bf16),
 checkpointed nodes (``node``, ``cat_conv1``), and all together. Each row also has the bytes saved for backward by
-one forward (``saved_activation_bytes``, batch of the config) and the network's own feature-map count (``compute_conv_feature_map_size`` x batch, nnU-Net's units).
+one forward (``saved_activation_bytes``, batch of the config) and the network's own feature-map count
+(``compute_conv_feature_map_size`` x batch, nnU-Net's units).
 Memory at Task03's plan (128^3 x 2) is reported as the count only (no forward at that size on a CPU).
 
 Each (network, config) is measured in a fresh subprocess, so the CPU's peak RSS (which cannot be reset) and

@@ -41,8 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "that contradicts them is an error unless --change_settings is given")
     p.add_argument("--change_settings", action="store_true", help="with --c: apply the given --epochs/--iters/"
                    "--val_iters/--amp/--dbs/--checkpoint instead of the saved ones (logged; a new --epochs changes the "
-                   "poly LR "
-                   "schedule from here on, a new --amp drops or starts the grad scaler state)")
+                   "poly LR schedule from here on, a new --amp drops or starts the grad scaler state)")
     p.add_argument("--val", action="store_true", help="only run the final validation (needs checkpoint_final)")
     p.add_argument("--val_best", action="store_true", help="validate with checkpoint_best instead of final")
     p.add_argument("--npz", action="store_true", help="also save softmax outputs of the validation")
