@@ -78,7 +78,7 @@ def main(argv=None):
     from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
 
     from nnpp.deploy.export import export_model
-    from nnpp.deploy.model import load_trained_model, set_depth
+    from nnpp.model_folder import load_trained_model, set_depth
     from nnpp.deploy.ort import make_session
     from nnpp.run.predict import init_onnx, init_torch, make_predictor
 

@@ -17,7 +17,7 @@ pytest.importorskip("onnxscript", reason="the [onnx] extra is not installed (pip
 import onnx  # noqa: E402
 import onnxruntime as ort  # noqa: E402
 
-from nnpp.deploy.model import sha256_file  # noqa: E402
+from nnpp.model_folder import sha256_file  # noqa: E402
 
 UNETPP, UNET = "nnUNetPlusPlusTrainer", "nnUNetTrainer"
 
@@ -48,7 +48,7 @@ def torch_net(model_folder, fold="0"):
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
     p = nnUNetPredictor(device=torch.device("cpu"), allow_tqdm=False)
     if os.path.basename(model_folder).startswith(UNETPP):
-        from nnpp.deploy.model import load_trained_model  # nnU-Net cannot find nnpp's trainer class by itself
+        from nnpp.model_folder import load_trained_model  # nnU-Net cannot find nnpp's trainer class by itself
         return load_trained_model(model_folder, [fold]).build_network(0)
     p.initialize_from_trained_model_folder(model_folder, (int(fold),))
     return p.network.eval()

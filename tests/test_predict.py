@@ -130,7 +130,7 @@ def _nonlin(plans):
     (_nonlin, ("differs from the plans", "architecture")),
 ])
 def test_edited_plans_are_refused(trained_model, tmp_path, edit, fragments):
-    from nnpp.deploy.model import load_trained_model
+    from nnpp.model_folder import load_trained_model
     folder = copy_model(trained_model, tmp_path)
     edit_json(os.path.join(folder, "plans.json"), edit)
     with pytest.raises(NnppError) as e:
@@ -141,7 +141,7 @@ def test_edited_plans_are_refused(trained_model, tmp_path, edit, fragments):
 
 def test_checkpoint_without_stored_plans_is_checked_by_strict_load(trained_model, tmp_path):
     """A checkpoint from elsewhere (no init_args plans to compare with) must still fit the network exactly."""
-    from nnpp.deploy.model import load_trained_model
+    from nnpp.model_folder import load_trained_model
     folder = copy_model(trained_model, tmp_path)
     ckpt_path = os.path.join(folder, "fold_0", "checkpoint_final.pth")
     ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
@@ -154,7 +154,7 @@ def test_checkpoint_without_stored_plans_is_checked_by_strict_load(trained_model
 
 
 def test_folds_of_different_trainers_are_refused(trained_model, tmp_path):
-    from nnpp.deploy.model import load_trained_model
+    from nnpp.model_folder import load_trained_model
     folder = copy_model(trained_model, tmp_path)
     os.makedirs(os.path.join(folder, "fold_1"))
     shutil.copy(os.path.join(trained_model("nnUNetTrainer", 0), "fold_0", "checkpoint_final.pth"),

@@ -151,7 +151,7 @@ def build_network(plans: dict, dataset_json: dict, configuration: str, trainer_c
     """The network exactly as nnU-Net's predictor builds it from a model folder's plans and dataset.json."""
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-    from nnpp.deploy.model import build_network as build, io_channels
+    from nnpp.model_folder import build_network as build, io_channels
     pm = PlansManager(plans)
     cm = pm.get_configuration(configuration)
     return build(trainer_class, pm, cm, *io_channels(pm, cm, dataset_json), deep_supervision)
@@ -266,7 +266,7 @@ def convert_v1_model(v1_folder: str, dataset: str, configuration: str | None = N
     if existing and not overwrite:
         raise NnppError(f"{existing[0]} exists; pass --overwrite to replace the converted checkpoint(s)")
 
-    from nnpp.training import find_trainer_class
+    from nnpp.model_folder import find_trainer_class
     trainer_class = find_trainer_class(trainer_name)
     converted = []
     plans = None

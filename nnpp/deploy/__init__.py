@@ -1,6 +1,6 @@
 """Deployment: ONNX export checked against torch, ONNX Runtime inside nnU-Net's predictor, pruned UNet++.
 
-* :mod:`nnpp.deploy.model`: a model folder rebuilt the predictor's way (plans.json + trainer class, strict load).
+* the model-folder loader itself lives at the bottom of the house: :mod:`nnpp.model_folder`.
 * :mod:`nnpp.deploy.export`: ``fold_F.onnx`` + metadata, op-set check, parity check (``nnpp_export``).
 * :mod:`nnpp.deploy.ort`: ONNX Runtime sessions and the ``nn.Module`` adapter nnU-Net's predictor runs
   (``nnpp_predict --onnx``).

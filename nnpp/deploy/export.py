@@ -1,6 +1,6 @@
 """ONNX export of a trained model folder, checked against torch before it is written.
 
-One ``fold_F.onnx`` per fold, each built the predictor's way (:func:`nnpp.deploy.model.load_trained_model`:
+One ``fold_F.onnx`` per fold, each built the predictor's way (:func:`nnpp.model_folder.load_trained_model`:
 plans.json + trainer class, weights loaded strictly), deep supervision off, optionally pruned to depth k.
 Input ``input`` (batch, C, *patch): static spatial size = the plans' patch (nnU-Net's predictor only feeds
 patch-sized tiles), dynamic batch. Output ``logits`` (batch, classes, *patch), float32.
@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from nnpp import NnppError
-from nnpp.deploy.model import TrainedModel, set_depth, sha256_file
+from nnpp.model_folder import TrainedModel, set_depth, sha256_file
 from nnpp.deploy.ort import METADATA_FILE, make_session, require
 
 EXPORTERS = ("dynamo", "torchscript")

@@ -132,10 +132,10 @@ def load_onnx_folder(folder: str, provider: str = "cpu", threads: int = 0, folds
     """Read an ``nnpp_export`` folder: its metadata (``nnpp_onnx.json``), plans/dataset json, and one session per
     fold (``folds``: a subset of the exported folds, default all). Each ``.onnx`` file is checked against the
     SHA-256 recorded at export, so a replaced or damaged model is refused. Returns (metadata, OrtNetwork)."""
-    from nnpp.deploy.model import _load_json, sha256_file
+    from nnpp.model_folder import load_model_json, sha256_file
     if not os.path.isdir(folder):
         raise NnppError(f"--onnx {folder}: no such folder; export one with nnpp_export")
-    meta = _load_json(os.path.join(folder, METADATA_FILE), f"{METADATA_FILE} (written by nnpp_export)")
+    meta = load_model_json(os.path.join(folder, METADATA_FILE), f"{METADATA_FILE} (written by nnpp_export)")
     exported = {str(e["fold"]): e for e in meta.get("folds", [])}
     wanted = [str(f) for f in folds] if folds else list(exported)
     unknown = [f for f in wanted if f not in exported]

@@ -6,8 +6,6 @@ student that is itself an ordinary nnU-Net model folder.
 * :mod:`nnpp.distill.student`  the student's plans file (features // r)
 * :mod:`nnpp.distill.trainer`  nnUNetPlusPlusTrainerKD (UNet++ student), nnUNetTrainerKD (U-Net student)
 
-The command is ``nnpp_distill`` (:mod:`nnpp.run.distill`).
+The command is ``nnpp_distill`` (:mod:`nnpp.run.distill`). Importing this package (or ``losses``) imports no
+nnU-Net module; ``teachers`` and ``trainer`` do.
 """
-# nnpp.training registers the KD trainers (it imports nnpp.distill.trainer): load it first, so that importing
-# nnpp.distill.trainer directly and importing nnpp.training both resolve without a circular partial import.
-import nnpp.training  # noqa: F401

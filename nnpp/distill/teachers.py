@@ -63,9 +63,9 @@ class Teacher:
 def load_teacher(folder: str, fold, checkpoint_name: str = "checkpoint_final.pth",
                  device: torch.device = torch.device("cpu")) -> Teacher:
     """Rebuild the network of ``folder/fold_{fold}/{checkpoint_name}`` the predictor's way, strictly loaded,
-    frozen, on ``device`` (:func:`nnpp.deploy.model.load_trained_model`, which also checks plans.json and the
+    frozen, on ``device`` (:func:`nnpp.model_folder.load_trained_model`, which also checks plans.json and the
     labels against the checkpoint). Bad folders, missing checkpoints and mismatching weights are one-line errors."""
-    from nnpp.deploy.model import load_trained_model
+    from nnpp.model_folder import load_trained_model
 
     folder = os.path.abspath(folder)
     if not os.path.isdir(folder):

@@ -60,9 +60,9 @@ def main(argv=None):
     from nnunetv2.utilities.file_path_utilities import get_output_folder
 
     from nnpp.deploy.export import export_model
-    from nnpp.deploy.model import load_trained_model
+    from nnpp.model_folder import load_trained_model
     from nnpp.deploy.ort import require
-    from nnpp.training import find_trainer_class
+    from nnpp.model_folder import find_trainer_class
 
     for module in ("onnx", "onnxruntime") + (("onnxscript",) if args.exporter == "dynamo" else ()):
         require(module)

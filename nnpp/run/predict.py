@@ -5,7 +5,7 @@ Same flags as nnUNetv2_predict (-i -o -d -c -p -tr -f -chk -step_size --disable_
 --not_on_device --verbose); -tr defaults to nnUNetPlusPlusTrainer and -device to auto (npu, cuda, mps, cpu).
 
 nnpp builds nnU-Net's predictor (``nnppPredictor(device=...)``, nnpp/predictor.py) itself and initialises it manually: the network comes from the
-checkpoint's trainer class (found by :func:`nnpp.training.find_trainer_class`: nnpp's trainers, nnU-Net's, and
+checkpoint's trainer class (found by :func:`nnpp.model_folder.find_trainer_class`: nnpp's trainers, nnU-Net's, and
 those under ``nnUNet_extTrainer``) and plans.json + dataset.json, every fold's weights loaded strictly. So
 Ascend NPUs work (nnU-Net's own entry point only accepts cuda/mps/cpu) and nnU-Net's modules stay untouched.
 Preprocessing, Gaussian sliding window, mirroring, fold averaging, resampling and export are nnU-Net's.
@@ -97,7 +97,7 @@ def init_torch(predictor, model_folder: str, folds, checkpoint_name: str = "chec
     """Initialise ``predictor`` with the torch network of ``model_folder`` (built by the checkpoint's trainer
     class, every fold loaded strictly, pruned to ``depth``). Returns the :class:`TrainedModel`."""
     from nnpp import device as dev
-    from nnpp.deploy.model import load_trained_model, set_depth
+    from nnpp.model_folder import load_trained_model, set_depth
     model = load_trained_model(model_folder, folds, checkpoint_name)
     network = set_depth(model.build_network(0), depth)
     predictor.manual_initialization(network, model.plans_manager, model.configuration_manager, model.parameters,
@@ -111,11 +111,11 @@ def init_onnx(predictor, onnx_folder: str, folds=None, provider: str = "cpu", th
     dataset.json and mirroring axes; ``folds`` a subset of the exported ones). Returns the export metadata."""
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-    from nnpp.deploy.model import _load_json
+    from nnpp.model_folder import load_model_json
     from nnpp.deploy.ort import load_onnx_folder
     meta, network = load_onnx_folder(onnx_folder, provider, threads, folds)
-    plans = _load_json(os.path.join(onnx_folder, "plans.json"), "plans.json of the ONNX export")
-    dataset_json = _load_json(os.path.join(onnx_folder, "dataset.json"), "dataset.json of the ONNX export")
+    plans = load_model_json(os.path.join(onnx_folder, "plans.json"), "plans.json of the ONNX export")
+    dataset_json = load_model_json(os.path.join(onnx_folder, "dataset.json"), "dataset.json of the ONNX export")
     plans_manager = PlansManager(plans)
     configuration_manager = plans_manager.get_configuration(meta["source"]["configuration"])
     if list(configuration_manager.patch_size) != list(meta["patch_size"]):
@@ -163,7 +163,7 @@ def main(argv=None):
     else:
         from nnunetv2.utilities.file_path_utilities import get_output_folder
 
-        from nnpp.training import find_trainer_class
+        from nnpp.model_folder import find_trainer_class
         find_trainer_class(args.tr)  # unknown trainer -> clear error before anything is loaded
         folds = args.f or ["0", "1", "2", "3", "4"]
         model_folder = get_output_folder(dataset_name(args.d), args.tr, args.p, args.c)

@@ -79,7 +79,7 @@ def make_trainer(dataset: str, configuration: str, fold: str, trainer_name: str 
     with nnpp trainers, any dataset id form, and clear errors)."""
     import torch
 
-    from nnpp.training import find_trainer_class
+    from nnpp.model_folder import find_trainer_class
     from nnunetv2.paths import nnUNet_preprocessed
 
     trainer_class = find_trainer_class(trainer_name)

@@ -10,6 +10,7 @@ one line (:class:`nnpp.NnppError`).
 from __future__ import annotations
 
 import hashlib
+import importlib
 import inspect
 import json
 import os
@@ -19,6 +20,28 @@ from torch import nn
 
 from nnpp import NnppError
 from nnpp.checkpoints import load_checkpoint
+
+
+#: every trainer nnpp defines -> the module that defines it (imported on first use, so this bottom module imports
+#: nothing above it; nnpp.training registers its trainers, nnpp.distill.trainer the distillation students)
+NNPP_TRAINER_MODULES = {
+    **{name: "nnpp.training.nnUNetPlusPlusTrainer" for name in (
+        "nnUNetPlusPlusTrainer", "nnUNetPlusPlusTrainerV2", "nnUNetPlusPlusTrainerDDP", "nnUNetPlusPlusTrainerV2_hypDDP")},
+    **{name: "nnpp.distill.trainer" for name in ("nnUNetPlusPlusTrainerKD", "nnUNetTrainerKD")},
+}
+
+
+def find_trainer_class(name: str):
+    """A trainer class by name: one of nnpp's (:data:`NNPP_TRAINER_MODULES`), else any trainer nnU-Net itself can
+    find (its own package, the folders in ``nnUNet_extTrainer``). Unknown name -> NnppError."""
+    if name in NNPP_TRAINER_MODULES:
+        return getattr(importlib.import_module(NNPP_TRAINER_MODULES[name]), name)
+    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+    try:
+        return recursive_find_trainer_class_by_name(name)
+    except (RuntimeError, AssertionError):
+        raise NnppError(f"unknown trainer '{name}'; use one of {', '.join(NNPP_TRAINER_MODULES)} or an nnU-Net "
+                        f"trainer class name (e.g. nnUNetTrainer)") from None
 
 
 def sha256_file(path: str, chunk: int = 1 << 20) -> str:
@@ -35,7 +58,7 @@ def _json_normal(obj):
     return json.loads(json.dumps(obj))
 
 
-def _load_json(path: str, what: str) -> dict:
+def load_model_json(path: str, what: str) -> dict:
     """A model folder's JSON file (nnpp.cli.load_json_file with model-folder hints)."""
     from nnpp.cli import load_json_file
     return load_json_file(path, what, missing_hint="is this an nnU-Net model folder (TRAINER__PLANS__CONFIG with "
@@ -124,8 +147,6 @@ def load_trained_model(folder: str, folds, checkpoint_name: str = "checkpoint_fi
     was trained with. Raises NnppError naming the file and what to do."""
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-    from nnpp.training import find_trainer_class
-
     folds = [str(f) for f in folds]
     if not folds:
         raise NnppError(f"no folds given for {folder}; pass -f 0 [1 ...]")
@@ -133,8 +154,8 @@ def load_trained_model(folder: str, folds, checkpoint_name: str = "checkpoint_fi
     if missing:
         raise NnppError(f"no {checkpoint_name} for fold(s) {', '.join(missing)} in {folder}; train them or pass "
                         f"-f with the trained folds (or check -d/-c/-tr/-p)")
-    plans = _load_json(os.path.join(folder, "plans.json"), "plans.json")
-    dataset_json = _load_json(os.path.join(folder, "dataset.json"), "dataset.json")
+    plans = load_model_json(os.path.join(folder, "plans.json"), "plans.json")
+    dataset_json = load_model_json(os.path.join(folder, "dataset.json"), "dataset.json")
     plans_manager = PlansManager(plans)
 
     named = os.path.basename(os.path.normpath(folder)).split("__")  # nnU-Net's TRAINER__PLANS__CONFIG

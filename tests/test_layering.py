@@ -1,0 +1,41 @@
+"""The house's layering: low modules import nothing above them, and the trainer lookup reaches every nnpp trainer."""
+import importlib
+import inspect
+import subprocess
+import sys
+
+import pytest
+
+
+def _fresh(code: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("module", ["nnpp.distill.losses", "nnpp.nets", "nnpp.device", "nnpp.model_folder",
+                                    "nnpp.checkpoints"])
+def test_low_modules_import_no_nnunet(module):
+    p = _fresh(f"import {module}, sys; print(sorted(m for m in sys.modules if m.startswith('nnunetv2')))")
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.strip() == "[]", f"importing {module} loaded nnU-Net modules: {p.stdout}"
+
+
+def test_training_does_not_import_distill_and_no_cycle():
+    # each order of first import resolves (no partially initialised module), and nnpp.training alone leaves
+    # nnpp.distill unloaded
+    p = _fresh("import nnpp.training, sys; print(any(m.startswith('nnpp.distill') for m in sys.modules))")
+    assert p.returncode == 0 and p.stdout.strip() == "False", p.stdout + p.stderr
+    p = _fresh("import nnpp.distill.trainer as t, nnpp.training as tr; print(t.nnUNetTrainerKD.__mro__[1:3])")
+    assert p.returncode == 0, p.stderr
+
+
+def test_lookup_finds_every_nnpp_trainer():
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+    from nnpp.model_folder import NNPP_TRAINER_MODULES, find_trainer_class
+    modules = [importlib.import_module(m) for m in ("nnpp.training.nnUNetPlusPlusTrainer", "nnpp.distill.trainer")]
+    defined = {name for mod in modules
+               for name, obj in vars(mod).items()
+               if inspect.isclass(obj) and issubclass(obj, nnUNetTrainer) and obj.__module__ == mod.__name__}
+    assert defined == set(NNPP_TRAINER_MODULES)
+    for name in defined:
+        assert find_trainer_class(name).__name__ == name
