@@ -2,6 +2,10 @@
 of its own (``nnUNetPlans_kd_r2``; ``nnUNetPlans_kd_unet_r2`` for a plain U-Net student) that reuses the same
 preprocessed data (same ``data_identifier``, spacing, normalisation). The architecture class is written into the
 plans, so nnU-Net's predictor and ``nnpp_predict`` rebuild the student from ``plans.json`` + trainer class.
+
+The file is never silently rewritten: distilling another configuration merges it in, and a configuration already
+in the file that differs from the derived one (e.g. a batch size set with ``nnpp_change_bs``) is kept and used,
+with one line saying so, unless ``--replace-student-plans`` asks to re-derive it.
 """
 from __future__ import annotations
 
@@ -56,10 +60,55 @@ def make_student_plans(plans: dict, configuration: str, r: int, student: str = "
     return out
 
 
+def _differences(a: dict, b: dict, prefix: str = "") -> list:
+    """Dotted keys whose values differ between two configurations (JSON-normalised)."""
+    out = []
+    for k in sorted(set(a) | set(b)):
+        va, vb = a.get(k), b.get(k)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out += _differences(va, vb, f"{prefix}{k}.")
+        elif json.dumps(va, sort_keys=True) != json.dumps(vb, sort_keys=True):
+            out.append(f"{prefix}{k}")
+    return out
+
+
+def merge_student_plans(existing: dict | None, derived: dict, configuration: str,
+                        replace: bool = False) -> tuple[dict, str | None]:
+    """The student plans to use: ``existing`` (the file's content, or None) with ``derived``'s ``configuration``
+    merged in. Every other configuration of ``existing`` stays as it is. An existing ``configuration`` that differs
+    from the derived one is kept (the user may have edited it, e.g. its batch size with ``nnpp_change_bs``) unless
+    ``replace``. Returns (plans, one-line note or None)."""
+    if existing is None:
+        return copy.deepcopy(derived), None
+    plans = copy.deepcopy(existing)
+    plans.setdefault("configurations", {})
+    for key, value in derived.items():  # top-level keys the file lacks (never overwrites the file's own)
+        if key != "configurations":
+            plans.setdefault(key, copy.deepcopy(value))
+    new = derived["configurations"][configuration]
+    old = plans["configurations"].get(configuration)
+    note = None
+    if old is None:
+        plans["configurations"][configuration] = copy.deepcopy(new)
+    elif json.dumps(old, sort_keys=True) != json.dumps(new, sort_keys=True):
+        diff = _differences(old, new)
+        shown = ", ".join(diff[:4]) + (f" and {len(diff) - 4} more" if len(diff) > 4 else "")
+        if replace:
+            plans["configurations"][configuration] = copy.deepcopy(new)
+            note = (f"configuration '{configuration}' re-derived from the source plans (--replace-student-plans; "
+                    f"it differed in {shown})")
+        else:
+            note = (f"configuration '{configuration}' kept as it is in the file (differs from what -r/--student "
+                    f"derive in {shown}); --replace-student-plans re-derives it")
+    return plans, note
+
+
 def write_student_plans(preprocessed_dataset_dir: str, source_plans: str, configuration: str, r: int,
-                        student: str = "unetpp") -> str:
-    """Write (atomically; unchanged files are left alone) the student plans next to the source plans and return
-    their identifier."""
+                        student: str = "unetpp", replace: bool = False, log=print) -> str:
+    """Merge the student's ``configuration`` into the student plans file next to the source plans (created if
+    absent; other configurations, and an existing differing ``configuration`` unless ``replace``, are kept; see
+    :func:`merge_student_plans`), write it atomically only if its content changed, and return its identifier.
+    ``log`` gets one line when an existing configuration is kept or replaced."""
     src = os.path.join(preprocessed_dataset_dir, source_plans + ".json")
     try:
         with open(src) as f:
@@ -68,16 +117,27 @@ def write_student_plans(preprocessed_dataset_dir: str, source_plans: str, config
         raise NnppError(f"plans '{source_plans}' not found: {src} (run nnUNetv2_plan_and_preprocess)") from None
     except json.JSONDecodeError as e:
         raise NnppError(f"plans {src} are not valid JSON ({e})") from None
-    student_plans = make_student_plans(plans, configuration, r, student, source_plans)
-    name = student_plans["plans_name"]
+    derived = make_student_plans(plans, configuration, r, student, source_plans)
+    name = derived["plans_name"]
     path = os.path.join(preprocessed_dataset_dir, name + ".json")
-    text = json.dumps(student_plans, indent=2, sort_keys=False)
+    existing = None
     if os.path.isfile(path):
-        with open(path) as f:
-            if f.read() == text:
-                return name
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+        try:
+            with open(path) as f:
+                existing = json.load(f)
+        except json.JSONDecodeError as e:
+            raise NnppError(f"student plans {path} are not valid JSON ({e}); repair or remove the file") from None
+    merged, note = merge_student_plans(existing, derived, configuration, replace)
+    if note and log is not None:
+        log(f"[nnpp_distill] student plans {name}: {note}")
+    if merged != existing:
+        text = json.dumps(merged, indent=2, sort_keys=False)
+        tmp = f"{path}.tmp{os.getpid()}"
+        try:
+            with open(tmp, "w") as f:
+                f.write(text)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
     return name

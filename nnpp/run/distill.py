@@ -49,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--student", default=None, help="unetpp (default) or unet (nnU-Net's PlainConvUNet)")
     g.add_argument("--allow-val-leak", dest="allow_val_leak", action="store_true", default=None,
                    help="accept teachers trained on the student's validation cases; the run is marked leaky")
+    g.add_argument("--replace-student-plans", dest="replace_student_plans", action="store_true",
+                   help="re-derive this configuration in the student plans file even if the file's differs (e.g. a "
+                   "batch size set with nnpp_change_bs); by default the file's configuration is kept and used")
     g.add_argument("--da5", action="store_true", default=None, help="nnU-Net's DA5 data augmentation")
     g.add_argument("--soft-weight", dest="soft_weight", type=float, default=None, help="default 1")
     g.add_argument("--cwd-weight", dest="cwd_weight", type=float, default=None, help="default 1")
@@ -174,7 +177,9 @@ def run(args):
 
     name = dataset_name(args.dataset_name_or_id)
     pre_dir = os.path.join(paths["nnUNet_preprocessed"], name)
-    args.p = write_student_plans(pre_dir, args.p, args.configuration, args.r, args.student)
+    args.p = write_student_plans(pre_dir, args.p, args.configuration, args.r, args.student,
+                                 replace=args.replace_student_plans,
+                                 log=print if int(os.environ.get("RANK", 0)) == 0 else None)
     args.tr = STUDENT_TRAINERS[args.student]
     trainer = train.run(args, setup=setup)
     if not args.other_use and int(os.environ.get("RANK", 0)) == 0 and trainer is not None:
