@@ -1,50 +1,321 @@
-"""nnU-Net's predictor with what nnpp's device layer knows.
+"""nnU-Net's predictor with what nnpp's device layer knows, and batched test-time mirroring.
 
-nnU-Net's ``nnUNetPredictor`` keeps sliding-window logits in device memory on CUDA only (on any other device
-they go to the host patch by patch) and autocasts to fp16 on CUDA only, whatever the run's precision.
-``nnppPredictor`` changes exactly these two things and nothing else: logits stay on any accelerator the device
-layer says can hold them (cuda, npu), and the network runs in the given :class:`nnpp.device.Amp` mode (the
-innermost autocast wins over nnU-Net's). Preprocessing, sliding window, Gaussian weighting, mirroring,
-resampling and export are nnU-Net's.
+nnU-Net's ``nnUNetPredictor`` (2.8.1) calls the network once per tile and once per mirrored copy of it: up to 8
+calls of batch 1 for a 3D tile, 4 for a 2D one. On the CPU, torch sends batch-1 3D convolutions with few channels
+to its slow im2col path (``slow_conv3d``); batch >= 2 goes to oneDNN. ``nnppPredictor`` keeps nnU-Net's sliding
+window (its slicers, Gaussian, fp16 accumulation, padding, the OOM fallback of ``predict_sliding_window_return_logits``)
+and changes only how the network is called:
+
+* **batched mirroring**: the mirrored copies of a tile, and of several tiles where ``tta_batch`` allows, go through
+  the network as one batch of at most ``tta_batch`` (tiles x mirrors; default 8 = one 3D tile's 8 copies, two 2D
+  tiles' 4). Mirrors are averaged in nnU-Net's order (identity first, then ``itertools.combinations``), so the
+  logits equal nnU-Net's up to float error (batched convolutions sum in another order). ``tta_batch`` bounds the
+  batch for memory: ``1`` is nnU-Net's one-copy-per-call;
+* tiles are fed in the **network's memory format** (channels_last_3d networks get channels_last_3d tiles);
+* logits stay on any accelerator the device layer says can hold them (cuda, npu), not on cuda only;
+* the network runs in the given :class:`nnpp.device.Amp` mode (the innermost autocast wins over nnU-Net's CUDA fp16).
+
+Preprocessing, sliding window, Gaussian weighting, resampling and export are nnU-Net's. What this module relies on
+from nnU-Net's private API is pinned by tests/test_nnunet_pins.py.
 """
 from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
+import multiprocessing
+import os
+import shutil
+import tempfile
+import time
+from queue import Queue
+from threading import Thread
 
 import torch
 from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+from nnunetv2.inference.sliding_window_prediction import compute_gaussian
+from nnunetv2.utilities.helpers import empty_cache
+from tqdm import tqdm
 
+from nnpp import NnppError
 from nnpp import device as dev
+
+DEFAULT_TTA_BATCH = 8
+
+
+def network_memory_format(network: torch.nn.Module, ndim: int) -> torch.memory_format:
+    """The memory format ``network``'s convolution weights are stored in, for inputs with ``ndim`` dimensions
+    (channels_last_3d for 5D / channels_last for 4D when the weights are so; contiguous otherwise, e.g. for a
+    network without parameters such as an ONNX Runtime adapter)."""
+    if ndim not in (4, 5):
+        return torch.contiguous_format
+    cl = torch.channels_last_3d if ndim == 5 else torch.channels_last
+    for p in network.parameters():
+        if p.ndim == ndim and p.shape[1] > 1 and p.shape[2:].numel() > 1:
+            return cl if p.is_contiguous(memory_format=cl) and not p.is_contiguous() else torch.contiguous_format
+    return torch.contiguous_format
 
 
 class nnppPredictor(nnUNetPredictor):
     def __init__(self, tile_step_size: float = 0.5, use_gaussian: bool = True, use_mirroring: bool = True,
                  perform_everything_on_device: bool = True, device: torch.device = torch.device("cuda"),
                  verbose: bool = False, verbose_preprocessing: bool = False, allow_tqdm: bool = True,
-                 amp: dev.Amp | None = None):
+                 amp: dev.Amp | None = None, tta_batch: int = DEFAULT_TTA_BATCH):
         super().__init__(tile_step_size=tile_step_size, use_gaussian=use_gaussian, use_mirroring=use_mirroring,
                          perform_everything_on_device=perform_everything_on_device, device=device, verbose=verbose,
                          verbose_preprocessing=verbose_preprocessing, allow_tqdm=allow_tqdm)
+        if not isinstance(tta_batch, int) or tta_batch < 1:
+            raise NnppError(f"--tta_batch must be a positive integer (tiles x mirrors per network call), got {tta_batch}")
         self.perform_everything_on_device = perform_everything_on_device and dev.keeps_logits_on_device(device)
         self.amp = amp
+        self.tta_batch = tta_batch
+        self.network_seconds = 0.0  # time inside predict_logits_from_preprocessed_data, summed over calls
+
+    # ------------------------------------------------------------------------------------------ mirroring
+    def mirror_combinations(self, ndim: int) -> list:
+        """The flips nnU-Net averages for an input of ``ndim`` dims, in its order: identity first, then every
+        non-empty combination of the allowed axes (as tensor axes, +2 for batch and channel)."""
+        mirror_axes = self.allowed_mirroring_axes if self.use_mirroring else None
+        if mirror_axes is None:
+            return [()]
+        if max(mirror_axes) > ndim - 3:
+            raise NnppError(f"mirroring axes {tuple(mirror_axes)} do not fit {ndim - 2}D tiles")
+        axes = [m + 2 for m in mirror_axes]
+        return [()] + [c for i in range(len(axes)) for c in itertools.combinations(axes, i + 1)]
+
+    def _run_network(self, x: torch.Tensor) -> torch.Tensor:
+        """One network call on a batch, in the network's memory format and the predictor's AMP mode."""
+        x = x.contiguous(memory_format=network_memory_format(self.network, x.ndim))
+        with self.amp.autocast(exclusive=True) if self.amp is not None else contextlib.nullcontext():
+            return self.network(x)
+
+    @torch.inference_mode()
+    def predict_tiles(self, tiles: torch.Tensor) -> torch.Tensor:
+        """Logits of a batch of tiles (k, C, *patch), mirrored and averaged as nnU-Net's
+        ``_internal_maybe_mirror_and_predict`` does for one tile, with the k x mirrors copies going through the
+        network in batches of at most ``tta_batch``. Returns float32 (k, classes, *patch)."""
+        combos = self.mirror_combinations(tiles.ndim)
+        inputs = torch.cat([torch.flip(tiles, c) if c else tiles for c in combos]) if len(combos) > 1 else tiles
+        outputs = torch.cat([self._run_network(chunk).float() for chunk in torch.split(inputs, self.tta_batch)])
+        k = tiles.shape[0]
+        prediction = outputs[:k].clone()
+        for j, c in enumerate(combos[1:], start=1):
+            prediction += torch.flip(outputs[j * k:(j + 1) * k], c)
+        if len(combos) > 1:
+            prediction /= len(combos)
+        return prediction
 
     def _internal_maybe_mirror_and_predict(self, x: torch.Tensor) -> torch.Tensor:
-        if self.amp is None:
-            return super()._internal_maybe_mirror_and_predict(x)
-        with self.amp.autocast(exclusive=True):
-            return super()._internal_maybe_mirror_and_predict(x)
+        """nnU-Net's per-tile entry, kept for callers of it: the batched path on one tile."""
+        return self.predict_tiles(x)
+
+    @torch.inference_mode()
+    def _internal_predict_sliding_window_return_logits(self, data: torch.Tensor, slicers, do_on_device: bool = True):
+        """nnU-Net's sliding window (same slicers, Gaussian, fp16 accumulators, producer thread, error cleanup),
+        with the tiles taken in groups of ``max(1, tta_batch // mirrors)`` and predicted by :meth:`predict_tiles`."""
+        predicted_logits = n_predictions = prediction = gaussian = workon = None
+        results_device = self.device if do_on_device else torch.device("cpu")
+        tiles_per_group = max(1, self.tta_batch // len(self.mirror_combinations(len(self.configuration_manager.patch_size) + 2)))
+        groups = [slicers[i:i + tiles_per_group] for i in range(0, len(slicers), tiles_per_group)]
+
+        def producer(d, groups, q):
+            for g in groups:
+                q.put((torch.stack([d[s] for s in g]).to(self.device), g))
+            q.put("end")
+
+        try:
+            empty_cache(self.device)
+            data = data.to(results_device)
+            queue = Queue(maxsize=2)
+            t = Thread(target=producer, args=(data, groups, queue), daemon=True)
+            t.start()
+            predicted_logits = torch.zeros((self.label_manager.num_segmentation_heads, *data.shape[1:]),
+                                           dtype=torch.half, device=results_device)
+            n_predictions = torch.zeros(data.shape[1:], dtype=torch.half, device=results_device)
+            if self.use_gaussian:
+                gaussian = compute_gaussian(tuple(self.configuration_manager.patch_size), sigma_scale=1. / 8,
+                                            value_scaling_factor=10, device=results_device)
+            else:
+                gaussian = 1
+            with tqdm(desc=None, total=len(slicers), disable=not self.allow_tqdm) as pbar:
+                while True:
+                    item = queue.get()
+                    if item == "end":
+                        queue.task_done()
+                        break
+                    workon, group = item
+                    prediction = self.predict_tiles(workon).to(results_device)
+                    for i, sl in enumerate(group):
+                        tile = prediction[i]
+                        if self.use_gaussian:
+                            tile *= gaussian
+                        predicted_logits[sl] += tile
+                        n_predictions[sl[1:]] += gaussian
+                    queue.task_done()
+                    pbar.update(len(group))
+            queue.join()
+            torch.div(predicted_logits, n_predictions, out=predicted_logits)
+            if torch.any(torch.isinf(predicted_logits)):
+                raise RuntimeError("Encountered inf in predicted array. Aborting... If this problem persists, "
+                                   "reduce value_scaling_factor in compute_gaussian or increase the dtype of "
+                                   "predicted_logits to fp32")
+            return predicted_logits
+        except Exception as e:
+            del predicted_logits, n_predictions, prediction, gaussian, workon
+            empty_cache(self.device)
+            empty_cache(results_device)
+            raise e
+
+    def predict_logits_from_preprocessed_data(self, data: torch.Tensor) -> torch.Tensor:
+        t0 = time.perf_counter()
+        try:
+            return super().predict_logits_from_preprocessed_data(data)
+        finally:
+            dev.synchronize(self.device)
+            self.network_seconds += time.perf_counter() - t0
+
+
+    # ------------------------------------------------------------------------------------- file to file
+    def predict_cases(self, input_folder, output_folder: str, save_probabilities: bool = False, overwrite: bool = True,
+                      folder_with_segs_from_prev_stage: str | None = None, num_processes_preprocessing: int = 0,
+                      num_processes_segmentation_export: int = 0, num_parts: int = 1, part_id: int = 0,
+                      on_case_done=None) -> list:
+        """nnU-Net's file-to-file prediction (``predict_from_files`` / ``predict_from_files_sequential``: its case
+        lists and ``--continue_prediction`` skip, its preprocessing iterator or preprocessor, this predictor's
+        logits, its ``export_prediction_from_logits``) with two changes: every case is written **atomically**
+        (:func:`export_case`: into a hidden temp folder beside the outputs, then renamed, the segmentation last,
+        so a killed process never leaves a file that ``--continue_prediction`` takes for a finished case), and
+        each case's time is measured in three parts.
+
+        ``num_processes_preprocessing`` / ``_segmentation_export`` 0: everything in this process, in order (all three
+        parts measured exactly); > 0: nnU-Net's background processes, and then ``read_preprocess_s`` is the time
+        this process *waited* for a preprocessed case (the work itself overlaps the network) and ``export_s`` the
+        export worker's own time (it overlaps the next cases). Returns one dict per case (``case``,
+        ``read_preprocess_s``, ``network_s``, ``export_s``, ``overlapped``); ``on_case_done(record)`` is called as
+        each case is finished."""
+        from nnunetv2.utilities.file_path_utilities import check_workers_alive_and_busy
+        from nnunetv2.utilities.label_handling.label_handling import convert_labelmap_to_one_hot
+        if self.configuration_manager.previous_stage_name is not None and folder_with_segs_from_prev_stage is None:
+            raise NnppError(f"this configuration is a cascade stage after {self.configuration_manager.previous_stage_name}: "
+                            f"pass -prev_stage_predictions with that stage's predictions")
+        cases, outputs, prev = self._manage_input_and_output_lists(
+            input_folder, output_folder, folder_with_segs_from_prev_stage, overwrite, part_id, num_parts,
+            save_probabilities)
+        if not cases:
+            return []
+        names = [os.path.basename(o) for o in outputs]
+        overlapped = num_processes_preprocessing > 0
+
+        def items():
+            if not overlapped:
+                preprocessor = self.configuration_manager.preprocessor_class(verbose=self.verbose_preprocessing)
+                for files, ofile, sps in zip(cases, outputs, prev):
+                    t0 = time.perf_counter()
+                    data, seg, properties = preprocessor.run_case(files, sps, self.plans_manager,
+                                                                  self.configuration_manager, self.dataset_json)
+                    if folder_with_segs_from_prev_stage is not None:
+                        import numpy as np
+                        data = np.vstack((data, convert_labelmap_to_one_hot(
+                            seg[0], self.label_manager.foreground_labels, data.dtype)))
+                    yield torch.from_numpy(data), properties, ofile, time.perf_counter() - t0
+                return
+            iterator = self._internal_get_data_iterator_from_lists_of_filenames(cases, prev, outputs,
+                                                                                num_processes_preprocessing)
+            t0 = time.perf_counter()
+            for item in iterator:
+                data = item["data"]
+                if isinstance(data, str):  # nnU-Net's workers hand large cases over as .npy files
+                    import numpy as np
+                    path, data = data, torch.from_numpy(np.load(data))
+                    os.remove(path)
+                yield data, item["data_properties"], item["ofile"], time.perf_counter() - t0
+                t0 = time.perf_counter()
+
+        records, pending = [], []
+        export_args = (self.configuration_manager, self.plans_manager, self.dataset_json)
+        pool = multiprocessing.get_context("spawn").Pool(num_processes_segmentation_export) \
+            if num_processes_segmentation_export > 0 else None
+        try:
+            workers = list(pool._pool) if pool is not None else []
+            for data, properties, ofile, read_s in items():
+                if self.verbose:
+                    print(f"predicting {os.path.basename(ofile)}")
+                network_before = self.network_seconds
+                logits = self.predict_logits_from_preprocessed_data(data).cpu()
+                record = {"case": os.path.basename(ofile), "read_preprocess_s": read_s,
+                          "network_s": self.network_seconds - network_before, "export_s": None,
+                          "overlapped": overlapped or pool is not None}
+                if pool is None:
+                    record["export_s"] = export_case(logits, properties, *export_args, ofile, save_probabilities)
+                    records.append(record)
+                    if on_case_done:
+                        on_case_done(record)
+                    continue
+                while check_workers_alive_and_busy(pool, workers, [r for _, r in pending], allowed_num_queued=2):
+                    time.sleep(0.1)
+                pending.append((record, pool.apply_async(export_case, (logits.numpy(), properties, *export_args,
+                                                                       ofile, save_probabilities))))
+                pending = self._collect(pending, records, workers, on_case_done, wait=False)
+            self._collect(pending, records, workers, on_case_done, wait=True)
+        finally:
+            if pool is not None:
+                pool.terminate()
+                pool.join()
+        compute_gaussian.cache_clear()
+        empty_cache(self.device)
+        order = {n: i for i, n in enumerate(names)}
+        return sorted(records, key=lambda r: order.get(r["case"], 0))
+
+    @staticmethod
+    def _collect(pending, records, workers, on_case_done, wait: bool) -> list:
+        left = []
+        for record, result in pending:
+            while wait and not result.ready():
+                if not all(w.is_alive() for w in workers):
+                    raise NnppError("a segmentation export worker died (likely killed for lack of CPU memory); "
+                                    "use fewer -nps processes")
+                result.wait(0.1)
+            if result.ready():
+                record["export_s"] = result.get()
+                records.append(record)
+                if on_case_done:
+                    on_case_done(record)
+            else:
+                left.append((record, result))
+        return left
+
+
+def export_case(logits, properties: dict, configuration_manager, plans_manager, dataset_json: dict,
+                output_file_truncated: str, save_probabilities: bool = False) -> float:
+    """nnU-Net's ``export_prediction_from_logits`` (resampling to the original geometry, segmentation, and with
+    ``save_probabilities`` the .npz + .pkl), written into a hidden temp folder beside the output and then moved in
+    with ``os.replace`` (atomic on one file system), the segmentation last: nnU-Net's ``--continue_prediction``
+    looks for the segmentation (and the .npz), so a process killed mid-export leaves no finished-looking case.
+    Returns the seconds it took."""
+    from nnunetv2.inference.export_prediction import export_prediction_from_logits
+    t0 = time.perf_counter()
+    folder, name = os.path.split(os.path.abspath(output_file_truncated))
+    tmp = tempfile.mkdtemp(prefix=f".{name}.partial.", dir=folder)
+    try:
+        export_prediction_from_logits(logits, properties, configuration_manager, plans_manager, dataset_json,
+                                      os.path.join(tmp, name), save_probabilities)
+        seg = name + dataset_json["file_ending"]
+        for f in sorted(os.listdir(tmp), key=lambda f: f == seg):
+            os.replace(os.path.join(tmp, f), os.path.join(folder, f))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return time.perf_counter() - t0
 
 
 @contextlib.contextmanager
-def nnunet_validation_uses(amp: dev.Amp):
+def nnunet_validation_uses(amp: dev.Amp, tta_batch: int = DEFAULT_TTA_BATCH):
     """While active, nnU-Net's trainer validation (``perform_actual_validation``) builds an :class:`nnppPredictor`
-    in ``amp``'s mode. nnU-Net offers no hook for the predictor class it builds there, so the name it looks up
-    is swapped for the duration of the call and restored afterwards (the rest of validation, 130 lines of
-    nnU-Net's, stays nnU-Net's)."""
+    in ``amp``'s mode with batched mirroring. nnU-Net offers no hook for the predictor class it builds there, so
+    the name it looks up is swapped for the duration of the call and restored afterwards (the rest of validation,
+    130 lines of nnU-Net's, stays nnU-Net's; the swap is pinned by tests/test_nnunet_pins.py)."""
     import nnunetv2.training.nnUNetTrainer.nnUNetTrainer as trainer_module
     original = trainer_module.nnUNetPredictor
-    trainer_module.nnUNetPredictor = functools.partial(nnppPredictor, amp=amp)
+    trainer_module.nnUNetPredictor = functools.partial(nnppPredictor, amp=amp, tta_batch=tta_batch)
     try:
         yield
     finally:

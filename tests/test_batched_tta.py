@@ -1,0 +1,120 @@
+"""Batched test-time mirroring (nnppPredictor): the logits of nnU-Net's own one-copy-per-call sliding window, with
+the network called on batches of tiles x mirrors (bounded by tta_batch) in the network's memory format.
+
+Tiny convolutional networks and a hand-set predictor state (patch size, labels, mirroring axes): only nnU-Net's
+sliding-window code runs, no training."""
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+from nnpp import NnppError
+from nnpp.predictor import nnppPredictor
+
+
+class Recording(nn.Module):
+    """A tiny conv net (instance norm, so samples in a batch stay independent) that records each call's input."""
+
+    def __init__(self, dims: int, classes: int = 3, channels: int = 1):
+        super().__init__()
+        conv, norm = (nn.Conv3d, nn.InstanceNorm3d) if dims == 3 else (nn.Conv2d, nn.InstanceNorm2d)
+        torch.manual_seed(0)
+        self.body = nn.Sequential(conv(channels, 4, 3, padding=1), norm(4, affine=True), nn.LeakyReLU(),
+                                  conv(4, 4, 3, padding=1), nn.LeakyReLU(), conv(4, classes, 1))
+        self.calls = []
+
+    def forward(self, x):
+        self.calls.append((x.shape[0], x.is_contiguous(), x.is_contiguous(memory_format=torch.channels_last_3d)
+                           if x.ndim == 5 else x.is_contiguous(memory_format=torch.channels_last)))
+        return self.body(x)
+
+
+def make(cls, net, patch, mirror_axes, **kw):
+    p = cls(tile_step_size=0.5, use_gaussian=True, use_mirroring=True, perform_everything_on_device=False,
+            device=torch.device("cpu"), allow_tqdm=False, **kw)
+    p.network = net.eval()
+    p.configuration_manager = SimpleNamespace(patch_size=list(patch))
+    p.label_manager = SimpleNamespace(num_segmentation_heads=3)
+    p.allowed_mirroring_axes = mirror_axes
+    return p
+
+
+def image(shape, seed=1):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def nnunet_reference(net, patch, axes, img):
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+    ref = make(nnUNetPredictor, net, patch, axes)
+    out = ref.predict_sliding_window_return_logits(img).float()
+    batches = [b for b, *_ in net.calls]
+    net.calls.clear()
+    return out, batches
+
+
+def assert_same_logits(ours, ref):
+    assert ours.shape == ref.shape
+    # both accumulate in nnU-Net's fp16 buffers: float error of the batched convolutions shows at fp16 resolution
+    assert (ours - ref).abs().max() <= 2e-3 * max(1.0, ref.abs().max())
+    assert (ours.argmax(0) == ref.argmax(0)).float().mean() >= 0.9999
+
+
+def test_3d_mirrors_of_a_tile_are_one_batch_of_8():
+    net, patch, axes = Recording(3), (8, 16, 16), (0, 1, 2)
+    img = image((1, 12, 24, 24))  # 2 x 2 x 2 = 8 tiles at step 0.5
+    ref, ref_batches = nnunet_reference(net, patch, axes, img)
+    assert ref_batches == [1] * 64  # nnU-Net: 8 tiles x 8 copies, one call each
+    ours = make(nnppPredictor, net, patch, axes).predict_sliding_window_return_logits(img).float()
+    assert [b for b, *_ in net.calls] == [8] * 8
+    assert_same_logits(ours, ref)
+
+
+def test_tta_batch_bounds_the_batch_and_packs_several_tiles():
+    net, patch, axes = Recording(3), (8, 16, 16), (0, 1, 2)
+    img = image((1, 12, 24, 24))
+    ref, _ = nnunet_reference(net, patch, axes, img)
+    for tta_batch, expected in ((3, [3, 3, 2] * 8), (16, [16] * 4), (24, [24] * 2 + [16]), (1, [1] * 64)):
+        ours = make(nnppPredictor, net, patch, axes, tta_batch=tta_batch).predict_sliding_window_return_logits(img)
+        assert [b for b, *_ in net.calls] == expected, tta_batch
+        net.calls.clear()
+        assert_same_logits(ours.float(), ref)
+    with pytest.raises(NnppError, match="--tta_batch must be a positive integer"):
+        make(nnppPredictor, net, patch, axes, tta_batch=0)
+
+
+def test_2d_mirrors_are_batches_of_4_and_two_tiles_by_default():
+    net, patch, axes = Recording(2), (16, 16), (0, 1)
+    img = image((1, 3, 24, 24))  # a 2D configuration on a 3D image: 3 slices x 2 x 2 tiles
+    ref, ref_batches = nnunet_reference(net, patch, axes, img)
+    assert ref_batches == [1] * 48
+    ours = make(nnppPredictor, net, patch, axes, tta_batch=4).predict_sliding_window_return_logits(img)
+    assert [b for b, *_ in net.calls] == [4] * 12
+    net.calls.clear()
+    assert_same_logits(ours.float(), ref)
+    ours = make(nnppPredictor, net, patch, axes).predict_sliding_window_return_logits(img)
+    assert [b for b, *_ in net.calls] == [8] * 6
+    assert_same_logits(ours.float(), ref)
+
+
+def test_without_mirroring_tiles_are_batched():
+    net, patch = Recording(3), (8, 16, 16)
+    img = image((1, 12, 24, 24))
+    ref, _ = nnunet_reference(net, patch, None, img)
+    ours = make(nnppPredictor, net, patch, None, tta_batch=4).predict_sliding_window_return_logits(img)
+    assert [b for b, *_ in net.calls] == [4, 4]
+    assert_same_logits(ours.float(), ref)
+
+
+def test_tiles_arrive_in_the_networks_memory_format():
+    """A channels_last_3d network (nnpp's training format on the CPU) gets channels_last_3d tiles, a contiguous
+    one contiguous tiles (nnU-Net's producer makes every tile contiguous). Two channels: with one, both layouts
+    are the same strides."""
+    net, patch, axes = Recording(3, channels=2), (8, 16, 16), (0,)
+    img = image((2, 8, 16, 16))
+    make(nnppPredictor, net, patch, axes).predict_sliding_window_return_logits(img)
+    assert net.calls and all(c for _, c, _ in net.calls)
+    net.calls.clear()
+    net.to(memory_format=torch.channels_last_3d)
+    make(nnppPredictor, net, patch, axes).predict_sliding_window_return_logits(img)
+    assert net.calls and all(cl and not c for _, c, cl in net.calls)
