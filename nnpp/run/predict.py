@@ -17,6 +17,11 @@ Ours:
   --ort_provider P      cpu (default) | cuda (onnxruntime-gpu) | openvino (OpenVINO on the CPU: the `openvino`
                         package, [openvino] extra, or onnxruntime-openvino's execution provider)
   --ort_threads N       ONNX Runtime intra-op threads (default 0 = ONNX Runtime's choice, one per physical core)
+  --tta_batch N         at most N tiles x mirrored copies per network call (default 8: one 3D tile's 8 mirrors, two
+                        2D tiles' 4 each, or 8 tiles without mirroring); lower it when device memory is short,
+                        1 = nnU-Net's one copy per call
+  --amp MODE            torch precision: auto (default; nnU-Net's choice: fp16 autocast on cuda and npu, fp32 on
+                        the CPU and mps) | O0 (fp32) | O1 (fp16 autocast) | bf16 (bfloat16 autocast)
 """
 from __future__ import annotations
 
@@ -41,8 +46,9 @@ def _non_negative_int(text: str) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
-    from nnpp.device import DEVICE_CHOICES
+    from nnpp.device import AMP_CHOICES, DEVICE_CHOICES
     from nnpp.deploy.ort import PROVIDERS
+    from nnpp.predictor import DEFAULT_TTA_BATCH
     env_int = lambda name, default: int(os.environ.get(name, default))  # noqa: E731 (nnU-Net's nnUNet_npp/nps)
     p = argparse.ArgumentParser(prog="nnpp_predict", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -71,17 +77,35 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--onnx", default=None, metavar="FOLDER", help="an nnpp_export folder: predict with ONNX Runtime")
     p.add_argument("--ort_provider", default="cpu", choices=tuple(PROVIDERS), help="ONNX Runtime provider")
     p.add_argument("--ort_threads", type=_non_negative_int, default=0, help="ONNX Runtime intra-op threads (0 = auto)")
+    p.add_argument("--tta_batch", type=positive_int, default=DEFAULT_TTA_BATCH,
+                   help=f"tiles x mirrors per network call (default {DEFAULT_TTA_BATCH}; 1 = nnU-Net's one per call)")
+    p.add_argument("--amp", default="auto", choices=AMP_CHOICES,
+                   help="torch precision (default auto: fp16 autocast on cuda/npu as nnU-Net, fp32 on the CPU)")
     return p
 
 
+def inference_amp(mode: str, device):
+    """The torch precision of nnpp_predict: ``auto`` is nnU-Net's inference choice (fp16 autocast on cuda, and on
+    npu alike; fp32 elsewhere), not the training default (which picks bf16 on CPUs with native bf16)."""
+    from nnpp import device as dev
+    if mode == "auto":
+        mode = "O1" if device.type in ("cuda", "npu") else "O0"
+    return dev.make_amp(mode, device)
+
+
+AMP_TEXT = {"O0": "fp32", "O1": "fp16 autocast", "bf16": "bf16 autocast"}
+
+
 def make_predictor(device, step_size: float = 0.5, mirroring: bool = True, on_device: bool = True,
-                   verbose: bool = False, progress: bool = True):
+                   verbose: bool = False, progress: bool = True, amp=None, tta_batch: int | None = None):
     """nnU-Net's predictor on ``device`` (a torch.device: cpu, cuda, mps, npu...) with Gaussian weighting;
-    :class:`nnpp.predictor.nnppPredictor`, so logits stay on npu as they do on cuda (``on_device``)."""
-    from nnpp.predictor import nnppPredictor
+    :class:`nnpp.predictor.nnppPredictor`: logits stay on npu as they do on cuda (``on_device``), mirrored copies
+    go through the network in batches of ``tta_batch``, the network runs in ``amp`` (an nnpp.device.Amp)."""
+    from nnpp.predictor import DEFAULT_TTA_BATCH, nnppPredictor
     return nnppPredictor(tile_step_size=step_size, use_gaussian=True, use_mirroring=mirroring,
-                           perform_everything_on_device=on_device, device=device, verbose=verbose,
-                           verbose_preprocessing=verbose, allow_tqdm=progress)
+                         perform_everything_on_device=on_device, device=device, verbose=verbose,
+                         verbose_preprocessing=verbose, allow_tqdm=progress, amp=amp,
+                         tta_batch=tta_batch or DEFAULT_TTA_BATCH)
 
 
 def _no_compile(predictor, compile_ok: bool) -> None:
@@ -153,13 +177,16 @@ def main(argv=None):
     if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
         dev.set_cpu_threads()  # nnU-Net's choice on the CPU: all cores
 
+    amp = inference_amp(args.amp, device) if args.onnx is None else None
     predictor = make_predictor(device, args.step_size, not args.disable_tta, not args.not_on_device, args.verbose,
-                               not args.disable_progress_bar)
+                               not args.disable_progress_bar, amp, args.tta_batch)
+    tta = (f"mirroring on, up to {args.tta_batch} tiles x mirrors per network call" if not args.disable_tta else
+           f"mirroring off, up to {args.tta_batch} tiles per network call")
     if args.onnx is not None:
         meta = init_onnx(predictor, args.onnx, args.f, args.ort_provider, args.ort_threads)
         print(f"[nnpp_predict] ONNX Runtime ({args.ort_provider}, threads {args.ort_threads or 'auto'}): "
               f"{args.onnx}, folds {', '.join(str(f['fold']) for f in meta['folds'] if not args.f or str(f['fold']) in args.f)}, "
-              f"depth {meta['depth']}")
+              f"depth {meta['depth']}; {tta}")
     else:
         from nnunetv2.utilities.file_path_utilities import get_output_folder
 
@@ -169,18 +196,48 @@ def main(argv=None):
         model_folder = get_output_folder(dataset_name(args.d), args.tr, args.p, args.c)
         init_torch(predictor, model_folder, folds, args.chk, args.depth)
         print(f"[nnpp_predict] torch on {device}: {model_folder}, folds {', '.join(folds)}"
-              f"{f', depth {args.depth}' if args.depth else ''}")
+              f"{f', depth {args.depth}' if args.depth else ''}; precision {AMP_TEXT[amp.mode]} (--amp {args.amp}); "
+              f"{tta}")
 
     os.makedirs(args.o, exist_ok=True)  # as nnUNetv2_predict does, once the model is known to load
-    kwargs = dict(save_probabilities=args.save_probabilities, overwrite=not args.continue_prediction,
-                  folder_with_segs_from_prev_stage=args.prev_stage_predictions)
-    if args.npp == 0 and args.nps == 0 and args.num_parts == 1:
-        predictor.predict_from_files_sequential(args.i, args.o, **kwargs)
-    else:
-        predictor.predict_from_files(args.i, args.o, num_processes_preprocessing=args.npp,
-                                     num_processes_segmentation_export=args.nps, num_parts=args.num_parts,
-                                     part_id=args.part_id, **kwargs)
+    write_run_files(predictor, args.o)
+    records = predictor.predict_cases(args.i, args.o, save_probabilities=args.save_probabilities,
+                                      overwrite=not args.continue_prediction,
+                                      folder_with_segs_from_prev_stage=args.prev_stage_predictions,
+                                      num_processes_preprocessing=args.npp, num_processes_segmentation_export=args.nps,
+                                      num_parts=args.num_parts, part_id=args.part_id)
+    print(time_split_text(records))
     return 0
+
+
+def write_run_files(predictor, out: str) -> None:
+    """dataset.json and plans.json beside the predictions, as nnU-Net's predictor writes them (its postprocessing
+    and evaluation read them), each atomically."""
+    import json
+    for name, obj in (("dataset.json", predictor.dataset_json), ("plans.json", predictor.plans_manager.plans)):
+        tmp = os.path.join(out, f".{name}.{os.getpid()}.tmp")
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=4, sort_keys=False)
+        os.replace(tmp, os.path.join(out, name))
+
+
+def time_split_text(records: list) -> str:
+    """Where each case's time went: reading + preprocessing, network (sliding window, mirroring, folds),
+    resampling + export; and the totals. With worker processes the first and last overlap the network (say so)."""
+    if not records:
+        return "[nnpp_predict] nothing to predict (every case already predicted, or no input)"
+    lines = []
+    for r in records:
+        lines.append(f"[nnpp_predict] {r['case']}: read+preprocess {r['read_preprocess_s']:.2f} s, network "
+                     f"{r['network_s']:.2f} s, resample+export {r['export_s']:.2f} s")
+    tot = {k: sum(r[k] for r in records) for k in ("read_preprocess_s", "network_s", "export_s")}
+    n = len(records)
+    note = (" (worker processes: read+preprocess = time waited for a preprocessed case, resample+export = the "
+            "export workers' own time, overlapping the network; -npp 0 -nps 0 for an exact split)"
+            if records[0]["overlapped"] else "")
+    lines.append(f"[nnpp_predict] time per case over {n} case(s): read+preprocess {tot['read_preprocess_s'] / n:.2f} s, "
+                 f"network {tot['network_s'] / n:.2f} s, resample+export {tot['export_s'] / n:.2f} s{note}")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

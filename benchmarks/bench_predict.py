@@ -1,0 +1,173 @@
+"""torch inference per case: nnU-Net's predictor (one network call per tile and mirrored copy) vs nnppPredictor
+(batched mirroring), file to file, with the time split of each case.
+
+    OMP_NUM_THREADS=2 python benchmarks/bench_predict.py --model_folder RESULTS/Dataset900_.../TRAINER__PLANS__3d_fullres
+
+Variants (``--variants``, comma-separated), all on the same network (built as nnpp_predict builds it) and the
+fold's first ``--cases`` validation cases (raw images), mirroring on:
+
+* ``nnunet``: nnU-Net's ``nnUNetPredictor`` itself, ``predict_from_files_sequential`` (the "before");
+* ``nnpp``: ``nnppPredictor`` (tta_batch 8) through ``predict_cases`` sequentially, as ``nnpp_predict -npp 0 -nps 0``;
+* ``nnpp_tb16``: the same with tta_batch 16 (two 3D tiles per call); ``nnpp_bf16``: the same in bf16 autocast.
+
+The variants run interleaved (round 1: A, B, ...; round 2: A, B, ...) so background load hits all of them;
+``uptime``'s load average is recorded around every run. Per case: seconds (wall), and the split read+preprocess /
+network / resample+export (the network part of ``nnunet`` is timed around its ``predict_logits_from_preprocessed_data``).
+Masks are compared with ``nnunet``'s; Dice against the labels (nnU-Net's ``compute_metrics_on_folder``).
+Writes ``--out`` (JSON) and prints a markdown table (median over rounds).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_onnx import cpu_name  # noqa: E402
+
+
+def load_average() -> float:
+    return os.getloadavg()[0]
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model_folder", required=True)
+    p.add_argument("-f", default="0")
+    p.add_argument("--cases", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", 2)))
+    p.add_argument("--variants", default="nnunet,nnpp,nnpp_tb16,nnpp_bf16")
+    p.add_argument("--out", default="benchmarks/results/predict_cpu.json")
+    args = p.parse_args(argv)
+
+    os.environ["nnUNet_def_n_proc"] = str(args.threads)  # nnU-Net caps torch's threads at this during prediction
+    import numpy as np
+    import SimpleITK as sitk
+    import torch
+    torch.set_num_threads(args.threads)
+    from nnunetv2.evaluation.evaluate_predictions import compute_metrics_on_folder
+    from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    from nnpp import device as dev
+    from nnpp.model_folder import load_trained_model
+    from nnpp.run.predict import init_torch, make_predictor
+
+    folder = os.path.abspath(args.model_folder)
+    model = load_trained_model(folder, [args.f])
+    name = os.path.basename(os.path.dirname(folder))
+    raw = os.path.join(os.environ["nnUNet_raw"], name)
+    splits = json.load(open(os.path.join(os.environ["nnUNet_preprocessed"], name, "splits_final.json")))
+    cases = sorted(splits[int(args.f)]["val"])[:args.cases]
+    ending = model.dataset_json["file_ending"]
+    fg = [v for k, v in model.dataset_json["labels"].items() if v != 0]
+    work = tempfile.mkdtemp(prefix="bench_predict_")
+    inputs = os.path.join(work, "in")
+    os.makedirs(inputs)
+    for c in cases:
+        for f in os.listdir(os.path.join(raw, "imagesTr")):
+            if f.startswith(c + "_") and f.endswith(ending):
+                os.symlink(os.path.join(raw, "imagesTr", f), os.path.join(inputs, f))
+
+    def build(variant):
+        if variant == "nnunet":
+            pred = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=True,
+                                   perform_everything_on_device=False, device=torch.device("cpu"), allow_tqdm=False)
+        else:
+            amp = dev.make_amp("bf16", torch.device("cpu")) if variant.endswith("bf16") else None
+            pred = make_predictor(torch.device("cpu"), progress=False, amp=amp,
+                                  tta_batch=16 if variant.endswith("tb16") else 8)
+        init_torch(pred, folder, [args.f])
+        return pred
+
+    variants = args.variants.split(",")
+    runs = {v: [] for v in variants}
+    masks = {}
+    try:
+        for r in range(args.rounds):
+            for v in variants:
+                pred = build(v)
+                out = os.path.join(work, f"{v}_{r}")
+                os.makedirs(out)
+                load0 = load_average()
+                t0 = time.perf_counter()
+                if v == "nnunet":
+                    net_s = []
+                    inner = pred.predict_logits_from_preprocessed_data
+
+                    def timed(data, inner=inner, net_s=net_s):
+                        t = time.perf_counter()
+                        try:
+                            return inner(data)
+                        finally:
+                            net_s.append(time.perf_counter() - t)
+                    pred.predict_logits_from_preprocessed_data = timed
+                    pred.predict_from_files_sequential(inputs, out)
+                    records = [{"network_s": s} for s in net_s]
+                else:
+                    records = pred.predict_cases(inputs, out)
+                wall = time.perf_counter() - t0
+                run = {"case_s": wall / len(cases), "load_before": load0, "load_after": load_average(),
+                       "network_s": sum(x["network_s"] for x in records) / len(cases)}
+                if v != "nnunet":
+                    run["read_preprocess_s"] = sum(x["read_preprocess_s"] for x in records) / len(cases)
+                    run["export_s"] = sum(x["export_s"] for x in records) / len(cases)
+                if r == 0:
+                    m = compute_metrics_on_folder(os.path.join(raw, "labelsTr"), out, None, SimpleITKIO(), ending, fg,
+                                                  num_processes=1, chill=True)
+                    run["dice"] = {str(lab): m["mean"][lab]["Dice"] for lab in fg}
+                    masks[v] = [sitk.GetArrayFromImage(sitk.ReadImage(os.path.join(out, c + ending))) for c in cases]
+                runs[v].append(run)
+                print(f"[bench_predict] round {r} {v:10s} case {run['case_s']:7.2f} s  network {run['network_s']:7.2f} s"
+                      f"  load {load0:.2f}->{run['load_after']:.2f}", flush=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    rows = {}
+    for v, rs in runs.items():
+        row = {k: statistics.median(x[k] for x in rs) for k in rs[0] if k.endswith("_s")}
+        row["dice"] = rs[0]["dice"]
+        if "nnunet" in masks and v != "nnunet":
+            row["mask_agreement_vs_nnunet"] = float(np.mean(np.concatenate(
+                [(a == b).ravel() for a, b in zip(masks[v], masks["nnunet"])])))
+        row["runs"] = rs
+        rows[v] = row
+    result = {
+        "machine": f"{cpu_name()}, {os.cpu_count()} cores visible, CPU only (no GPU)",
+        "cpu_capability": torch._C._get_cpu_capability(),  # what torch.backends.cpu.get_cpu_capability() reads
+        "native_bf16": dev.cpu_has_native_bf16(), "threads": args.threads, "model_folder": folder,
+        "fold": args.f, "cases": cases, "patch_size": model.patch_size, "rounds": args.rounds,
+        "versions": {"torch": torch.__version__, "python": sys.version.split()[0]}, "rows": rows,
+    }
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out + ".tmp", "w") as f:
+        json.dump(result, f, indent=2)
+    os.replace(args.out + ".tmp", args.out)
+    print(table(result))
+
+
+def table(r: dict) -> str:
+    base = r["rows"].get("nnunet")
+    labels = list(next(iter(r["rows"].values()))["dice"])
+    lines = [f"{r['machine']}; CPU capability {r['cpu_capability']}, native bf16 {r['native_bf16']}, "
+             f"{r['threads']} threads, median of {r['rounds']} interleaved rounds",
+             "| variant | per case (s) | speed-up | network (s) | read+preprocess (s) | resample+export (s) | "
+             + " | ".join(f"Dice {lab}" for lab in labels) + " | mask = nnU-Net's |",
+             "|" + "---|" * (7 + len(labels))]
+    for v, row in r["rows"].items():
+        sp = f"{base['case_s'] / row['case_s']:.2f}x" if base else ""
+        f = lambda k: f"{row[k]:.2f}" if k in row else "-"  # noqa: E731
+        agree = f"{100 * row['mask_agreement_vs_nnunet']:.4f}%" if "mask_agreement_vs_nnunet" in row else ""
+        lines.append(f"| {v} | {row['case_s']:.2f} | {sp} | {f('network_s')} | {f('read_preprocess_s')} | "
+                     f"{f('export_s')} | " + " | ".join(f"{row['dice'][lab]:.4f}" for lab in labels) + f" | {agree} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
