@@ -19,7 +19,12 @@ from torch import nn
 from nnpp import NnppError
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider",
+             "tensorrt": "TensorrtExecutionProvider", "cann": "CANNExecutionProvider",
              "openvino": "OpenVINOExecutionProvider"}
+INSTALL_HINTS = {"cuda": "pip install onnxruntime-gpu (instead of onnxruntime)",
+                 "tensorrt": "install onnxruntime-gpu built with TensorRT, and TensorRT itself (instead of onnxruntime)",
+                 "cann": "install onnxruntime-cann (instead of onnxruntime) and the Ascend CANN toolkit"}
+IO_BINDING = ("cuda", "tensorrt")  # tiles stay in CUDA memory: bound in and out, no host round trip
 METADATA_FILE = "nnpp_onnx.json"
 
 
@@ -68,15 +73,30 @@ def check_provider(provider: str):
         require("openvino", extra="openvino")
     elif PROVIDERS[provider] not in available:
         raise NnppError(f"--ort_provider {provider}: this onnxruntime has no {PROVIDERS[provider]} (available: "
-                        f"{', '.join(available)}); pip install onnxruntime-gpu (instead of onnxruntime)")
+                        f"{', '.join(available)}); {INSTALL_HINTS.get(provider, 'install an onnxruntime build with it')}")
     return ort
 
 
-def make_session(path: str, provider: str = "cpu", threads: int = 0):
-    """A session for ``path``: ``provider`` cpu | cuda (``onnxruntime.InferenceSession`` with that execution
-    provider; cuda needs onnxruntime-gpu) | openvino (onnxruntime-openvino's execution provider when installed,
-    else OpenVINO's own runtime, :class:`OpenVinoSession`, from the ``openvino`` package). ``threads``: intra-op
-    threads (0 = the runtime's default: one per physical core). ONNX Runtime graph optimisations: all."""
+def check_session_providers(session, provider: str, path: str) -> None:
+    """Raise one line unless ``session`` really runs on ``provider``'s execution provider (ONNX Runtime falls
+    back to the CPU when e.g. CUDA or cuDNN fail to load, and then says so only in a warning)."""
+    name = PROVIDERS[provider]
+    active = list(session.get_providers())
+    if not active or active[0] != name:
+        raise NnppError(f"--ort_provider {provider}: ONNX Runtime did not activate {name} for {os.path.basename(path)} "
+                        f"(the session runs on {', '.join(active) or 'nothing'}); check the {provider} libraries "
+                        f"(ONNX Runtime's log says which failed to load) or choose another --ort_provider")
+
+
+def make_session(path: str, provider: str = "cpu", threads: int = 0, trt_cache: str | None = None,
+                 device_id: int = 0):
+    """A session for ``path``: ``provider`` cpu | cuda | tensorrt | cann (``onnxruntime.InferenceSession`` with
+    that execution provider only: cuda and tensorrt need onnxruntime-gpu, tensorrt a build with TensorRT, cann
+    onnxruntime-cann) | openvino (onnxruntime-openvino's execution provider when installed, else OpenVINO's own
+    runtime, :class:`OpenVinoSession`, from the ``openvino`` package). The session's active providers are
+    checked (:func:`check_session_providers`): no silent CPU run. ``threads``: intra-op threads (0 = the runtime's
+    default: one per physical core). ``trt_cache``: TensorRT engine cache folder (engines are built once per
+    model and GPU, then loaded). ``device_id``: the GPU / NPU. ONNX Runtime graph optimisations: all."""
     ort = check_provider(provider)
     if threads < 0:
         raise NnppError(f"--ort_threads must be >= 0 (0 = ONNX Runtime's default), got {threads}")
@@ -88,12 +108,24 @@ def make_session(path: str, provider: str = "cpu", threads: int = 0):
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    providers = [name] if name == "CPUExecutionProvider" else [name, "CPUExecutionProvider"]
+    if provider == "tensorrt":
+        options = {"device_id": device_id, "trt_engine_cache_enable": bool(trt_cache)}
+        if trt_cache:
+            os.makedirs(trt_cache, exist_ok=True)
+            options["trt_engine_cache_path"] = os.path.abspath(trt_cache)
+        # nodes TensorRT cannot take run on CUDA (checked: TensorRT must be the first active provider)
+        providers = [(name, options), ("CUDAExecutionProvider", {"device_id": device_id})]
+    elif provider in ("cuda", "cann"):
+        providers = [(name, {"device_id": device_id})]
+    else:
+        providers = [name]
     try:
-        return ort.InferenceSession(path, sess_options=opts, providers=providers)
+        session = ort.InferenceSession(path, sess_options=opts, providers=providers)
     except Exception as e:  # onnxruntime raises its own exception types for bad files
         raise NnppError(f"ONNX Runtime cannot load {path} ({type(e).__name__}: {str(e).splitlines()[0]}); "
                         f"re-export it with nnpp_export") from None
+    check_session_providers(session, provider, path)
+    return session
 
 
 class OrtNetwork(nn.Module):
@@ -104,13 +136,14 @@ class OrtNetwork(nn.Module):
     (the predictor calls it with each entry of :meth:`parameters_list`). No torch parameters, nothing to train.
     """
 
-    def __init__(self, sessions: dict):
+    def __init__(self, sessions: dict, io_binding: bool = False):
         super().__init__()
         if not sessions:
             raise ValueError("OrtNetwork needs at least one session")
         self.sessions = dict(sessions)
         self.active = next(iter(self.sessions))
         self.input_name = self.sessions[self.active].get_inputs()[0].name
+        self.io_binding = io_binding
 
     def parameters_list(self) -> list:
         """What to hand the predictor as ``parameters``: one fold selector per session, in fold order."""
@@ -123,12 +156,30 @@ class OrtNetwork(nn.Module):
         self.active = fold
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.io_binding and x.device.type == "cuda":
+            return self._forward_bound(x)
         feed = np.ascontiguousarray(x.detach().to("cpu", torch.float32).numpy())
         out = self.sessions[self.active].run(None, {self.input_name: feed})[0]
         return torch.from_numpy(out).to(x.device)
 
+    def _forward_bound(self, x: torch.Tensor) -> torch.Tensor:
+        """CUDA / TensorRT: input and output bound to CUDA memory (ONNX Runtime's IO binding), so a tile never
+        leaves the GPU. Not run on a GPU in this project's CI (no GPU there): the code path of ONNX Runtime's
+        documented ``bind_input`` / ``bind_output`` with torch tensors."""
+        session = self.sessions[self.active]
+        x = x.detach().float().contiguous()
+        classes = session.get_outputs()[0].shape[1]
+        out = torch.empty((x.shape[0], classes, *x.shape[2:]), dtype=torch.float32, device=x.device)
+        binding = session.io_binding()
+        index = x.device.index or 0
+        binding.bind_input(self.input_name, "cuda", index, np.float32, tuple(x.shape), x.data_ptr())
+        binding.bind_output(session.get_outputs()[0].name, "cuda", index, np.float32, tuple(out.shape), out.data_ptr())
+        session.run_with_iobinding(binding)
+        return out
 
-def load_onnx_folder(folder: str, provider: str = "cpu", threads: int = 0, folds=None) -> tuple[dict, OrtNetwork]:
+
+def load_onnx_folder(folder: str, provider: str = "cpu", threads: int = 0, folds=None, trt_cache: str | None = None,
+                     device_id: int = 0) -> tuple[dict, OrtNetwork]:
     """Read an ``nnpp_export`` folder: its metadata (``nnpp_onnx.json``), plans/dataset json, and one session per
     fold (``folds``: a subset of the exported folds, default all). Each ``.onnx`` file is checked against the
     SHA-256 recorded at export, so a replaced or damaged model is refused. Returns (metadata, OrtNetwork)."""
@@ -150,5 +201,5 @@ def load_onnx_folder(folder: str, provider: str = "cpu", threads: int = 0, folds
         if sha256_file(path) != exported[f]["sha256"]:
             raise NnppError(f"{path} is not the file nnpp_export wrote (SHA-256 differs from {METADATA_FILE}); "
                             f"re-export it")
-        sessions[f] = make_session(path, provider, threads)
-    return meta, OrtNetwork(sessions)
+        sessions[f] = make_session(path, provider, threads, trt_cache, device_id)
+    return meta, OrtNetwork(sessions, io_binding=provider in IO_BINDING)

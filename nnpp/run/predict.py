@@ -14,8 +14,12 @@ Ours:
   --depth k             UNet++ pruned to depth k (only the nodes X^{0,k} needs run; 1..L)
   --onnx FOLDER         run an nnpp_export folder with ONNX Runtime instead of torch (-d/-c/-tr/-p/-chk/--depth
                         are then read from the folder; -f picks exported folds, default all of them)
-  --ort_provider P      cpu (default) | cuda (onnxruntime-gpu) | openvino (OpenVINO on the CPU: the `openvino`
-                        package, [openvino] extra, or onnxruntime-openvino's execution provider)
+  --ort_provider P      cpu (default) | cuda (onnxruntime-gpu; tiles stay on the GPU through IO binding) |
+                        tensorrt (onnxruntime-gpu with TensorRT; CUDA takes what TensorRT cannot) | cann (Ascend:
+                        onnxruntime-cann) | openvino (OpenVINO on the CPU: the `openvino` package, [openvino] extra,
+                        or onnxruntime-openvino's execution provider). The session is checked to really run on it:
+                        a provider that does not load is an error, never a silent CPU run
+  --trt_cache DIR       TensorRT engine cache folder (engines built once, then loaded; default: no cache)
   --ort_threads N       ONNX Runtime intra-op threads (default 0 = ONNX Runtime's choice, one per physical core)
   --tta_batch N         at most N tiles x mirrored copies per network call (default 8: one 3D tile's 8 mirrors, two
                         2D tiles' 4 each, or 8 tiles without mirroring); lower it when device memory is short,
@@ -76,6 +80,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--depth", type=positive_int, default=None, help="UNet++ pruning depth k (1..L)")
     p.add_argument("--onnx", default=None, metavar="FOLDER", help="an nnpp_export folder: predict with ONNX Runtime")
     p.add_argument("--ort_provider", default="cpu", choices=tuple(PROVIDERS), help="ONNX Runtime provider")
+    p.add_argument("--trt_cache", default=None, metavar="DIR", help="TensorRT engine cache folder (--ort_provider tensorrt)")
     p.add_argument("--ort_threads", type=_non_negative_int, default=0, help="ONNX Runtime intra-op threads (0 = auto)")
     p.add_argument("--tta_batch", type=positive_int, default=DEFAULT_TTA_BATCH,
                    help=f"tiles x mirrors per network call (default {DEFAULT_TTA_BATCH}; 1 = nnU-Net's one per call)")
@@ -130,14 +135,16 @@ def init_torch(predictor, model_folder: str, folds, checkpoint_name: str = "chec
     return model
 
 
-def init_onnx(predictor, onnx_folder: str, folds=None, provider: str = "cpu", threads: int = 0) -> dict:
+def init_onnx(predictor, onnx_folder: str, folds=None, provider: str = "cpu", threads: int = 0,
+              trt_cache: str | None = None) -> dict:
     """Initialise ``predictor`` with the ONNX Runtime sessions of an nnpp_export folder (its plans.json,
     dataset.json and mirroring axes; ``folds`` a subset of the exported ones). Returns the export metadata."""
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
     from nnpp.model_folder import load_model_json
     from nnpp.deploy.ort import load_onnx_folder
-    meta, network = load_onnx_folder(onnx_folder, provider, threads, folds)
+    meta, network = load_onnx_folder(onnx_folder, provider, threads, folds, trt_cache,
+                                     device_id=predictor.device.index or 0)
     plans = load_model_json(os.path.join(onnx_folder, "plans.json"), "plans.json of the ONNX export")
     dataset_json = load_model_json(os.path.join(onnx_folder, "dataset.json"), "dataset.json of the ONNX export")
     plans_manager = PlansManager(plans)
@@ -168,7 +175,8 @@ def main(argv=None):
         from nnpp.deploy.ort import check_provider
         check_provider(args.ort_provider)  # before the device: a missing provider is the error to report
         setup_paths(required=())
-        device = dev.resolve_device("cuda" if args.ort_provider == "cuda" else "cpu")
+        # tiles go where the provider computes: CUDA memory for cuda/tensorrt (IO binding), the host otherwise
+        device = dev.resolve_device("cuda" if args.ort_provider in ("cuda", "tensorrt") else "cpu")
     else:
         if args.d is None or args.c is None:
             raise NnppError("-d DATASET and -c CONFIGURATION are required (or --onnx FOLDER from nnpp_export)")
@@ -183,7 +191,9 @@ def main(argv=None):
     tta = (f"mirroring on, up to {args.tta_batch} tiles x mirrors per network call" if not args.disable_tta else
            f"mirroring off, up to {args.tta_batch} tiles per network call")
     if args.onnx is not None:
-        meta = init_onnx(predictor, args.onnx, args.f, args.ort_provider, args.ort_threads)
+        if args.trt_cache and args.ort_provider != "tensorrt":
+            raise NnppError("--trt_cache is the TensorRT engine cache: use it with --ort_provider tensorrt")
+        meta = init_onnx(predictor, args.onnx, args.f, args.ort_provider, args.ort_threads, args.trt_cache)
         print(f"[nnpp_predict] ONNX Runtime ({args.ort_provider}, threads {args.ort_threads or 'auto'}): "
               f"{args.onnx}, folds {', '.join(str(f['fold']) for f in meta['folds'] if not args.f or str(f['fold']) in args.f)}, "
               f"depth {meta['depth']}; {tta}")
