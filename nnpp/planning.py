@@ -4,8 +4,10 @@
   memory target, batch size) with ``nnpp.nets.unetpp.UNetPlusPlus`` as the network, so the patch and batch are
   sized from UNet++'s own feature-map count (``compute_conv_feature_map_size``: every nested node, its
   concatenation and all L heads) under the same ``gpu_memory_target_in_gb``. Plans name ``nnppUNetPlusPlusPlans``;
-  2d and 3d_fullres keep nnU-Net's spacing, so they reuse ``nnUNetPlans_2d`` / ``nnUNetPlans_3d_fullres``
-  preprocessed data (as nnU-Net's ResEnc planners do). ``checkpoint_nodes`` ("node", "cat_conv1") is written into
+  2d and 3d_fullres keep nnU-Net's spacing, so they name ``nnUNetPlans_2d`` / ``nnUNetPlans_3d_fullres``
+  preprocessed data (as nnU-Net's ResEnc planners do); ``nnpp_plan_and_preprocess`` keeps that only where nnU-Net's
+  folder verifiably holds the same data and otherwise moves the configuration to nnpp's own identifier, so nnpp
+  never preprocesses into (deletes, rewrites) a folder of nnU-Net's. ``checkpoint_nodes`` ("node", "cat_conv1") is written into
   the plans' ``network_arch_init_kwargs`` and used in the estimate, so a larger patch fits.
 * :class:`SmallUNetPlanner`: nnU-Net's planner with a small UNet width and a capped patch (PlainConvUNet plans).
 * :class:`SmallUNetPlusPlusPlanner`: both (tests, demo).

@@ -104,3 +104,76 @@ def test_plan_train_predict_end_to_end(tiny_dataset, tmp_path):
                 "-device", "cpu", "--disable_tta", env=env)
     assert p.returncode == 0, output_tail(p)
     assert [f for f in os.listdir(out) if f.endswith(".nii.gz")]
+
+
+def _copy_dataset(dataset, root) -> dict:
+    """A private copy of the session's tiny dataset (raw + preprocessed) under ``root``: nnU-Net folders."""
+    import shutil
+
+    from conftest import make_nnunet_dirs
+    dirs = make_nnunet_dirs(root)
+    for k in ("nnUNet_raw", "nnUNet_preprocessed"):
+        shutil.copytree(os.path.join(dataset[k], dataset["name"]), os.path.join(dirs[k], dataset["name"]))
+    return dirs
+
+
+def _fingerprint(folder) -> dict:
+    """{relative path: sha256}, plus inode and mtime for nnU-Net's plans and preprocessed data (they change if a
+    file is rewritten, even with the same bytes; nnU-Net's planner itself re-copies dataset.json)."""
+    from nnpp.model_folder import sha256_file
+    out = {}
+    for base, _, files in os.walk(folder):
+        for f in files:
+            p = os.path.join(base, f)
+            rel, st = os.path.relpath(p, folder), os.stat(p)
+            out[rel] = (sha256_file(p),) + ((st.st_ino, st.st_mtime_ns) if rel.startswith("nnUNetPlans") else ())
+    return out
+
+
+def test_verified_nnunet_data_is_shared(tiny_dataset):
+    """The session's nnU-Net-preprocessed 3d_fullres data matches UNet++ plans of the same dataset: shared."""
+    from nnpp.planning import UNETPP_PLANS
+    from nnpp.run.plan_and_preprocess import _choose_data_identifiers, _training_cases
+    pre = os.path.join(tiny_dataset["nnUNet_preprocessed"], tiny_dataset["name"])
+    plans = json.load(open(os.path.join(pre, "nnUNetPlans.json")))
+    cases = _training_cases(tiny_dataset["name"])
+    assert len(cases) == 5
+    moved = _choose_data_identifiers(pre, plans, UNETPP_PLANS, cases)
+    assert moved == {"2d": "nnUNetPlans_2d does not exist"}  # the session preprocessed 3d_fullres only
+    assert plans["configurations"]["2d"]["data_identifier"] == f"{UNETPP_PLANS}_2d"
+    assert plans["configurations"]["3d_fullres"]["data_identifier"] == "nnUNetPlans_3d_fullres"
+    # a case missing from nnU-Net's folder (an interrupted preprocessing): not shared
+    assert "lacks 1 case" in _choose_data_identifiers(pre, plans, UNETPP_PLANS, cases + ["extra_999"])["3d_fullres"]
+    assert plans["configurations"]["3d_fullres"]["data_identifier"] == f"{UNETPP_PLANS}_3d_fullres"
+
+
+@pytest.mark.parametrize("tamper", ["plans_missing", "spacing_differs"])
+def test_nnunet_data_never_rewritten(tiny_dataset, tmp_path, tamper):
+    """nnU-Net's preprocessed folder that does not verifiably match (its nnUNetPlans.json gone, or a spacing that
+    differs) is left as it is, file for file, and so is nnUNetPlans.json; nnpp preprocesses into its own
+    identifier and its plans point there."""
+    dirs = _copy_dataset(tiny_dataset, tmp_path)
+    pre = os.path.join(dirs["nnUNet_preprocessed"], tiny_dataset["name"])
+    default_plans = os.path.join(pre, "nnUNetPlans.json")
+    if tamper == "plans_missing":
+        os.remove(default_plans)
+    else:
+        theirs = json.load(open(default_plans))
+        theirs["configurations"]["3d_fullres"]["spacing"][0] *= 1.0000001
+        json.dump(theirs, open(default_plans, "w"))
+    before = _fingerprint(pre)
+    env = nnunet_env(dirs, nnUNet_n_proc_DA="0")
+    p = run_cli("plan_and_preprocess", "-d", tiny_dataset["id"], "-c", "3d_fullres", "-np", "1",
+                "-pl", "SmallUNetPlusPlusPlanner", env=env)
+    assert p.returncode == 0, output_tail(p)
+    after = _fingerprint(pre)
+    kept = {k: v for k, v in after.items() if k in before}
+    assert kept == before, "nnU-Net's files were rewritten: " + str(
+        sorted(k for k in before if before[k] != after.get(k))[:5])
+    assert "not sharing nnU-Net's nnUNetPlans_3d_fullres" in p.stdout, output_tail(p)
+    new = sorted(k for k in after if k not in before)
+    assert not [k for k in new if k.startswith("nnUNetPlans")], new  # nothing new under nnU-Net's names
+    conf = json.load(open(os.path.join(pre, "nnppUNetPlusPlusPlans.json")))["configurations"]["3d_fullres"]
+    assert conf["data_identifier"] == "nnppUNetPlusPlusPlans_3d_fullres"
+    own = os.path.join(pre, conf["data_identifier"])
+    assert len([f for f in os.listdir(own) if f.endswith(".pkl")]) == 5

@@ -8,9 +8,11 @@ calls nnU-Net's planning API (``extract_fingerprint_dataset``, ``plan_experiment
 ``preprocess_dataset``) with nnpp's planner class. The plans (default name ``nnppUNetPlusPlusPlans``) name
 ``nnpp.nets.unetpp.UNetPlusPlus`` and size patch and batch from UNet++'s feature-map count under
 ``-gpu_memory_target`` GB; train with ``nnpp_train D 3d_fullres F -p nnppUNetPlusPlusPlans``. Configurations whose
-data identifier is nnU-Net's (``nnUNetPlans_2d``, ``nnUNetPlans_3d_fullres``) and whose preprocessed folder
-already exists for the same spacing are not preprocessed again. An existing fingerprint is reused
-(``--clean`` recomputes it).
+data identifier is nnU-Net's (``nnUNetPlans_2d``, ``nnUNetPlans_3d_fullres``) share nnU-Net's preprocessed folder
+only when it verifiably holds the same data (``nnUNetPlans.json`` present with the same spacing, normalisation,
+resampling and transpose, every training case in the folder); otherwise they are preprocessed into nnpp's own
+identifier (``nnppUNetPlusPlusPlans_3d_fullres``). nnpp never writes into nnU-Net's folders or its plans. An
+existing fingerprint is reused (``--clean`` recomputes it).
 """
 from __future__ import annotations
 
@@ -50,18 +52,59 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def _reusable(preprocessed: str, plans: dict, configuration: str) -> bool:
-    """True if nnU-Net's default plans already preprocessed this configuration's data at the same spacing."""
-    conf = plans["configurations"].get(configuration, {})
-    ident = conf.get("data_identifier")
+#: what makes two configurations' preprocessed data the same (the preprocessor's inputs besides the raw images)
+_DATA_KEYS = ("data_identifier", "preprocessor_name", "spacing", "normalization_schemes", "use_mask_for_norm",
+              "resampling_fn_data", "resampling_fn_data_kwargs", "resampling_fn_seg", "resampling_fn_seg_kwargs")
+_PLANS_DATA_KEYS = ("transpose_forward", "foreground_intensity_properties_per_channel")
+
+
+def _shared_data_mismatch(preprocessed: str, plans: dict, configuration: str, cases) -> str | None:
+    """None if nnU-Net's own preprocessed data for ``configuration`` verifiably is the data ``plans`` would write:
+    ``nnUNetPlans.json`` exists and describes the same preprocessing (data identifier, preprocessor, spacing,
+    normalisation, resampling, transpose, intensity properties) and its folder holds every training case (``cases``).
+    Else a short reason. nnpp shares such a folder read-only and never preprocesses into it (nnU-Net's
+    ``preprocess_dataset`` deletes and rewrites it, under nnU-Net's own plans and trainings)."""
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+    ident = f"nnUNetPlans_{configuration}"
+    folder = os.path.join(preprocessed, ident)
     default_plans = os.path.join(preprocessed, "nnUNetPlans.json")
-    if ident != f"nnUNetPlans_{configuration}" or not os.path.isdir(os.path.join(preprocessed, ident)) \
-            or not os.path.isfile(default_plans):
-        return False
-    with open(default_plans) as f:
-        theirs = json.load(f)["configurations"].get(configuration, {})
-    return theirs.get("data_identifier") == ident and theirs.get("spacing") == conf.get("spacing") \
-        and bool(os.listdir(os.path.join(preprocessed, ident)))
+    if not os.path.isdir(folder):
+        return f"{ident} does not exist"
+    if not os.path.isfile(default_plans):
+        return "nnUNetPlans.json is missing"
+    try:
+        with open(default_plans) as f:
+            theirs_plans = json.load(f)
+        theirs = PlansManager(theirs_plans).get_configuration(configuration).configuration
+    except Exception as e:  # unreadable, or no such configuration
+        return f"nnUNetPlans.json has no readable {configuration} configuration ({type(e).__name__})"
+    ours = PlansManager(plans).get_configuration(configuration).configuration
+    norm = lambda v: json.loads(json.dumps(v))  # noqa: E731 (tuples -> lists, as in the file)
+    for k in _DATA_KEYS:
+        if norm(theirs.get(k)) != norm(ours.get(k)):
+            return f"nnUNetPlans.json's {configuration} {k} differs ({theirs.get(k)} vs {ours.get(k)})"
+    for k in _PLANS_DATA_KEYS:
+        if norm(theirs_plans.get(k)) != norm(plans.get(k)):
+            return f"nnUNetPlans.json's {k} differs"
+    missing = [c for c in cases if not os.path.isfile(os.path.join(folder, c + ".pkl"))]
+    if missing:
+        return f"{ident} lacks {len(missing)} case(s), e.g. {missing[0]}"
+    return None
+
+
+def _choose_data_identifiers(preprocessed: str, plans: dict, plans_identifier: str, cases) -> dict:
+    """Point every configuration that names nnU-Net's data (``nnUNetPlans_<c>``) either at it, when it verifiably
+    matches (:func:`_shared_data_mismatch`), or at nnpp's own ``<plans_identifier>_<c>``. Changes ``plans`` in
+    place; returns {configuration: reason} for those moved to nnpp's own identifier."""
+    moved = {}
+    for c, conf in plans["configurations"].items():
+        if conf.get("data_identifier") != f"nnUNetPlans_{c}":
+            continue
+        reason = _shared_data_mismatch(preprocessed, plans, c, cases)
+        if reason is not None:
+            conf["data_identifier"] = f"{plans_identifier}_{c}"
+            moved[c] = reason
+    return moved
 
 
 def plan_and_preprocess(dataset_id: int, configurations, num_processes, planner_name: str = PLANNERS[0],
@@ -96,6 +139,9 @@ def plan_and_preprocess(dataset_id: int, configurations, num_processes, planner_
     finally:
         if n_da is not None:
             os.environ["nnUNet_n_proc_DA"] = n_da
+    moved = _choose_data_identifiers(preprocessed, plans, planner.plans_identifier, _training_cases(name))
+    if moved:
+        planner.save_plans(plans)
     for c, conf in plans["configurations"].items():
         if "patch_size" in conf:
             print(f"[nnpp_plan_and_preprocess] {name} {c}: patch {conf['patch_size']}, batch {conf['batch_size']}, "
@@ -103,15 +149,27 @@ def plan_and_preprocess(dataset_id: int, configurations, num_processes, planner_
     if preprocess:
         todo, n = [], []
         for i, c in enumerate(configurations):
-            if _reusable(preprocessed, plans, c):
-                print(f"[nnpp_plan_and_preprocess] {c}: reusing nnU-Net's preprocessed "
-                      f"{plans['configurations'][c]['data_identifier']} (same spacing)", flush=True)
+            ident = plans["configurations"].get(c, {}).get("data_identifier")
+            if ident == f"nnUNetPlans_{c}":  # verified above: never preprocess into nnU-Net's own folder
+                print(f"[nnpp_plan_and_preprocess] {c}: reusing nnU-Net's preprocessed {ident} (same "
+                      f"preprocessing, every case present)", flush=True)
                 continue
+            if c in moved:
+                print(f"[nnpp_plan_and_preprocess] {c}: not sharing nnU-Net's nnUNetPlans_{c} ({moved[c]}); "
+                      f"preprocessing into {ident}", flush=True)
             todo.append(c)
             n.append(num_processes[min(i, len(num_processes) - 1)])
         if todo:
             preprocess_dataset(dataset_id, planner.plans_identifier, todo, n, show_progress_bar=True)
     return planner.plans_identifier
+
+
+def _training_cases(dataset_name: str) -> list:
+    """The training case ids of a raw dataset (nnU-Net's listing)."""
+    from nnunetv2.utilities.utils import get_filenames_of_train_images_and_targets
+    raw = os.path.join(os.environ["nnUNet_raw"], dataset_name)
+    with open(os.path.join(raw, "dataset.json")) as f:
+        return sorted(get_filenames_of_train_images_and_targets(raw, json.load(f)))
 
 
 @entry_point("nnpp_plan_and_preprocess")
