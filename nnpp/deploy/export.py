@@ -115,14 +115,70 @@ def _write_json(obj, path: str) -> None:
         json.dump(obj, f, indent=2, sort_keys=False)
 
 
+def check_output_folder(out: str, model: TrainedModel, overwrite: bool = False) -> bool:
+    """``out`` must be a new or empty folder, or (with ``overwrite``) a previous nnpp export of the same model
+    folder (its ``nnpp_onnx.json`` says so). Anything else is one line: nnpp_export never writes into a folder
+    it did not make (pointed at a model folder it would replace that model's plans.json and dataset.json).
+    Returns whether ``out`` holds a previous export to replace."""
+    if not os.path.exists(out):
+        return False
+    if not os.path.isdir(out):
+        raise NnppError(f"-o {out} is a file; give a new or empty folder")
+    entries = os.listdir(out)
+    if not entries:
+        return False
+    meta_path = os.path.join(out, METADATA_FILE)
+    previous = None
+    if os.path.isfile(meta_path):
+        try:
+            with open(meta_path) as f:
+                previous = json.load(f)
+        except (OSError, ValueError):
+            previous = None
+    same = isinstance(previous, dict) and previous.get("format") == "nnpp-onnx" and \
+        previous.get("source", {}).get("model_folder") == os.path.abspath(model.folder) and \
+        previous.get("source", {}).get("configuration") == model.configuration
+    if same and overwrite:
+        return True
+    if same:
+        raise NnppError(f"-o {out} holds a previous export of this model; add --overwrite to replace it "
+                        f"(or give a new folder)")
+    what = (f"an export of another model ({previous.get('source', {}).get('model_folder')})" if isinstance(previous, dict)
+            else f"{len(entries)} file(s) that are not an nnpp export of this model")
+    raise NnppError(f"-o {out} is not empty: it holds {what}; give a new or empty folder (--overwrite only replaces "
+                    f"a previous export of the same model)")
+
+
+def _move_into_place(tmp: str, out: str, replace: bool) -> None:
+    """``tmp`` becomes ``out`` by rename: a previous export is moved aside first and deleted after, so no file of
+    it (e.g. a fold that is not exported again) is ever left beside the new ones."""
+    if os.path.isdir(out) and not replace:
+        os.rmdir(out)  # empty (checked)
+    if not replace:
+        os.rename(tmp, out)
+        return
+    old = tempfile.mkdtemp(prefix=".nnpp_export_old_", dir=os.path.dirname(os.path.abspath(out)))
+    os.rename(out, os.path.join(old, "previous"))
+    try:
+        os.rename(tmp, out)
+    except OSError:
+        os.rename(os.path.join(old, "previous"), out)  # put the previous export back
+        shutil.rmtree(old, ignore_errors=True)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def export_model(model: TrainedModel, out: str, depth: int | None = None, opset: int = DEFAULT_OPSET,
-                 exporter: str = "dynamo", tol: float = DEFAULT_TOL, source: dict | None = None, log=print) -> dict:
+                 exporter: str = "dynamo", tol: float = DEFAULT_TOL, source: dict | None = None, log=print,
+                 overwrite: bool = False) -> dict:
     """Export every fold of ``model`` to ``out`` (``fold_F.onnx``, ``plans.json``, ``dataset.json``,
     ``nnpp_onnx.json``), each checked by :func:`check_ops` and :func:`parity` (fails above ``tol``).
-    Everything is written to a temporary folder first and moved into ``out`` only when all folds pass, the
-    metadata last; a failed export leaves ``out`` as it was. Returns the metadata."""
+    ``out`` must be new or empty, or a previous export of this model with ``overwrite``
+    (:func:`check_output_folder`). Everything is written to a temporary folder beside ``out`` and renamed into
+    place only when all folds pass; a failed export leaves ``out`` as it was. Returns the metadata."""
     ort = require("onnxruntime")
     onnx = require("onnx")
+    replace = check_output_folder(out, model, overwrite)
     patch = model.patch_size
     parent = os.path.dirname(os.path.abspath(out)) or "."
     os.makedirs(parent, exist_ok=True)
@@ -172,12 +228,8 @@ def export_model(model: TrainedModel, out: str, depth: int | None = None, opset:
         _write_json(model.plans, os.path.join(tmp, "plans.json"))
         _write_json(model.dataset_json, os.path.join(tmp, "dataset.json"))
         _write_json(meta, os.path.join(tmp, METADATA_FILE))
-        os.makedirs(out, exist_ok=True)
-        stale = os.path.join(out, METADATA_FILE)
-        if os.path.exists(stale):
-            os.remove(stale)  # a half-replaced folder must not look like a finished export
-        for f in sorted(os.listdir(tmp), key=lambda n: n == METADATA_FILE):  # metadata last
-            os.replace(os.path.join(tmp, f), os.path.join(out, f))
+        check_output_folder(out, model, overwrite)  # unchanged while we exported
+        _move_into_place(tmp, out, replace)
         return meta
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

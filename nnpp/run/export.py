@@ -1,13 +1,14 @@
 """nnpp_export: a trained model folder -> one checked ``.onnx`` per fold + what inference needs.
 
     nnpp_export DATASET CONFIG -f FOLD [FOLD ...] [-tr TRAINER] [-p PLANS] [-chk checkpoint_final.pth]
-                [-o OUT] [--depth k] [--opset N] [--exporter dynamo|torchscript] [--tol T]
+                [-o OUT] [--overwrite] [--depth k] [--opset N] [--exporter dynamo|torchscript] [--tol T]
 
 The network is built as nnU-Net's predictor builds it (plans.json + the checkpoint's trainer class, weights
 loaded strictly; plans/labels compared with those stored in the checkpoint), deep supervision off, pruned to
 depth k with ``--depth`` (UNet++ only). Each fold is checked with ONNX Runtime (CPU) against torch on a random
 patch-sized input; the export fails (exit 2, nothing written) when the max abs difference exceeds
-``--tol`` x max(1, max |logit|). Default OUT: ``MODEL_FOLDER/onnx`` (``onnx_depthK`` when pruned).
+``--tol`` x max(1, max |logit|). Default OUT: ``MODEL_FOLDER/onnx`` (``onnx_depthK`` when pruned). OUT must be
+new or empty, or a previous export of the same model with ``--overwrite`` (replaced whole: no stale fold files).
 Predict with ``nnpp_predict -i IN -o OUT --onnx OUT_OF_THIS_COMMAND``.
 """
 from __future__ import annotations
@@ -42,6 +43,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("-p", default="nnUNetPlans", help="plans identifier (default nnUNetPlans)")
     p.add_argument("-chk", default="checkpoint_final.pth", help="checkpoint file name (default checkpoint_final.pth)")
     p.add_argument("-o", default=None, help="output folder (default MODEL_FOLDER/onnx or onnx_depthK)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace OUT when it holds a previous export of this model (its nnpp_onnx.json says so)")
     p.add_argument("--depth", type=positive_int, default=None,
                    help="UNet++ pruning depth k (1..L): export X^{0,k}'s sub-network (default: full depth)")
     p.add_argument("--opset", type=positive_int, default=DEFAULT_OPSET, help=f"ONNX opset (default {DEFAULT_OPSET})")
@@ -72,7 +75,7 @@ def main(argv=None):
     model = load_trained_model(folder, args.f, args.chk)
     out = args.o or os.path.join(folder, f"onnx_depth{args.depth}" if args.depth else "onnx")
     meta = export_model(model, out, depth=args.depth, opset=args.opset, exporter=args.exporter, tol=args.tol,
-                        source={"dataset": name, "plans_identifier": args.p})
+                        source={"dataset": name, "plans_identifier": args.p}, overwrite=args.overwrite)
     print(f"[nnpp_export] wrote {len(meta['folds'])} model(s) to {out} (patch {'x'.join(map(str, meta['patch_size']))}, "
           f"depth {meta['depth']}, opset {meta['opset']}, ops: {', '.join(meta['ops'])})")
     return 0
