@@ -33,7 +33,7 @@ def test_distill_one_process_continue_and_predict(tiny_dataset, teacher, tmp_pat
     assert p.returncode == 0, output_tail(p)
     fold = tmp_path / "results" / ds["name"] / STUDENT / "fold_0"
     # the report: sizes at start, Dice of student and teacher side by side at the end
-    assert "[nnpp_distill] student:" in p.stdout and "x the student's parameters" in p.stdout
+    assert "[nnpp_distill] student:" in p.stdout and "GFLOP and" in p.stdout and "x its FLOPs" in p.stdout
     table = p.stdout[p.stdout.index("[nnpp_distill] validation Dice"):]
     assert f"student {STUDENT}/fold_0" in table and "teacher nnUNetPlusPlusTrainer__nnUNetPlans__3d_fullres/fold_0" in table
     record = json.loads((fold / "kd_config.json").read_text())

@@ -31,6 +31,16 @@ def reduce_features(features: list, r: int) -> list:
     return [min(f, max(MIN_FEATURES, f // r)) for f in features]
 
 
+def unet_rejects(arch_kwargs: dict) -> list:
+    """The keys of ``arch_kwargs`` that nnU-Net's PlainConvUNet does not accept (nnpp's UNet++ options such as
+    ``checkpoint_nodes`` and the v1 conversion's ``upsample_bias``/``seg_bias``/``decoder_kernels``)."""
+    import inspect
+
+    from dynamic_network_architectures.architectures.unet import PlainConvUNet
+    accepted = set(inspect.signature(PlainConvUNet.__init__).parameters)
+    return sorted(k for k in arch_kwargs if k not in accepted)
+
+
 def make_student_plans(plans: dict, configuration: str, r: int, student: str = "unetpp",
                        source_plans: str = "nnUNetPlans") -> dict:
     """A copy of ``plans`` holding the student's ``configuration`` only (resolved, inheritance flattened) with
@@ -45,12 +55,22 @@ def make_student_plans(plans: dict, configuration: str, r: int, student: str = "
         raise NnppError(f"configuration '{configuration}' is not in the plans ({', '.join(plans.get('configurations', {}))})")
     conf = copy.deepcopy(PlansManager(plans).get_configuration(configuration).configuration)
     conf.pop("inherits_from", None)
+    if conf.get("previous_stage"):
+        raise NnppError(f"configuration '{configuration}' is a cascade stage (previous_stage "
+                        f"'{conf['previous_stage']}': its networks take the previous stage's segmentation as input); "
+                        f"nnpp_distill distils single-stage configurations: choose 3d_fullres, 3d_lowres or 2d")
     arch = conf["architecture"]
     kwargs = arch["arch_kwargs"]
     if "n_conv_per_stage" not in kwargs or "features_per_stage" not in kwargs:
         raise NnppError(f"the student is built from PlainConvUNet-style plans (n_conv_per_stage, features_per_stage); "
                         f"{plans.get('plans_name')} describes {arch.get('network_class_name')}: pass -p with nnU-Net's "
                         f"default plans (nnUNetPlans)")
+    if student == "unet":
+        foreign = unet_rejects(kwargs)
+        if foreign:
+            raise NnppError(f"--student unet: the plans' arch kwargs {', '.join(foreign)} are options of nnpp's UNet++ "
+                            f"that nnU-Net's PlainConvUNet does not take; derive the student from plans without them "
+                            f"(-p nnUNetPlans) or distil into --student unetpp")
     kwargs["features_per_stage"] = reduce_features(list(kwargs["features_per_stage"]), r)
     arch["network_class_name"] = STUDENTS[student]
     out = copy.deepcopy(plans)

@@ -31,6 +31,7 @@ class Teacher:
     configuration_manager: object = None
     dataset_json: dict = field(default_factory=dict)
     trainer_name: str = ""
+    training_cases: list | None = None  # set by check_leaks: every case the teacher's weights have seen
 
     def __post_init__(self):
         self.network.eval()
@@ -106,6 +107,11 @@ def check_compatible(teacher: Teacher, plans_manager, configuration_manager, dat
     n_s = determine_num_input_channels(plans_manager, configuration_manager, dataset_json)
     if n_t != n_s:
         raise NnppError(f"{who} takes {n_t} input channels, the student's data has {n_s}")
+    if len(tc.patch_size) != len(configuration_manager.patch_size) or len(tc.spacing) != len(configuration_manager.spacing):
+        dims = lambda c: f"{len(c.patch_size)}D"  # noqa: E731
+        raise NnppError(f"{who} is a {dims(tc)} model (spacing {list(tc.spacing)}), the student's configuration is "
+                        f"{dims(configuration_manager)} (spacing {list(configuration_manager.spacing)}): distil into the "
+                        f"configuration the teacher was trained on (a 2d teacher into 2d, a 3d one into 3d_fullres)")
     if not np.allclose(tc.spacing, configuration_manager.spacing, rtol=1e-4, atol=1e-6):
         raise NnppError(f"{who} was trained at spacing {list(tc.spacing)}, the student's configuration uses "
                         f"{list(configuration_manager.spacing)}: distil on the same preprocessed data (same "
@@ -122,21 +128,29 @@ def check_compatible(teacher: Teacher, plans_manager, configuration_manager, dat
     total = np.prod(np.array(strides), axis=0)
     patch = np.array(configuration_manager.patch_size)
     if len(total) != len(patch) or np.any(patch % total):
-        raise NnppError(f"student patch {list(patch)} is not divisible by {who}'s total stride {total.tolist()}; "
+        raise NnppError(f"student patch {patch.tolist()} is not divisible by {who}'s total stride {total.tolist()}; "
                         f"the teacher cannot run on the student's patches (choose a configuration whose patch "
                         f"fits both)")
 
 
 def split_cases(preprocessed_dataset_dir: str, fold) -> tuple[list, list]:
     """(training cases, validation cases) of ``fold`` from the dataset's splits_final.json; fold 'all': every
-    case for both (nnU-Net trains and 'validates' on all)."""
+    case for both (nnU-Net trains and 'validates' on all). A missing dataset folder, or one with no cases, is an
+    error: no cases must never pass a leak check as leak-free."""
     splits_file = os.path.join(preprocessed_dataset_dir, "splits_final.json")
+    if not os.path.isdir(preprocessed_dataset_dir):
+        raise NnppError(f"cannot find the cases of fold {fold}: the preprocessed dataset folder "
+                        f"{preprocessed_dataset_dir} does not exist (check nnUNet_preprocessed, or run "
+                        f"nnUNetv2_plan_and_preprocess for that dataset)")
     if str(fold) == "all":
         if os.path.isfile(splits_file):
             splits = load_json_file(splits_file, "splits file")
             cases = sorted(set(splits[0]["train"]) | set(splits[0]["val"]))
         else:
             cases = sorted(f[:-len(".pkl")] for f in _case_files(preprocessed_dataset_dir))
+        if not cases:
+            raise NnppError(f"no cases found in {preprocessed_dataset_dir} (no splits_final.json, no preprocessed "
+                            f"cases): the leak check needs the cases of fold all; preprocess the dataset first")
         return cases, cases
     if not os.path.isfile(splits_file):
         raise NnppError(f"cannot check teachers for validation leaks: {splits_file} does not exist (nnU-Net writes "
@@ -145,6 +159,8 @@ def split_cases(preprocessed_dataset_dir: str, fold) -> tuple[list, list]:
     fold = int(fold)
     if fold >= len(splits):
         raise NnppError(f"fold {fold} is not in {splits_file} ({len(splits)} folds)")
+    if not splits[fold]["train"]:
+        raise NnppError(f"fold {fold} of {splits_file} has no training cases: cannot check teachers for leaks")
     return list(splits[fold]["train"]), list(splits[fold]["val"])
 
 
@@ -158,28 +174,67 @@ def _case_files(preprocessed_dataset_dir: str) -> list:
     return []
 
 
+def teacher_dataset(teacher: Teacher) -> str | None:
+    """The ``DatasetXXX_Name`` folder a teacher model folder sits in (nnU-Net's layout), or None."""
+    import re
+    name = os.path.basename(os.path.dirname(os.path.abspath(teacher.folder)))
+    return name if re.fullmatch(r"Dataset\d{3}_.+", name) else None
+
+
+def teacher_training_cases(teacher: Teacher, preprocessed_root: str) -> list | None:
+    """The case ids ``teacher``'s weights have seen: recorded in its fold's ``kd_config.json`` when it is itself a
+    distilled student (its own training cases and its teachers'), else its dataset's splits (``preprocessed_root/DatasetXXX_Name/``). None when
+    the folder is not inside a DatasetXXX_Name folder."""
+    record = os.path.join(teacher.folder, f"fold_{teacher.fold}", "kd_config.json")
+    if os.path.isfile(record):
+        cases = load_json_file(record, "kd_config.json").get("training_cases")
+        if cases:
+            return list(cases)
+    dataset = teacher_dataset(teacher)
+    if dataset is None:
+        return None
+    return split_cases(os.path.join(preprocessed_root, dataset), teacher.fold)[0]
+
+
 def check_leaks(teachers: list, preprocessed_root: str, student_fold, student_val: list,
                 allow_val_leak: bool = False) -> list:
     """Refuse teachers whose **training cases** include the student's **validation cases** (compared by case id,
     from the splits_final.json of the teacher's dataset, ``preprocessed_root/DatasetXXX_Name/``, not by fold
     number). ``allow_val_leak``: accept and return the leaks as
-    ``[(teacher name, [case ids])]`` so the run can be marked leaky. A student on fold 'all' validates on its
-    own training cases, so no teacher can leak into it."""
+    ``[(teacher name, [case ids] or None when its training cases are unknown)]`` so the run can be marked leaky.
+    A teacher folder outside ``DatasetXXX_Name`` has unknown training cases: refused, or a leak with
+    ``allow_val_leak``. A student on fold 'all' validates on its own training cases, so no teacher can leak into
+    it."""
     if str(student_fold) == "all":
         return []
     leaks = []
     val = set(student_val)
     for t in teachers:
-        dataset = os.path.basename(os.path.dirname(os.path.abspath(t.folder)))
-        t_train, _ = split_cases(os.path.join(preprocessed_root, dataset), t.fold)
+        t_train = t.training_cases = teacher_training_cases(t, preprocessed_root)
+        if t_train is None:
+            if not allow_val_leak:
+                raise NnppError(f"teacher {t.name}: {t.folder} is not inside a DatasetXXX_Name folder, so its "
+                                f"training cases are unknown and cannot be checked against the student's validation "
+                                f"cases; keep nnU-Net's layout ($nnUNet_results/DatasetXXX_Name/TRAINER__PLANS__"
+                                f"CONFIG), or pass --allow-val-leak to accept it (the run is then marked leaky)")
+            leaks.append((t.name, None))
+            continue
         leaked = sorted(val & set(t_train))
         if leaked:
             leaks.append((t.name, leaked))
-    if leaks and not allow_val_leak:
-        name, cases = leaks[0]
+    known = [(n, c) for n, c in leaks if c is not None]
+    if known and not allow_val_leak:
+        name, cases = known[0]
         shown = ", ".join(cases[:5]) + (f" and {len(cases) - 5} more" if len(cases) > 5 else "")
         raise NnppError(f"teacher {name} was trained on {len(cases)} of the student's fold-{student_fold} validation "
                         f"cases ({shown}): its targets would leak them into the student's validation Dice. Use "
                         f"teachers of fold {student_fold} (-tf {student_fold}, the default), or pass "
                         f"--allow-val-leak to accept it (the run is then marked leaky)")
     return leaks
+
+
+def describe_leak(name: str, cases: list | None) -> str:
+    """One clause for a leak of :func:`check_leaks`."""
+    if cases is None:
+        return f"{name}'s training cases are unknown (its folder is not inside DatasetXXX_Name)"
+    return f"{name} was trained on {len(cases)} of the student's validation cases ({', '.join(cases[:5])})"

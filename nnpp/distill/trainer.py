@@ -119,9 +119,10 @@ class KDMixin:
         self.kd_pairs: list = []
         self._kd_terms: list = []
         if self.kd_leaks:
+            from nnpp.distill.teachers import describe_leak
             self.print_to_log_file("WARNING: leaky distillation (--allow-val-leak): " + "; ".join(
-                f"{name} trained on {len(cases)} student validation case(s) ({', '.join(cases[:5])})"
-                for name, cases in self.kd_leaks) + ". The student's validation Dice is optimistic.")
+                describe_leak(name, cases) for name, cases in self.kd_leaks)
+                + ". The student's validation Dice may be optimistic.")
 
     def _configure_network(self) -> None:
         # the teachers see the student's batches: same memory format (else every teacher conv re-lays its input)
@@ -148,13 +149,30 @@ class KDMixin:
             settings.update({k: self.kd_config[k] for k in (*KD_DEFAULTS, *KD_IDENTITY) if k in self.kd_config})
         return settings
 
+    def kd_training_cases(self) -> list | None:
+        """The student's training cases plus every teacher's (None when a teacher's are unknown)."""
+        from nnpp.distill.teachers import split_cases
+        try:
+            cases = set(split_cases(self.preprocessed_dataset_folder_base, self.fold)[0])
+        except NnppError:
+            return None
+        for t in self.teachers:
+            if t.training_cases is None:
+                return None
+            cases |= set(t.training_cases)
+        return sorted(cases)
+
     def kd_record(self) -> dict:
         """What ``kd_config.json`` and the checkpoint record about this distillation."""
         return {**self.kd_config, "leaky": self.leaky,
                 "leaks": [{"teacher": n, "cases": c} for n, c in self.kd_leaks],
                 "teachers_resolved": [{"name": t.name, "folder": t.folder, "fold": t.fold, "trainer": t.trainer_name,
-                                       "parameters": t.num_parameters} for t in self.teachers],
-                "stage_pairs": self.kd_pairs}
+                                       "parameters": t.num_parameters, "training_cases": t.training_cases}
+                                      for t in self.teachers],
+                # every case the student's weights have seen (its own training cases and its teachers'): a later
+                # leak check with this student as a teacher reads it (nnpp.distill.teachers.teacher_training_cases)
+                "training_cases": self.kd_training_cases(),
+                "stage_pairs": self.kd_pairs, "sizes": getattr(self, "kd_sizes", None)}
 
     # -------------------------------------------------------------------------------------- KD modules
     def _feature_shapes(self, encoder, n_in: int):
@@ -295,8 +313,9 @@ class KDMixin:
     def on_train_start(self):
         super().on_train_start()
         if self.kd_on and world()[0] == 0:
+            self.kd_sizes = self.size_report()
+            self.report_sizes(self.kd_sizes)
             self._write_kd_record()
-            self.report_sizes()
 
     def _write_kd_record(self) -> None:
         path = os.path.join(self.output_folder, "kd_config.json")
@@ -316,41 +335,64 @@ class KDMixin:
         super().on_train_epoch_end(train_outputs)
 
     # ------------------------------------------------------------------------------------------- reports
-    def measure_latency(self, network: nn.Module, repeats: int = 5, warmup: int = 2) -> float:
-        """Median forward time (ms) of ``network`` on one patch (batch 1) under the run's autocast, no grad, after
-        ``warmup`` untimed calls."""
+    def measure_cost(self, network: nn.Module, repeats: int = 5, warmup: int = 2) -> tuple[int, float]:
+        """(forward FLOPs of one patch, median forward time in ms of one patch) of ``network``: batch 1, the run's
+        autocast and memory format, no grad. FLOPs are counted by ``torch.utils.flop_counter.FlopCounterMode``
+        (convolutions and matmuls, 2 per multiply-add; device-independent) during the first warm-up call; the
+        time is the median of ``repeats`` calls after ``warmup`` untimed ones."""
+        from torch.utils.flop_counter import FlopCounterMode
+
         x = torch.randn((1, self.num_input_channels, *self.configuration_manager.patch_size), device=self.device)
         x = x.contiguous(memory_format=self.memory_format)
-        times = []
+        times, flops = [], 0
         with torch.no_grad(), self.amp.autocast():
-            for i in range(warmup + repeats):
+            with FlopCounterMode(display=False) as counter:
+                network(x)
+            flops = int(counter.get_total_flops())
+            for i in range(max(0, warmup - 1) + repeats):
                 dev.synchronize(self.device)
                 t0 = time.perf_counter()
                 network(x)
                 dev.synchronize(self.device)
-                if i >= warmup:
+                if i >= warmup - 1:
                     times.append((time.perf_counter() - t0) * 1000)
-        return statistics.median(times)
+        return flops, statistics.median(times)
 
     def size_report(self) -> list:
-        """[(name, parameters, ms per patch)] for the student (first) and every teacher."""
+        """``[{"name", "parameters", "flops_per_patch", "ms_per_patch"}]`` for the student (first) and every
+        teacher, measured on this run's device with one patch of the configuration."""
         student = self.bare_network
         student = student.net if isinstance(student, KDStudent) else student
         was_training = student.training
         student.eval()
-        rows = [("student", sum(p.numel() for p in student.parameters()), self.measure_latency(student))]
+        nets = [("student", student)] + [(f"teacher {t.name}", t.network) for t in self.teachers]
+        rows = []
+        for name, net in nets:
+            flops, ms = self.measure_cost(net)
+            rows.append({"name": name, "parameters": sum(p.numel() for p in net.parameters()),
+                         "flops_per_patch": flops, "ms_per_patch": ms})
         student.train(was_training)
-        rows += [(f"teacher {t.name}", t.num_parameters, self.measure_latency(t.network)) for t in self.teachers]
         return rows
 
-    def report_sizes(self) -> None:
-        rows = self.size_report()
-        s_params, s_ms = rows[0][1], rows[0][2]
-        for name, params, ms in rows:
-            extra = "" if name == "student" else f" ({params / s_params:.1f}x the student's parameters, " \
-                                                 f"{ms / s_ms:.1f}x its latency)"
-            self.print_to_log_file(f"[nnpp_distill] {name}: {params:,} parameters, {ms:.1f} ms per patch "
-                                   f"{tuple(self.configuration_manager.patch_size)} on {self.device}{extra}")
+    def report_sizes(self, rows: list) -> None:
+        """One line per network; a one-line WARNING for each teacher the student is not cheaper than (FLOPs or
+        latency per patch >= the teacher's)."""
+        s = rows[0]
+        where = f"per patch {tuple(self.configuration_manager.patch_size)} on {self.device}"
+        self.print_to_log_file(f"[nnpp_distill] student: {s['parameters']:,} parameters, "
+                               f"{s['flops_per_patch'] / 1e9:.3g} GFLOP and {s['ms_per_patch']:.1f} ms {where}")
+        for t in rows[1:]:
+            ratios = (s["parameters"] / t["parameters"], s["flops_per_patch"] / max(t["flops_per_patch"], 1),
+                      s["ms_per_patch"] / t["ms_per_patch"])
+            self.print_to_log_file(f"[nnpp_distill] {t['name']}: {t['parameters']:,} parameters, "
+                                   f"{t['flops_per_patch'] / 1e9:.3g} GFLOP and {t['ms_per_patch']:.1f} ms {where}; the "
+                                   f"student is {ratios[0]:.2f}x its parameters, {ratios[1]:.2f}x its FLOPs, "
+                                   f"{ratios[2]:.2f}x its latency")
+            if ratios[1] >= 1 or ratios[2] >= 1:
+                self.print_to_log_file(f"[nnpp_distill] WARNING: the student (--student {self.kd_config.get('student')}"
+                                       f" -r {self.kd_config.get('r')}) is not cheaper than {t['name']} "
+                                       f"({ratios[1]:.2f}x its FLOPs, {ratios[2]:.2f}x its latency per patch); "
+                                       f"the default (--student unet -r 2) or a larger -r is")
 
     # ------------------------------------------------------------------------------------ augmentation
     def configure_rotation_dummyDA_mirroring_and_inital_patch_size(self):

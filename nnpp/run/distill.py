@@ -132,8 +132,8 @@ def setup(trainer, args) -> None:
     _, student_val = split_cases(trainer.preprocessed_dataset_folder_base, trainer.fold)
     leaks = check_leaks(teachers, str(nnUNet_preprocessed), trainer.fold, student_val, config["allow_val_leak"])
     if leaks and int(os.environ.get("RANK", 0)) == 0:
-        print("[nnpp_distill] WARNING: leaky run (--allow-val-leak): "
-              + "; ".join(f"{n} was trained on {len(c)} of the student's validation cases" for n, c in leaks)
+        from nnpp.distill.teachers import describe_leak
+        print("[nnpp_distill] WARNING: leaky run (--allow-val-leak): " + "; ".join(describe_leak(n, c) for n, c in leaks)
               + '; kd_config.json records "leaky": true', flush=True)
     trainer.configure_kd(teachers, config, leaks)
 
