@@ -273,8 +273,9 @@ class nnUNetPlusPlusTrainer(nnUNetTrainer):
     # -------------------------------------------------------------------------------------- checkpoints
     def save_checkpoint(self, filename: str) -> None:
         """nnU-Net's checkpoint plus ``nnpp_run_settings`` and :meth:`checkpoint_extras`, written by global rank 0
-        only (nnU-Net lets local rank 0 of every node write): a fresh temp file, fsync, rename, fsync of the
-        folder. Nothing else ever renames, so a ``.tmp`` left by a crashed run is never promoted."""
+        only (as nnU-Net's own, whose ``local_rank`` is ``dist.get_rank()``, the global rank): a fresh temp file,
+        fsync, rename, fsync of the folder. Nothing else ever renames, so a ``.tmp`` left by a crashed run is never
+        promoted."""
         if world()[0] != 0:
             return
         if self.disable_checkpointing:
