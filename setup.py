@@ -10,8 +10,10 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["nnpp", "nnpp.*"]),
     install_requires=[
-        # 2.8 is the API we subclass and test (trainer hooks, MetaLogger, predictor); 2.9 may move them.
-        "nnunetv2>=2.8,<2.9",
+        # 2.8 is the API we subclass and test (trainer hooks, MetaLogger, predictor); 2.9 may move them. The
+        # private nnU-Net internals nnpp overrides are pinned by tests/test_trainer_pins.py (trainer) and
+        # tests/test_nnunet_pins.py (predictor), checked against nnunetv2 2.8.1 (patches/ is for 2.8.1 too).
+        "nnunetv2>=2.8.1,<2.9",
         "torch>=2.3",  # torch.amp.GradScaler(device_type)
         "SimpleITK>=2.2",
         "numpy",
