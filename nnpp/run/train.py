@@ -1,7 +1,7 @@
 """nnpp_train: nnU-Net v2's training command for nnpp trainers, on any device, with AMP and short runs.
 
     nnpp_train DATASET CONFIG FOLD [-tr TRAINER] [-p PLANS] [-device auto|cuda|npu|mps|cpu] [--amp MODE]
-               [--checkpoint none|node|cat_conv1]
+               [--checkpoint none|node|cat_conv1] [--ds_weights equal|descending|decay] [--seed N]
                [--c] [--val] [--val_best] [--npz] [--epochs N] [--iters N] [--val_iters N] [--save_every N]
 """
 from __future__ import annotations
@@ -17,6 +17,9 @@ from nnpp.paths import setup_paths
 from nnpp.cli import check_fold, dataset_name, entry_point, load_json_file, positive_int
 
 DEFAULT_TRAINER = "nnUNetPlusPlusTrainer"
+#: --ds_weights choices: nnpp.training.nnUNetPlusPlusTrainer.DS_WEIGHTS (not imported: nnunetv2 reads its paths at
+#: import time, after the arguments are parsed)
+DS_WEIGHTS = ("equal", "descending", "decay")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,6 +39,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="activation checkpointing of UNet++'s nested nodes (recomputed in backward): node (each node; "
                    "about 0.25x the activations) | cat_conv1 | none (default: what the plans say, nnpp_plan_and_"
                    "preprocess --checkpoint)")
+    p.add_argument("--ds_weights", default=None, choices=DS_WEIGHTS,
+                   help="UNet++ deep-supervision head weights: equal (1/L each) | descending (nnU-Net's halving from "
+                   "X^{0,L} down) | decay (equal, then the shallower heads fade out over training); default: the "
+                   "trainer's (README: Deep supervision)")
+    p.add_argument("--seed", type=int, default=None, help="seed python's random, numpy and torch before the network "
+                   "is built (rank r of a DDP run: seed + r); with nnUNet_n_proc_DA=0 batches and augmentation are "
+                   "seeded too (nnU-Net's worker processes seed themselves from the OS); recorded in the run settings")
     p.add_argument("--c", action="store_true", help="continue from the latest checkpoint (fresh start if none) "
                    "with the run's saved settings (--epochs/--iters/--val_iters/--amp/--dbs/--checkpoint); a flag "
                    "that contradicts them is an error unless --change_settings is given")
@@ -63,6 +73,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preprocessed", help="overrides $nnUNet_preprocessed")
     p.add_argument("--results", help="overrides $nnUNet_results (v1: $RESULTS_FOLDER)")
     return p
+
+
+def seed_everything(seed: int) -> None:
+    """Python's ``random``, numpy's global generator and torch's (every device): network initialisation and, in the
+    main process, nnU-Net's patch sampling and augmentation (batchgenerators draw from numpy and torch)."""
+    import random
+
+    import numpy as np
+    import torch
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.manual_seed(seed)
 
 
 def configure_run(trainer, epochs=None, iters=None, val_iters=None, save_every=None) -> None:
@@ -181,6 +203,8 @@ def _train(args, env, device, setup=None):
     if args.c and args.pretrained_weights:
         raise NnppError("--c and -pretrained_weights exclude each other: pretrained weights only start a training")
     trainer_name = DDP_VARIANTS[args.tr].__name__ if env.enabled and args.tr in DDP_VARIANTS else args.tr
+    if args.seed is not None:
+        seed_everything(args.seed + env.rank)
     trainer = make_trainer(args.dataset_name_or_id, args.configuration, args.fold, trainer_name, args.p, device,
                            continue_training=args.c)
     final = os.path.join(trainer.output_folder, "checkpoint_final.pth")
@@ -190,16 +214,26 @@ def _train(args, env, device, setup=None):
     if args.c and resume is None:
         print("WARNING: no checkpoint available to continue from. Starting a new training...", flush=True)
     if resume and args.c:
-        resume_settings(args, saved_run_settings(resume), resume, device, args.change_settings)
+        saved = saved_run_settings(resume)
+        if saved:  # an nnpp run: no ds_weights saved means equal weights (runs before --ds_weights, and equal ones)
+            saved.setdefault("ds_weights", "equal")
+        resume_settings(args, saved, resume, device, args.change_settings)
     nnpp_trainer = hasattr(trainer, "configure_amp")
     if nnpp_trainer:
         trainer.configure_amp(amp_mode(args.amp, device))
         trainer.distribute_batch = bool(args.dbs)
         trainer.checkpoint_nodes = args.checkpoint
-    elif args.amp not in (None, "auto") or args.dbs or args.other_use or args.pretrained_weights or args.checkpoint:
-        raise NnppError(f"--amp, --dbs, --checkpoint, --other_use and -pretrained_weights need an nnpp trainer; "
+        trainer.seed = args.seed
+        if args.ds_weights is not None:
+            trainer.ds_weights = args.ds_weights
+    elif args.amp not in (None, "auto") or args.dbs or args.other_use or args.pretrained_weights or args.checkpoint \
+            or args.ds_weights:
+        raise NnppError(f"--amp, --dbs, --checkpoint, --ds_weights, --other_use and -pretrained_weights need an nnpp "
+                        f"trainer; "
                         f"{args.tr} is nnU-Net's own (use nnUNetv2_train for it)")
     configure_run(trainer, args.epochs, args.iters, args.val_iters, args.save_every)
+    if args.seed is not None:
+        trainer.print_to_log_file(f"seed {args.seed} (+ rank {env.rank})", also_print_to_console=False)
     trainer.disable_checkpointing = args.disable_checkpointing
     if setup is not None:
         setup(trainer, args)

@@ -11,7 +11,8 @@ SGD, checkpoints, ``progress.png``, validation and ``summary.json``):
   device copy), and the loss (:class:`SharedTargetDeepSupervision`) pairs every head with that same tensor.
 * Head weights: equal, 1/L each (the UNet++ paper averages the losses of its heads). Every head gets a
   gradient; nnU-Net's default would give the last output weight 0, which is why the reference UNet++
-  port never trained its deeper nodes. Override :meth:`deep_supervision_weights` to change this.
+  port never trained its deeper nodes. ``ds_weights`` (nnpp_train ``--ds_weights``) selects other weightings
+  (nnU-Net-like descending, decaying; see :meth:`deep_supervision_weights`, chosen with benchmarks/bench_convergence).
 * AMP on every device through :mod:`nnpp.device` (nnU-Net autocasts on CUDA only): ``configure_amp``.
 * Memory format from the device layer (channels_last_3d for 3D on the CPU): network and every batch.
 * Activation checkpointing of UNet++'s nested nodes: ``checkpoint_nodes`` (nnpp_train ``--checkpoint``; default:
@@ -45,6 +46,9 @@ from nnpp.nets.plans import PLAIN_UNET_CLASS, UNETPP_CLASS
 from nnpp.nets.unetpp import checkpoint_mode
 
 
+#: nnpp_train --ds_weights choices (see nnUNetPlusPlusTrainer.deep_supervision_weights)
+DS_WEIGHTS = ("equal", "descending", "decay")
+
 
 class SharedTargetDeepSupervision(DeepSupervisionWrapper):
     """nnU-Net's DeepSupervisionWrapper (weighted sum over heads of ``loss(output_i, target_i)``) for heads that
@@ -63,6 +67,10 @@ class nnUNetPlusPlusTrainer(nnUNetTrainer):
     distribute_batch = False
     #: activation checkpointing of UNet++'s nested nodes ("none", "node", "cat_conv1"); None: as the plans say
     checkpoint_nodes: str | None = None
+    #: deep-supervision head weights, one of DS_WEIGHTS (nnpp_train --ds_weights; see deep_supervision_weights)
+    ds_weights: str = "equal"
+    #: the --seed the run was started with (recorded in the run settings; None: not seeded)
+    seed: int | None = None
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
@@ -95,9 +103,14 @@ class nnUNetPlusPlusTrainer(nnUNetTrainer):
     def run_settings(self) -> dict:
         """What a ``--c`` must reuse, saved in every checkpoint under ``nnpp_run_settings``. Keys are the argparse
         dests of nnpp_train's flags (nnpp.run.train resolves them on resume); subclasses add their own."""
-        return {"epochs": self.num_epochs, "iters": self.num_iterations_per_epoch,
-                "val_iters": self.num_val_iterations_per_epoch, "amp": self.amp.mode,
-                "dbs": bool(self.distribute_batch), "checkpoint": self.activation_checkpointing}
+        settings = {"epochs": self.num_epochs, "iters": self.num_iterations_per_epoch,
+                    "val_iters": self.num_val_iterations_per_epoch, "amp": self.amp.mode,
+                    "dbs": bool(self.distribute_batch), "checkpoint": self.activation_checkpointing}
+        if self.ds_weights != "equal":  # absent: equal, as every run before --ds_weights (nnpp_train --c knows)
+            settings["ds_weights"] = self.ds_weights
+        if self.seed is not None:
+            settings["seed"] = self.seed
+        return settings
 
     @property
     def activation_checkpointing(self) -> str:
@@ -117,8 +130,20 @@ class nnUNetPlusPlusTrainer(nnUNetTrainer):
         """Restore what :meth:`checkpoint_extras` saved; called after nnU-Net restored network and optimizer."""
 
     def deep_supervision_weights(self) -> np.ndarray:
-        """Loss weight of each head, in output order (X^{0,L} first). All non-zero, summing to 1."""
-        return np.full(self.num_heads, 1.0 / self.num_heads)
+        """Loss weight of each head, in output order (X^{0,L} first), summing to 1 (``ds_weights``):
+        ``equal`` 1/L each (the UNet++ paper); ``descending`` nnU-Net's halving from the deepest output down
+        (1, 1/2, 1/4, ... normalised; X^{0,L} gets about half) but never 0; ``decay`` equal at the start, the
+        other heads' share falling linearly to 0 by the last epoch (X^{0,L} alone at the end)."""
+        n = self.num_heads
+        if self.ds_weights == "equal":
+            w = np.ones(n)
+        elif self.ds_weights == "descending":
+            w = 0.5 ** np.arange(n)
+        elif self.ds_weights == "decay":
+            w = np.r_[1.0, np.full(n - 1, 1.0 - self.current_epoch / max(1, self.num_epochs))]
+        else:
+            raise NnppError(f"ds_weights must be one of {', '.join(DS_WEIGHTS)}, got {self.ds_weights!r}")
+        return w / w.sum()
 
     def _set_batch_size_and_oversample(self):
         if self.is_ddp and not self.distribute_batch:
@@ -252,6 +277,9 @@ class nnUNetPlusPlusTrainer(nnUNetTrainer):
 
     def on_train_epoch_start(self):
         super().on_train_epoch_start()
+        loss = getattr(self.loss, "_orig_mod", self.loss)  # torch.compile'd on cuda
+        if self.ds_weights == "decay" and isinstance(loss, DeepSupervisionWrapper):  # this epoch's weights
+            loss.weight_factors = tuple(self.deep_supervision_weights())
         self._train_epoch_t0 = time.perf_counter()
 
     def on_train_epoch_end(self, train_outputs):

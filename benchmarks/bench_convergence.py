@@ -1,0 +1,417 @@
+"""Learning curves: does nnpp's UNet++ learn as fast as nnU-Net's U-Net per iteration? (issue 17)
+
+    python benchmarks/bench_convergence.py --workdir /tmp/conv                       # all networks, 3 seeds
+    python benchmarks/bench_convergence.py --networks unet unetpp --seeds 0 1 2 --points 100 200 400 800
+
+A synthetic multi-structure 2D task (nnpp.data.synthetic_multi: a large organ, medium kidneys, thin vessels, small
+low-contrast lesions) goes through nnU-Net's pipeline once (MSD conversion, fingerprint, small PlainConvUNet plans,
+2d preprocessing; the batch size set with nnpp's change_bs). Every network trains on the same plans, fold 0, with
+``nnpp_train`` (nnU-Net's own ``nnUNetTrainer`` for the U-Net), fp32 (``--amp O0``), ``--seed`` per run, data
+augmentation in the main process (``nnUNet_n_proc_DA=0``, so batches are seeded too). Each run trains ONCE to the
+largest point (one poly-LR schedule); at every point nnU-Net's own validation (sliding-window predictor, export,
+``compute_metrics_on_folder``) runs on the held-out fold-0 cases, and its per-structure Dice is kept.
+
+Networks (``--networks``; the UNet++ variants keep the network and supervise every head):
+  unet               nnU-Net's PlainConvUNet, nnUNetTrainer
+  unetpp             nnpp's UNet++ with ``--ds_weights equal`` (1/L per head: nnpp's behaviour before issue 17)
+  unetpp_descending  ``--ds_weights descending`` (nnU-Net's halving from X^{0,L} down; X^{0,L} gets ~1/2)
+  unetpp_decay       ``--ds_weights decay`` (equal at the start, only X^{0,L} at the end)
+  unetpp_sum         equal weights of 1 each (loss and gradients x L: the loss-scale / effective-LR question)
+  unetpp_default     nnUNetPlusPlusTrainer as it is now, no flag
+
+Speed (``--speed_iters``): one separate process times full iterations (batch from nnU-Net's loader with in-process
+augmentation + train step) of the U-Net and UNet++ alternately, side by side, so both see the same load; the
+"equal wall time" table re-indexes the curves by those s/it (DS weights change no compute: every UNet++ variant
+has UNet++'s s/it). Runs are resumable: a finished run's JSON in <workdir>/runs is reused.
+
+Writes ``--out`` (JSON), the same name with .md (tables) and .png (curves), machine and CPU capability named in each.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
+from nnpp.cli import entry_point  # noqa: E402  (nnpp.cli imports no nnunetv2: its paths are set later)
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+DATASET_ID = 917
+UNETPP = "nnUNetPlusPlusTrainer"
+#: network -> (trainer, nnpp_train flags, hook variant)
+NETWORKS = {
+    "unet": ("nnUNetTrainer", [], None),
+    "unetpp": (UNETPP, ["--amp", "O0", "--ds_weights", "equal"], None),
+    "unetpp_descending": (UNETPP, ["--amp", "O0", "--ds_weights", "descending"], None),
+    "unetpp_decay": (UNETPP, ["--amp", "O0", "--ds_weights", "decay"], None),
+    "unetpp_sum": (UNETPP, ["--amp", "O0", "--ds_weights", "equal"], "sum"),
+    "unetpp_default": (UNETPP, ["--amp", "O0"], None),
+}
+
+
+def machine() -> dict:
+    """CPU model, cores, torch's CPU capability and native bf16 (named beside every figure)."""
+    import torch
+
+    from nnpp.device import cpu_has_native_bf16
+    model = platform.processor() or "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"cpu": model, "cores": os.cpu_count(), "torch": torch.__version__,
+            "cpu_capability": torch._C._get_cpu_capability(),  # what torch.backends.cpu.get_cpu_capability() reads
+            "native_bf16": cpu_has_native_bf16()}
+
+
+def machine_line(m: dict) -> str:
+    return (f"{m['cpu']}, {m['cores']} cores, torch {m['torch']}, CPU capability {m['cpu_capability']}, native bf16: "
+            f"{'yes' if m['native_bf16'] else 'no'}")
+
+
+# ------------------------------------------------------------------------------------------------------- data
+def prepare(work: str, cases: int, size: int, batch: int, base: int) -> str:
+    """The synthetic task through nnU-Net's pipeline, once per workdir; returns the preprocessed dataset name."""
+    from nnunetv2.paths import nnUNet_preprocessed
+
+    from nnpp.data.synthetic import prepare_dataset
+    from nnpp.data.synthetic_multi import make_msd_multi_task
+    from nnpp.tools.change_bs import change_batch_size
+    msd = make_msd_multi_task(os.path.join(work, "msd"), DATASET_ID, n_train=cases, size=size)
+    name = prepare_dataset(msd, DATASET_ID, configurations=("2d",), num_processes=2, planner="SmallUNetPlanner",
+                           base_features=base, max_features=8 * base, max_patch=(size, size, size))
+    change_batch_size(os.path.join(str(nnUNet_preprocessed), name, "nnUNetPlans.json"), batch, "2d")
+    return name
+
+
+def nnunet_env(work: str, results: str | None = None, threads: int = 1) -> dict:
+    env = dict(os.environ, nnUNet_raw=os.path.join(work, "nnUNet_raw"),
+               nnUNet_preprocessed=os.path.join(work, "nnUNet_preprocessed"),
+               nnUNet_results=results or os.path.join(work, "nnUNet_results"), nnUNet_n_proc_DA="0",
+               nnUNet_def_n_proc="1", OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        os.makedirs(env[var], exist_ok=True)
+    return env
+
+
+# ---------------------------------------------------------------------------------------------------- one run
+def run_one(network: str, seed: int, points: list[int], iters_per_epoch: int) -> dict:
+    """Train ``network`` with ``seed`` once to max(points) iterations with nnpp_train; nnU-Net's validation Dice
+    at every point. Runs inside a worker process whose environment names the nnU-Net folders."""
+    import torch
+
+    from nnpp.cli import label_names, read_dice
+    from nnpp.run import train
+
+    trainer_name, flags, hook = NETWORKS[network]
+    epochs = max(points) // iters_per_epoch
+    dice, seconds = {}, {}
+
+    def summary(trainer) -> dict:
+        names = label_names(trainer.dataset_json)
+        return {names.get(k, k): v for k, v in read_dice(os.path.join(trainer.output_folder, "validation",
+                                                                      "summary.json")).items()}
+
+    clock = {"total": 0.0}  # training wall time: epochs (train + 1 pseudo-Dice step + logging), no evaluations
+
+    def setup(trainer, args):
+        if hook == "sum":  # loss scale L: every head weighted 1
+            trainer.deep_supervision_weights = lambda: [1.0] * trainer.num_heads
+        on_epoch_start, on_epoch_end = trainer.on_epoch_start, trainer.on_epoch_end
+
+        def start_clock():
+            clock["t0"] = time.perf_counter()
+            on_epoch_start()
+
+        def evaluate_at_points():
+            done = (trainer.current_epoch + 1) * trainer.num_iterations_per_epoch
+            on_epoch_end()
+            clock["total"] += time.perf_counter() - clock["t0"]
+            seconds[done] = clock["total"]
+            if done in points and done < max(points):  # the last point is nnpp_train's own final validation
+                trainer.perform_actual_validation(False)
+                dice[done] = summary(trainer)
+                print(f"[bench_convergence] {network} seed {seed} it {done}: {dice[done]}", flush=True)
+        trainer.on_epoch_start, trainer.on_epoch_end = start_clock, evaluate_at_points
+
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    argv = [str(DATASET_ID), "2d", "0", "-tr", trainer_name, "-device", "cpu", "--epochs", str(epochs), "--iters",
+            str(iters_per_epoch), "--val_iters", "1", "--seed", str(seed), "--disable_checkpointing", *flags]
+    trainer = train.run(train.build_parser().parse_args(argv), setup=setup)
+    dice[max(points)] = summary(trainer)
+    return {"network": network, "seed": seed, "trainer": trainer_name, "flags": flags, "variant": hook,
+            "epochs": epochs, "iters_per_epoch": iters_per_epoch,
+            "ds_weights": [float(w) for w in getattr(trainer, "deep_supervision_weights", lambda: [])()],
+            "dice": {str(k): v for k, v in sorted(dice.items())},
+            "train_seconds": {str(k): v for k, v in sorted(seconds.items()) if k in dice}}
+
+
+def measure_speed(networks: list[str], iters: int, block: int = 5) -> dict:
+    """Seconds per full training iteration (next batch + train step) for each network, measured alternately in
+    blocks of ``block`` iterations in this one process (same threads, same load); median over blocks."""
+    import statistics
+
+    import torch
+
+    from nnpp.run import train
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    trainers, loaders, times = {}, {}, {}
+    for net in networks:
+        trainer_name, flags, _ = NETWORKS[net]
+        t = train.make_trainer(str(DATASET_ID), "2d", "0", trainer_name, device=torch.device("cpu"))
+        if hasattr(t, "configure_amp"):
+            t.configure_amp("O0")
+        t.initialize()
+        t.network.train()
+        loaders[net], _ = t.get_dataloaders()
+        trainers[net], times[net] = t, []
+        for _ in range(3):  # warm-up
+            t.train_step(next(loaders[net]))
+    block = max(1, min(block, iters))
+    for _ in range(max(1, iters // block)):
+        for net in networks:
+            t0 = time.perf_counter()
+            for _ in range(block):
+                trainers[net].train_step(next(loaders[net]))
+            times[net].append((time.perf_counter() - t0) / block)
+    return {net: statistics.median(v) for net, v in times.items()}
+
+
+# --------------------------------------------------------------------------------------------------- reporting
+def stats(values: list[float]) -> tuple[float, float]:
+    vals = [v for v in values if not math.isnan(v)]
+    if not vals:
+        return math.nan, math.nan
+    mean = sum(vals) / len(vals)
+    sd = math.sqrt(sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)) if len(vals) > 1 else 0.0
+    return mean, sd
+
+
+def aggregate(runs: list[dict], structures: list[str]) -> dict:
+    """{network: {point: {structure or 'mean': [mean, sd, n]}}} over seeds; 'mean' is each run's mean over the
+    structures (NaN structures left out, as nnU-Net's foreground_mean), then mean +- sd over seeds."""
+    out = {}
+    for net in dict.fromkeys(r["network"] for r in runs):
+        mine = [r for r in runs if r["network"] == net]
+        out[net] = {}
+        for point in mine[0]["dice"]:
+            row = {}
+            for s in structures + ["mean"]:
+                vals = []
+                for r in mine:
+                    d = r["dice"].get(point, {})
+                    vals.append(stats([d.get(x, math.nan) for x in structures])[0] if s == "mean"
+                                else d.get(s, math.nan))
+                row[s] = [*stats(vals), len(vals)]
+            out[net][point] = row
+    return out
+
+
+def at_equal_time(curves: dict, speed: dict, reference: str = "unet") -> dict:
+    """Curves re-indexed by wall time: at the time ``reference`` needs for each of its points (its s/it x point),
+    each network has done time / its s/it iterations and shows its snapshot at the largest point <= that count
+    (None before its first point)."""
+    out = {}
+    if reference not in speed:
+        return out
+    for net, curve in curves.items():
+        s_it = speed[net]
+        rows = {}
+        for point in curves[reference]:
+            budget = int(point) * speed[reference]
+            reached = budget / s_it
+            done = [p for p in curve if int(p) <= reached + 1e-6]
+            rows[point] = {"seconds": budget, "iterations": reached,
+                           "snapshot": done[-1] if done else None,
+                           "dice": curve[done[-1]] if done else None}
+        out[net] = rows
+    return out
+
+
+def fmt(cell) -> str:
+    mean, sd, _ = cell
+    return "—" if math.isnan(mean) else f"{mean:.3f} ± {sd:.3f}"
+
+
+def markdown(result: dict) -> str:
+    curves, structures = result["curves"], result["structures"]
+    cols = structures + ["mean"]
+    lines = [f"Machine: {machine_line(result['machine'])}. Task: {result['task']}. "
+             f"{result['seeds_per_network']} seeds per network, fp32, fold 0 validation Dice (nnU-Net's), "
+             "mean ± sd over seeds.", "",
+             "| network | iterations | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols)]
+    for net, curve in curves.items():
+        for point, row in curve.items():
+            lines.append(f"| {net} | {point} | " + " | ".join(fmt(row[c]) for c in cols) + " |")
+    speed = result.get("seconds_per_iteration")
+    if speed:
+        lines += ["", "Seconds per iteration (batch + train step, measured side by side in one process, "
+                  f"{result['threads']} thread(s)): " + ", ".join(f"{k} {v:.3f} s" for k, v in speed.items()),
+                  "", "Equal wall time (the U-Net's time to each of its points; each network shows the snapshot it "
+                  "had reached by then, — if none):", "",
+                  "| wall time (s) | network | iterations reached | snapshot | " + " | ".join(cols) + " |",
+                  "|---|---|---|---|" + "---|" * len(cols)]
+        for net, rows in result["equal_wall_time"].items():
+            for point, r in rows.items():
+                cells = [fmt(r["dice"][c]) if r["dice"] else "—" for c in cols]
+                lines.append(f"| {r['seconds']:.0f} | {net} | {r['iterations']:.0f} | {r['snapshot'] or '—'} | "
+                             + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: dict, path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    cols = result["structures"] + ["mean"]
+    fig, axes = plt.subplots(1, len(cols), figsize=(4 * len(cols), 3.6), sharey=True)
+    for ax, col in zip(axes, cols):
+        for net, curve in result["curves"].items():
+            x = [int(p) for p in curve]
+            m = [curve[p][col][0] for p in curve]
+            sd = [curve[p][col][1] for p in curve]
+            line, = ax.plot(x, m, marker="o", ms=3, label=net)
+            ax.fill_between(x, [a - b for a, b in zip(m, sd)], [a + b for a, b in zip(m, sd)],
+                            color=line.get_color(), alpha=0.15)
+        ax.set_title(col)
+        ax.set_xlabel("iterations")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("validation Dice (mean ± sd over seeds)")
+    axes[-1].legend(fontsize=7)
+    fig.suptitle(machine_line(result["machine"]), fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_atomic(path: str, text: str) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+# -------------------------------------------------------------------------------------------------------- main
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--workdir", default="bench_convergence_work", help="data, runs and logs (kept; runs resume)")
+    p.add_argument("--networks", nargs="+", default=["unet", "unetpp", "unetpp_descending", "unetpp_decay"],
+                   choices=list(NETWORKS))
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--points", nargs="+", type=int, default=[100, 200, 400, 800],
+                   help="iteration counts to validate at (multiples of --iters_per_epoch)")
+    p.add_argument("--iters_per_epoch", type=int, default=50)
+    p.add_argument("--cases", type=int, default=30, help="synthetic cases (6 slices each; fold 0 validates 1/5)")
+    p.add_argument("--size", type=int, default=80, help="slice size in pixels (also the 2d patch cap)")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--base", type=int, default=16, help="base features of the plans (max 8x)")
+    p.add_argument("--parallel", type=int, default=2, help="runs at a time")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per run")
+    p.add_argument("--speed_iters", type=int, default=40, help="iterations per network for s/it (0: skip)")
+    p.add_argument("--out", default=os.path.join(HERE, "results", "convergence.json"))
+    p.add_argument("--worker", nargs=2, metavar=("NETWORK", "SEED"), help=argparse.SUPPRESS)
+    p.add_argument("--speed_worker", action="store_true", help=argparse.SUPPRESS)
+    return p
+
+
+def check_args(a) -> None:
+    from nnpp import NnppError
+    bad = [p for p in a.points if p <= 0 or p % a.iters_per_epoch]
+    if bad:
+        raise NnppError(f"--points {' '.join(map(str, bad))}: every point must be a positive multiple of "
+                        f"--iters_per_epoch {a.iters_per_epoch}")
+    if len(set(a.seeds)) != len(a.seeds):
+        raise NnppError("--seeds: give each seed once")
+
+
+@entry_point("bench_convergence")
+def main(argv=None) -> dict | None:
+    a = build_parser().parse_args(argv)
+    a.points = sorted(set(a.points))
+    work = os.path.abspath(a.workdir)
+    if a.worker:  # child: environment set by the parent
+        result = run_one(a.worker[0], int(a.worker[1]), a.points, a.iters_per_epoch)
+        print("RESULT " + json.dumps(result), flush=True)
+        return None
+    if a.speed_worker:
+        print("RESULT " + json.dumps(measure_speed(["unet", "unetpp"], a.speed_iters)), flush=True)
+        return None
+
+    check_args(a)
+    os.makedirs(os.path.join(work, "runs"), exist_ok=True)
+    os.environ.update(nnunet_env(work, threads=a.threads))
+    task = {"cases": a.cases, "slices_per_case": 6, "size": a.size, "batch": a.batch, "base_features": a.base}
+    marker = os.path.join(work, "prepared.json")
+    if not os.path.isfile(marker) or json.load(open(marker)) != task:
+        prepare(work, a.cases, a.size, a.batch, a.base)  # nnunetv2 is first imported here, after its paths are set
+        write_atomic(marker, json.dumps(task))
+
+    base_cmd = [sys.executable, os.path.abspath(__file__), "--iters_per_epoch", str(a.iters_per_epoch), "--points",
+                *map(str, a.points), "--workdir", work]
+    jobs = [(n, s) for s in a.seeds for n in a.networks
+            if not os.path.isfile(os.path.join(work, "runs", f"{n}_s{s}.json"))]
+    running: list = []
+    while jobs or running:
+        while jobs and len(running) < a.parallel:
+            n, s = jobs.pop(0)
+            log = open(os.path.join(work, "runs", f"{n}_s{s}.log"), "w")
+            env = nnunet_env(work, os.path.join(work, "results", f"{n}_s{s}"), a.threads)
+            proc = subprocess.Popen(["nice", "-n", "10", *base_cmd, "--worker", n, str(s)], stdout=log,
+                                    stderr=subprocess.STDOUT, env=env, text=True)
+            running.append((n, s, proc, log))
+            print(f"[bench_convergence] started {n} seed {s}", flush=True)
+        time.sleep(5)
+        for job in list(running):
+            n, s, proc, log = job
+            if proc.poll() is None:
+                continue
+            running.remove(job)
+            log.close()
+            with open(log.name) as f:
+                found = [x for x in f.read().splitlines() if x.startswith("RESULT ")]
+            if proc.returncode != 0 or not found:
+                print(f"[bench_convergence] {n} seed {s} FAILED (rc {proc.returncode}); see {log.name}", flush=True)
+                continue
+            write_atomic(os.path.join(work, "runs", f"{n}_s{s}.json"), found[-1][7:])
+            print(f"[bench_convergence] finished {n} seed {s}", flush=True)
+
+    speed_file = os.path.join(work, "speed.json")
+    if a.speed_iters and not os.path.isfile(speed_file):
+        proc = subprocess.run(["nice", "-n", "10", *base_cmd, "--speed_worker", "--speed_iters", str(a.speed_iters)],
+                              capture_output=True, text=True, env=nnunet_env(work, threads=a.threads))
+        found = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+        if proc.returncode != 0 or not found:
+            sys.exit(f"bench_convergence: speed measurement failed:\n{proc.stderr[-2000:]}")
+        write_atomic(speed_file, found[-1][7:])
+    speed = json.load(open(speed_file)) if os.path.isfile(speed_file) else {}
+    speed = {n: speed.get(n, speed.get("unetpp")) for n in a.networks if speed}
+
+    runs = [json.load(open(os.path.join(work, "runs", f"{n}_s{s}.json"))) for n in a.networks for s in a.seeds
+            if os.path.isfile(os.path.join(work, "runs", f"{n}_s{s}.json"))]
+    if not runs:
+        sys.exit("bench_convergence: no run finished; see the logs in " + os.path.join(work, "runs"))
+    structures = list(runs[0]["dice"][str(a.points[-1])])
+    curves = aggregate(runs, structures)
+    result = {"machine": machine(), "task": "nnpp.data.synthetic_multi, " + ", ".join(f"{k} {v}" for k, v in
+                                                                                         task.items()),
+              "threads": a.threads, "parallel_runs": a.parallel, "points": a.points, "seeds": a.seeds,
+              "seeds_per_network": {n: sum(r["network"] == n for r in runs) for n in curves},
+              "structures": structures, "curves": curves, "seconds_per_iteration": speed,
+              "equal_wall_time": at_equal_time(curves, speed) if speed else {}, "runs": runs}
+    os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
+    write_atomic(a.out, json.dumps(result, indent=1))
+    stem = os.path.splitext(a.out)[0]
+    write_atomic(stem + ".md", markdown(result))
+    plot(result, stem + ".png")
+    print(markdown(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,111 @@
+"""Issue 17: nnpp_train --seed, the UNet++ deep-supervision weightings (--ds_weights), and a smoke run of
+benchmarks/bench_convergence.py (tiny: one network, one seed, a few iterations)."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from nnpp import NnppError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class _Stop(Exception):
+    pass
+
+
+def _initial_state(tiny_dataset, tmp_path, *flags):
+    """What ``nnpp_train ... FLAGS`` starts from: initial weights and the first training batch (the run is stopped
+    right after the trainer is built, so nothing trains)."""
+    from nnpp.run import train
+    seen = {}
+
+    def setup(trainer, args):
+        trainer.initialize()
+        seen["weights"] = {k: v.clone() for k, v in trainer.network.state_dict().items()}
+        seen["batch"] = next(trainer.get_dataloaders()[0])["data"].clone()
+        seen["trainer"] = trainer
+        raise _Stop
+
+    args = train.build_parser().parse_args([str(tiny_dataset["id"]), "3d_fullres", "0", "-device", "cpu",
+                                            "--results", str(tmp_path), *flags])
+    with pytest.raises(_Stop):
+        train.run(args, setup=setup)
+    return seen
+
+
+def _same(a, b) -> bool:
+    return all(torch.equal(a["weights"][k], b["weights"][k]) for k in a["weights"]) and torch.equal(a["batch"],
+                                                                                                     b["batch"])
+
+
+def test_seed_reproduces_weights_and_batches(tiny_dataset, tmp_path):
+    assert os.environ.get("nnUNet_n_proc_DA") == "0"  # augmentation in this process: seeded by --seed
+    a = _initial_state(tiny_dataset, tmp_path / "a", "--seed", "3")
+    b = _initial_state(tiny_dataset, tmp_path / "b", "--seed", "3")
+    c = _initial_state(tiny_dataset, tmp_path / "c", "--seed", "4")
+    assert _same(a, b)
+    assert not any(torch.equal(a["weights"][k], c["weights"][k]) for k in a["weights"] if k.endswith("conv.weight"))
+    assert not torch.equal(a["batch"], c["batch"])
+    assert a["trainer"].run_settings()["seed"] == 3
+    unseeded = _initial_state(tiny_dataset, tmp_path / "d")
+    assert "seed" not in unseeded["trainer"].run_settings()
+
+
+def test_ds_weights_modes_reach_the_loss(tiny_dataset, tmp_path):
+    """--ds_weights sets the loss nnU-Net's wrapper applies; equal stays selectable (and is what an absent setting
+    means on --c); nnU-Net's own trainer refuses the flag with one clear error."""
+    from nnpp.run import train
+    from nnpp.training.nnUNetPlusPlusTrainer import DS_WEIGHTS
+    assert train.DS_WEIGHTS == DS_WEIGHTS  # the parser's copy of the trainer's choices
+    losses = {}
+    for mode in DS_WEIGHTS:
+        t = _initial_state(tiny_dataset, tmp_path / mode, "--ds_weights", mode)["trainer"]
+        losses[mode] = np.array(t.loss.weight_factors)
+        assert t.ds_weights == mode and losses[mode].sum() == pytest.approx(1) and (losses[mode] > 0).all()
+        assert t.run_settings().get("ds_weights", "equal") == mode
+    assert losses["equal"] == pytest.approx([1 / 3] * 3)
+    assert losses["descending"] == pytest.approx([4 / 7, 2 / 7, 1 / 7])  # X^{0,L} first
+    assert losses["decay"] == pytest.approx(losses["equal"])  # epoch 0 of decay
+
+    t = _initial_state(tiny_dataset, tmp_path / "decay2", "--ds_weights", "decay", "--epochs", "4")["trainer"]
+    t.current_epoch = 3
+    t.on_train_epoch_start()  # the weights in the loss follow the epoch
+    assert t.loss.weight_factors == pytest.approx([4 / 6, 1 / 6, 1 / 6])
+
+    with pytest.raises(NnppError, match="--ds_weights.*need an nnpp trainer"):
+        _initial_state(tiny_dataset, tmp_path / "unet", "-tr", "nnUNetTrainer", "--ds_weights", "descending")
+
+
+@pytest.mark.slow
+def test_bench_convergence_smoke(tmp_path):
+    """The benchmark end to end on a tiny task: data through nnU-Net's pipeline, one U-Net run validated at two
+    points, the s/it measurement, and the JSON, table and plot it writes."""
+    out = tmp_path / "conv.json"
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_convergence.py"), "--workdir",
+                        str(tmp_path / "work"), "--networks", "unet", "--seeds", "0", "--points", "2", "4",
+                        "--iters_per_epoch", "2", "--cases", "5", "--size", "32", "--batch", "2", "--base", "4",
+                        "--speed_iters", "2", "--parallel", "1", "--out", str(out)],
+                       capture_output=True, text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["structures"] == ["organ", "kidney", "vessel", "lesion"]
+    assert set(result["curves"]) == {"unet"} and list(result["curves"]["unet"]) == ["2", "4"]
+    for row in result["curves"]["unet"].values():
+        assert set(row) == {"organ", "kidney", "vessel", "lesion", "mean"}
+        assert all(len(cell) == 3 and cell[2] == 1 for cell in row.values())  # mean, sd, number of seeds
+    assert result["runs"][0]["seed"] == 0 and set(result["runs"][0]["dice"]) == {"2", "4"}
+    assert {"cpu", "cpu_capability", "native_bf16"} <= set(result["machine"])
+    assert result["seconds_per_iteration"]["unet"] > 0 and set(result["equal_wall_time"]["unet"]) == {"2", "4"}
+    table = (tmp_path / "conv.md").read_text()
+    assert "| network | iterations | organ | kidney | vessel | lesion | mean |" in table
+    assert result["machine"]["cpu_capability"] in table
+    assert (tmp_path / "conv.png").stat().st_size > 0
+
+    bad = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_convergence.py"), "--points", "3",
+                          "--iters_per_epoch", "2", "--workdir", str(tmp_path / "bad")], capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "multiple of --iters_per_epoch" in bad.stderr
