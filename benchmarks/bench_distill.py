@@ -30,13 +30,31 @@ NETWORKS = {"unetpp": "nnpp.nets.unetpp.UNetPlusPlus",
 REQ = ["conv_op", "norm_op", "dropout_op", "nonlin"]
 
 
-def build(kind: str, config: str, r: int, device, deep_supervision: bool):
-    from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+#: the networks compared: (name, kind, r, stages dropped); the first is the reference teacher (UNet++ at the config's
+#: full width), "unet r=1" is the plain U-Net teacher nnU-Net itself would train
+CANDIDATES = (("UNet++ (teacher)", "unetpp", 1, 0), ("UNet++ r=2", "unetpp", 2, 0), ("UNet++ r=4", "unetpp", 4, 0),
+              ("UNet++ r=2, one stage less", "unetpp", 2, 1), ("U-Net r=1 (U-Net teacher)", "unet", 1, 0),
+              ("U-Net r=2", "unet", 2, 0), ("U-Net r=3", "unet", 3, 0), ("U-Net r=4", "unet", 4, 0))
 
+
+def student_kwargs(config: str, r: int, drop_stages: int = 0) -> dict:
+    """The config's plans arch kwargs with the student-plans rule (features // r, never below 8) and, with
+    ``drop_stages``, the deepest stages removed."""
     from nnpp.distill.student import reduce_features
     kwargs = arch_kwargs(CONFIGS[config])
-    kwargs["features_per_stage"] = reduce_features(kwargs["features_per_stage"], r)
-    return get_network_from_plans(NETWORKS[kind], kwargs, REQ, 1, 3, allow_init=True,
+    kwargs["features_per_stage"] = reduce_features(list(kwargs["features_per_stage"]), r)
+    if drop_stages:
+        n = kwargs["n_stages"] - drop_stages
+        kwargs["n_stages"] = n
+        for key in ("features_per_stage", "kernel_sizes", "strides", "n_conv_per_stage"):
+            kwargs[key] = list(kwargs[key])[:n]
+        kwargs["n_conv_per_stage_decoder"] = list(kwargs["n_conv_per_stage_decoder"])[:n - 1]
+    return kwargs
+
+
+def build(kind: str, config: str, r: int, device, deep_supervision: bool, drop_stages: int = 0):
+    from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+    return get_network_from_plans(NETWORKS[kind], student_kwargs(config, r, drop_stages), REQ, 1, 3, allow_init=True,
                                   deep_supervision=deep_supervision).to(device)
 
 
@@ -53,25 +71,125 @@ def timed(fn, device, warmup: int, steps: int) -> float:
     return statistics.median(times)
 
 
-def sizes(config: str, device_name: str, amp_mode: str, warmup: int, steps: int) -> list:
+def flops_per_patch(net, x) -> int:
+    """Forward FLOPs of one patch (torch.utils.flop_counter: convolutions and matmuls, 2 per multiply-add)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        net(x)
+    return int(counter.get_total_flops())
+
+
+def bench_plans(config: str, kind: str, r: int, drop_stages: int, case_shape: list) -> tuple:
+    """(PlansManager, ConfigurationManager, dataset_json) of a 1-channel, 3-label dataset at spacing 1 whose
+    3d_fullres configuration is ``config``'s patch with this network (what nnU-Net's predictor needs)."""
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+    kwargs = student_kwargs(config, r, drop_stages)
+    kwargs = {k: (v.__module__ + "." + v.__name__ if k in REQ and v is not None and not isinstance(v, str) else v)
+              for k, v in kwargs.items()}
+    resampling = {"resampling_fn_data": "resample_data_or_seg_to_shape",
+                  "resampling_fn_seg": "resample_data_or_seg_to_shape",
+                  "resampling_fn_probabilities": "resample_data_or_seg_to_shape",
+                  "resampling_fn_data_kwargs": {"is_seg": False, "order": 3, "order_z": 0, "force_separate_z": None},
+                  "resampling_fn_seg_kwargs": {"is_seg": True, "order": 1, "order_z": 0, "force_separate_z": None},
+                  "resampling_fn_probabilities_kwargs": {"is_seg": False, "order": 1, "order_z": 0,
+                                                         "force_separate_z": None}}
+    conf = {"data_identifier": "bench", "preprocessor_name": "DefaultPreprocessor", "batch_size": 2,
+            "patch_size": list(CONFIGS[config]["patch"]), "median_image_size_in_voxels": list(case_shape),
+            "spacing": [1.0, 1.0, 1.0], "normalization_schemes": ["ZScoreNormalization"], "use_mask_for_norm": [False],
+            **resampling, "batch_dice": False,
+            "architecture": {"network_class_name": NETWORKS[kind], "arch_kwargs": kwargs, "_kw_requires_import": REQ}}
+    plans = {"dataset_name": "Dataset999_Bench", "plans_name": "bench", "original_median_spacing_after_transp":
+             [1.0, 1.0, 1.0], "original_median_shape_after_transp": list(case_shape), "image_reader_writer":
+             "SimpleITKIO", "transpose_forward": [0, 1, 2], "transpose_backward": [0, 1, 2],
+             "configurations": {"3d_fullres": conf}, "experiment_planner_used": "bench", "label_manager": "LabelManager",
+             "foreground_intensity_properties_per_channel": {"0": {"max": 4.0, "mean": 0.0, "median": 0.0, "min": -4.0,
+                                                                   "percentile_00_5": -3.0, "percentile_99_5": 3.0,
+                                                                   "std": 1.0}}}
+    dataset_json = {"channel_names": {"0": "MRI"}, "labels": {"background": 0, "a": 1, "b": 2}, "numTraining": 1,
+                    "file_ending": ".nii.gz"}
+    pm = PlansManager(plans)
+    return pm, pm.get_configuration("3d_fullres"), dataset_json
+
+
+def make_predictor(net, config: str, kind: str, r: int, drop_stages: int, case_shape: list, device):
+    """nnU-Net's own predictor around ``net`` (no mirroring, step 0.5, Gaussian weighting), as the model folder
+    would be loaded by nnUNetv2_predict."""
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+    pm, cm, dataset_json = bench_plans(config, kind, r, drop_stages, case_shape)
+    predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=False,
+                                perform_everything_on_device=device.type != "cpu", device=device, verbose=False,
+                                verbose_preprocessing=False, allow_tqdm=False)
+    predictor.manual_initialization(net, pm, cm, [net.state_dict()], dataset_json, "nnUNetTrainer", None)
+    return predictor
+
+
+def machine() -> dict:
+    import platform
+
+    import torch
+
+    from nnpp import device as dev
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__,
+            # what torch.backends.cpu.get_cpu_capability() reads (nothing outside nnpp.device touches torch.backends)
+            "cpu_capability": torch._C._get_cpu_capability(), "native_bf16": dev.cpu_has_native_bf16(),
+            "threads": torch.get_num_threads(), "load_average_before": os.getloadavg()}
+
+
+def sizes(config: str, device_name: str, amp_mode: str, warmup: int, steps: int, case_shape: list,
+          case_rounds: int) -> list:
+    """Every candidate: parameters, FLOPs per patch, latency per patch (best of ``steps`` rounds) and per case
+    through nnU-Net's predictor (best of ``case_rounds``; medians kept in the JSON too); the rounds are
+    interleaved across the networks, so the machine's load falls on all of them alike."""
+    import numpy as np
     import torch
 
     from nnpp import device as dev
     device = dev.resolve_device(device_name)
     amp = dev.make_amp(amp_mode, device)
     x = torch.randn(1, 1, *CONFIGS[config]["patch"], device=device)
-    rows = []
-    for kind, r in (("unetpp", 1), ("unetpp", 2), ("unetpp", 4), ("unet", 1), ("unet", 2), ("unet", 4)):
-        net = build(kind, config, r, device, False).eval()
-        with torch.no_grad(), amp.autocast():
-            ms = 1000 * timed(lambda: net(x), device, warmup, steps)
-        rows.append({"network": kind, "r": r, "parameters": sum(p.numel() for p in net.parameters()),
-                     "latency_ms": ms})
-        print(f"  {kind} r={r}: {rows[-1]['parameters']:,} parameters, {ms:.1f} ms/patch", flush=True)
-    teacher = rows[0]
+    nets = [build(kind, config, r, device, False, drop).eval() for _, kind, r, drop in CANDIDATES]
+    rows = [{"network": name, "kind": kind, "r": r, "stages_dropped": drop,
+             "parameters": sum(p.numel() for p in net.parameters()), "flops_per_patch": flops_per_patch(net, x),
+             "patch_ms": [], "case_s": []} for (name, kind, r, drop), net in zip(CANDIDATES, nets)]
+    with torch.no_grad(), amp.autocast():
+        for net in nets:
+            for _ in range(warmup):
+                net(x)
+        for _ in range(steps):
+            for row, net in zip(rows, nets):
+                row["patch_ms"].append(1000 * timed(lambda: net(x), device, 0, 1))
+    image = np.random.default_rng(0).normal(size=(1, *case_shape)).astype(np.float32)
+    predictors = [make_predictor(net, config, kind, r, drop, case_shape, device)
+                  for (_, kind, r, drop), net in zip(CANDIDATES, nets)]
+    for k in range(case_rounds):
+        for row, predictor in zip(rows, predictors):
+            t0 = time.perf_counter()
+            seg = predictor.predict_single_npy_array(image, {"spacing": [1.0, 1.0, 1.0]})
+            row["case_s"].append(time.perf_counter() - t0)
+            assert seg.shape == tuple(case_shape)
+            print(f"  round {k + 1}/{case_rounds} {row['network']}: {row['case_s'][-1]:.2f} s/case", flush=True)
+    for row in rows:  # best of the rounds: other jobs on a shared machine only ever add time
+        row["latency_ms"] = min(row["patch_ms"])
+        row["case_latency_s"] = min(row["case_s"])
+        row["latency_ms_median"] = statistics.median(row["patch_ms"])
+        row["case_latency_s_median"] = statistics.median(row["case_s"])
+    for ref_name, ref in (("teacher", rows[0]), ("unet_teacher", next(r for r in rows if r["kind"] == "unet"
+                                                                       and r["r"] == 1))):
+        for row in rows:
+            row[f"param_ratio_vs_{ref_name}"] = row["parameters"] / ref["parameters"]
+            row[f"flops_ratio_vs_{ref_name}"] = row["flops_per_patch"] / ref["flops_per_patch"]
+            row[f"latency_ratio_vs_{ref_name}"] = row["latency_ms"] / ref["latency_ms"]
+            row[f"case_ratio_vs_{ref_name}"] = row["case_latency_s"] / ref["case_latency_s"]
     for row in rows:
-        row["param_ratio_vs_teacher"] = row["parameters"] / teacher["parameters"]
-        row["latency_ratio_vs_teacher"] = row["latency_ms"] / teacher["latency_ms"]
+        print(f"  {row['network']}: {row['parameters']:,} parameters, {row['flops_per_patch'] / 1e9:.2f} GFLOP/patch, "
+              f"{row['latency_ms']:.0f} ms/patch, {row['case_latency_s']:.2f} s/case", flush=True)
     return rows
 
 
@@ -114,6 +232,18 @@ def kd_step(config: str, teachers: int, device_name: str, amp_mode: str, warmup:
             "device": str(device), "amp": amp.mode}
 
 
+def size_table(rows: list) -> str:
+    lines = ["| network | parameters | x teacher | GFLOP/patch | x teacher | x U-Net teacher | ms/patch | x teacher | "
+             "s/case (predictor) | x teacher | x U-Net teacher |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['network']} | {r['parameters']:,} | {r['param_ratio_vs_teacher']:.3f} | "
+                     f"{r['flops_per_patch'] / 1e9:.2f} | {r['flops_ratio_vs_teacher']:.3f} | "
+                     f"{r['flops_ratio_vs_unet_teacher']:.3f} | {r['latency_ms']:.0f} | "
+                     f"{r['latency_ratio_vs_teacher']:.2f} | {r['case_latency_s']:.2f} | "
+                     f"{r['case_ratio_vs_teacher']:.2f} | {r['case_ratio_vs_unet_teacher']:.2f} |")
+    return "\n".join(lines)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default="cpu-small", choices=sorted(CONFIGS))
@@ -121,44 +251,53 @@ def main(argv=None):
     p.add_argument("--amp", default="O0")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--part", default="all", choices=("all", "sizes", "kd"),
+                   help="sizes: parameters/FLOPs/latency of the students; kd: the KD step; all: both")
+    p.add_argument("--case_shape", type=int, nargs=3, default=[48, 96, 96],
+                   help="the synthetic case predicted per network (voxels at spacing 1)")
+    p.add_argument("--case_rounds", type=int, default=2, help="per-case predictions per network (interleaved)")
     p.add_argument("--out", default=None, help="JSON file (default benchmarks/results/distill_CONFIG_DEVICE_AMP.json)")
     p.add_argument("--_kd_step", type=int, default=None, help=argparse.SUPPRESS)  # internal: one KD config
     a = p.parse_args(argv)
     if a._kd_step is not None:
         print(json.dumps(kd_step(a.config, a._kd_step, a.device, a.amp, a.warmup, a.steps)))
         return
-    print(f"[bench_distill] sizes and latency, config {a.config}, {a.device}, AMP {a.amp}", flush=True)
-    size_rows = sizes(a.config, a.device, a.amp, a.warmup, a.steps)
-    kd_rows = []
-    for n in (0, 1, 3):
-        out = subprocess.run([sys.executable, __file__, "--config", a.config, "-device", a.device, "--amp", a.amp,
-                              "--warmup", str(a.warmup), "--steps", str(a.steps), "--_kd_step", str(n)],
-                             capture_output=True, text=True, check=True)
-        kd_rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
-        print(f"  KD with {n} teacher(s): {kd_rows[-1]['step_s']:.3f} s/step, "
-              f"peak {kd_rows[-1]['peak_memory_mb']:.0f} MB", flush=True)
-    base = kd_rows[0]
-    for row in kd_rows:
-        row["step_ratio"] = row["step_s"] / base["step_s"]
-        row["memory_ratio"] = row["peak_memory_mb"] / base["peak_memory_mb"]
     result = {"config": a.config, "cfg": CONFIGS[a.config], "device": a.device, "amp": a.amp, "warmup": a.warmup,
-              "steps": a.steps, "sizes": size_rows, "kd_step": kd_rows}
+              "steps": a.steps, "machine": machine()}
     out = a.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                                f"distill_{a.config}_{a.device}_{a.amp}.json")
+                                f"distill_{a.config}_{a.device}_{a.amp}{'' if a.part == 'all' else '_' + a.part}.json")
+    print(f"[bench_distill] config {a.config}, {a.device}, AMP {a.amp}; {result['machine']}", flush=True)
+    if a.part in ("all", "sizes"):
+        result["case_shape"] = a.case_shape
+        result["sizes"] = sizes(a.config, a.device, a.amp, a.warmup, a.steps, a.case_shape, a.case_rounds)
+    if a.part in ("all", "kd"):
+        kd_rows = []
+        for n in (0, 1, 3):
+            proc = subprocess.run([sys.executable, __file__, "--config", a.config, "-device", a.device, "--amp", a.amp,
+                                   "--warmup", str(a.warmup), "--steps", str(a.steps), "--_kd_step", str(n)],
+                                  capture_output=True, text=True, check=True)
+            kd_rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+            print(f"  KD with {n} teacher(s): {kd_rows[-1]['step_s']:.3f} s/step, "
+                  f"peak {kd_rows[-1]['peak_memory_mb']:.0f} MB", flush=True)
+        base = kd_rows[0]
+        for row in kd_rows:
+            row["step_ratio"] = row["step_s"] / base["step_s"]
+            row["memory_ratio"] = row["peak_memory_mb"] / base["peak_memory_mb"]
+        result["kd_step"] = kd_rows
+    result["machine"]["load_average_after"] = os.getloadavg()
     os.makedirs(os.path.dirname(out), exist_ok=True)
     tmp = f"{out}.tmp{os.getpid()}"
     with open(tmp, "w") as f:
         json.dump(result, f, indent=2)
     os.replace(tmp, out)
     print(f"\nwritten {out}\n")
-    print("| network | r | parameters | x teacher | latency (ms/patch) | x teacher |\n|---|---|---|---|---|---|")
-    for r in size_rows:
-        print(f"| {r['network']} | {r['r']} | {r['parameters']:,} | {r['param_ratio_vs_teacher']:.3f} | "
-              f"{r['latency_ms']:.1f} | {r['latency_ratio_vs_teacher']:.2f} |")
-    print("\n| KD teachers | step (s) | x no KD | peak memory (MB) | x no KD |\n|---|---|---|---|---|")
-    for r in kd_rows:
-        print(f"| {r['teachers']} | {r['step_s']:.3f} | {r['step_ratio']:.2f} | {r['peak_memory_mb']:.0f} | "
-              f"{r['memory_ratio']:.2f} |")
+    if "sizes" in result:
+        print(size_table(result["sizes"]))
+    if "kd_step" in result:
+        print("\n| KD teachers | step (s) | x no KD | peak memory (MB) | x no KD |\n|---|---|---|---|---|")
+        for r in result["kd_step"]:
+            print(f"| {r['teachers']} | {r['step_s']:.3f} | {r['step_ratio']:.2f} | {r['peak_memory_mb']:.0f} | "
+                  f"{r['memory_ratio']:.2f} |")
 
 
 if __name__ == "__main__":

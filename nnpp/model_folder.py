@@ -27,7 +27,9 @@ from nnpp.checkpoints import load_checkpoint
 NNPP_TRAINER_MODULES = {
     **{name: "nnpp.training.nnUNetPlusPlusTrainer" for name in (
         "nnUNetPlusPlusTrainer", "nnUNetPlusPlusTrainerV2", "nnUNetPlusPlusTrainerDDP", "nnUNetPlusPlusTrainerV2_hypDDP")},
-    **{name: "nnpp.distill.trainer" for name in ("nnUNetPlusPlusTrainerKD", "nnUNetTrainerKD")},
+    **{name: "nnpp.distill.trainer" for name in ("nnUNetPlusPlusTrainerKD", "nnUNetTrainerKD",
+                                                 "nnUNetPlusPlusTrainerKDDDP", "nnUNetTrainerKDDDP",
+                                                 "nnUNetTrainerNoKD")},
 }
 
 

@@ -45,20 +45,27 @@ class Teacher:
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.network.parameters())
 
-    def forward(self, x: torch.Tensor, amp, features: bool = False):
-        """Logits (fp32, full resolution) and, with ``features``, the encoder skips (fp32) of one forward pass.
-        Runs under ``torch.no_grad()`` (not inference_mode: the KD losses keep these tensors for backward) and
-        the run's autocast (``amp``, an :class:`nnpp.device.Amp`)."""
+    def forward(self, x: torch.Tensor, amp, features: bool = False, logits: bool = True, stages=None):
+        """(logits, skips) of one forward pass: ``logits`` (fp32, full resolution) unless ``logits=False`` (then
+        the decoder is not run: feature-only KD needs the encoder alone), and with ``features`` the encoder stage
+        outputs, only ``stages`` (indices; None: all) cast to fp32 and the others None. Runs under
+        ``torch.no_grad()`` (not inference_mode: the KD losses keep these tensors for backward) and the run's
+        autocast (``amp``, an :class:`nnpp.device.Amp`)."""
         net = self.network
+        out = skips = None
         with torch.no_grad(), amp.autocast():
-            if features:
+            if features or not logits:
                 skips = net.encoder(x)
-                logits = net.decoder(skips)
+                if logits:
+                    out = net.decoder(skips)
             else:
-                logits, skips = net(x), None
-        if isinstance(logits, (list, tuple)):  # deep supervision left on: full resolution is output[0]
-            logits = logits[0]
-        return logits.float(), None if skips is None else [s.float() for s in skips]
+                out = net(x)
+        if isinstance(out, (list, tuple)):  # deep supervision left on: full resolution is output[0]
+            out = out[0]
+        if skips is not None:
+            skips = [s.float() if (stages is None or i in stages) else None for i, s in enumerate(skips)] \
+                if features else None
+        return (None if out is None else out.float()), skips
 
 
 def load_teacher(folder: str, fold, checkpoint_name: str = "checkpoint_final.pth",

@@ -18,8 +18,13 @@ Loss per step (the KD terms in fp32 with autocast off; reductions in :mod:`nnpp.
 
 ``seg`` is nnU-Net's Dice+CE over the deep-supervision heads; ``soft`` is summed over the heads with the
 deep-supervision weights; ``cwd`` is on the full-resolution logits (plus, with ``cwd_feat``, the mean over the
-matched encoder stages through adapters); ``at``/``sp``/``mgd`` are means over matched encoder-stage pairs and
-teachers. Encoder stages are paired by spatial shape (the deepest teacher stage of that shape).
+matched encoder stages through adapters); ``at``/``sp`` are means over matched encoder-stage pairs and teachers,
+``mgd`` over the deepest matched pair of each teacher (every pair with ``mgd_all_stages``). Encoder stages are
+paired by spatial shape (the deepest teacher stage of that shape).
+
+Hot path: the teachers' decoders run only when a logit method (soft, cwd) is on; only the teacher stages a
+feature loss reads are cast to fp32; the soft-KD target of a U-Net student's coarser heads is pooled once per
+step, each head's from the previous (finer) one.
 """
 from __future__ import annotations
 
@@ -47,7 +52,8 @@ FEATURE_METHODS = ("at", "sp", "mgd")
 #: KD settings and their defaults; keys are nnpp_distill's argparse dests (saved as run settings, --c reuses them)
 KD_DEFAULTS = {"kd": ["soft"], "a": 0.5, "T": 2.0, "tchk": "checkpoint_final.pth", "allow_val_leak": False,
                "da5": False, "soft_weight": 1.0, "cwd_weight": 1.0, "cwd_tau": 4.0, "cwd_feat": False,
-               "at_weight": 1.0, "sp_weight": 1.0, "sp_pool": 4, "mgd_weight": 1.0, "mgd_ratio": 0.75}
+               "at_weight": 1.0, "sp_weight": 1.0, "sp_pool": 4, "mgd_weight": 1.0, "mgd_ratio": 0.75,
+               "mgd_all_stages": False}
 KD_IDENTITY = ("t", "tf", "r", "student")
 
 
@@ -204,9 +210,28 @@ class KDMixin:
                 c_s, c_t = s_feats[s][1], t_feats[ts][1]
                 if "cwd" in c["kd"] and c["cwd_feat"]:
                     modules[f"cwd_t{k}_s{s}"] = L.Adapter(c_s, c_t, dim) if c_s != c_t else nn.Identity()
-                if "mgd" in c["kd"]:
+                if "mgd" in c["kd"] and (s, ts) in self.mgd_pairs(pairs):
                     modules[f"mgd_t{k}_s{s}"] = L.MGDGenerator(c_s, c_t, dim, c["mgd_ratio"])
         return modules
+
+    def mgd_pairs(self, pairs: list) -> list:
+        """The stage pairs MGD distils: the deepest matched one (as the paper, on the last neck level), every
+        matched one with ``mgd_all_stages``."""
+        return list(pairs) if self.kd_config.get("mgd_all_stages") else list(pairs[-1:])
+
+    def teacher_stages(self, k: int) -> set:
+        """Teacher ``k``'s encoder stages a feature loss reads (only those are cast to fp32)."""
+        c, pairs = self.kd_config, self.kd_pairs[k] if k < len(self.kd_pairs) else []
+        stages = set()
+        if {"at", "sp"} & set(c["kd"]) or ("cwd" in c["kd"] and c["cwd_feat"]):
+            stages |= {ts for _, ts in pairs}
+        if "mgd" in c["kd"]:
+            stages |= {ts for _, ts in self.mgd_pairs(pairs)}
+        return stages
+
+    def kd_needs_logits(self) -> bool:
+        """Whether the teachers' decoders must run: a logit method (soft, cwd) is asked for."""
+        return bool({"soft", "cwd"} & set(self.kd_config["kd"]))
 
     def configure_optimizers(self):
         # nnU-Net calls this right after building (and maybe compiling) the student: wrap the student with its
@@ -232,13 +257,28 @@ class KDMixin:
             extras["nnpp_kd"] = {"config": self.kd_record(), "modules": self.kd_modules.state_dict()}
         return extras
 
+    #: --val: validate the student alone (no teachers, no KD modules); the checkpoint's optimizer state, which
+    #: covers the KD modules too, is not loaded
+    kd_validate_only: bool = False
+
+    def load_checkpoint(self, filename_or_checkpoint) -> None:
+        if not self.kd_validate_only:
+            return super().load_checkpoint(filename_or_checkpoint)
+        if not self.was_initialized:
+            self.initialize()
+        self.optimizer.load_state_dict = lambda state: None  # validation needs the weights, not the optimizer
+        try:
+            super().load_checkpoint(filename_or_checkpoint)
+        finally:
+            del self.optimizer.load_state_dict
+
     def load_checkpoint_extras(self, checkpoint: dict) -> None:
         super().load_checkpoint_extras(checkpoint)
         saved = checkpoint.get("nnpp_kd")
         if not self.kd_on or saved is None:
             return
-        ours = {k: self.kd_config.get(k) for k in KD_DEFAULTS}
-        theirs = {k: saved["config"].get(k) for k in KD_DEFAULTS}
+        ours = {k: self.kd_config.get(k, v) for k, v in KD_DEFAULTS.items()}
+        theirs = {k: saved["config"].get(k, v) for k, v in KD_DEFAULTS.items()}  # settings added later: defaults
         diff = [k for k in KD_DEFAULTS if ours[k] != theirs[k]]
         if diff:
             raise NnppError("the checkpoint was distilled with another KD configuration (" + ", ".join(
@@ -261,8 +301,12 @@ class KDMixin:
         if "soft" in c["kd"]:
             target = ensemble_target(t_logits, c["T"], self.label_manager.has_regions)
             weights = self.deep_supervision_weights() if len(heads) > 1 else [1.0]
-            terms["soft"] = sum(float(w) * L.soft_kd(h, target.pooled_to(h.shape[2:]), c["T"])
-                                for w, h in zip(weights, heads) if w != 0)
+            soft = []
+            for w, h in zip(weights, heads):  # heads fine to coarse: each pooled target from the previous one
+                target = target.pooled_to(h.shape[2:])
+                if w != 0:
+                    soft.append(float(w) * L.soft_kd(h, target, c["T"]))
+            terms["soft"] = sum(soft)
         if "cwd" in c["kd"]:
             tau = c["cwd_tau"]
             cwd = L.cwd(heads[0], L.ensemble_spatial_log_probs(t_logits, tau), tau)
@@ -279,7 +323,8 @@ class KDMixin:
                                        for k, pairs in enumerate(self.kd_pairs) for s, ts in pairs]).mean()
         if "mgd" in c["kd"]:
             terms["mgd"] = torch.stack([L.mgd(extra[f"mgd_t{k}_s{s}"], t_skips[k][ts])
-                                        for k, pairs in enumerate(self.kd_pairs) for s, ts in pairs]).mean()
+                                        for k, pairs in enumerate(self.kd_pairs)
+                                        for s, ts in self.mgd_pairs(pairs)]).mean()
         return terms
 
     def kd_total(self, seg: torch.Tensor, terms: dict) -> torch.Tensor:
@@ -289,8 +334,11 @@ class KDMixin:
         return (1 - c["a"]) * seg + c["a"] * logit + feature
 
     def teacher_outputs(self, data: torch.Tensor):
-        feats = self.kd_needs_features()
-        outs = [t.forward(data, self.amp, features=feats) for t in self.teachers]
+        """Every teacher's (fp32 logits or None when no logit method is on, fp32 skips of the stages a feature
+        loss reads or None)."""
+        feats, logits = self.kd_needs_features(), self.kd_needs_logits()
+        outs = [t.forward(data, self.amp, features=feats, logits=logits, stages=self.teacher_stages(k))
+                for k, t in enumerate(self.teachers)]
         return [o[0] for o in outs], [o[1] for o in outs]
 
     def train_step(self, batch: dict) -> dict:
@@ -444,3 +492,17 @@ class nnUNetTrainerKD(KDMixin, nnUNetPlusPlusTrainer):
         weights = np.array([1 / (2 ** i) for i in range(self.num_heads)])
         weights[-1] = 1e-6 if self.is_ddp else 0
         return weights / weights.sum()
+
+
+class nnUNetPlusPlusTrainerKDDDP(nnUNetPlusPlusTrainerKD):
+    """The UNet++ student of a multi-process distillation: its own name, so it never overwrites a 1-device run."""
+
+
+class nnUNetTrainerKDDDP(nnUNetTrainerKD):
+    """The U-Net student of a multi-process distillation: its own name, so it never overwrites a 1-device run."""
+
+
+class nnUNetTrainerNoKD(nnUNetTrainerKD):
+    """The U-Net student trained without KD (same network, plans and deep supervision as ``nnUNetTrainerKD``, no
+    teachers): the no-KD baseline of a U-Net student (``nnpp_train -tr nnUNetTrainerNoKD -p nnUNetPlans_kd_unet_r2``),
+    in a folder of its own. A UNet++ student's baseline is ``nnUNetPlusPlusTrainer``."""

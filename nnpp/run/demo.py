@@ -31,8 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-device", default="auto", choices=DEVICE_CHOICES)
     p.add_argument("--amp", default="auto", choices=AMP_CHOICES)
     p.add_argument("-np", type=positive_int, default=2, help="processes for conversion and preprocessing")
-    p.add_argument("--distill", action="store_true", help="then distil the trained UNet++ into a student (r=2) with "
-                   "nnpp_distill, train the same student without KD for the same budget, and compare Dice and latency")
+    p.add_argument("--distill", action="store_true", help="then distil the trained UNet++ into nnpp_distill's "
+                   "default student, train the same student without KD for the same budget, and compare Dice and latency")
     return p
 
 
@@ -89,8 +89,8 @@ def run(args) -> dict:
 
 
 def run_distill(args, teacher_trainer) -> list:
-    """``--distill``: the trained UNet++ (fold 0) as teacher -> a UNet++ student with r=2 distilled by nnpp_distill
-    (soft KD), and the same student plans trained by nnpp_train without KD for the same epochs/iterations. Prints
+    """``--distill``: the trained UNet++ (fold 0) as teacher -> nnpp_distill's default student (soft KD), and the
+    same student plans trained by the same student's trainer without KD for the same epochs/iterations. Prints
     the three models' validation Dice, parameters and forward latency on one patch side by side."""
     from nnpp.cli import label_names, read_dice
     from nnpp.planning import UNETPP_PLANS
@@ -100,16 +100,20 @@ def run_distill(args, teacher_trainer) -> list:
     budget = ["-device", args.device, "--amp", args.amp, "--epochs", str(args.epochs), "--iters", str(args.iters),
               "--val_iters", str(args.val_iters)]
     common = [str(args.dataset_id), "3d_fullres", "0"]
-    print(f"[nnpp_demo] distillation 1/2: nnpp_distill {' '.join(common)} -t {teacher_folder} --kd soft -r 2 "
+    print(f"[nnpp_demo] distillation 1/2: nnpp_distill {' '.join(common)} -t {teacher_folder} --kd soft "
           f"-p {UNETPP_PLANS}", flush=True)
-    kd = distill.run(distill.build_parser().parse_args(common + ["-t", teacher_folder, "--kd", "soft", "-r", "2",
+    kd = distill.run(distill.build_parser().parse_args(common + ["-t", teacher_folder, "--kd", "soft",
                                                                  "-p", UNETPP_PLANS] + budget))
-    print(f"[nnpp_demo] distillation 2/2: the same student without KD: nnpp_train {' '.join(common)} -p {kd.plans_manager.plans_name}",
-          flush=True)
-    plain = train.run(train.build_parser().parse_args(common + ["-p", kd.plans_manager.plans_name] + budget))
+    student, r = kd.kd_config["student"], kd.kd_config["r"]
+    no_kd = distill.NO_KD_TRAINERS[student]
+    print(f"[nnpp_demo] distillation 2/2: the same student without KD: nnpp_train {' '.join(common)} -tr {no_kd} "
+          f"-p {kd.plans_manager.plans_name}", flush=True)
+    plain = train.run(train.build_parser().parse_args(common + ["-tr", no_kd, "-p", kd.plans_manager.plans_name]
+                                                      + budget))
     names = label_names(teacher_trainer.dataset_json)
     rows = []
-    for what, t in (("teacher UNet++", teacher_trainer), ("student r=2, KD", kd), ("student r=2, no KD", plain)):
+    for what, t in (("teacher UNet++", teacher_trainer), (f"{student} r={r}, KD", kd),
+                    (f"{student} r={r}, no KD", plain)):
         net = getattr(t.network, "module", t.network)
         net = getattr(net, "net", net)  # the KD wrapper's student
         dice = read_dice(os.path.join(t.output_folder, "validation", "summary.json"))

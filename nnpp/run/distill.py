@@ -1,14 +1,16 @@
-"""nnpp_distill: distil nnU-Net model folders (one teacher or an ensemble) into a small UNet++ or U-Net student.
+"""nnpp_distill: distil nnU-Net model folders (one teacher or an ensemble) into a small U-Net or UNet++ student.
 
     nnpp_distill DATASET CONFIG FOLD -t TEACHER_MODEL_FOLDER [-t FOLDER2 ...] [-tf FOLD ...] [-tchk CHECKPOINT]
-                 [--kd soft cwd at sp mgd] [-a A] [-T T] [-r R] [--student unetpp|unet] [--allow-val-leak]
-                 [--da5] [per-method weights/temperatures] [every nnpp_train flag: -device --amp --c --val
-                 --epochs --iters --val_iters --other_use --dbs ...]
+                 [--kd soft cwd at sp mgd] [-a A] [-T T] [-r R] [--student unet|unetpp] [--allow-val-leak]
+                 [--replace-student-plans] [--da5] [per-method weights/temperatures] [every nnpp_train flag:
+                 -device --amp --c --val --epochs --iters --val_iters --other_use --dbs ...]
 
 The student is an ordinary nnU-Net model folder,
-``$nnUNet_results/DatasetXXX/nnUNetPlusPlusTrainerKD__nnUNetPlans_kd_r2__CONFIG/fold_F`` (``nnUNetTrainerKD`` and
-``nnUNetPlans_kd_unet_r2`` for ``--student unet``): ``nnpp_predict -tr nnUNetPlusPlusTrainerKD -p nnUNetPlans_kd_r2``
-predicts with it. ``-p`` names the plans the student is derived from (default nnUNetPlans).
+``$nnUNet_results/DatasetXXX/nnUNetTrainerKD__nnUNetPlans_kd_unet_r2__CONFIG/fold_F`` by default
+(``nnUNetPlusPlusTrainerKD`` and ``nnUNetPlans_kd_r2`` for ``--student unetpp``; ``...KDDDP`` trainer names for
+multi-process runs): ``nnpp_predict -tr nnUNetTrainerKD -p nnUNetPlans_kd_unet_r2`` predicts with it. ``-p`` names
+the plans the student is derived from (default nnUNetPlans). ``--c``/``--val`` without ``-r``/``--student``
+continue/validate the run they find; ``--val`` needs no teacher.
 """
 from __future__ import annotations
 
@@ -20,8 +22,15 @@ from nnpp.run import train
 from nnpp.cli import dataset_name, entry_point, positive_int
 
 STUDENT_TRAINERS = {"unetpp": "nnUNetPlusPlusTrainerKD", "unet": "nnUNetTrainerKD"}
+#: multi-process runs: their own trainer names (as nnpp_train's DDP variants), never over a 1-device run
+STUDENT_TRAINERS_DDP = {"unetpp": "nnUNetPlusPlusTrainerKDDDP", "unet": "nnUNetTrainerKDDDP"}
+#: the trainer of each student kind without KD (the no-KD baseline of the same student, in a folder of its own)
+NO_KD_TRAINERS = {"unetpp": "nnUNetPlusPlusTrainer", "unet": "nnUNetTrainerNoKD"}
+#: the default student: nnU-Net's PlainConvUNet at half width. Measured (benchmarks/RESULTS.md, bench_distill): 0.08x
+#: a UNet++ teacher's FLOPs per patch and 0.25x a plain U-Net teacher's; a UNet++ student at r=2 keeps 0.25x a
+#: UNet++ teacher's FLOPs but not its CPU latency (its full-resolution nested nodes)
 DEFAULT_R = 2
-DEFAULT_STUDENT = "unetpp"
+DEFAULT_STUDENT = "unet"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,8 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="KD weight a: loss = (1-a)*seg + a*(soft + cwd) + feature terms (default 0.5)")
     g.add_argument("-T", type=float, default=None, help="soft-KD temperature (default 2)")
     g.add_argument("-r", type=int, default=None,
-                   help=f"channel reduction of the student: features_per_stage // r, never below 8 (default {DEFAULT_R})")
-    g.add_argument("--student", default=None, help="unetpp (default) or unet (nnU-Net's PlainConvUNet)")
+                   help=f"channel reduction of the student: features_per_stage // r, never below 8 (default {DEFAULT_R}; "
+                   f"--c/--val: the run's)")
+    g.add_argument("--student", default=None, help="unet (default: nnU-Net's PlainConvUNet) or unetpp (nnpp's UNet++; "
+                   "cheaper than a UNet++ teacher in FLOPs, not in CPU latency); --c/--val: the run's")
     g.add_argument("--allow-val-leak", dest="allow_val_leak", action="store_true", default=None,
                    help="accept teachers trained on the student's validation cases; the run is marked leaky")
     g.add_argument("--replace-student-plans", dest="replace_student_plans", action="store_true",
@@ -64,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="SP: voxels per axis of the pooled map (default 4)")
     g.add_argument("--mgd-weight", dest="mgd_weight", type=float, default=None, help="default 1")
     g.add_argument("--mgd-ratio", dest="mgd_ratio", type=float, default=None, help="MGD mask ratio (default 0.75)")
+    g.add_argument("--mgd-all-stages", dest="mgd_all_stages", action="store_true", default=None,
+                   help="MGD on every matched encoder stage (default: the deepest matched stage, as the paper)")
     return p
 
 
@@ -75,11 +88,9 @@ def normalise_args(args) -> None:
     if args.tr != train.DEFAULT_TRAINER:
         raise NnppError(f"-tr {args.tr}: nnpp_distill picks the student's trainer from --student "
                         f"({', '.join(f'{k}: {v}' for k, v in STUDENT_TRAINERS.items())})")
-    args.r = DEFAULT_R if args.r is None else args.r
-    if args.r < 1:
+    if args.r is not None and args.r < 1:
         raise NnppError(f"-r {args.r}: the channel reduction must be an integer >= 1 (2 halves every stage)")
-    args.student = args.student or DEFAULT_STUDENT
-    if args.student not in STUDENTS:
+    if args.student is not None and args.student not in STUDENTS:
         raise NnppError(f"--student {args.student}: choose one of {', '.join(STUDENTS)}")
     if args.kd is not None:
         unknown = [m for m in args.kd if m not in METHODS]
@@ -119,11 +130,15 @@ def setup(trainer, args) -> None:
     from nnpp.distill.teachers import check_compatible, check_leaks, load_teacher, split_cases
     from nnpp.distill.trainer import KD_DEFAULTS, KD_IDENTITY
 
-    if args.val:  # --val reuses the distillation's settings, as --c does (nnpp_train resolves them on --c only)
+    if args.val:  # --val validates the student alone: the run's KD settings name the teachers for the report
         final = os.path.join(trainer.output_folder, "checkpoint_final.pth")
         for key, value in train.saved_run_settings(final).items():
             if key in (*KD_DEFAULTS, *KD_IDENTITY) and getattr(args, key, None) is None:
                 setattr(args, key, value)
+        trainer.kd_validate_only = True
+        trainer.kd_report_teachers = [(folder, str(fold)) for folder in (args.t or [])
+                                      for fold in (args.tf or [trainer.fold])]
+        return
     config = kd_config(args, trainer)
     teachers = [load_teacher(folder, fold, config["tchk"], trainer.device)
                 for folder in config["t"] for fold in config["tf"]]
@@ -138,27 +153,102 @@ def setup(trainer, args) -> None:
     trainer.configure_kd(teachers, config, leaks)
 
 
+def validation_cases(summary_path: str, file_ending: str) -> set:
+    """The case ids an nnU-Net ``summary.json`` scored (from ``metric_per_case[*].reference_file``)."""
+    from nnpp.cli import load_json_file
+    cases = set()
+    for entry in load_json_file(summary_path, "validation summary").get("metric_per_case", []):
+        name = os.path.basename(str(entry.get("reference_file", "")))
+        cases.add(name[:-len(file_ending)] if file_ending and name.endswith(file_ending) else name)
+    return cases
+
+
 def report(trainer) -> None:
-    """The student's validation Dice beside each teacher's (their fold's validation/summary.json, if present)."""
-    from nnpp.cli import dice_text, label_names, read_dice
+    """The student's validation Dice beside each teacher's (their fold's validation/summary.json, if present), a
+    teacher's only when it was scored on the same validation cases as the student; otherwise the row says which
+    cases each saw."""
+    from nnpp.cli import dice_text, label_names, load_json_file, read_dice
 
     names = label_names(trainer.dataset_json)
+    ending = trainer.dataset_json.get("file_ending", "")
     model = os.path.basename(os.path.dirname(os.path.abspath(trainer.output_folder)))
+    teachers = ([(t.folder, str(t.fold), t.name) for t in trainer.teachers] if trainer.teachers else
+                [(folder, fold, f"{os.path.basename(folder.rstrip(os.sep))}/fold_{fold}")
+                 for folder, fold in getattr(trainer, "kd_report_teachers", [])])
     rows = [(f"student {model}/fold_{trainer.fold}",
              os.path.join(trainer.output_folder, "validation", "summary.json"))]
-    rows += [(f"teacher {t.name}", os.path.join(t.folder, f"fold_{t.fold}", "validation", "summary.json"))
-             for t in trainer.teachers]
+    rows += [(f"teacher {name}", os.path.join(folder, f"fold_{fold}", "validation", "summary.json"))
+             for folder, fold, name in teachers]
     dice = {name: read_dice(path) if os.path.isfile(path) else None for name, path in rows}
+    cases = {name: validation_cases(path, ending) if os.path.isfile(path) else None for name, path in rows}
+    student_cases = cases[rows[0][0]]
     labels = next((list(d) for d in dice.values() if d), [])
     width = max(len(n) for n, _ in rows) + 2
+    record = os.path.join(trainer.output_folder, "kd_config.json")
+    leaky = trainer.leaky or (os.path.isfile(record) and bool(load_json_file(record, "kd_config.json").get("leaky")))
     lines = ["[nnpp_distill] validation Dice" + (" (LEAKY: teachers saw the student's validation cases)"
-                                                 if trainer.leaky else ""),
+                                                 if leaky else ""),
              "".ljust(width) + "".join(f"{names.get(k, k):>12}" for k in labels)]
     for name, _ in rows:
-        d = dice[name]
-        lines.append(name.ljust(width) + ("".join(dice_text(d.get(k, float("nan"))).rjust(12) for k in labels)
-                                          if d else "   (no summary.json)"))
+        d, seen = dice[name], cases[name]
+        if not d:
+            lines.append(name.ljust(width) + "   (no summary.json)")
+        elif name != rows[0][0] and student_cases is not None and seen != student_cases:
+            shown = ", ".join(sorted(seen)[:3]) + (" ..." if len(seen) > 3 else "")
+            lines.append(name.ljust(width) + f"   (not comparable: scored on {len(seen)} case(s) ({shown}), the "
+                         f"student on {len(student_cases)})")
+        else:
+            lines.append(name.ljust(width) + "".join(dice_text(d.get(k, float("nan"))).rjust(12) for k in labels))
     print("\n".join(lines), flush=True)
+
+
+def find_student_runs(results_dataset_dir: str, configuration: str, fold, source_plans: str, trainers: dict,
+                      checkpoints: tuple) -> list:
+    """``[(student, r, folder)]`` of the distillations of ``configuration``/``fold`` from ``source_plans`` in
+    ``results_dataset_dir`` that hold one of ``checkpoints``; student and r from the fold's kd_config.json (else
+    the student plans' ``nnpp_kd`` record)."""
+    import glob
+
+    from nnpp.cli import load_json_file
+    found = []
+    for student, trainer_name in trainers.items():
+        pattern = os.path.join(results_dataset_dir, f"{trainer_name}__{source_plans}_kd_*__{configuration}")
+        for model in sorted(glob.glob(pattern)):
+            fold_dir = os.path.join(model, f"fold_{fold}")
+            if not any(os.path.isfile(os.path.join(fold_dir, c)) for c in checkpoints):
+                continue
+            record_path = os.path.join(fold_dir, "kd_config.json")
+            if os.path.isfile(record_path):
+                record = load_json_file(record_path, "kd_config.json")
+            elif os.path.isfile(os.path.join(model, "plans.json")):
+                record = load_json_file(os.path.join(model, "plans.json"), "plans.json").get("nnpp_kd", {})
+            else:
+                continue
+            if record.get("student") == student and isinstance(record.get("r"), int):
+                found.append((student, record["r"], model))
+    return found
+
+
+def resolve_student(args, results_dataset_dir: str, trainers: dict) -> None:
+    """--c / --val without -r or --student: the run they find (one distillation of this configuration and fold,
+    matching what was given) supplies them, so that they never start another folder; several are an error
+    naming them. Otherwise (and when none exists) the defaults."""
+    if (args.c or args.val) and (args.r is None or args.student is None):
+        checkpoints = ("checkpoint_final.pth",) if args.val else \
+            ("checkpoint_final.pth", "checkpoint_latest.pth", "checkpoint_best.pth")
+        runs = [(st, r, m) for st, r, m in find_student_runs(results_dataset_dir, args.configuration, args.fold,
+                                                              args.p, trainers, checkpoints)
+                if args.r in (None, r) and args.student in (None, st)]
+        if len(runs) > 1:
+            raise NnppError(f"{'--c' if args.c else '--val'}: {len(runs)} distillations of {args.configuration} fold "
+                            f"{args.fold} match ({'; '.join(os.path.basename(m) for _, _, m in runs)}); choose one "
+                            f"with -r and --student")
+        if runs:
+            args.student, args.r, model = runs[0]
+            print(f"[nnpp_distill] {'--c' if args.c else '--val'}: the run in {model} (--student {args.student} "
+                  f"-r {args.r})", flush=True)
+    args.student = args.student or DEFAULT_STUDENT
+    args.r = DEFAULT_R if args.r is None else args.r
 
 
 def run(args):
@@ -177,10 +267,12 @@ def run(args):
 
     name = dataset_name(args.dataset_name_or_id)
     pre_dir = os.path.join(paths["nnUNet_preprocessed"], name)
+    trainers = STUDENT_TRAINERS_DDP if int(os.environ.get("WORLD_SIZE", "1")) > 1 else STUDENT_TRAINERS
+    resolve_student(args, os.path.join(paths["nnUNet_results"], name), trainers)
     args.p = write_student_plans(pre_dir, args.p, args.configuration, args.r, args.student,
                                  replace=args.replace_student_plans,
                                  log=print if int(os.environ.get("RANK", 0)) == 0 else None)
-    args.tr = STUDENT_TRAINERS[args.student]
+    args.tr = trainers[args.student]
     trainer = train.run(args, setup=setup)
     if not args.other_use and int(os.environ.get("RANK", 0)) == 0 and trainer is not None:
         report(trainer)
