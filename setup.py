@@ -36,6 +36,7 @@ setup(
             "nnpp_get_dice_result=nnpp.tools.get_dice_result:main",
             "nnpp_convert_v1_model=nnpp.run.convert_v1_model:main",
             "nnpp_plan_and_preprocess=nnpp.run.plan_and_preprocess:main",
+            "nnpp_ext_trainer_path=nnpp.run.ext_trainer_path:main",
         ],
     },
 )
