@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 
 from nnpp import NnppError
 from nnpp.paths import setup_paths
@@ -168,6 +169,12 @@ def main(argv=None):
         raise NnppError(f"-part_id {args.part_id} must be in 0..{args.num_parts - 1} (-num_parts {args.num_parts})")
 
     from nnpp import device as dev
+    from nnpp.distributed import dist_env
+    env = dist_env()
+    if env.enabled:  # torchrun: the ranks split the cases as nnU-Net's -num_parts/-part_id would
+        if args.num_parts != 1:
+            raise NnppError("under torchrun the cases are split by WORLD_SIZE/RANK: drop -num_parts/-part_id")
+        args.num_parts, args.part_id = env.world_size, env.rank
 
     if args.onnx is not None:
         if args.depth is not None:
@@ -176,12 +183,13 @@ def main(argv=None):
         check_provider(args.ort_provider)  # before the device: a missing provider is the error to report
         setup_paths(required=())
         # tiles go where the provider computes: CUDA memory for cuda/tensorrt (IO binding), the host otherwise
-        device = dev.resolve_device("cuda" if args.ort_provider in ("cuda", "tensorrt") else "cpu")
+        device = dev.resolve_device("cuda" if args.ort_provider in ("cuda", "tensorrt") else "cpu",
+                                    env.local_rank if env.enabled else None)
     else:
         if args.d is None or args.c is None:
             raise NnppError("-d DATASET and -c CONFIGURATION are required (or --onnx FOLDER from nnpp_export)")
         setup_paths(required=("nnUNet_results",))
-        device = dev.resolve_device(args.device)
+        device = dev.resolve_device(args.device, env.local_rank if env.enabled else None)
     if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
         dev.set_cpu_threads()  # nnU-Net's choice on the CPU: all cores
 
@@ -210,13 +218,82 @@ def main(argv=None):
               f"{tta}")
 
     os.makedirs(args.o, exist_ok=True)  # as nnUNetv2_predict does, once the model is known to load
-    write_run_files(predictor, args.o)
+    if env.is_main:
+        write_run_files(predictor, args.o)
+    if env.enabled:
+        return predict_distributed(predictor, args, env)
+    t0 = time.perf_counter()
     records = predictor.predict_cases(args.i, args.o, save_probabilities=args.save_probabilities,
                                       overwrite=not args.continue_prediction,
                                       folder_with_segs_from_prev_stage=args.prev_stage_predictions,
                                       num_processes_preprocessing=args.npp, num_processes_segmentation_export=args.nps,
                                       num_parts=args.num_parts, part_id=args.part_id)
     print(time_split_text(records))
+    if records:
+        print(f"[nnpp_predict] {len(records)} case(s) in {time.perf_counter() - t0:.1f} s: "
+              f"{60 * len(records) / (time.perf_counter() - t0):.2f} cases/min")
+    return 0
+
+
+def cases_to_predict(predictor, args) -> list:
+    """The output file names (without ending) of every case of -i that this run predicts (all parts): those
+    without a finished segmentation (and .npz with --save_probabilities) under --continue_prediction."""
+    from nnunetv2.utilities.utils import create_lists_from_splitted_dataset_folder
+    ending = predictor.dataset_json["file_ending"]
+    cases = [os.path.basename(c[0])[:-(len(ending) + 5)] for c in
+             create_lists_from_splitted_dataset_folder(args.i, ending)]
+    if not args.continue_prediction:
+        return cases
+    return [c for c in cases if not (os.path.isfile(os.path.join(args.o, c + ending)) and
+                                     (not args.save_probabilities or os.path.isfile(os.path.join(args.o, c + ".npz"))))]
+
+
+def predict_distributed(predictor, args, env) -> int:
+    """One rank of ``torchrun --nproc_per_node=N -m nnpp.run.predict ...``: this rank's share of the cases
+    (``[RANK::WORLD_SIZE]``, nnU-Net's parts) into the shared output folder, each case written atomically. Rank 0
+    prints the progress of all ranks (finished files in the folder) and the total throughput once every rank is
+    done (gloo barrier: any device). A rank that fails says so in one line and exits; torchrun then stops the
+    others, and finished cases stay (rerun with --continue_prediction to do only the rest)."""
+    import threading
+
+    from nnpp.distributed import init, teardown
+    init(env, "gloo", timeout_s=7 * 24 * 3600)  # only for the final barrier: ranks may finish hours apart
+    todo = cases_to_predict(predictor, args) if env.is_main else []
+    ending = predictor.dataset_json["file_ending"]
+    stop = threading.Event()
+    t0 = time.perf_counter()
+
+    def progress():
+        last = -1
+        while not stop.wait(10):
+            done = sum(os.path.isfile(os.path.join(args.o, c + ending)) for c in todo)
+            if done != last:
+                minutes = (time.perf_counter() - t0) / 60
+                print(f"[nnpp_predict] progress: {done}/{len(todo)} cases, {done / minutes:.2f} cases/min "
+                      f"({env.world_size} processes)", flush=True)
+                last = done
+    if env.is_main:
+        threading.Thread(target=progress, daemon=True).start()
+    try:
+        records = predictor.predict_cases(args.i, args.o, save_probabilities=args.save_probabilities,
+                                          overwrite=not args.continue_prediction,
+                                          folder_with_segs_from_prev_stage=args.prev_stage_predictions,
+                                          num_processes_preprocessing=args.npp,
+                                          num_processes_segmentation_export=args.nps,
+                                          num_parts=env.world_size, part_id=env.rank)
+    except Exception as e:
+        stop.set()
+        teardown(finished=False)
+        raise NnppError(f"rank {env.rank} of {env.world_size} failed ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0] if str(e) else ''}); torchrun stops the other ranks; finished cases "
+                        f"are complete files: rerun with --continue_prediction to predict the rest") from None
+    print(time_split_text(records).replace("[nnpp_predict]", f"[nnpp_predict rank {env.rank}]"), flush=True)
+    teardown(finished=True)  # waits for every rank
+    stop.set()
+    if env.is_main:
+        seconds = time.perf_counter() - t0
+        print(f"[nnpp_predict] all {env.world_size} processes done: {len(todo)} case(s) in {seconds:.1f} s, "
+              f"{60 * len(todo) / seconds:.2f} cases/min total", flush=True)
     return 0
 
 

@@ -1,0 +1,86 @@
+"""Many cases on many processes: torchrun splits the cases across ranks into one output folder (same masks as one
+process), a second run with --continue_prediction skips the finished cases, and a case whose export is killed
+midway leaves no file that --continue_prediction would take for a finished case."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from conftest import free_port, nnunet_env, output_tail
+
+UNETPP = "nnUNetPlusPlusTrainer"
+
+
+def results_of(model_folder):
+    return os.path.dirname(os.path.dirname(model_folder))
+
+
+def masks(folder):
+    return {f: sitk.GetArrayFromImage(sitk.ReadImage(os.path.join(folder, f)))
+            for f in sorted(os.listdir(folder)) if f.endswith(".nii.gz")}
+
+
+def predict_cmd(ds, out, nproc, *extra):
+    args = ["-m", "nnpp.run.predict", "-i", os.path.join(ds["nnUNet_raw"], ds["name"], "imagesTr"), "-o", str(out),
+            "-d", str(ds["id"]), "-c", "3d_fullres", "-f", "0", "-device", "cpu", "--disable_tta",
+            "-npp", "0", "-nps", "0", "--disable_progress_bar", *extra]
+    if nproc == 1:
+        return [sys.executable, *args]
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}",
+            *args]
+
+
+@pytest.mark.slow
+def test_two_processes_same_masks_and_continue_skips(trained_model, tiny_dataset, tmp_path):
+    env = nnunet_env(tiny_dataset, nnUNet_results=results_of(trained_model(UNETPP, 0)), OMP_NUM_THREADS="1")
+    p = subprocess.run(predict_cmd(tiny_dataset, tmp_path / "one", 1), env=env, capture_output=True, text=True,
+                       timeout=600)
+    assert p.returncode == 0, output_tail(p)
+    p = subprocess.run(predict_cmd(tiny_dataset, tmp_path / "two", 2), env=env, capture_output=True, text=True,
+                       timeout=600)
+    assert p.returncode == 0, output_tail(p)
+    assert "[nnpp_predict] all 2 processes done: 5 case(s)" in p.stdout and "cases/min total" in p.stdout
+    assert "[nnpp_predict rank 0]" in p.stdout and "[nnpp_predict rank 1]" in p.stdout
+    one, two = masks(tmp_path / "one"), masks(tmp_path / "two")
+    assert len(one) == 5 and one.keys() == two.keys()
+    for k in one:
+        np.testing.assert_array_equal(one[k], two[k])
+    assert not [f for f in os.listdir(tmp_path / "two") if f.startswith(".")]  # no temp files left
+    # a second run skips every finished case
+    stamps = {f: os.stat(tmp_path / "two" / f).st_mtime_ns for f in two}
+    os.remove(tmp_path / "two" / sorted(two)[0])  # ... but the one missing is done again
+    p = subprocess.run(predict_cmd(tiny_dataset, tmp_path / "two", 2, "--continue_prediction"), env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, output_tail(p)
+    assert "all 2 processes done: 1 case(s)" in p.stdout
+    assert {f: os.stat(tmp_path / "two" / f).st_mtime_ns for f in sorted(two)[1:]} == \
+        {f: stamps[f] for f in sorted(two)[1:]}
+    assert masks(tmp_path / "two").keys() == one.keys()
+
+
+def test_killed_export_leaves_no_finished_looking_case(tmp_path, monkeypatch):
+    """nnU-Net writes the segmentation straight to its final name: a process killed while writing leaves a file
+    that --continue_prediction (an isfile test) takes as finished. nnpp's export_case writes beside and renames."""
+    import nnunetv2.inference.export_prediction as nnunet_export
+
+    from nnpp.predictor import export_case
+
+    def killed_while_writing(logits, props, cm, pm, dataset_json, ofile, save_probabilities=False):
+        with open(ofile + ".npz", "wb") as f:
+            f.write(b"complete probabilities")
+        with open(ofile + dataset_json["file_ending"], "wb") as f:
+            f.write(b"half a segmentation")
+        raise KeyboardInterrupt  # SIGINT / the rank being stopped, midway
+    monkeypatch.setattr(nnunet_export, "export_prediction_from_logits", killed_while_writing)
+    with pytest.raises(KeyboardInterrupt):
+        export_case(None, {}, None, None, {"file_ending": ".nii.gz"}, str(tmp_path / "case_001"), True)
+    assert os.listdir(tmp_path) == []
+
+    def fine(logits, props, cm, pm, dataset_json, ofile, save_probabilities=False):
+        for ext in (".npz", ".pkl", dataset_json["file_ending"]):
+            open(ofile + ext, "w").write(ext)
+    monkeypatch.setattr(nnunet_export, "export_prediction_from_logits", fine)
+    export_case(None, {}, None, None, {"file_ending": ".nii.gz"}, str(tmp_path / "case_001"), True)
+    assert sorted(os.listdir(tmp_path)) == ["case_001.nii.gz", "case_001.npz", "case_001.pkl"]
