@@ -1,16 +1,24 @@
-"""Distillation costs and gains: student/teacher parameter and latency ratios (r = 2, 4; UNet++ and U-Net
-students), and the step-time and memory cost of KD with 1 and 3 teachers.
+"""Distillation costs: what each candidate student costs against its teacher, and what KD adds to a training step.
 
-    python benchmarks/bench_distill.py                          # small CPU config (default)
+    python benchmarks/bench_distill.py                          # small CPU config (default), both parts
+    python benchmarks/bench_distill.py --part sizes --steps 5 --case_rounds 3
     python benchmarks/bench_distill.py --config task03 -device cuda --amp O1
 
-Teacher: UNet++ at the config's full width. Students: the student plans' rule (features // r, never below 8)
-built as nnpp's UNet++ or nnU-Net's PlainConvUNet (nnpp.distill.student). Latency: forward of one patch
-(batch 1, no grad, the AMP mode's autocast), median over ``--steps`` after ``--warmup``. KD step: a training
-step of the r=2 UNet++ student (forward, Dice-free CE on every head, backward, SGD) without KD and with
-``soft + cwd`` KD from 1 or 3 teachers (teacher forwards under no_grad, KD in fp32, as nnpp's KD trainer does);
-each KD configuration runs in a fresh subprocess so the CPU's peak RSS belongs to it alone (on cuda/npu: peak
-allocated device memory). Writes JSON (``--out``) and prints markdown tables.
+Sizes (``--part sizes``): the reference teacher is UNet++ at the config's full width; "U-Net r=1" is the plain
+U-Net teacher nnU-Net itself trains. Students follow the student-plans rule (features // r, never below 8) as
+nnpp's UNet++ (also with its deepest stage dropped) or nnU-Net's PlainConvUNet. Per network: parameters, forward
+FLOPs of one patch (``torch.utils.flop_counter.FlopCounterMode``: convolutions and matmuls, device-independent),
+latency of one patch (batch 1, no grad, the AMP mode's autocast) and the time of one synthetic case
+(``--case_shape``, spacing 1) through nnU-Net's own predictor (``predict_single_npy_array``: preprocessing,
+sliding window with step 0.5 and Gaussian weighting, no mirroring, resampling back). All networks in one process,
+the rounds interleaved across them; the figures are the best of the rounds (other jobs on a shared machine only
+add time), medians kept in the JSON.
+
+KD step (``--part kd``): nnpp's default KD step (soft KD, a=0.5, T=2) of the default student (U-Net r=2) without KD
+and with 1 and 3 UNet++ teachers, interleaved in one process (see :func:`kd_steps`).
+
+The JSON (``--out``) names the machine: CPU model, cores, torch, CPU capability (what
+``torch.backends.cpu.get_cpu_capability()`` reads), native bf16, load average before and after.
 """
 from __future__ import annotations
 
@@ -18,7 +26,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 
@@ -193,43 +200,74 @@ def sizes(config: str, device_name: str, amp_mode: str, warmup: int, steps: int,
     return rows
 
 
-def kd_step(config: str, teachers: int, device_name: str, amp_mode: str, warmup: int, steps: int) -> dict:
-    """One KD configuration in this process: step time and peak memory of the r=2 UNet++ student."""
+def kd_steps(config: str, device_name: str, amp_mode: str, warmup: int, steps: int, student: str = "unet",
+             r: int = 2) -> list:
+    """No KD, KD from 1 and from 3 UNet++ teachers, all in this process, the rounds interleaved: one step of each
+    configuration per round, the median over ``steps`` rounds after ``warmup``. The step is nnpp's KD step with the
+    default settings (soft KD, a=0.5, T=2) on the default student: the teachers' forwards (nnpp.distill.teachers.
+    Teacher.forward: no_grad, the run's autocast, logits only), the probability ensemble, soft KD over the
+    student's heads with nnU-Net's deep-supervision weights (targets pooled coarse from fine), CE on every head,
+    backward and an SGD step."""
+    import numpy as np
     import torch
     import torch.nn.functional as F
 
     from nnpp import device as dev
     from nnpp.distill import losses as L
+    from nnpp.distill.teachers import Teacher, ensemble_target
     cfg = CONFIGS[config]
     device = dev.resolve_device(device_name)
     amp = dev.make_amp(amp_mode, device)
     dev.configure_backends(device)
-    student = build("unetpp", config, 2, device, True)
-    nets = [build("unetpp", config, 1, device, False).eval().requires_grad_(False) for _ in range(teachers)]
-    opt = torch.optim.SGD(student.parameters(), lr=1e-3, momentum=0.99, nesterov=True)
+    torch.manual_seed(0)
+    net = build(student, config, r, device, True)
+    teachers = [Teacher(build("unetpp", config, 1, device, False)) for _ in range(3)]
+    opt = torch.optim.SGD(net.parameters(), lr=1e-3, momentum=0.99, nesterov=True)
     x = torch.randn(cfg["batch"], 1, *cfg["patch"], device=device)
-    y = torch.randint(0, 3, (cfg["batch"], *cfg["patch"]), device=device)
+    y = torch.randint(0, 3, (cfg["batch"], 1, *cfg["patch"]), device=device).float()
+    with torch.no_grad():
+        shapes = [o.shape[2:] for o in net(x)]
+    targets = [F.interpolate(y, size=tuple(s), mode="nearest")[:, 0].long() for s in shapes]
+    w = np.array([1 / 2 ** i for i in range(len(shapes))])
+    w[-1] = 0
+    w = w / w.sum()
 
-    def step():
+    def step(n_teachers: int):
         opt.zero_grad(set_to_none=True)
-        with torch.no_grad(), amp.autocast():
-            t_logits = [t(x).float() for t in nets]
+        t_logits = [t.forward(x, amp)[0] for t in teachers[:n_teachers]]
         with amp.autocast():
-            out = student(x)
-            seg = sum(F.cross_entropy(o, y) for o in out) / len(out)
+            out = net(x)
+            seg = sum(float(wi) * F.cross_entropy(o, t) for wi, o, t in zip(w, out, targets) if wi)
         loss = seg
-        if nets:
+        if n_teachers:
             with dev.Amp("O0", device).autocast(exclusive=True):
-                target = L.ensemble_log_probs(t_logits, 2.0)
-                soft = sum(L.soft_kd(o, target, 2.0) for o in out) / len(out)
-                c = L.cwd(out[0], L.ensemble_spatial_log_probs(t_logits, 4.0), 4.0)
-                loss = 0.5 * seg.float() + 0.5 * (soft + c)
+                target, soft = ensemble_target(t_logits, 2.0, False), 0.0
+                for wi, o in zip(w, out):
+                    target = target.pooled_to(o.shape[2:])
+                    if wi:
+                        soft = soft + float(wi) * L.soft_kd(o, target, 2.0)
+                loss = 0.5 * seg.float() + 0.5 * soft
         amp.backward_and_step(loss, opt)
 
-    dev.reset_peak_memory(device)
-    seconds = timed(step, device, warmup, steps)
-    return {"teachers": teachers, "step_s": seconds, "peak_memory_mb": dev.peak_memory_bytes(device) / 2 ** 20,
-            "device": str(device), "amp": amp.mode}
+    configs = (0, 1, 3)
+    times = {n: [] for n in configs}
+    for i in range(warmup + steps):
+        for n in configs:
+            dev.synchronize(device)
+            t0 = time.perf_counter()
+            step(n)
+            dev.synchronize(device)
+            if i >= warmup:
+                times[n].append(time.perf_counter() - t0)
+        print(f"  round {i + 1}/{warmup + steps}: " + ", ".join(f"{n} teacher(s) {times[n][-1]:.2f} s"
+                                                               for n in configs if times[n]), flush=True)
+    rows = [{"teachers": n, "student": f"{student} r={r}", "step_s": statistics.median(times[n]),
+             "step_s_min": min(times[n]), "steps_s": times[n], "device": str(device), "amp": amp.mode}
+            for n in configs]
+    for row in rows:
+        row["step_ratio"] = row["step_s"] / rows[0]["step_s"]
+        row["step_ratio_min"] = row["step_s_min"] / rows[0]["step_s_min"]
+    return rows
 
 
 def size_table(rows: list) -> str:
@@ -257,11 +295,7 @@ def main(argv=None):
                    help="the synthetic case predicted per network (voxels at spacing 1)")
     p.add_argument("--case_rounds", type=int, default=2, help="per-case predictions per network (interleaved)")
     p.add_argument("--out", default=None, help="JSON file (default benchmarks/results/distill_CONFIG_DEVICE_AMP.json)")
-    p.add_argument("--_kd_step", type=int, default=None, help=argparse.SUPPRESS)  # internal: one KD config
     a = p.parse_args(argv)
-    if a._kd_step is not None:
-        print(json.dumps(kd_step(a.config, a._kd_step, a.device, a.amp, a.warmup, a.steps)))
-        return
     result = {"config": a.config, "cfg": CONFIGS[a.config], "device": a.device, "amp": a.amp, "warmup": a.warmup,
               "steps": a.steps, "machine": machine()}
     out = a.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
@@ -271,19 +305,8 @@ def main(argv=None):
         result["case_shape"] = a.case_shape
         result["sizes"] = sizes(a.config, a.device, a.amp, a.warmup, a.steps, a.case_shape, a.case_rounds)
     if a.part in ("all", "kd"):
-        kd_rows = []
-        for n in (0, 1, 3):
-            proc = subprocess.run([sys.executable, __file__, "--config", a.config, "-device", a.device, "--amp", a.amp,
-                                   "--warmup", str(a.warmup), "--steps", str(a.steps), "--_kd_step", str(n)],
-                                  capture_output=True, text=True, check=True)
-            kd_rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
-            print(f"  KD with {n} teacher(s): {kd_rows[-1]['step_s']:.3f} s/step, "
-                  f"peak {kd_rows[-1]['peak_memory_mb']:.0f} MB", flush=True)
-        base = kd_rows[0]
-        for row in kd_rows:
-            row["step_ratio"] = row["step_s"] / base["step_s"]
-            row["memory_ratio"] = row["peak_memory_mb"] / base["peak_memory_mb"]
-        result["kd_step"] = kd_rows
+        print("[bench_distill] KD step: no KD vs 1 and 3 teachers, interleaved in this process", flush=True)
+        result["kd_step"] = kd_steps(a.config, a.device, a.amp, a.warmup, a.steps)
     result["machine"]["load_average_after"] = os.getloadavg()
     os.makedirs(os.path.dirname(out), exist_ok=True)
     tmp = f"{out}.tmp{os.getpid()}"
@@ -294,10 +317,10 @@ def main(argv=None):
     if "sizes" in result:
         print(size_table(result["sizes"]))
     if "kd_step" in result:
-        print("\n| KD teachers | step (s) | x no KD | peak memory (MB) | x no KD |\n|---|---|---|---|---|")
+        print("\n| KD teachers | student | step (median s) | x no KD | step (best s) | x no KD |\n|---|---|---|---|---|---|")
         for r in result["kd_step"]:
-            print(f"| {r['teachers']} | {r['step_s']:.3f} | {r['step_ratio']:.2f} | {r['peak_memory_mb']:.0f} | "
-                  f"{r['memory_ratio']:.2f} |")
+            print(f"| {r['teachers']} | {r['student']} | {r['step_s']:.3f} | {r['step_ratio']:.2f} | "
+                  f"{r['step_s_min']:.3f} | {r['step_ratio_min']:.2f} |")
 
 
 if __name__ == "__main__":

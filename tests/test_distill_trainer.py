@@ -124,3 +124,40 @@ def test_feature_only_kd_skips_the_teacher_decoder(tiny_dataset, tmp_path, monke
     tr.kd_config["kd"] = ["soft", "mgd"]                                        # a logit method: the decoder runs
     logits, _ = tr.teacher_outputs(x)
     assert calls == [1] and logits[0].shape[2:] == x.shape[2:]
+
+
+def test_region_task_through_the_kd_trainer(tiny_dataset, tmp_path, monkeypatch):
+    """A sigmoid/region task (liver = labels 1+2, lesion = label 2) on the same preprocessed data: the student has
+    one output channel per region, the teacher's target is the binary (per-channel Bernoulli) form, and a real
+    step's soft term is finite and positive."""
+    import json
+
+    from nnpp.distill import trainer as kd_trainer_module
+    from nnpp.distill.student import write_student_plans
+    from nnpp.distill.teachers import Teacher
+    from nnpp.distill.trainer import KD_DEFAULTS, nnUNetPlusPlusTrainerKD
+    from nnpp.training import nnUNetPlusPlusTrainer
+
+    monkeypatch.setenv("nnUNet_results", str(tmp_path / "results"))
+    pre = os.path.join(tiny_dataset["nnUNet_preprocessed"], tiny_dataset["name"])
+    plans_name = write_student_plans(pre, "nnUNetPlans", "3d_fullres", 2, "unetpp")
+    plans = {**json.load(open(os.path.join(pre, plans_name + ".json"))), "continue_training": False}
+    dj = json.load(open(os.path.join(pre, "dataset.json")))
+    names = sorted((k for k in dj["labels"] if k != "background"), key=lambda k: dj["labels"][k])
+    dj = {**dj, "labels": {"background": 0, names[0]: [1, 2], names[1]: 2}, "regions_class_order": [1, 2]}
+    tr = nnUNetPlusPlusTrainerKD(plans=plans, configuration="3d_fullres", fold=0, dataset_json=dj,
+                                 device=torch.device("cpu"))
+    assert tr.label_manager.has_regions and tr.label_manager.num_segmentation_heads == 2
+    net = nnUNetPlusPlusTrainer.build_network_architecture(tr.plans_manager, tr.configuration_manager, 1, 2, False)
+    tr.configure_kd([Teacher(net, folder="teacher", fold="0")],
+                    {**KD_DEFAULTS, "kd": ["soft"], "t": ["x"], "tf": ["0"], "r": 2, "student": "unetpp"})
+    tr.initialize()
+    seen = []
+    real = kd_trainer_module.ensemble_target
+    monkeypatch.setattr(kd_trainer_module, "ensemble_target",
+                        lambda logits, T, binary: seen.append(binary) or real(logits, T, binary))
+    batch = _batch(tr)
+    target = batch["target"][0] if isinstance(batch["target"], list) else batch["target"]
+    assert target.shape[1] == 2  # the dataloader made one channel per region
+    out = tr.train_step(batch)
+    assert seen == [True] and torch.isfinite(out["loss"]) and tr._kd_terms[-1]["soft"].item() > 0
