@@ -34,6 +34,9 @@ from nnpp.deploy.ort import METADATA_FILE, make_session, require
 EXPORTERS = ("dynamo", "torchscript")
 DEFAULT_OPSET = 18
 DEFAULT_TOL = 1e-4
+PRECISIONS = ("fp32", "int8")
+DEFAULT_MAX_DICE_DROP = 0.01
+DEFAULT_CALIB_TILES = 32
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
 
 
@@ -168,16 +171,50 @@ def _move_into_place(tmp: str, out: str, replace: bool) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def _int8(model: TrainedModel, fold, path: str, max_dice_drop: float, calib_tiles: int, out: str, log) -> dict:
+    """Quantize the checked fp32 ``path`` to int8 in place, calibrated on the fold's training tiles, after the
+    Dice guard on its validation cases (:mod:`nnpp.deploy.quantize`); returns the figures for the metadata."""
+    from nnpp.deploy import quantize as q
+    reader = q.TileReader(model, fold, INPUT_NAME, calib_tiles)
+    qpath = path + ".int8.onnx"
+    log(f"[nnpp_export] fold {fold}: int8 calibration on {len(reader.tiles)} tiles of {len(reader.cases)} training "
+        f"case(s) ...")
+    settings = q.quantize_int8(path, qpath, reader)
+    scores = q.score(model, fold, {"fp32": make_session(path, "cpu"), "int8": make_session(qpath, "cpu")})
+    drop = q.dice_drop(scores, "fp32", "int8")
+    worst_label, worst = max(((lab, d) for lab, d in drop.items() if d is not None), key=lambda t: t[1],
+                             default=(None, 0.0))
+    text = ", ".join(f"label {lab} {scores['dice']['fp32'][lab]:.4f} -> {scores['dice']['int8'][lab]:.4f}"
+                     for lab in drop if drop[lab] is not None)
+    log(f"[nnpp_export] fold {fold}: Dice fp32 -> int8 on {len(scores['cases'])} validation case(s): {text or 'no labels'}; "
+        f"masks agree on {100 * scores['agreement']:.3f}% of voxels; largest drop {worst:.4f} "
+        f"(--max_dice_drop {max_dice_drop:g}) -> {'OK' if worst <= max_dice_drop else 'REFUSED'}")
+    if worst > max_dice_drop:
+        raise NnppError(f"fold {fold}: int8 lowers the Dice of label {worst_label} by {worst:.4f} (> --max_dice_drop "
+                        f"{max_dice_drop:g}); nothing was written to {out}: export fp32")
+    os.replace(qpath, path)
+    return {**settings, "calibration_tiles": len(reader.tiles), "calibration_cases": reader.cases,
+            "score_cases": scores["cases"], "dice_fp32": scores["dice"]["fp32"], "dice_int8": scores["dice"]["int8"],
+            "dice_drop": drop, "mask_agreement": scores["agreement"], "max_dice_drop": max_dice_drop,
+            "scored_as": "nnU-Net's predictor (Gaussian sliding window, mirroring) on the preprocessed validation "
+                         "cases, arg-max vs the preprocessed labels"}
+
+
 def export_model(model: TrainedModel, out: str, depth: int | None = None, opset: int = DEFAULT_OPSET,
                  exporter: str = "dynamo", tol: float = DEFAULT_TOL, source: dict | None = None, log=print,
-                 overwrite: bool = False) -> dict:
+                 overwrite: bool = False, precision: str = "fp32", max_dice_drop: float = DEFAULT_MAX_DICE_DROP,
+                 calib_tiles: int = DEFAULT_CALIB_TILES) -> dict:
     """Export every fold of ``model`` to ``out`` (``fold_F.onnx``, ``plans.json``, ``dataset.json``,
     ``nnpp_onnx.json``), each checked by :func:`check_ops` and :func:`parity` (fails above ``tol``).
     ``out`` must be new or empty, or a previous export of this model with ``overwrite``
-    (:func:`check_output_folder`). Everything is written to a temporary folder beside ``out`` and renamed into
+    (:func:`check_output_folder`). ``precision`` int8: each fold's checked fp32 model is quantized (ONNX Runtime's
+    static quantization calibrated on ``calib_tiles`` training tiles) and kept only when no label's validation Dice
+    drops by more than ``max_dice_drop`` (:func:`_int8`). Everything is written to a temporary folder beside ``out`` and renamed into
     place only when all folds pass; a failed export leaves ``out`` as it was. Returns the metadata."""
     ort = require("onnxruntime")
     onnx = require("onnx")
+    if precision not in PRECISIONS:
+        raise NnppError(f"--precision {precision}: choose one of {', '.join(PRECISIONS)}")
     replace = check_output_folder(out, model, overwrite)
     patch = model.patch_size
     parent = os.path.dirname(os.path.abspath(out)) or "."
@@ -205,9 +242,12 @@ def export_model(model: TrainedModel, out: str, depth: int | None = None, opset:
                 raise NnppError(f"fold {fold}: ONNX Runtime differs from torch by {check['max_abs_diff']:.3g} "
                                 f"(> {tol:g} x max(1, {check['max_abs_logit']:.3g})); nothing was written to {out}: "
                                 f"try --exporter {'torchscript' if exporter == 'dynamo' else 'dynamo'} or another --opset")
-            folds.append({"fold": fold, "file": name, "sha256": sha256_file(path),
-                          "checkpoint": os.path.abspath(model.checkpoints[i]),
-                          "checkpoint_sha256": model.checkpoint_sha256[i], "parity": check})
+            entry = {"fold": fold, "file": name, "checkpoint": os.path.abspath(model.checkpoints[i]),
+                     "checkpoint_sha256": model.checkpoint_sha256[i], "parity": check}
+            if precision == "int8":  # the fp32 model passed parity; the int8 one must pass the Dice guard
+                entry["quantization"] = _int8(model, fold, path, max_dice_drop, calib_tiles, out, log)
+            entry["sha256"] = sha256_file(path)
+            folds.append(entry)
         mirror = model.inference_allowed_mirroring_axes
         meta = {
             "format": "nnpp-onnx", "version": 1,
@@ -221,7 +261,7 @@ def export_model(model: TrainedModel, out: str, depth: int | None = None, opset:
             "labels": model.dataset_json.get("labels"),
             "inference_allowed_mirroring_axes": list(mirror) if mirror is not None else None,
             "depth": depth or full_depth, "full_depth": full_depth, "pruned": bool(depth and depth != full_depth),
-            "opset": opset, "exporter": exporter, "ops": sorted(ops), "parity_tolerance": tol,
+            "opset": opset, "exporter": exporter, "ops": sorted(ops), "parity_tolerance": tol, "precision": precision,
             "versions": {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": ort.__version__},
             "folds": folds,
         }

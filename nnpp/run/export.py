@@ -2,6 +2,7 @@
 
     nnpp_export DATASET CONFIG -f FOLD [FOLD ...] [-tr TRAINER] [-p PLANS] [-chk checkpoint_final.pth]
                 [-o OUT] [--overwrite] [--depth k] [--opset N] [--exporter dynamo|torchscript] [--tol T]
+                [--precision fp32|int8] [--max_dice_drop D] [--calib_tiles N]
 
 The network is built as nnU-Net's predictor builds it (plans.json + the checkpoint's trainer class, weights
 loaded strictly; plans/labels compared with those stored in the checkpoint), deep supervision off, pruned to
@@ -9,6 +10,11 @@ depth k with ``--depth`` (UNet++ only). Each fold is checked with ONNX Runtime (
 patch-sized input; the export fails (exit 2, nothing written) when the max abs difference exceeds
 ``--tol`` x max(1, max |logit|). Default OUT: ``MODEL_FOLDER/onnx`` (``onnx_depthK`` when pruned). OUT must be
 new or empty, or a previous export of the same model with ``--overwrite`` (replaced whole: no stale fold files).
+``--precision int8``: each checked fp32 model is quantized by ONNX Runtime's post-training static quantization
+(QDQ, per-channel int8 weights, uint8 activations) calibrated on ``--calib_tiles`` patch-sized tiles of the fold's
+preprocessed training cases (needs nnUNet_preprocessed), then fp32 and int8 are both run through nnU-Net's
+predictor on the fold's validation cases: the Dice per label of each, the drop and the mask agreement go into
+nnpp_onnx.json, and a drop beyond ``--max_dice_drop`` (default 0.01) refuses the export (exit 2, nothing written).
 Predict with ``nnpp_predict -i IN -o OUT --onnx OUT_OF_THIS_COMMAND``.
 """
 from __future__ import annotations
@@ -32,8 +38,19 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got '{text}'")
+    return value
+
+
 def parser() -> argparse.ArgumentParser:
-    from nnpp.deploy.export import DEFAULT_OPSET, DEFAULT_TOL, EXPORTERS
+    from nnpp.deploy.export import DEFAULT_CALIB_TILES, DEFAULT_MAX_DICE_DROP, DEFAULT_OPSET, DEFAULT_TOL, EXPORTERS, \
+        PRECISIONS
     p = argparse.ArgumentParser(prog="nnpp_export", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("dataset", help="dataset id: 3, 003, Dataset003_Liver or Task003_Liver")
@@ -43,6 +60,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("-p", default="nnUNetPlans", help="plans identifier (default nnUNetPlans)")
     p.add_argument("-chk", default="checkpoint_final.pth", help="checkpoint file name (default checkpoint_final.pth)")
     p.add_argument("-o", default=None, help="output folder (default MODEL_FOLDER/onnx or onnx_depthK)")
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                   help="fp32 (default) or int8 (static quantization with the Dice guard)")
+    p.add_argument("--max_dice_drop", type=_non_negative_float, default=DEFAULT_MAX_DICE_DROP,
+                   help=f"int8: largest allowed Dice drop of any label vs fp32 (default {DEFAULT_MAX_DICE_DROP:g})")
+    p.add_argument("--calib_tiles", type=positive_int, default=DEFAULT_CALIB_TILES,
+                   help=f"int8: calibration tiles from the training cases (default {DEFAULT_CALIB_TILES})")
     p.add_argument("--overwrite", action="store_true",
                    help="replace OUT when it holds a previous export of this model (its nnpp_onnx.json says so)")
     p.add_argument("--depth", type=positive_int, default=None,
@@ -58,7 +81,7 @@ def parser() -> argparse.ArgumentParser:
 @entry_point("nnpp_export")
 def main(argv=None):
     args = parser().parse_args(sys.argv[1:] if argv is None else argv)
-    setup_paths(required=("nnUNet_results",))
+    setup_paths(required=("nnUNet_results", "nnUNet_preprocessed") if args.precision == "int8" else ("nnUNet_results",))
 
     from nnunetv2.utilities.file_path_utilities import get_output_folder
 
@@ -75,8 +98,9 @@ def main(argv=None):
     model = load_trained_model(folder, args.f, args.chk)
     out = args.o or os.path.join(folder, f"onnx_depth{args.depth}" if args.depth else "onnx")
     meta = export_model(model, out, depth=args.depth, opset=args.opset, exporter=args.exporter, tol=args.tol,
-                        source={"dataset": name, "plans_identifier": args.p}, overwrite=args.overwrite)
-    print(f"[nnpp_export] wrote {len(meta['folds'])} model(s) to {out} (patch {'x'.join(map(str, meta['patch_size']))}, "
+                        source={"dataset": name, "plans_identifier": args.p}, overwrite=args.overwrite,
+                        precision=args.precision, max_dice_drop=args.max_dice_drop, calib_tiles=args.calib_tiles)
+    print(f"[nnpp_export] wrote {len(meta['folds'])} {meta['precision']} model(s) to {out} (patch {'x'.join(map(str, meta['patch_size']))}, "
           f"depth {meta['depth']}, opset {meta['opset']}, ops: {', '.join(meta['ops'])})")
     return 0
 

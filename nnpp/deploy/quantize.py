@@ -1,0 +1,159 @@
+"""int8 exports: ONNX Runtime's post-training static quantization, calibrated on the model's own training data,
+shipped only with its Dice measured against fp32 and a guard.
+
+* **Calibration** (:class:`TileReader`, an ``onnxruntime.quantization.CalibrationDataReader``): patch-sized tiles
+  cropped at seeded random positions from the fold's *training* cases, preprocessed as nnU-Net trained on them
+  (``nnUNet_preprocessed/DATASET/DATA_IDENTIFIER``, the split in ``splits_final.json``).
+* **Quantization** (:func:`quantize_int8`): ``onnxruntime.quantization.quantize_static``, QDQ format, int8 weights
+  per output channel, uint8 activations, MinMax calibration; convolutions only (normalisation stays fp32), after ONNX Runtime's ``quant_pre_process``.
+* **Score** (:func:`score`): fp32 and int8 sessions each inside nnU-Net's predictor (:class:`nnppPredictor`,
+  Gaussian sliding window, mirroring) on the fold's *validation* cases, preprocessed; arg-max masks at the
+  preprocessed resolution against the preprocessed labels: Dice per foreground label for both, the drop
+  (fp32 - int8) and the share of voxels where the masks agree. The export refuses a drop beyond ``max_dice_drop``.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import torch
+
+from nnpp import NnppError
+from nnpp.deploy.ort import require
+
+
+QUANTIZED_OPS = ("Conv", "ConvTranspose")  # instance normalisation and the rest stay fp32
+
+
+def _preprocessed(model) -> tuple[str, dict]:
+    """(folder of the configuration's preprocessed cases, splits_final.json) for ``model``."""
+    root = os.environ.get("nnUNet_preprocessed")
+    name = model.plans.get("dataset_name")
+    if not root or not name:
+        raise NnppError("int8 calibration needs the model's preprocessed training data: set nnUNet_preprocessed")
+    folder = os.path.join(root, name, model.configuration_manager.data_identifier)
+    splits_path = os.path.join(root, name, "splits_final.json")
+    if not os.path.isdir(folder) or not os.path.isfile(splits_path):
+        raise NnppError(f"int8 calibration needs {folder} and {splits_path} (the data the model was trained on); "
+                        f"run nnpp_plan_and_preprocess for {name}, or export fp32")
+    with open(splits_path) as f:
+        return folder, json.load(f)
+
+
+def _cases(model, fold, part: str) -> tuple[object, list]:
+    from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
+    folder, splits = _preprocessed(model)
+    fold = int(fold) if str(fold) != "all" else None
+    if fold is None or fold >= len(splits):
+        raise NnppError(f"int8 export of fold {fold}: splits_final.json has no such fold to calibrate and score on")
+    keys = sorted(splits[fold][part])
+    return infer_dataset_class(folder)(folder, keys), keys
+
+
+class TileReader:
+    """``CalibrationDataReader`` over ``n_tiles`` patch-sized tiles from the fold's training cases (round robin over
+    the cases, seeded random crop positions; cases smaller than the patch are zero-padded as the predictor pads)."""
+
+    def __init__(self, model, fold, input_name: str, n_tiles: int = 32, seed: int = 0):
+        dataset, keys = _cases(model, fold, "train")
+        rng = np.random.default_rng(seed)
+        patch = model.patch_size
+        self.cases = keys
+        self.tiles = []
+        data = {}
+        for i in range(n_tiles):
+            k = keys[i % len(keys)]
+            if k not in data:
+                data[k] = np.asarray(dataset.load_case(k)[0][:], dtype=np.float32)
+            img = data[k]
+            spatial = img.shape[-len(patch):]
+            pad = [(0, 0)] * (img.ndim - len(patch)) + [(0, max(0, p - s)) for p, s in zip(patch, spatial)]
+            img = np.pad(img, pad) if any(p[1] for p in pad) else img
+            if len(patch) == img.ndim - 2:  # 2D configuration: one slice
+                img = img[:, rng.integers(img.shape[1])]
+            starts = [rng.integers(0, s - p + 1) for s, p in zip(img.shape[1:], patch)]
+            tile = img[(slice(None), *[slice(a, a + p) for a, p in zip(starts, patch)])]
+            self.tiles.append({input_name: np.ascontiguousarray(tile[None])})
+        self._it = iter(self.tiles)
+
+    def get_next(self):
+        return next(self._it, None)
+
+    def rewind(self):
+        self._it = iter(self.tiles)
+
+
+def quantize_int8(fp32_path: str, out_path: str, reader) -> dict:
+    """``quantize_static`` of ``fp32_path`` into ``out_path`` (QDQ, per-channel int8 weights, uint8 activations,
+    MinMax); returns the settings for the metadata."""
+    require("onnxruntime")
+    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, \
+        quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Reader(CalibrationDataReader):
+        def get_next(self):
+            return reader.get_next()
+
+    prepared = out_path + ".pre.onnx"
+    try:
+        quant_pre_process(fp32_path, prepared, skip_symbolic_shape=True)
+        quantize_static(prepared, out_path, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        calibrate_method=CalibrationMethod.MinMax, op_types_to_quantize=list(QUANTIZED_OPS))
+    except Exception as e:
+        raise NnppError(f"ONNX Runtime's quantize_static failed on {os.path.basename(fp32_path)} ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0] if str(e) else ''}); export fp32") from None
+    finally:
+        for f in (prepared, prepared + ".data"):
+            if os.path.exists(f):
+                os.remove(f)
+    return {"tool": "onnxruntime.quantization.quantize_static", "format": "QDQ", "weights": "int8 per channel",
+            "activations": "uint8", "calibration": "MinMax", "quantized_ops": list(QUANTIZED_OPS)}
+
+
+def _dice(pred: np.ndarray, ref: np.ndarray, label: int) -> float:
+    p, r = pred == label, ref == label
+    denom = p.sum() + r.sum()
+    return float(2 * (p & r).sum() / denom) if denom else float("nan")
+
+
+def score(model, fold, sessions: dict, mirroring: bool = True, max_cases: int | None = None) -> dict:
+    """Each of ``sessions`` ({name: ONNX Runtime session}) in nnU-Net's predictor on the fold's validation cases
+    (preprocessed): {name: {label: mean Dice}}, plus ``cases`` and ``agreement`` (share of voxels where the masks
+    of the first two sessions agree)."""
+    from nnpp.deploy.ort import OrtNetwork
+    from nnpp.predictor import nnppPredictor
+    dataset, keys = _cases(model, fold, "val")
+    keys = keys[:max_cases] if max_cases else keys
+    labels = [v for k, v in model.dataset_json["labels"].items() if v != 0 and not isinstance(v, (list, tuple))]
+    names = list(sessions)
+    dice = {n: {str(lab): [] for lab in labels} for n in names}
+    same = total = 0
+    for k in keys:
+        data, seg, _, _ = dataset.load_case(k)
+        x = torch.from_numpy(np.asarray(data[:], dtype=np.float32))
+        ref = np.asarray(seg[:])[0]
+        masks = []
+        for n in names:
+            pred = nnppPredictor(use_mirroring=mirroring, perform_everything_on_device=False,
+                                 device=torch.device("cpu"), allow_tqdm=False)
+            pred.manual_initialization(OrtNetwork({"0": sessions[n]}), model.plans_manager, model.configuration_manager,
+                                       [{"onnx_fold": "0"}], model.dataset_json, model.trainer_name,
+                                       model.inference_allowed_mirroring_axes)
+            mask = pred.predict_sliding_window_return_logits(x).float().argmax(0).numpy()
+            masks.append(mask)
+            for lab in labels:
+                dice[n][str(lab)].append(_dice(mask, ref, lab))
+        same += int((masks[0] == masks[-1]).sum())
+        total += masks[0].size
+    mean = {n: {lab: float(np.nanmean(v)) if not all(np.isnan(v)) else None for lab, v in d.items()}
+            for n, d in dice.items()}
+    return {"cases": keys, "dice": mean, "agreement": same / total if total else None}
+
+
+def dice_drop(scores: dict, reference: str, candidate: str) -> dict:
+    """{label: reference Dice - candidate Dice} (labels absent from every case: None)."""
+    ref, cand = scores["dice"][reference], scores["dice"][candidate]
+    return {lab: (ref[lab] - cand[lab]) if ref[lab] is not None and cand[lab] is not None else None for lab in ref}

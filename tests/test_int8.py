@@ -1,0 +1,73 @@
+"""nnpp_export --precision int8: ONNX Runtime's static quantization calibrated on the model's own training tiles,
+scored against fp32 through nnU-Net's predictor on the validation cases, refused past --max_dice_drop."""
+import json
+import os
+
+import pytest
+
+pytest.importorskip("onnxruntime", reason="the [onnx] extra is not installed (pip install -e '.[onnx]')")
+import onnx  # noqa: E402
+
+UNETPP = "nnUNetPlusPlusTrainer"
+
+
+def export(monkeypatch, capsys, model_folder, ds, *args):
+    from nnpp.run import export as cli
+    monkeypatch.setenv("nnUNet_results", os.path.dirname(os.path.dirname(model_folder)))
+    try:
+        rc = cli.main([str(ds["id"]), "3d_fullres", "-tr", UNETPP, "-f", "0", "--exporter", "torchscript",
+                       "--precision", "int8", "--calib_tiles", "4", *map(str, args)])
+    except SystemExit as e:
+        rc = e.code
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+@pytest.mark.slow
+def test_int8_export_records_its_dice_and_predicts(trained_model, tiny_dataset, tmp_path, monkeypatch, capsys):
+    rc, out, err = export(monkeypatch, capsys, trained_model(UNETPP, 0), tiny_dataset, "-o", tmp_path / "q",
+                          "--max_dice_drop", "1")
+    assert rc == 0, err
+    meta = json.load(open(tmp_path / "q" / "nnpp_onnx.json"))
+    (f0,) = meta["folds"]
+    q = f0["quantization"]
+    assert meta["precision"] == "int8" and q["calibration_tiles"] == 4 and q["score_cases"]
+    assert set(q["dice_fp32"]) == set(q["dice_int8"]) == {"1", "2"} and 0 <= q["mask_agreement"] <= 1
+    assert "Dice fp32 -> int8 on" in out and "-> OK" in out
+    ops = {n.op_type for n in onnx.load(str(tmp_path / "q" / "fold_0.onnx")).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear", "Conv", "InstanceNormalization"} <= ops
+    from nnpp.run import predict
+    images = os.path.join(tiny_dataset["nnUNet_raw"], tiny_dataset["name"], "imagesTs")
+    assert predict.main(["-i", images, "-o", str(tmp_path / "p"), "--onnx", str(tmp_path / "q"), "-npp", "0",
+                         "-nps", "0", "--disable_tta", "--disable_progress_bar"]) == 0
+    assert [f for f in os.listdir(tmp_path / "p") if f.endswith(".nii.gz")]
+
+
+def test_guard_refuses_a_quantized_model_that_loses_dice(trained_model, tiny_dataset, tmp_path, monkeypatch, capsys):
+    """A quantizer that returns a model predicting background everywhere: the liver Dice drops to 0, beyond the
+    default --max_dice_drop 0.01; one line, nothing written."""
+    from onnx import numpy_helper
+
+    from nnpp.deploy import quantize as q
+
+    def background_only(fp32_path, out_path, reader):
+        model = onnx.load(fp32_path)
+        head = [n for n in model.graph.node if n.op_type == "Conv"][-1]
+        for name, value in zip(head.input[1:], (0.0, None)):
+            init = next(i for i in model.graph.initializer if i.name == name)
+            arr = numpy_helper.to_array(init).copy()
+            if value is None:  # bias: class 0 wins everywhere
+                arr[:] = 0
+                arr[0] = 10
+            else:
+                arr[:] = value
+            init.CopyFrom(numpy_helper.from_array(arr, name))
+        onnx.save(model, out_path)
+        return {"tool": "test"}
+    monkeypatch.setattr(q, "quantize_int8", background_only)
+    rc, out, err = export(monkeypatch, capsys, trained_model(UNETPP, 0), tiny_dataset, "-o", tmp_path / "q")
+    assert rc == 2 and "Traceback" not in err, err
+    (line,) = [x for x in err.splitlines() if "error:" in x]
+    assert "fold 0: int8 lowers the Dice of label 1 by" in line and "(> --max_dice_drop 0.01)" in line
+    assert "nothing was written" in line and "-> REFUSED" in out
+    assert not (tmp_path / "q").exists() and not [f for f in os.listdir(tmp_path) if f.startswith(".nnpp_export")]
