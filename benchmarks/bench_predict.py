@@ -8,12 +8,15 @@ fold's first ``--cases`` validation cases (raw images), mirroring on:
 
 * ``nnunet``: nnU-Net's ``nnUNetPredictor`` itself, ``predict_from_files_sequential`` (the "before");
 * ``nnpp``: ``nnppPredictor`` (tta_batch 8) through ``predict_cases`` sequentially, as ``nnpp_predict -npp 0 -nps 0``;
-* ``nnpp_tb16``: the same with tta_batch 16 (two 3D tiles per call); ``nnpp_bf16``: the same in bf16 autocast.
+* ``nnpp_tb16``: the same with tta_batch 16 (two 3D tiles per call); ``nnpp_bf16``: the same in bf16 autocast;
+* ``ort_fp32`` / ``ort_int8`` / ``ov_fp32`` / ``ov_int8``: the nnpp_export folders given by ``--onnx_fp32`` /
+  ``--onnx_int8`` (e.g. ``nnpp_export ... --precision int8``) with ONNX Runtime's CPU provider or OpenVINO, in the
+  same predictor (``nnpp_predict --onnx``), ``--threads`` intra-op threads.
 
 The variants run interleaved (round 1: A, B, ...; round 2: A, B, ...) so background load hits all of them;
 ``uptime``'s load average is recorded around every run. Per case: seconds (wall), and the split read+preprocess /
 network / resample+export (the network part of ``nnunet`` is timed around its ``predict_logits_from_preprocessed_data``).
-Masks are compared with ``nnunet``'s; Dice against the labels (nnU-Net's ``compute_metrics_on_folder``).
+Masks are compared with the first variant's; Dice against the labels (nnU-Net's ``compute_metrics_on_folder``).
 Writes ``--out`` (JSON) and prints a markdown table (median over rounds).
 """
 from __future__ import annotations
@@ -43,6 +46,8 @@ def main(argv=None):
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", 2)))
     p.add_argument("--variants", default="nnunet,nnpp,nnpp_tb16,nnpp_bf16")
+    p.add_argument("--onnx_fp32", default=None, help="nnpp_export folder (fp32) for the ort_fp32 / ov_fp32 variants")
+    p.add_argument("--onnx_int8", default=None, help="nnpp_export --precision int8 folder for ort_int8 / ov_int8")
     p.add_argument("--out", default="benchmarks/results/predict_cpu.json")
     args = p.parse_args(argv)
 
@@ -57,7 +62,7 @@ def main(argv=None):
 
     from nnpp import device as dev
     from nnpp.model_folder import load_trained_model
-    from nnpp.run.predict import init_torch, make_predictor
+    from nnpp.run.predict import init_onnx, init_torch, make_predictor
 
     folder = os.path.abspath(args.model_folder)
     model = load_trained_model(folder, [args.f])
@@ -79,6 +84,11 @@ def main(argv=None):
         if variant == "nnunet":
             pred = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=True,
                                    perform_everything_on_device=False, device=torch.device("cpu"), allow_tqdm=False)
+        elif variant.startswith(("ort_", "ov_")):
+            pred = make_predictor(torch.device("cpu"), progress=False)
+            onnx_dir = args.onnx_int8 if variant.endswith("int8") else args.onnx_fp32
+            init_onnx(pred, onnx_dir, [args.f], "cpu" if variant.startswith("ort_") else "openvino", args.threads)
+            return pred
         else:
             amp = dev.make_amp("bf16", torch.device("cpu")) if variant.endswith("bf16") else None
             pred = make_predictor(torch.device("cpu"), progress=False, amp=amp,
@@ -133,9 +143,9 @@ def main(argv=None):
     for v, rs in runs.items():
         row = {k: statistics.median(x[k] for x in rs) for k in rs[0] if k.endswith("_s")}
         row["dice"] = rs[0]["dice"]
-        if "nnunet" in masks and v != "nnunet":
-            row["mask_agreement_vs_nnunet"] = float(np.mean(np.concatenate(
-                [(a == b).ravel() for a, b in zip(masks[v], masks["nnunet"])])))
+        if v != variants[0]:
+            row[f"mask_agreement_vs_{variants[0]}"] = float(np.mean(np.concatenate(
+                [(a == b).ravel() for a, b in zip(masks[v], masks[variants[0]])])))
         row["runs"] = rs
         rows[v] = row
     result = {
@@ -153,17 +163,21 @@ def main(argv=None):
 
 
 def table(r: dict) -> str:
-    base = r["rows"].get("nnunet")
+    first = next(iter(r["rows"]))
+    base = r["rows"][first]
     labels = list(next(iter(r["rows"].values()))["dice"])
     lines = [f"{r['machine']}; CPU capability {r['cpu_capability']}, native bf16 {r['native_bf16']}, "
-             f"{r['threads']} threads, median of {r['rounds']} interleaved rounds",
+             f"{r['threads']} threads, median of {r['rounds']} interleaved rounds, load average "
+             f"{min(x['load_before'] for v in r['rows'].values() for x in v['runs']):.1f}-"
+             f"{max(x['load_after'] for v in r['rows'].values() for x in v['runs']):.1f}",
              "| variant | per case (s) | speed-up | network (s) | read+preprocess (s) | resample+export (s) | "
-             + " | ".join(f"Dice {lab}" for lab in labels) + " | mask = nnU-Net's |",
+             + " | ".join(f"Dice {lab}" for lab in labels) + f" | mask = {first}'s |",
              "|" + "---|" * (7 + len(labels))]
     for v, row in r["rows"].items():
         sp = f"{base['case_s'] / row['case_s']:.2f}x" if base else ""
         f = lambda k: f"{row[k]:.2f}" if k in row else "-"  # noqa: E731
-        agree = f"{100 * row['mask_agreement_vs_nnunet']:.4f}%" if "mask_agreement_vs_nnunet" in row else ""
+        key = f"mask_agreement_vs_{first}"
+        agree = f"{100 * row[key]:.4f}%" if key in row else ""
         lines.append(f"| {v} | {row['case_s']:.2f} | {sp} | {f('network_s')} | {f('read_preprocess_s')} | "
                      f"{f('export_s')} | " + " | ".join(f"{row['dice'][lab]:.4f}" for lab in labels) + f" | {agree} |")
     return "\n".join(lines)
