@@ -10,9 +10,10 @@ count for every backend (``--threads``, default OMP_NUM_THREADS or 2):
   (``--patches`` timed passes), for torch eager (fp32, ``torch.inference_mode``), ONNX Runtime (CPU provider,
   ``intra_op_num_threads`` = threads) and OpenVINO (its CPU plugin reading the same ``.onnx``,
   ``INFERENCE_NUM_THREADS`` = threads, latency hint, fp32 precision hint) if ``openvino`` imports,
-* **per case**: nnU-Net's predictor, file to file (``predict_from_files_sequential``: preprocessing, Gaussian
-  sliding window, mirroring unless ``--disable_tta``, resampling, export) over the fold's first ``--cases``
-  validation cases; seconds per case (total wall time / cases), each backend once, warm from the patch timing,
+* **per case**: nnU-Net's predictor as ``nnpp_predict -npp 0 -nps 0`` runs it (``nnppPredictor.predict_cases``:
+  preprocessing, Gaussian sliding window, batched mirroring unless ``--disable_tta``, resampling, export) over the
+  fold's first ``--cases`` validation cases; seconds per case (total wall time / cases) and its split into
+  read+preprocess / network / resample+export, each backend once, warm from the patch timing,
 * **Dice** per foreground label of each backend's masks against the labels (nnU-Net's
   ``compute_metrics_on_folder``; mean over the cases) and the share of voxels where ONNX Runtime's mask equals
   torch's.
@@ -147,17 +148,20 @@ def main(argv=None):
                 out = os.path.join(work, f"pred_{tag}_{b}")
                 os.makedirs(out)
                 t = time.perf_counter()  # the backend is warm: the per-patch timing ran first
-                pred.predict_from_files_sequential(inputs, out)
+                records = pred.predict_cases(inputs, out)  # nnpp_predict -npp 0 -nps 0: exact time split
                 case_s = (time.perf_counter() - t) / len(cases)
+                split = {k: sum(r[k] for r in records) / len(cases)
+                         for k in ("read_preprocess_s", "network_s", "export_s")}
                 metrics = compute_metrics_on_folder(labels, out, None, SimpleITKIO(), ending, fg, num_processes=1,
                                                     chill=True)
                 dice = {str(lab): metrics["mean"][lab]["Dice"] for lab in fg}
                 masks[b] = [sitk.GetArrayFromImage(sitk.ReadImage(os.path.join(out, f)))
                             for f in sorted(os.listdir(out)) if f.endswith(ending)]
                 res["backends"][b] = {"patch_s_median": statistics.median(patch_s), "patch_s": patch_s,
-                                      "case_s": case_s, "dice": dice}
+                                      "case_s": case_s, "split": split, "dice": dice}
                 print(f"[bench_onnx] {tag:7s} {b:8s} patch {statistics.median(patch_s) * 1e3:8.1f} ms  "
-                      f"case {case_s:7.2f} s  Dice {dice}", flush=True)
+                      f"case {case_s:7.2f} s (read+preprocess {split['read_preprocess_s']:.2f}, network "
+                      f"{split['network_s']:.2f}, resample+export {split['export_s']:.2f})  Dice {dice}", flush=True)
             for b in backends:
                 if b != "torch" and "torch" in masks:
                     res["backends"][b]["mask_agreement_vs_torch"] = float(np.mean(np.concatenate(
