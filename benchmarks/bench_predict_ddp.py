@@ -1,0 +1,110 @@
+"""Distributed prediction: ``torchrun --nproc_per_node=N -m nnpp.run.predict`` with N = 1, 2, ... on the same cases,
+cases/min as rank 0 reports it, masks compared with N = 1.
+
+    python benchmarks/bench_predict_ddp.py --model_folder RESULTS/Dataset900_.../TRAINER__PLANS__3d_fullres -n 1 2
+
+Every run predicts the fold's first ``--cases`` validation cases (raw images) into a fresh folder, torch on the CPU,
+mirroring on, ``-npp 0 -nps 0``; threads per process = ``--threads`` // N (the machine's cores shared out, as
+torchrun's OMP_NUM_THREADS would be set by hand). Runs interleave over ``--rounds``. Writes ``--out`` (JSON) and
+prints a markdown table.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_onnx import cpu_name  # noqa: E402
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model_folder", required=True)
+    p.add_argument("-f", default="0")
+    p.add_argument("-n", type=int, nargs="+", default=[1, 2], help="processes per run")
+    p.add_argument("--cases", type=int, default=4)
+    p.add_argument("--rounds", type=int, default=1)
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 2, help="threads shared out among the processes")
+    p.add_argument("--out", default="benchmarks/results/predict_ddp_cpu.json")
+    args = p.parse_args(argv)
+
+    import numpy as np
+    import SimpleITK as sitk
+    import torch
+
+    from nnpp import device as dev
+    from nnpp.distributed import free_port
+
+    folder = os.path.abspath(args.model_folder)
+    name = os.path.basename(os.path.dirname(folder))
+    trainer, plans, config = os.path.basename(folder).split("__")
+    raw = os.path.join(os.environ["nnUNet_raw"], name)
+    splits = json.load(open(os.path.join(os.environ["nnUNet_preprocessed"], name, "splits_final.json")))
+    cases = sorted(splits[int(args.f)]["val"])[:args.cases]
+    ending = json.load(open(os.path.join(folder, "dataset.json")))["file_ending"]
+    work = tempfile.mkdtemp(prefix="bench_predict_ddp_")
+    inputs = os.path.join(work, "in")
+    os.makedirs(inputs)
+    for c in cases:
+        for f in os.listdir(os.path.join(raw, "imagesTr")):
+            if f.startswith(c + "_") and f.endswith(ending):
+                os.symlink(os.path.join(raw, "imagesTr", f), os.path.join(inputs, f))
+    runs = {n: [] for n in args.n}
+    masks = {}
+    try:
+        for r in range(args.rounds):
+            for n in args.n:
+                out = os.path.join(work, f"n{n}_{r}")
+                env = dict(os.environ, OMP_NUM_THREADS=str(max(1, args.threads // n)))
+                cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={n}",
+                       f"--master_port={free_port()}", "-m", "nnpp.run.predict", "-i", inputs, "-o", out,
+                       "-d", name, "-c", config, "-tr", trainer, "-p", plans, "-f", args.f, "-device", "cpu",
+                       "-npp", "0", "-nps", "0", "--disable_progress_bar"]
+                load0 = os.getloadavg()[0]
+                t0 = time.perf_counter()
+                proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+                wall = time.perf_counter() - t0
+                if proc.returncode != 0:
+                    raise SystemExit(f"[bench_predict_ddp] {n} process(es) failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
+                # N > 1: rank 0's total line; N = 1 (WORLD_SIZE 1 is the one-process path): its summary line
+                m = re.search(r"(\d+) case\(s\) in ([\d.]+) s(?:, |: )([\d.]+) cases/min", proc.stdout)
+                run = {"wall_s": wall, "cases_per_min_rank0": float(m.group(3)) if m else None,
+                       "cases_per_min_wall": 60 * len(cases) / wall, "load_before": load0,
+                       "load_after": os.getloadavg()[0], "threads_per_process": max(1, args.threads // n)}
+                runs[n].append(run)
+                if n not in masks:
+                    masks[n] = [sitk.GetArrayFromImage(sitk.ReadImage(os.path.join(out, c + ending))) for c in cases]
+                print(f"[bench_predict_ddp] round {r} N={n}: {run['cases_per_min_rank0']} cases/min (rank 0), "
+                      f"{wall:.1f} s wall incl. start-up, load {load0:.1f}->{run['load_after']:.1f}", flush=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    base = args.n[0]
+    rows = {str(n): {"cases_per_min_rank0": statistics.median(x["cases_per_min_rank0"] for x in rs),
+                     "cases_per_min_wall": statistics.median(x["cases_per_min_wall"] for x in rs),
+                     "masks_equal_to_N%d" % base: bool(all(np.array_equal(a, b) for a, b in zip(masks[n], masks[base]))),
+                     "runs": rs} for n, rs in runs.items()}
+    result = {"machine": f"{cpu_name()}, {os.cpu_count()} cores visible, CPU only (no GPU)",
+              "cpu_capability": torch._C._get_cpu_capability(), "native_bf16": dev.cpu_has_native_bf16(),
+              "model_folder": folder, "cases": cases, "threads_total": args.threads, "rows": rows}
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out + ".tmp", "w") as f:
+        json.dump(result, f, indent=2)
+    os.replace(args.out + ".tmp", args.out)
+    print(f"{result['machine']}; CPU capability {result['cpu_capability']}, native bf16 {result['native_bf16']}; "
+          f"{len(cases)} cases, {args.threads} threads shared out")
+    print("| processes | cases/min (rank 0) | cases/min (wall, incl. start-up) | masks = N=%d |\n|---|---|---|---|" % base)
+    for n, row in rows.items():
+        print(f"| {n} | {row['cases_per_min_rank0']:.2f} | {row['cases_per_min_wall']:.2f} | "
+              f"{row['masks_equal_to_N%d' % base]} |")
+
+
+if __name__ == "__main__":
+    main()
