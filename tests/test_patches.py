@@ -78,6 +78,25 @@ print(json.dumps({"file": nnunetv2.__file__, "choices": helpers.DEVICE_CHOICES, 
 '''
 
 
+# The grad scaler the patched nnUNetTrainer builds for -device npu, with a stand-in for torch_npu: the 'npu' device
+# type registered as torch_npu registers it (torch's privateuse1 backend) and a torch.npu namespace whose
+# amp.GradScaler records its construction.
+SCALER_PROBE = '''
+import json, os, sys, types
+import torch
+torch.utils.rename_privateuse1_backend("npu")
+class StandInNpuGradScaler:
+    pass
+torch.npu = types.SimpleNamespace(amp=types.SimpleNamespace(GradScaler=StandInNpuGradScaler))
+sys.modules["torch_npu"] = types.ModuleType("torch_npu")
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+plans = dict(json.load(open(os.environ["PROBE_PLANS"])), continue_training=False)  # as nnU-Net's run_training
+dataset_json = json.load(open(os.environ["PROBE_DATASET_JSON"]))
+trainer = nnUNetTrainer(plans, "3d_fullres", 0, dataset_json, torch.device("npu"))
+print(json.dumps({"device": str(trainer.device), "scaler": type(trainer.grad_scaler).__name__}))
+'''
+
+
 def installed_nnunetv2() -> pathlib.Path:
     import nnunetv2
     return pathlib.Path(nnunetv2.__file__).parent
@@ -135,10 +154,6 @@ def test_patch_agrees_with_the_device_layer(patched, tmp_path):
     # DDP backends: nccl / hccl / gloo as nnpp chooses them
     assert knows["backends"] == {t: nd.dist_backend(dev[t]) for t in dev}
     assert knows["backends"]["npu"] == "hccl"
-    # the grad scaler the patch builds on npu is the device layer's
-    import inspect
-    assert "torch.npu.amp.GradScaler()" in inspect.getsource(nd.make_grad_scaler)
-    assert "torch.npu.amp.GradScaler()" in the_patch().read_text()
     # the message for a missing torch_npu is the device layer's (up to the device suggestion, which differs:
     # nnU-Net has no -device auto)
     try:
@@ -154,6 +169,29 @@ def test_patch_agrees_with_the_device_layer(patched, tmp_path):
         assert knows["answers"][name] == [2, f"{name.split()[0]}: error: {knows['message']}"], name
     assert knows["answers"]["nnUNetv2_train tpu"] == [2, "nnUNetv2_train: error: -device must be one of cuda, npu, "
                                                          "mps, cpu, got: tpu"]
+
+
+def test_patched_trainer_and_device_layer_build_the_same_npu_grad_scaler(patched, tiny_dataset, tmp_path,
+                                                                         monkeypatch):
+    """On npu the patched nnUNetTrainer and nnpp's device layer both scale losses with torch_npu's GradScaler
+    (torch.npu.amp.GradScaler: a stand-in here, no torch_npu on test machines)."""
+    from nnpp import device as nd
+    pre = pathlib.Path(tiny_dataset["nnUNet_preprocessed"], tiny_dataset["name"])
+    env = nnunet_env(tiny_dataset, nnUNet_results=str(tmp_path / "results"), PROBE_PLANS=str(pre / "nnUNetPlans.json"),
+                     PROBE_DATASET_JSON=str(pre / "dataset.json"))
+    p = run_patched(patched, SCALER_PROBE, env=env)
+    assert p.returncode == 0, output_tail(p)
+    theirs = json.loads(p.stdout.strip().splitlines()[-1])
+    assert theirs == {"device": "npu:0", "scaler": "StandInNpuGradScaler"}
+
+    class StandInNpuGradScaler:
+        pass
+    import torch
+    monkeypatch.setattr(torch, "npu", types.SimpleNamespace(amp=types.SimpleNamespace(GradScaler=StandInNpuGradScaler)),
+                        raising=False)
+    monkeypatch.setattr(nd, "import_torch_npu", lambda: None)
+    ours = nd.make_grad_scaler(types.SimpleNamespace(type="npu", index=0))
+    assert type(ours).__name__ == theirs["scaler"]
 
 
 @pytest.mark.slow
