@@ -96,7 +96,7 @@ class nnppPredictor(nnUNetPredictor):
         network in batches of at most ``tta_batch``. Returns float32 (k, classes, *patch)."""
         combos = self.mirror_combinations(tiles.ndim)
         inputs = torch.cat([torch.flip(tiles, c) if c else tiles for c in combos]) if len(combos) > 1 else tiles
-        outputs = torch.cat([self._run_network(chunk).float() for chunk in torch.split(inputs, self.tta_batch)])
+        outputs = self._run_in_batches(inputs)
         k = tiles.shape[0]
         prediction = outputs[:k].clone()
         for j, c in enumerate(combos[1:], start=1):
@@ -104,6 +104,26 @@ class nnppPredictor(nnUNetPredictor):
         if len(combos) > 1:
             prediction /= len(combos)
         return prediction
+
+    def _run_in_batches(self, inputs: torch.Tensor) -> torch.Tensor:
+        """The network on ``inputs`` in chunks of at most ``tta_batch``, as float32. Out of device memory (torch's
+        OutOfMemoryError, e.g. cuda) at a batch > 1: ``tta_batch`` is halved for the rest of the run, with one
+        line, and the chunk is retried (nnU-Net's own fallback only moves the accumulators to the host)."""
+        outputs, i = [], 0
+        while i < inputs.shape[0]:
+            n = self.tta_batch
+            try:
+                outputs.append(self._run_network(inputs[i:i + n]).float())
+            except torch.OutOfMemoryError:
+                if n == 1:
+                    raise
+                self.tta_batch = max(1, n // 2)
+                empty_cache(self.device)
+                print(f"[nnpp] out of device memory at {n} tiles x mirrors per network call: continuing with "
+                      f"{self.tta_batch} (set --tta_batch {self.tta_batch} to start there)")
+                continue
+            i += n
+        return torch.cat(outputs)
 
     def _internal_maybe_mirror_and_predict(self, x: torch.Tensor) -> torch.Tensor:
         """nnU-Net's per-tile entry, kept for callers of it: the batched path on one tile."""

@@ -118,3 +118,20 @@ def test_tiles_arrive_in_the_networks_memory_format():
     net.to(memory_format=torch.channels_last_3d)
     make(nnppPredictor, net, patch, axes).predict_sliding_window_return_logits(img)
     assert net.calls and all(cl and not c for _, c, cl in net.calls)
+
+
+def test_out_of_memory_halves_the_batch():
+    """A device that runs out of memory above batch 2: the batch is halved (8 -> 4 -> 2) and the logits are the
+    same as nnU-Net's."""
+    class Small(Recording):
+        def forward(self, x):
+            if x.shape[0] > 2:
+                raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+            return super().forward(x)
+    net, patch, axes = Small(3), (8, 16, 16), (0, 1, 2)
+    img = image((1, 8, 16, 24))
+    ref, _ = nnunet_reference(net, patch, axes, img)
+    pred = make(nnppPredictor, net, patch, axes)
+    ours = pred.predict_sliding_window_return_logits(img)
+    assert pred.tta_batch == 2 and [b for b, *_ in net.calls] == [2] * 8
+    assert_same_logits(ours.float(), ref)
