@@ -1,5 +1,6 @@
-"""nnpp_export --precision int8: ONNX Runtime's static quantization calibrated on the model's own training tiles,
-scored against fp32 through nnU-Net's predictor on the validation cases, refused past --max_dice_drop."""
+"""nnpp_export --precision int8|fp16: ONNX Runtime's static quantization calibrated on the model's own training
+tiles (or fp16 conversion), scored against fp32 through nnU-Net's predictor on the validation cases, refused past
+--max_dice_drop."""
 import json
 import os
 
@@ -11,12 +12,12 @@ import onnx  # noqa: E402
 UNETPP = "nnUNetPlusPlusTrainer"
 
 
-def export(monkeypatch, capsys, model_folder, ds, *args):
+def export(monkeypatch, capsys, model_folder, ds, *args, precision="int8"):
     from nnpp.run import export as cli
     monkeypatch.setenv("nnUNet_results", os.path.dirname(os.path.dirname(model_folder)))
     try:
         rc = cli.main([str(ds["id"]), "3d_fullres", "-tr", UNETPP, "-f", "0", "--exporter", "torchscript",
-                       "--precision", "int8", "--calib_tiles", "4", *map(str, args)])
+                       "--precision", precision, "--calib_tiles", "4", *map(str, args)])
     except SystemExit as e:
         rc = e.code
     out = capsys.readouterr()
@@ -41,6 +42,20 @@ def test_int8_export_records_its_dice_and_predicts(trained_model, tiny_dataset, 
     assert predict.main(["-i", images, "-o", str(tmp_path / "p"), "--onnx", str(tmp_path / "q"), "-npp", "0",
                          "-nps", "0", "--disable_tta", "--disable_progress_bar"]) == 0
     assert [f for f in os.listdir(tmp_path / "p") if f.endswith(".nii.gz")]
+
+
+def test_fp16_export_is_scored(trained_model, tiny_dataset, tmp_path, monkeypatch, capsys):
+    rc, out, err = export(monkeypatch, capsys, trained_model(UNETPP, 0), tiny_dataset, "-o", tmp_path / "h",
+                          "--max_dice_drop", "1", precision="fp16")
+    assert rc == 0, err
+    meta = json.load(open(tmp_path / "h" / "nnpp_onnx.json"))
+    q = meta["folds"][0]["quantization"]
+    assert meta["precision"] == "fp16" and set(q["dice_fp16"]) == {"1", "2"} and "Dice fp32 -> fp16 on" in out
+    model = onnx.load(str(tmp_path / "h" / "fold_0.onnx"))
+    conv = next(n for n in model.graph.node if n.op_type == "Conv")
+    weight = next(i for i in model.graph.initializer if i.name == conv.input[1])
+    assert weight.data_type == onnx.TensorProto.FLOAT16
+    assert model.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT  # the predictor feeds fp32
 
 
 def test_guard_refuses_a_quantized_model_that_loses_dice(trained_model, tiny_dataset, tmp_path, monkeypatch, capsys):

@@ -34,7 +34,7 @@ from nnpp.deploy.ort import METADATA_FILE, make_session, require
 EXPORTERS = ("dynamo", "torchscript")
 DEFAULT_OPSET = 18
 DEFAULT_TOL = 1e-4
-PRECISIONS = ("fp32", "int8")
+PRECISIONS = ("fp32", "fp16", "int8")
 DEFAULT_MAX_DICE_DROP = 0.01
 DEFAULT_CALIB_TILES = 32
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
@@ -171,33 +171,40 @@ def _move_into_place(tmp: str, out: str, replace: bool) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def _int8(model: TrainedModel, fold, path: str, max_dice_drop: float, calib_tiles: int, out: str, log) -> dict:
-    """Quantize the checked fp32 ``path`` to int8 in place, calibrated on the fold's training tiles, after the
-    Dice guard on its validation cases (:mod:`nnpp.deploy.quantize`); returns the figures for the metadata."""
+def _reduced(model: TrainedModel, fold, path: str, precision: str, max_dice_drop: float, calib_tiles: int, out: str,
+             log) -> dict:
+    """Turn the checked fp32 ``path`` into ``precision`` (int8: static quantization calibrated on the fold's
+    training tiles; fp16: converted weights and arithmetic) in place, after the Dice guard on the fold's
+    validation cases (:mod:`nnpp.deploy.quantize`); returns the figures for the metadata."""
     from nnpp.deploy import quantize as q
-    reader = q.TileReader(model, fold, INPUT_NAME, calib_tiles)
-    qpath = path + ".int8.onnx"
-    log(f"[nnpp_export] fold {fold}: int8 calibration on {len(reader.tiles)} tiles of {len(reader.cases)} training "
-        f"case(s) ...")
-    settings = q.quantize_int8(path, qpath, reader)
-    scores = q.score(model, fold, {"fp32": make_session(path, "cpu"), "int8": make_session(qpath, "cpu")})
-    drop = q.dice_drop(scores, "fp32", "int8")
+    qpath = path + f".{precision}.onnx"
+    extra = {}
+    if precision == "int8":
+        reader = q.TileReader(model, fold, INPUT_NAME, calib_tiles)
+        log(f"[nnpp_export] fold {fold}: int8 calibration on {len(reader.tiles)} tiles of {len(reader.cases)} "
+            f"training case(s) ...")
+        settings = q.quantize_int8(path, qpath, reader)
+        extra = {"calibration_tiles": len(reader.tiles), "calibration_cases": reader.cases}
+    else:
+        settings = q.convert_fp16(path, qpath)
+    scores = q.score(model, fold, {"fp32": make_session(path, "cpu"), precision: make_session(qpath, "cpu")})
+    drop = q.dice_drop(scores, "fp32", precision)
     worst_label, worst = max(((lab, d) for lab, d in drop.items() if d is not None), key=lambda t: t[1],
                              default=(None, 0.0))
-    text = ", ".join(f"label {lab} {scores['dice']['fp32'][lab]:.4f} -> {scores['dice']['int8'][lab]:.4f}"
+    text = ", ".join(f"label {lab} {scores['dice']['fp32'][lab]:.4f} -> {scores['dice'][precision][lab]:.4f}"
                      for lab in drop if drop[lab] is not None)
-    log(f"[nnpp_export] fold {fold}: Dice fp32 -> int8 on {len(scores['cases'])} validation case(s): {text or 'no labels'}; "
-        f"masks agree on {100 * scores['agreement']:.3f}% of voxels; largest drop {worst:.4f} "
+    log(f"[nnpp_export] fold {fold}: Dice fp32 -> {precision} on {len(scores['cases'])} validation case(s): "
+        f"{text or 'no labels'}; masks agree on {100 * scores['agreement']:.3f}% of voxels; largest drop {worst:.4f} "
         f"(--max_dice_drop {max_dice_drop:g}) -> {'OK' if worst <= max_dice_drop else 'REFUSED'}")
     if worst > max_dice_drop:
-        raise NnppError(f"fold {fold}: int8 lowers the Dice of label {worst_label} by {worst:.4f} (> --max_dice_drop "
-                        f"{max_dice_drop:g}); nothing was written to {out}: export fp32")
+        raise NnppError(f"fold {fold}: {precision} lowers the Dice of label {worst_label} by {worst:.4f} (> "
+                        f"--max_dice_drop {max_dice_drop:g}); nothing was written to {out}: export fp32")
     os.replace(qpath, path)
-    return {**settings, "calibration_tiles": len(reader.tiles), "calibration_cases": reader.cases,
-            "score_cases": scores["cases"], "dice_fp32": scores["dice"]["fp32"], "dice_int8": scores["dice"]["int8"],
-            "dice_drop": drop, "mask_agreement": scores["agreement"], "max_dice_drop": max_dice_drop,
-            "scored_as": "nnU-Net's predictor (Gaussian sliding window, mirroring) on the preprocessed validation "
-                         "cases, arg-max vs the preprocessed labels"}
+    return {**settings, **extra, "score_cases": scores["cases"], "dice_fp32": scores["dice"]["fp32"],
+            f"dice_{precision}": scores["dice"][precision], "dice_drop": drop, "mask_agreement": scores["agreement"],
+            "max_dice_drop": max_dice_drop,
+            "scored_as": "nnU-Net's predictor (Gaussian sliding window, mirroring) with ONNX Runtime's CPU provider on "
+                         "the preprocessed validation cases, arg-max vs the preprocessed labels"}
 
 
 def export_model(model: TrainedModel, out: str, depth: int | None = None, opset: int = DEFAULT_OPSET,
@@ -207,9 +214,9 @@ def export_model(model: TrainedModel, out: str, depth: int | None = None, opset:
     """Export every fold of ``model`` to ``out`` (``fold_F.onnx``, ``plans.json``, ``dataset.json``,
     ``nnpp_onnx.json``), each checked by :func:`check_ops` and :func:`parity` (fails above ``tol``).
     ``out`` must be new or empty, or a previous export of this model with ``overwrite``
-    (:func:`check_output_folder`). ``precision`` int8: each fold's checked fp32 model is quantized (ONNX Runtime's
-    static quantization calibrated on ``calib_tiles`` training tiles) and kept only when no label's validation Dice
-    drops by more than ``max_dice_drop`` (:func:`_int8`). Everything is written to a temporary folder beside ``out`` and renamed into
+    (:func:`check_output_folder`). ``precision`` int8 / fp16: each fold's checked fp32 model is quantized (ONNX
+    Runtime's static quantization calibrated on ``calib_tiles`` training tiles) / converted to fp16, and kept only
+    when no label's validation Dice drops by more than ``max_dice_drop`` (:func:`_reduced`). Everything is written to a temporary folder beside ``out`` and renamed into
     place only when all folds pass; a failed export leaves ``out`` as it was. Returns the metadata."""
     ort = require("onnxruntime")
     onnx = require("onnx")
@@ -244,8 +251,8 @@ def export_model(model: TrainedModel, out: str, depth: int | None = None, opset:
                                 f"try --exporter {'torchscript' if exporter == 'dynamo' else 'dynamo'} or another --opset")
             entry = {"fold": fold, "file": name, "checkpoint": os.path.abspath(model.checkpoints[i]),
                      "checkpoint_sha256": model.checkpoint_sha256[i], "parity": check}
-            if precision == "int8":  # the fp32 model passed parity; the int8 one must pass the Dice guard
-                entry["quantization"] = _int8(model, fold, path, max_dice_drop, calib_tiles, out, log)
+            if precision != "fp32":  # the fp32 model passed parity; the reduced one must pass the Dice guard
+                entry["quantization"] = _reduced(model, fold, path, precision, max_dice_drop, calib_tiles, out, log)
             entry["sha256"] = sha256_file(path)
             folds.append(entry)
         mirror = model.inference_allowed_mirroring_axes

@@ -1,5 +1,5 @@
-"""int8 exports: ONNX Runtime's post-training static quantization, calibrated on the model's own training data,
-shipped only with its Dice measured against fp32 and a guard.
+"""Reduced-precision exports (int8: ONNX Runtime's post-training static quantization, calibrated on the model's own
+training data; fp16 for GPU providers), shipped only with their Dice measured against fp32 and a guard.
 
 * **Calibration** (:class:`TileReader`, an ``onnxruntime.quantization.CalibrationDataReader``): patch-sized tiles
   cropped at seeded random positions from the fold's *training* cases, preprocessed as nnU-Net trained on them
@@ -111,6 +111,21 @@ def quantize_int8(fp32_path: str, out_path: str, reader) -> dict:
                 os.remove(f)
     return {"tool": "onnxruntime.quantization.quantize_static", "format": "QDQ", "weights": "int8 per channel",
             "activations": "uint8", "calibration": "MinMax", "quantized_ops": list(QUANTIZED_OPS)}
+
+
+def convert_fp16(fp32_path: str, out_path: str) -> dict:
+    """fp16 weights and arithmetic (``onnxruntime.transformers.float16.convert_float_to_float16``), fp32 input and
+    output kept (``keep_io_types``) so the predictor feeds and reads it unchanged. Meant for GPU providers (CUDA,
+    TensorRT); the export scores it with ONNX Runtime's CPU provider, which runs fp16 models too (slowly)."""
+    onnx = require("onnx")
+    require("onnxruntime")
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+    try:
+        onnx.save(convert_float_to_float16(onnx.load(fp32_path), keep_io_types=True), out_path)
+    except Exception as e:
+        raise NnppError(f"fp16 conversion of {os.path.basename(fp32_path)} failed ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0] if str(e) else ''}); export fp32") from None
+    return {"tool": "onnxruntime.transformers.float16.convert_float_to_float16", "keep_io_types": True}
 
 
 def _dice(pred: np.ndarray, ref: np.ndarray, label: int) -> float:

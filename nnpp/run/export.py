@@ -2,7 +2,7 @@
 
     nnpp_export DATASET CONFIG -f FOLD [FOLD ...] [-tr TRAINER] [-p PLANS] [-chk checkpoint_final.pth]
                 [-o OUT] [--overwrite] [--depth k] [--opset N] [--exporter dynamo|torchscript] [--tol T]
-                [--precision fp32|int8] [--max_dice_drop D] [--calib_tiles N]
+                [--precision fp32|fp16|int8] [--max_dice_drop D] [--calib_tiles N]
 
 The network is built as nnU-Net's predictor builds it (plans.json + the checkpoint's trainer class, weights
 loaded strictly; plans/labels compared with those stored in the checkpoint), deep supervision off, pruned to
@@ -15,6 +15,8 @@ new or empty, or a previous export of the same model with ``--overwrite`` (repla
 preprocessed training cases (needs nnUNet_preprocessed), then fp32 and int8 are both run through nnU-Net's
 predictor on the fold's validation cases: the Dice per label of each, the drop and the mask agreement go into
 nnpp_onnx.json, and a drop beyond ``--max_dice_drop`` (default 0.01) refuses the export (exit 2, nothing written).
+``--precision fp16`` (for GPU providers: cuda, tensorrt): fp16 weights and arithmetic, fp32 input/output, scored
+and guarded the same way (with ONNX Runtime's CPU provider, which runs fp16 models too).
 Predict with ``nnpp_predict -i IN -o OUT --onnx OUT_OF_THIS_COMMAND``.
 """
 from __future__ import annotations
@@ -61,7 +63,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("-chk", default="checkpoint_final.pth", help="checkpoint file name (default checkpoint_final.pth)")
     p.add_argument("-o", default=None, help="output folder (default MODEL_FOLDER/onnx or onnx_depthK)")
     p.add_argument("--precision", choices=PRECISIONS, default="fp32",
-                   help="fp32 (default) or int8 (static quantization with the Dice guard)")
+                   help="fp32 (default), fp16 (GPU providers) or int8 (static quantization); fp16/int8 with the Dice guard")
     p.add_argument("--max_dice_drop", type=_non_negative_float, default=DEFAULT_MAX_DICE_DROP,
                    help=f"int8: largest allowed Dice drop of any label vs fp32 (default {DEFAULT_MAX_DICE_DROP:g})")
     p.add_argument("--calib_tiles", type=positive_int, default=DEFAULT_CALIB_TILES,
@@ -81,7 +83,7 @@ def parser() -> argparse.ArgumentParser:
 @entry_point("nnpp_export")
 def main(argv=None):
     args = parser().parse_args(sys.argv[1:] if argv is None else argv)
-    setup_paths(required=("nnUNet_results", "nnUNet_preprocessed") if args.precision == "int8" else ("nnUNet_results",))
+    setup_paths(required=("nnUNet_results", "nnUNet_preprocessed") if args.precision != "fp32" else ("nnUNet_results",))
 
     from nnunetv2.utilities.file_path_utilities import get_output_folder
 
