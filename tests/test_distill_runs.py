@@ -92,3 +92,21 @@ def test_report_compares_only_the_same_cases(tmp_path, capsys):
     assert "0.9876" not in row["TeacherB__P__3d_fullres/fold_all"]
     assert "not comparable: scored on 3 case(s) (case_1, case_2, case_3), the student on 2" in \
         row["TeacherB__P__3d_fullres/fold_all"]
+
+
+def test_size_report_warns_in_one_line_when_not_cheaper():
+    """report_sizes: one line per network with the ratios; one WARNING line per teacher the student is not
+    cheaper than (FLOPs or latency per patch >= the teacher's)."""
+    from nnpp.distill.trainer import KDMixin
+    lines = []
+    fake = SimpleNamespace(print_to_log_file=lines.append, kd_config={"student": "unetpp", "r": 2},
+                           configuration_manager=SimpleNamespace(patch_size=[16, 32, 32]), device="cpu")
+    rows = [{"name": "student", "parameters": 250, "flops_per_patch": 2.5e9, "ms_per_patch": 12.0},
+            {"name": "teacher A/fold_0", "parameters": 1000, "flops_per_patch": 1e10, "ms_per_patch": 10.0},
+            {"name": "teacher B/fold_0", "parameters": 1000, "flops_per_patch": 1e10, "ms_per_patch": 40.0}]
+    KDMixin.report_sizes(fake, rows)
+    assert lines[0] == "[nnpp_distill] student: 250 parameters, 2.5 GFLOP and 12.0 ms per patch (16, 32, 32) on cpu"
+    assert "the student is 0.25x its parameters, 0.25x its FLOPs, 1.20x its latency" in lines[1]
+    warnings = [line for line in lines if "WARNING" in line]
+    assert len(warnings) == 1 and "not cheaper than teacher A/fold_0 (0.25x its FLOPs, 1.20x its latency" in warnings[0]
+    assert all("\n" not in line for line in lines)
