@@ -4,12 +4,19 @@ and UNet++ as-is vs each speed/memory option alone vs all together (issue 9).
     python benchmarks/bench_network.py                          # small CPU config (default)
     python benchmarks/bench_network.py --config task03 -device cuda --amp O1
     python benchmarks/bench_network.py --config issue9 --variants --threads 2   # as-is vs each option vs all
+    python benchmarks/bench_network.py --config issue9 --variants --rounds 2 --only "UNet++ channels_last_3d" \
+        "UNet++ channels_last_3d, stock InstanceNorm3d"                           # two rows, interleaved
 
 Variants (``--variants``): PlainConvUNet and UNet++ as-is (fp32, contiguous, no checkpointing), then UNet++ with
 channels_last_3d (network and batch), bf16 autocast, both (nnpp's CPU default on a CPU with native bf16),
 checkpointed nodes (``node``, ``cat_conv1``), and all together. Each row also has the bytes saved for backward by
 one forward (``saved_activation_bytes``, batch of the config) and the network's own feature-map count
-(``compute_conv_feature_map_size`` x batch, nnU-Net's units).
+(``compute_conv_feature_map_size`` x batch, nnU-Net's units). The ``stock InstanceNorm3d`` rows put torch's own
+norm back (it returns a contiguous tensor for a channels_last_3d input: a layout flip at every norm) to measure
+what UNet++'s layout-preserving norm (nnpp.nets.norms) saves. On a CPU without native bf16 the bf16 rows are
+skipped (emulated bf16 is many times slower; ``--emulated_bf16`` runs them with 0 warm-up and 1 step). Every result
+names the CPU (``cpu_capability``: torch's kernel level and native bf16 or not). ``--rounds N`` interleaves N rounds
+(alternating order) and reports the median.
 Memory at Task03's plan (128^3 x 2) is reported as the count only (no forward at that size on a CPU).
 
 Each (network, config) is measured in a fresh subprocess, so the CPU's peak RSS (which cannot be reset) and
@@ -40,17 +47,39 @@ CONFIGS = {
                    strides=[[1, 1, 1]] + [[2, 2, 2]] * 5),
 }
 NETWORKS = {"UNetPlusPlus": UNETPP_CLASS, "PlainConvUNet": PLAIN_UNET_CLASS}
-#: --variants: name -> (network, amp, channels_last_3d, checkpoint_nodes); amp None = the --amp flag
+#: --variants: name -> (network, amp, channels_last_3d, checkpoint_nodes[, "stock_norm"]); amp None = the --amp
+#: flag; "stock_norm": torch's nn.InstanceNorm3d in place of UNet++'s layout-preserving one (nnpp.nets.norms), which
+#: turns a channels_last_3d activation contiguous at every norm (the layout flips of issue 16.5)
 VARIANTS = {
     "PlainConvUNet": ("PlainConvUNet", None, False, None),
     "UNet++ as-is": ("UNetPlusPlus", None, False, "none"),
     "UNet++ channels_last_3d": ("UNetPlusPlus", None, True, "none"),
+    "UNet++ channels_last_3d, stock InstanceNorm3d": ("UNetPlusPlus", None, True, "none", "stock_norm"),
     "UNet++ bf16": ("UNetPlusPlus", "bf16", False, "none"),
     "UNet++ channels_last_3d + bf16": ("UNetPlusPlus", "bf16", True, "none"),
+    "UNet++ channels_last_3d + bf16, stock InstanceNorm3d": ("UNetPlusPlus", "bf16", True, "none", "stock_norm"),
     "UNet++ ckpt node": ("UNetPlusPlus", None, False, "node"),
     "UNet++ ckpt cat_conv1": ("UNetPlusPlus", None, False, "cat_conv1"),
     "UNet++ all (channels_last + bf16 + ckpt node)": ("UNetPlusPlus", "bf16", True, "node"),
 }
+
+
+def variant_amp(name: str, amp_flag: str) -> str:
+    return VARIANTS[name][1] or amp_flag
+
+
+def plan_variants(names, amp_flag: str, device_type: str, native_bf16: bool, emulated_bf16: bool):
+    """(variants to run, {skipped variant: reason}). On a CPU without native bf16 (AVX2-only, or AVX-512 without
+    AVX512-BF16/AMX) bf16 autocast is emulated and many times slower than fp32: such rows are skipped unless
+    ``--emulated_bf16`` asks for them (then measured with 0 warm-up and 1 step)."""
+    run, skipped = [], {}
+    for name in names:
+        if (device_type == "cpu" and not native_bf16 and not emulated_bf16
+                and variant_amp(name, amp_flag) == "bf16"):
+            skipped[name] = "bf16 is emulated on this CPU (no AVX512-BF16/AMX); --emulated_bf16 to measure it"
+        else:
+            run.append(name)
+    return run, skipped
 
 
 def arch_kwargs(cfg: dict) -> dict:
@@ -58,7 +87,8 @@ def arch_kwargs(cfg: dict) -> dict:
 
 
 def measure(network: str, config: str, device_name: str, amp_mode: str, warmup: int, steps: int,
-            channels_last: bool = False, checkpoint_nodes: str | None = None, variant: str | None = None) -> dict:
+            channels_last: bool = False, checkpoint_nodes: str | None = None, variant: str | None = None,
+            stock_norm: bool = False) -> dict:
     """One network, one config (one variant), in this process."""
     import torch
 
@@ -71,6 +101,11 @@ def measure(network: str, config: str, device_name: str, amp_mode: str, warmup: 
     dev.configure_backends(device)
     kwargs = dict(arch_kwargs(cfg), **({"checkpoint_nodes": checkpoint_nodes} if checkpoint_nodes else {}))
     net = plans.build_network(NETWORKS[network], kwargs, 1, 3).to(device)
+    if stock_norm:  # torch's own InstanceNorm3d forward (same parameters): the layout flips back
+        from nnpp.nets.norms import ChannelsLastInstanceNorm3d
+        for m in net.modules():
+            if type(m) is ChannelsLastInstanceNorm3d:
+                m.__class__ = torch.nn.InstanceNorm3d
     x = torch.randn(cfg["batch"], 1, *cfg["patch"], device=device)
     if channels_last:
         net = net.to(memory_format=torch.channels_last_3d)
@@ -105,6 +140,7 @@ def measure(network: str, config: str, device_name: str, amp_mode: str, warmup: 
     return {"variant": variant or network, "channels_last_3d": channels_last, "checkpoint_nodes": checkpoint_nodes,
             "saved_activation_MiB": saved / 2 ** 20, "feature_map_count": count,
             "network": network, "config": config, "device": dev.device_name(device), "amp": amp.mode,
+            "cpu_capability": dev.cpu_capability(), "stock_norm": stock_norm,
             "batch": cfg["batch"], "patch": cfg["patch"], "params": sum(p.numel() for p in net.parameters()),
             "step_s_median": statistics.median(times), "step_s_mean": statistics.fmean(times), "steps": steps,
             "peak_memory_MiB": dev.peak_memory_bytes(device) / 2 ** 20,
@@ -114,7 +150,7 @@ def measure(network: str, config: str, device_name: str, amp_mode: str, warmup: 
 def task03_counts() -> dict:
     """Feature-map counts (nnU-Net's units, x batch 2) at Task03's plan, 128^3: no forward, the networks' own count."""
     cfg, out = CONFIGS["task03"], {}
-    for name, (network, _, _, ckpt) in VARIANTS.items():
+    for name, (network, _, _, ckpt, *_) in VARIANTS.items():
         if name.startswith("UNet++ all") or "channels_last" in name or "bf16" in name:
             continue
         kwargs = dict(arch_kwargs(cfg), **({"checkpoint_nodes": ckpt} if ckpt else {}))
@@ -141,6 +177,13 @@ def main():
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: all cores)")
     p.add_argument("--out", default=None, help="JSON file (default benchmarks/results/network_<config>_<device>.json)")
     p.add_argument("--variants", action="store_true", help="UNet++ as-is vs each option vs all (issue 9)")
+    p.add_argument("--only", nargs="+", default=None, metavar="VARIANT",
+                   help="--variants: measure only these (names as in the table)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="--variants: interleaved rounds (each round runs every variant, in alternating order); "
+                        "the table reports the median over rounds")
+    p.add_argument("--emulated_bf16", action="store_true",
+                   help="--variants on a CPU without native bf16: measure the bf16 rows anyway (0 warm-up, 1 step)")
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: measure one network, print JSON
     a = p.parse_args()
 
@@ -149,24 +192,48 @@ def main():
         torch.set_num_threads(a.threads)
     if a.one:
         if a.one in VARIANTS:
-            network, amp, cl, ckpt = VARIANTS[a.one]
-            r = measure(network, a.config, a.device, amp or a.amp, a.warmup, a.steps, cl, ckpt, a.one)
+            network, amp, cl, ckpt, *extra = VARIANTS[a.one]
+            r = measure(network, a.config, a.device, amp or a.amp, a.warmup, a.steps, cl, ckpt, a.one,
+                        stock_norm="stock_norm" in extra)
         else:
             r = measure(a.one, a.config, a.device, a.amp, a.warmup, a.steps)
         print("RESULT " + json.dumps(r))
         return
 
+    from nnpp import device as dev
+    names, skipped = list(VARIANTS if a.variants else NETWORKS), {}
+    if a.variants:
+        unknown = [n for n in a.only or () if n not in VARIANTS]
+        if unknown:
+            sys.exit(f"bench_network: unknown variant(s) {unknown}; choose from {list(VARIANTS)}")
+        names, skipped = plan_variants(a.only or names, a.amp, dev.resolve_device(a.device).type,
+                                       dev.cpu_has_native_bf16(), a.emulated_bf16)
+        for name, why in skipped.items():
+            print(f"[bench_network] {name}: skipped ({why})", file=sys.stderr, flush=True)
+        if not names:
+            sys.exit("bench_network: every requested variant was skipped (see above)")
+    emulated = a.variants and a.emulated_bf16 and not dev.cpu_has_native_bf16()
+    per_name = {n: [] for n in names}
+    for rnd in range(max(1, a.rounds)):
+        for name in (names if rnd % 2 == 0 else names[::-1]):
+            short = emulated and variant_amp(name, a.amp) == "bf16"
+            cmd = [sys.executable, __file__, "--one", name, "--config", a.config, "-device", a.device, "--amp",
+                   a.amp, "--warmup", "0" if short else str(a.warmup), "--steps", "1" if short else str(a.steps),
+                   "--threads", str(a.threads)]
+            print(f"[bench_network] round {rnd + 1}: {name} ...", file=sys.stderr, flush=True)
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+            if proc.returncode != 0 or not line:
+                sys.exit(f"bench_network: {name} failed:\n{proc.stderr[-2000:]}")
+            per_name[name].append(json.loads(line[0][7:]))
     rows = []
-    for name in (VARIANTS if a.variants else NETWORKS):
-        cmd = [sys.executable, __file__, "--one", name, "--config", a.config, "-device", a.device, "--amp", a.amp,
-               "--warmup", str(a.warmup), "--steps", str(a.steps), "--threads", str(a.threads)]
-        print(f"[bench_network] {name} ...", file=sys.stderr, flush=True)
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
-        if proc.returncode != 0 or not line:
-            sys.exit(f"bench_network: {name} failed:\n{proc.stderr[-2000:]}")
-        rows.append(json.loads(line[0][7:]))
-    result = {"config": a.config, "arch": arch_kwargs(CONFIGS[a.config]), "runs": rows,
+    for name in names:
+        runs = per_name[name]
+        row = dict(runs[0], step_s_median=statistics.median(r["step_s_median"] for r in runs),
+                   step_s_rounds=[r["step_s_median"] for r in runs])
+        rows.append(row)
+    result = {"config": a.config, "arch": arch_kwargs(CONFIGS[a.config]), "runs": rows, "skipped": skipped,
+              "cpu_capability": dev.cpu_capability(), "rounds": max(1, a.rounds),
               "task03_params": param_counts("task03"), "task03_feature_map_counts": task03_counts(),
               "host_cpus": os.cpu_count(), "threads": a.threads or os.cpu_count()}
     suffix = "_variants" if a.variants else ""
@@ -179,8 +246,10 @@ def main():
     os.replace(tmp, out)
 
     if a.variants:
-        base = next(r for r in rows if r["variant"] == "UNet++ as-is")
-        print("| variant | AMP | step (median s) | x as-is | saved for backward (MiB) | x as-is | count x batch "
+        print(f"CPU: {result['cpu_capability']}, {result['threads']} thread(s), {result['rounds']} round(s)")
+        base = next((r for r in rows if r["variant"] == "UNet++ as-is"), rows[0])
+        ref = "as-is" if base["variant"] == "UNet++ as-is" else base["variant"]
+        print(f"| variant | AMP | step (median s) | x {ref} | saved for backward (MiB) | x {ref} | count x batch "
               "(M elements) |")
         print("|---|---|---|---|---|---|---|")
         for r in rows:

@@ -251,6 +251,13 @@ def cpu_has_native_bf16() -> bool:
     return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
 
 
+def cpu_capability() -> str:
+    """This CPU as speed figures must name it: torch's kernel level (``torch.backends.cpu.get_cpu_capability()``:
+    AVX2, AVX512, ...) and whether bfloat16 is native (AVX512-BF16 or AMX) or emulated, e.g. "AVX512, native bf16"."""
+    level = getattr(getattr(torch.backends, "cpu", None), "get_cpu_capability", lambda: "unknown")()
+    return f"{level}, {'native' if cpu_has_native_bf16() else 'no native'} bf16"
+
+
 def bf16_supported(device: torch.device) -> bool:
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()

@@ -166,7 +166,23 @@ def test_native_bf16_probe_without_the_probes(monkeypatch):
     assert dev.cpu_has_native_bf16() is False
 
 
-def test_memory_format_per_device():
-    assert dev.memory_format(torch.device("cpu"), 3) == torch.channels_last_3d
-    assert dev.memory_format(torch.device("cpu"), 2) == torch.contiguous_format
-    assert dev.memory_format(torch.device("cuda", 0), 3) == torch.contiguous_format
+@pytest.mark.parametrize("device_type", ["cpu", "cuda", "npu", "mps"])
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_memory_format_fits_the_batch_rank(device_type, spatial_dims):
+    """Whatever format the device layer picks for a network must apply to its batches (channels_last_3d on a 2D
+    batch raises) and to its weights. (That the format survives a UNet++ forward: tests/test_norms.py; that the
+    trainer applies it: tests/test_trainer.py.)"""
+    fmt = dev.memory_format(types.SimpleNamespace(type=device_type, index=0), spatial_dims)  # no torch_npu here
+    batch = torch.zeros(2, 3, *(4,) * spatial_dims).contiguous(memory_format=fmt)
+    assert batch.is_contiguous(memory_format=fmt)
+    conv = (torch.nn.Conv3d if spatial_dims == 3 else torch.nn.Conv2d)(3, 4, 3).to(memory_format=fmt)
+    assert conv(batch).shape[:2] == (2, 4)
+
+
+def test_cpu_capability_names_bf16(monkeypatch):
+    """Speed figures name the CPU: torch's kernel level and whether bf16 is native."""
+    monkeypatch.setattr(dev, "cpu_has_native_bf16", lambda: False)
+    level, bf16 = dev.cpu_capability().split(", ")
+    assert level and bf16 == "no native bf16"
+    monkeypatch.setattr(dev, "cpu_has_native_bf16", lambda: True)
+    assert dev.cpu_capability() == f"{level}, native bf16"

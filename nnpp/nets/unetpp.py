@@ -54,6 +54,8 @@ from torch.nn.modules.conv import _ConvNd
 from torch.nn.modules.dropout import _DropoutNd
 from torch.utils.checkpoint import checkpoint
 
+from nnpp.nets.norms import layout_preserving_norm
+
 IntOrSeq = Union[int, List[int], Tuple[int, ...]]
 
 #: ``decoder_kernels`` option -> offset of the level whose kernel size a level-i node uses
@@ -219,6 +221,7 @@ class UNetPlusPlus(AbstractDynamicNetworkArchitectures):
         self.keys_to_in_proj = ("encoder.stages.0.0.convs.0.conv", "encoder.stages.0.0.convs.0.all_modules.0")
         if isinstance(n_conv_per_stage, int):
             n_conv_per_stage = [n_conv_per_stage] * n_stages
+        norm_op = layout_preserving_norm(norm_op)  # channels_last stays channels_last through the norms
         self.encoder = PlainConvEncoder(input_channels, n_stages, features_per_stage, conv_op, kernel_sizes,
                                         strides, n_conv_per_stage, conv_bias, norm_op, norm_op_kwargs,
                                         dropout_op, dropout_op_kwargs, nonlin, nonlin_kwargs,
