@@ -224,6 +224,11 @@ class nnppPredictor(nnUNetPredictor):
         if not cases:
             return []
         names = [os.path.basename(o) for o in outputs]
+        for o in outputs:  # temp folders a killed run left for this part's cases (each case belongs to one part)
+            parent = os.path.dirname(os.path.abspath(o))
+            for d in os.listdir(parent):
+                if d.startswith(f".{os.path.basename(o)}.partial."):
+                    shutil.rmtree(os.path.join(parent, d), ignore_errors=True)
         overlapped = num_processes_preprocessing > 0
 
         def items():

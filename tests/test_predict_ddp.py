@@ -51,13 +51,15 @@ def test_two_processes_same_masks_and_continue_skips(trained_model, tiny_dataset
     # a second run skips every finished case
     stamps = {f: os.stat(tmp_path / "two" / f).st_mtime_ns for f in two}
     os.remove(tmp_path / "two" / sorted(two)[0])  # ... but the one missing is done again
+    stale = tmp_path / "two" / f".{sorted(two)[0][:-len('.nii.gz')]}.partial.killed"  # what a SIGKILL leaves
+    stale.mkdir()
     p = subprocess.run(predict_cmd(tiny_dataset, tmp_path / "two", 2, "--continue_prediction"), env=env,
                        capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, output_tail(p)
     assert "all 2 processes done: 1 case(s)" in p.stdout
     assert {f: os.stat(tmp_path / "two" / f).st_mtime_ns for f in sorted(two)[1:]} == \
         {f: stamps[f] for f in sorted(two)[1:]}
-    assert masks(tmp_path / "two").keys() == one.keys()
+    assert masks(tmp_path / "two").keys() == one.keys() and not stale.exists()
 
 
 def test_killed_export_leaves_no_finished_looking_case(tmp_path, monkeypatch):
@@ -77,10 +79,20 @@ def test_killed_export_leaves_no_finished_looking_case(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         export_case(None, {}, None, None, {"file_ending": ".nii.gz"}, str(tmp_path / "case_001"), True)
     assert os.listdir(tmp_path) == []
+    # SIGKILL runs no cleanup: what it leaves is a hidden temp folder, never a file under the case's name
+    (tmp_path / ".case_001.partial.x1").mkdir()
+    (tmp_path / ".case_001.partial.x1" / "case_001.nii.gz").write_bytes(b"half")
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+    lister = nnUNetPredictor(device=__import__("torch").device("cpu"), allow_tqdm=False)
+    lister.dataset_json = {"file_ending": ".nii.gz"}
+    todo, _, _ = lister._manage_input_and_output_lists([[str(tmp_path / "case_001_0000.nii.gz")]], str(tmp_path),
+                                                      None, False, 0, 1, True)
+    assert len(todo) == 1  # --continue_prediction predicts it again
 
     def fine(logits, props, cm, pm, dataset_json, ofile, save_probabilities=False):
         for ext in (".npz", ".pkl", dataset_json["file_ending"]):
             open(ofile + ext, "w").write(ext)
     monkeypatch.setattr(nnunet_export, "export_prediction_from_logits", fine)
     export_case(None, {}, None, None, {"file_ending": ".nii.gz"}, str(tmp_path / "case_001"), True)
-    assert sorted(os.listdir(tmp_path)) == ["case_001.nii.gz", "case_001.npz", "case_001.pkl"]
+    assert sorted(f for f in os.listdir(tmp_path) if not f.startswith(".")) == \
+        ["case_001.nii.gz", "case_001.npz", "case_001.pkl"]
