@@ -130,12 +130,13 @@ def _fingerprint(folder) -> dict:
     return out
 
 
-def test_verified_nnunet_data_is_shared(tiny_dataset):
+def test_verified_nnunet_data_is_shared(planning_env):
     """The session's nnU-Net-preprocessed 3d_fullres data matches UNet++ plans of the same dataset: shared."""
-    from nnpp.planning import UNETPP_PLANS
+    from nnpp.planning import UNETPP_PLANS, SmallUNetPlusPlusPlanner
     from nnpp.run.plan_and_preprocess import _choose_data_identifiers, _training_cases
+    tiny_dataset = planning_env
     pre = os.path.join(tiny_dataset["nnUNet_preprocessed"], tiny_dataset["name"])
-    plans = json.load(open(os.path.join(pre, "nnUNetPlans.json")))
+    plans = SmallUNetPlusPlusPlanner(tiny_dataset["id"], plans_name="t_share").plan_experiment()
     cases = _training_cases(tiny_dataset["name"])
     assert len(cases) == 5
     moved = _choose_data_identifiers(pre, plans, UNETPP_PLANS, cases)
