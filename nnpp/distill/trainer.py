@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import json
 import os
-import statistics
 import time
 
 import numpy as np
@@ -384,10 +383,11 @@ class KDMixin:
 
     # ------------------------------------------------------------------------------------------- reports
     def measure_cost(self, network: nn.Module, repeats: int = 5, warmup: int = 2) -> tuple[int, float]:
-        """(forward FLOPs of one patch, median forward time in ms of one patch) of ``network``: batch 1, the run's
+        """(forward FLOPs of one patch, forward time in ms of one patch) of ``network``: batch 1, the run's
         autocast and memory format, no grad. FLOPs are counted by ``torch.utils.flop_counter.FlopCounterMode``
         (convolutions and matmuls, 2 per multiply-add; device-independent) during the first warm-up call; the
-        time is the median of ``repeats`` calls after ``warmup`` untimed ones."""
+        time is the best of ``repeats`` calls after ``warmup`` untimed ones (other work on a shared device only
+        ever adds time: on a loaded 2-core CPU single calls of the same network varied 2 ms to 1 s)."""
         from torch.utils.flop_counter import FlopCounterMode
 
         x = torch.randn((1, self.num_input_channels, *self.configuration_manager.patch_size), device=self.device)
@@ -404,7 +404,7 @@ class KDMixin:
                 dev.synchronize(self.device)
                 if i >= warmup - 1:
                     times.append((time.perf_counter() - t0) * 1000)
-        return flops, statistics.median(times)
+        return flops, min(times)
 
     def size_report(self) -> list:
         """``[{"name", "parameters", "flops_per_patch", "ms_per_patch"}]`` for the student (first) and every

@@ -1,0 +1,206 @@
+"""Does KD beat no KD? The same student trained with each KD method and without KD, for the same budget and several
+seeds, against a longer-trained UNet++ teacher, on a synthetic task whose labels the teacher learns (issue 14.3).
+
+    python benchmarks/bench_kd.py --work /tmp/bench_kd                       # the full table (hours on 2 CPU cores)
+    python benchmarks/bench_kd.py --work /tmp/kd_smoke --cases 6 --teacher_epochs 1 --student_epochs 1 --iters 2 \
+        --val_iters 1 --seeds 0 --methods none soft                          # a smoke test of the pipeline
+
+The task (``--task_id``, MSD layout, converted and planned by nnU-Net's pipeline, ``nnUNetPlans``): 3D volumes with
+an ellipsoid organ (label 1) holding 1-3 large, contrasted lesions (label 2, radius >= ``--lesion_radius``
+voxels), so that a UNet++ trained for ``--teacher_epochs`` learns both labels while a short-budget student does
+not. The configuration (``--configuration``, default ``2d``) is nnU-Net's own.
+
+Runs, each a separate nnpp command in a results tree of its own (``WORK/results/<run>``), fold 0:
+
+* the teacher: ``nnpp_train -tr nnUNetPlusPlusTrainer --epochs TEACHER_EPOCHS --seed 0``;
+* per seed and method: ``nnpp_distill -t TEACHER --kd ... --seed S --epochs STUDENT_EPOCHS`` with nnpp_distill's
+  default student, or for ``none`` the same student without KD (``nnpp_train -tr nnUNetTrainerNoKD -p
+  nnUNetPlans_kd_unet_r2``). Methods: ``none``, ``soft``, ``soft+cwd``, ``cwd+feat`` (``--kd cwd --cwd-feat``),
+  ``at``, ``sp``, ``mgd``.
+
+Every run's fold-0 validation Dice per label is read from its ``summary.json``. A finished run (its summary.json
+exists) is not run again, so the benchmark can be run in pieces. The JSON (``--out``, default
+``WORK/bench_kd.json``) and the printed table give per method the mean and standard deviation of the Dice per
+label over the seeds and the fraction of the teacher-student gap closed, (KD - no KD) / (teacher - no KD), per
+label, flagged when the difference to no KD exceeds one standard deviation of the no-KD runs.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+METHODS = {"none": None, "soft": ["--kd", "soft"], "soft+cwd": ["--kd", "soft", "cwd"],
+           "cwd+feat": ["--kd", "cwd", "--cwd-feat"], "at": ["--kd", "at"], "sp": ["--kd", "sp"],
+           "mgd": ["--kd", "mgd"]}
+LABELS = {"0": "background", "1": "organ", "2": "lesion"}
+
+
+def make_task(root: str, task_id: int, n_cases: int, seed: int, shape=(32, 96, 96), lesion_radius: int = 6) -> str:
+    """An MSD-layout task: noisy background, an ellipsoid organ (intensity ~100) with 1-3 spherical lesions
+    (intensity ~40, radius lesion_radius..1.6x) inside it. Spacing 1 x 1 x 1 mm."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    folder = os.path.join(root, f"Task{task_id:02d}_KDBench")
+    for sub in ("imagesTr", "labelsTr", "imagesTs"):
+        os.makedirs(os.path.join(folder, sub), exist_ok=True)
+    rng = np.random.default_rng(seed)
+    zz, yy, xx = np.meshgrid(*[np.arange(s, dtype=np.float32) for s in shape], indexing="ij")
+    training = []
+    for i in range(n_cases):
+        center = np.array(shape) / 2 + rng.uniform(-0.1, 0.1, 3) * np.array(shape)
+        radii = np.array(shape) * rng.uniform(0.28, 0.4, 3)
+        organ = ((zz - center[0]) / radii[0]) ** 2 + ((yy - center[1]) / radii[1]) ** 2 + \
+            ((xx - center[2]) / radii[2]) ** 2 <= 1
+        label = organ.astype(np.uint8)
+        for _ in range(rng.integers(1, 4)):
+            r = lesion_radius * rng.uniform(1.0, 1.6)
+            c = center + rng.uniform(-0.5, 0.5, 3) * np.maximum(radii - r, 1)
+            lesion = ((zz - c[0]) ** 2 + (yy - c[1]) ** 2 + (xx - c[2]) ** 2 <= r ** 2) & organ
+            label[lesion] = 2
+        image = rng.normal(0, 20, shape) + np.where(label == 1, 100, 0) + np.where(label == 2, 40, 0)
+        fname = f"kd_{i}.nii.gz"
+        for array, sub in ((image.astype(np.int16), "imagesTr"), (label, "labelsTr")):
+            sitk.WriteImage(sitk.GetImageFromArray(array), os.path.join(folder, sub, fname))
+        training.append({"image": f"./imagesTr/{fname}", "label": f"./labelsTr/{fname}"})
+    meta = {"name": "KDBench", "description": "nnpp synthetic KD benchmark task", "reference": "synthetic",
+            "licence": "CC-BY-SA 4.0", "release": "1.0", "tensorImageSize": "3D", "modality": {"0": "CT"},
+            "labels": LABELS, "numTraining": n_cases, "numTest": 0, "training": training, "test": []}
+    with open(os.path.join(folder, "dataset.json"), "w") as f:
+        json.dump(meta, f, indent=2)
+    return folder
+
+
+def dice_of(summary: str) -> dict:
+    from nnpp.cli import read_dice
+    return {LABELS.get(k, k): v for k, v in read_dice(summary).items()}
+
+
+def run(cmd: list, env: dict, log: str) -> None:
+    t0 = time.time()
+    with open(log, "w") as f:
+        p = subprocess.run([sys.executable, "-m", *cmd], env=env, stdout=f, stderr=subprocess.STDOUT)
+    print(f"  {' '.join(cmd[:4])} ... rc {p.returncode}, {time.time() - t0:.0f} s (log {log})", flush=True)
+    if p.returncode:
+        raise SystemExit(f"bench_kd: failed: {' '.join(cmd)} (see {log})")
+
+
+def summarise(result: dict) -> dict:
+    """Mean/sd per method and label, gap closed vs no KD, and whether the difference exceeds one no-KD sd."""
+    teacher = result["teacher"]["dice"]
+    runs = result["runs"]
+    table = {}
+    for method in METHODS:
+        dices = [r["dice"] for r in runs.get(method, {}).values()]
+        if not dices:
+            continue
+        table[method] = {lab: {"mean": statistics.mean(d[lab] for d in dices),
+                               "sd": statistics.stdev(d[lab] for d in dices) if len(dices) > 1 else 0.0,
+                               "n": len(dices)} for lab in teacher}
+    base = table.get("none")
+    for method, labs in table.items():
+        for lab, row in labs.items():
+            if base and method != "none":
+                gap = teacher[lab] - base[lab]["mean"]
+                row["gap_closed"] = (row["mean"] - base[lab]["mean"]) / gap if abs(gap) > 1e-9 else None
+                row["beyond_1sd"] = abs(row["mean"] - base[lab]["mean"]) > base[lab]["sd"] and base[lab]["n"] > 1
+    return table
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--work", required=True, help="working folder (nnU-Net folders, runs, logs, JSON)")
+    p.add_argument("--task_id", type=int, default=905)
+    p.add_argument("--cases", type=int, default=20)
+    p.add_argument("--lesion_radius", type=int, default=6)
+    p.add_argument("--configuration", default="2d")
+    p.add_argument("--teacher_epochs", type=int, default=40)
+    p.add_argument("--student_epochs", type=int, default=8)
+    p.add_argument("--iters", type=int, default=50, help="training iterations per epoch (teacher and students)")
+    p.add_argument("--val_iters", type=int, default=10)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    p.add_argument("-device", default="cpu")
+    p.add_argument("--out", default=None)
+    a = p.parse_args(argv)
+
+    work = os.path.abspath(a.work)
+    dirs = {k: os.path.join(work, k) for k in ("nnUNet_raw", "nnUNet_preprocessed")}
+    for d in dirs.values():
+        os.makedirs(d, exist_ok=True)
+    os.makedirs(os.path.join(work, "logs"), exist_ok=True)
+    os.environ.update(dirs, nnUNet_results=os.path.join(work, "results", "teacher"))
+    os.environ.setdefault("nnUNet_n_proc_DA", "0")
+    os.environ.setdefault("nnUNet_compile", "false")
+    name = f"Dataset{a.task_id:03d}_KDBench"
+    pre = os.path.join(dirs["nnUNet_preprocessed"], name)
+    if not os.path.isfile(os.path.join(pre, "nnUNetPlans.json")):
+        from nnpp.data.synthetic import prepare_dataset
+        msd = make_task(os.path.join(work, "msd"), a.task_id, a.cases, seed=0, lesion_radius=a.lesion_radius)
+        name = prepare_dataset(msd, a.task_id, configurations=(a.configuration,), num_processes=1)
+    out = a.out or os.path.join(work, "bench_kd.json")
+    result = {"settings": vars(a), "runs": {}}
+    budget = ["-device", a.device, "--iters", str(a.iters), "--val_iters", str(a.val_iters)]
+    common = [str(a.task_id), a.configuration, "0"]
+
+    def env_for(results: str) -> dict:
+        return {**os.environ, "nnUNet_results": results}
+
+    teacher_results = os.path.join(work, "results", "teacher")
+    teacher = os.path.join(teacher_results, name, f"nnUNetPlusPlusTrainer__nnUNetPlans__{a.configuration}")
+    summary = os.path.join(teacher, "fold_0", "validation", "summary.json")
+    if not os.path.isfile(summary):
+        print(f"[bench_kd] teacher: UNet++, {a.teacher_epochs} epochs x {a.iters} iterations", flush=True)
+        run(["nnpp.run.train", *common, "-tr", "nnUNetPlusPlusTrainer", "--epochs", str(a.teacher_epochs),
+             "--seed", "0", *budget], env_for(teacher_results), os.path.join(work, "logs", "teacher.log"))
+    result["teacher"] = {"folder": teacher, "dice": dice_of(summary)}
+    print(f"[bench_kd] teacher Dice {result['teacher']['dice']}", flush=True)
+
+    from nnpp.distill.student import write_student_plans
+    from nnpp.run.distill import DEFAULT_R, DEFAULT_STUDENT, NO_KD_TRAINERS, STUDENT_TRAINERS
+    plans = write_student_plans(pre, "nnUNetPlans", a.configuration, DEFAULT_R, DEFAULT_STUDENT)
+    for seed in a.seeds:
+        for method in a.methods:
+            results = os.path.join(work, "results", method, f"seed{seed}")
+            trainer = NO_KD_TRAINERS[DEFAULT_STUDENT] if method == "none" else STUDENT_TRAINERS[DEFAULT_STUDENT]
+            fold = os.path.join(results, name, f"{trainer}__{plans}__{a.configuration}", "fold_0")
+            summary = os.path.join(fold, "validation", "summary.json")
+            if not os.path.isfile(summary):
+                print(f"[bench_kd] {method}, seed {seed}: {a.student_epochs} epochs x {a.iters} iterations",
+                      flush=True)
+                if method == "none":
+                    cmd = ["nnpp.run.train", *common, "-tr", trainer, "-p", plans]
+                else:
+                    cmd = ["nnpp.run.distill", *common, "-t", teacher, *METHODS[method]]
+                run(cmd + ["--epochs", str(a.student_epochs), "--seed", str(seed), *budget], env_for(results),
+                    os.path.join(work, "logs", f"{method}_seed{seed}.log"))
+            result["runs"].setdefault(method, {})[str(seed)] = {"folder": fold, "dice": dice_of(summary)}
+            result["summary"] = summarise(result)
+            tmp = f"{out}.tmp{os.getpid()}"
+            with open(tmp, "w") as f:
+                json.dump(result, f, indent=2)
+            os.replace(tmp, out)
+
+    labels = list(result["teacher"]["dice"])
+    print(f"\nwritten {out}\n")
+    print("| method | " + " | ".join(f"{lab} Dice (mean ± sd) | {lab} gap closed" for lab in labels) + " |")
+    print("|---|" + "---|---|" * len(labels))
+    print("| teacher (UNet++) | " + " | ".join(f"{result['teacher']['dice'][lab]:.4f} | " for lab in labels) + " |")
+    for method, labs in result["summary"].items():
+        cells = []
+        for lab in labels:
+            row = labs[lab]
+            gap = row.get("gap_closed")
+            cells.append(f"{row['mean']:.4f} ± {row['sd']:.4f} (n={row['n']}) | "
+                         + ("" if gap is None else f"{100 * gap:.0f}%" + (" *" if row.get("beyond_1sd") else "")))
+        print(f"| {method} | " + " | ".join(cells) + " |")
+    print("\n* = the difference to no KD exceeds one standard deviation of the no-KD runs")
+
+
+if __name__ == "__main__":
+    main()
