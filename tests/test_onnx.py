@@ -164,7 +164,10 @@ def test_predict_openvino_agrees_with_onnxruntime(unetpp_export, tiny_dataset, t
               "--disable_progress_bar", "--disable_tta", "--ort_threads", "1"]
     assert predict.main(common + ["-o", str(tmp_path / "ov"), "--ort_provider", "openvino"]) == 0
     assert predict.main(common + ["-o", str(tmp_path / "ort")]) == 0
-    compare_outputs(tmp_path / "ov", tmp_path / "ort")
+    # OpenVINO's and ONNX Runtime's logits differ by ~2e-4; nnU-Net accumulates Gaussian-weighted (x10) logits in
+    # fp16, where such differences round apart: up to ~5e-3 on a few probabilities was seen on some fixture models
+    # (the same with and without batched mirroring)
+    compare_outputs(tmp_path / "ov", tmp_path / "ort", prob_tol=1e-2)
 
 
 def compare_outputs(a, b, min_agreement=0.999, prob_tol=1e-3):
