@@ -114,10 +114,10 @@ def check_compatible(teacher: Teacher, plans_manager, configuration_manager, dat
     n_s = determine_num_input_channels(plans_manager, configuration_manager, dataset_json)
     if n_t != n_s:
         raise NnppError(f"{who} takes {n_t} input channels, the student's data has {n_s}")
-    if len(tc.patch_size) != len(configuration_manager.patch_size) or len(tc.spacing) != len(configuration_manager.spacing):
-        dims = lambda c: f"{len(c.patch_size)}D"  # noqa: E731
-        raise NnppError(f"{who} is a {dims(tc)} model (spacing {list(tc.spacing)}), the student's configuration is "
-                        f"{dims(configuration_manager)} (spacing {list(configuration_manager.spacing)}): distil into the "
+    sc = configuration_manager
+    if len(tc.patch_size) != len(sc.patch_size) or len(tc.spacing) != len(sc.spacing):
+        raise NnppError(f"{who} is a {len(tc.patch_size)}D model (spacing {list(tc.spacing)}), the student's "
+                        f"configuration is {len(sc.patch_size)}D (spacing {list(sc.spacing)}): distil into the "
                         f"configuration the teacher was trained on (a 2d teacher into 2d, a 3d one into 3d_fullres)")
     if not np.allclose(tc.spacing, configuration_manager.spacing, rtol=1e-4, atol=1e-6):
         raise NnppError(f"{who} was trained at spacing {list(tc.spacing)}, the student's configuration uses "
@@ -185,13 +185,13 @@ def teacher_dataset(teacher: Teacher) -> str | None:
     """The ``DatasetXXX_Name`` folder a teacher model folder sits in (nnU-Net's layout), or None."""
     import re
     name = os.path.basename(os.path.dirname(os.path.abspath(teacher.folder)))
-    return name if re.fullmatch(r"Dataset\d{3}_.+", name) else None
+    return name if re.fullmatch(r"Dataset\d{3,}_.+", name) else None
 
 
 def teacher_training_cases(teacher: Teacher, preprocessed_root: str) -> list | None:
     """The case ids ``teacher``'s weights have seen: recorded in its fold's ``kd_config.json`` when it is itself a
-    distilled student (its own training cases and its teachers'), else its dataset's splits (``preprocessed_root/DatasetXXX_Name/``). None when
-    the folder is not inside a DatasetXXX_Name folder."""
+    distilled student (its own training cases and its teachers'), else its dataset's splits
+    (``preprocessed_root/DatasetXXX_Name/``). None when the folder is not inside a DatasetXXX_Name folder."""
     record = os.path.join(teacher.folder, f"fold_{teacher.fold}", "kd_config.json")
     if os.path.isfile(record):
         cases = load_json_file(record, "kd_config.json").get("training_cases")

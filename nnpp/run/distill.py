@@ -148,7 +148,8 @@ def setup(trainer, args) -> None:
     leaks = check_leaks(teachers, str(nnUNet_preprocessed), trainer.fold, student_val, config["allow_val_leak"])
     if leaks and int(os.environ.get("RANK", 0)) == 0:
         from nnpp.distill.teachers import describe_leak
-        print("[nnpp_distill] WARNING: leaky run (--allow-val-leak): " + "; ".join(describe_leak(n, c) for n, c in leaks)
+        print("[nnpp_distill] WARNING: leaky run (--allow-val-leak): "
+              + "; ".join(describe_leak(n, c) for n, c in leaks)
               + '; kd_config.json records "leaky": true', flush=True)
     trainer.configure_kd(teachers, config, leaks)
 
