@@ -49,7 +49,8 @@ CONFIGS = {
 NETWORKS = {"UNetPlusPlus": UNETPP_CLASS, "PlainConvUNet": PLAIN_UNET_CLASS}
 #: --variants: name -> (network, amp, channels_last_3d, checkpoint_nodes[, "stock_norm"]); amp None = the --amp
 #: flag; "stock_norm": torch's nn.InstanceNorm3d in place of UNet++'s layout-preserving one (nnpp.nets.norms), which
-#: turns a channels_last_3d activation contiguous at every norm (the layout flips of issue 16.5)
+#: turns a channels_last_3d activation contiguous at every norm (the layout flips of issue 16.5; fp32 only: bf16
+#: activations take torch's path either way)
 VARIANTS = {
     "PlainConvUNet": ("PlainConvUNet", None, False, None),
     "UNet++ as-is": ("UNetPlusPlus", None, False, "none"),
@@ -57,7 +58,6 @@ VARIANTS = {
     "UNet++ channels_last_3d, stock InstanceNorm3d": ("UNetPlusPlus", None, True, "none", "stock_norm"),
     "UNet++ bf16": ("UNetPlusPlus", "bf16", False, "none"),
     "UNet++ channels_last_3d + bf16": ("UNetPlusPlus", "bf16", True, "none"),
-    "UNet++ channels_last_3d + bf16, stock InstanceNorm3d": ("UNetPlusPlus", "bf16", True, "none", "stock_norm"),
     "UNet++ ckpt node": ("UNetPlusPlus", None, False, "node"),
     "UNet++ ckpt cat_conv1": ("UNetPlusPlus", None, False, "cat_conv1"),
     "UNet++ all (channels_last + bf16 + ckpt node)": ("UNetPlusPlus", "bf16", True, "node"),
