@@ -145,6 +145,9 @@ class nnUNetPlusPlusTrainer(nnUNetTrainer):
             raise NnppError(f"ds_weights must be one of {', '.join(DS_WEIGHTS)}, got {self.ds_weights!r}")
         return w / w.sum()
 
+    # nnU-Net has no public hook for what follows: the private methods overridden here and the attribute flips
+    # around nnU-Net's own calls (is_ddp in initialize, enable_deep_supervision in _build_loss, self.network in
+    # validation_step) are pinned to nnunetv2 2.8.1's behaviour by tests/test_trainer_pins.py.
     def _set_batch_size_and_oversample(self):
         if self.is_ddp and not self.distribute_batch:
             self.batch_size = self.configuration_manager.batch_size
