@@ -8,7 +8,13 @@ nnpp builds nnU-Net's predictor (``nnppPredictor(device=...)``, nnpp/predictor.p
 checkpoint's trainer class (found by :func:`nnpp.model_folder.find_trainer_class`: nnpp's trainers, nnU-Net's, and
 those under ``nnUNet_extTrainer``) and plans.json + dataset.json, every fold's weights loaded strictly. So
 Ascend NPUs work (nnU-Net's own entry point only accepts cuda/mps/cpu) and nnU-Net's modules stay untouched.
-Preprocessing, Gaussian sliding window, mirroring, fold averaging, resampling and export are nnU-Net's.
+Preprocessing, Gaussian sliding window, mirroring, fold averaging, resampling and export are nnU-Net's; nnpp
+batches the mirrored copies of each tile (``--tta_batch``), writes each case atomically (a killed run leaves no
+file that ``--continue_prediction`` takes as finished) and prints each case's time split (read+preprocess, network,
+resample+export; exact with -npp 0 -nps 0) and the cases/min.
+
+Many processes: ``torchrun --nproc_per_node=N -m nnpp.run.predict ...`` splits the cases by RANK/WORLD_SIZE into one
+output folder (each rank on its LOCAL_RANK device); rank 0 prints progress and the total cases/min.
 
 Ours:
   --depth k             UNet++ pruned to depth k (only the nodes X^{0,k} needs run; 1..L)
