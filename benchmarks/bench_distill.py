@@ -132,21 +132,10 @@ def make_predictor(net, config: str, kind: str, r: int, drop_stages: int, case_s
 
 
 def machine() -> dict:
-    import platform
-
     import torch
 
     from nnpp import device as dev
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__,
-            # what torch.backends.cpu.get_cpu_capability() reads (nothing outside nnpp.device touches torch.backends)
-            "cpu_capability": torch._C._get_cpu_capability(), "native_bf16": dev.cpu_has_native_bf16(),
-            "threads": torch.get_num_threads(), "load_average_before": os.getloadavg()}
+    return {**dev.machine_info(), "threads": torch.get_num_threads()}
 
 
 def sizes(config: str, device_name: str, amp_mode: str, warmup: int, steps: int, case_shape: list,

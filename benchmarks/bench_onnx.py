@@ -25,22 +25,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import statistics
 import sys
-import tempfile
 import time
 
-
-def cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import machine_line, stage_val_cases  # noqa: E402
 
 
 def time_calls(fn, warmup: int, n: int) -> list:
@@ -102,16 +93,8 @@ def main(argv=None):
     # validation cases of the fold, from nnU-Net's splits; their raw images and labels
     name = os.path.basename(os.path.dirname(folder))
     raw = os.path.join(os.environ["nnUNet_raw"], name)
-    splits = json.load(open(os.path.join(os.environ["nnUNet_preprocessed"], name, "splits_final.json")))
-    cases = sorted(splits[int(args.f)]["val"])[:args.cases]
     ending = model.dataset_json["file_ending"]
-    work = tempfile.mkdtemp(prefix="bench_onnx_")
-    inputs = os.path.join(work, "in")
-    os.makedirs(inputs)
-    for c in cases:
-        for f in os.listdir(os.path.join(raw, "imagesTr")):
-            if f.startswith(c + "_") and f.endswith(ending):
-                os.symlink(os.path.join(raw, "imagesTr", f), os.path.join(inputs, f))
+    work, inputs, cases = stage_val_cases(name, args.f, args.cases, ending, "bench_onnx_")
     labels = os.path.join(raw, "labelsTr")
     fg = [v for k, v in model.dataset_json["labels"].items() if v != 0]
     patch = model.patch_size
@@ -172,7 +155,7 @@ def main(argv=None):
 
     import onnxruntime
     result = {
-        "machine": args.machine or f"{cpu_name()}, {os.cpu_count()} cores visible, CPU only",
+        "machine": args.machine or f"{machine_line()}, CPU only",
         "threads": args.threads, "model_folder": folder, "fold": args.f, "patch_size": patch,
         "full_depth": full, "cases": cases, "tta": not args.disable_tta,
         "warmup": args.warmup, "patches": args.patches,

@@ -27,11 +27,10 @@ import os
 import shutil
 import statistics
 import sys
-import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_onnx import cpu_name  # noqa: E402
+from common import machine_line, stage_val_cases  # noqa: E402
 
 
 def load_average() -> float:
@@ -68,17 +67,9 @@ def main(argv=None):
     model = load_trained_model(folder, [args.f])
     name = os.path.basename(os.path.dirname(folder))
     raw = os.path.join(os.environ["nnUNet_raw"], name)
-    splits = json.load(open(os.path.join(os.environ["nnUNet_preprocessed"], name, "splits_final.json")))
-    cases = sorted(splits[int(args.f)]["val"])[:args.cases]
     ending = model.dataset_json["file_ending"]
     fg = [v for k, v in model.dataset_json["labels"].items() if v != 0]
-    work = tempfile.mkdtemp(prefix="bench_predict_")
-    inputs = os.path.join(work, "in")
-    os.makedirs(inputs)
-    for c in cases:
-        for f in os.listdir(os.path.join(raw, "imagesTr")):
-            if f.startswith(c + "_") and f.endswith(ending):
-                os.symlink(os.path.join(raw, "imagesTr", f), os.path.join(inputs, f))
+    work, inputs, cases = stage_val_cases(name, args.f, args.cases, ending, "bench_predict_")
 
     def build(variant):
         if variant == "nnunet":
@@ -149,9 +140,7 @@ def main(argv=None):
         row["runs"] = rs
         rows[v] = row
     result = {
-        "machine": f"{cpu_name()}, {os.cpu_count()} cores visible, CPU only (no GPU)",
-        "cpu_capability": torch._C._get_cpu_capability(),  # what torch.backends.cpu.get_cpu_capability() reads
-        "native_bf16": dev.cpu_has_native_bf16(), "threads": args.threads, "model_folder": folder,
+        "machine": f"{machine_line()}, CPU only (no GPU)", **dev.machine_info(), "threads": args.threads, "model_folder": folder,
         "fold": args.f, "cases": cases, "patch_size": model.patch_size, "rounds": args.rounds,
         "versions": {"torch": torch.__version__, "python": sys.version.split()[0]}, "rows": rows,
     }

@@ -18,11 +18,10 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_onnx import cpu_name  # noqa: E402
+from common import machine_line, stage_val_cases  # noqa: E402
 
 
 def main(argv=None):
@@ -38,7 +37,6 @@ def main(argv=None):
 
     import numpy as np
     import SimpleITK as sitk
-    import torch
 
     from nnpp import device as dev
     from nnpp.distributed import free_port
@@ -46,17 +44,8 @@ def main(argv=None):
     folder = os.path.abspath(args.model_folder)
     name = os.path.basename(os.path.dirname(folder))
     trainer, plans, config = os.path.basename(folder).split("__")
-    raw = os.path.join(os.environ["nnUNet_raw"], name)
-    splits = json.load(open(os.path.join(os.environ["nnUNet_preprocessed"], name, "splits_final.json")))
-    cases = sorted(splits[int(args.f)]["val"])[:args.cases]
     ending = json.load(open(os.path.join(folder, "dataset.json")))["file_ending"]
-    work = tempfile.mkdtemp(prefix="bench_predict_ddp_")
-    inputs = os.path.join(work, "in")
-    os.makedirs(inputs)
-    for c in cases:
-        for f in os.listdir(os.path.join(raw, "imagesTr")):
-            if f.startswith(c + "_") and f.endswith(ending):
-                os.symlink(os.path.join(raw, "imagesTr", f), os.path.join(inputs, f))
+    work, inputs, cases = stage_val_cases(name, args.f, args.cases, ending, "bench_predict_ddp_")
     runs = {n: [] for n in args.n}
     masks = {}
     try:
@@ -91,8 +80,7 @@ def main(argv=None):
                      "cases_per_min_wall": statistics.median(x["cases_per_min_wall"] for x in rs),
                      "masks_equal_to_N%d" % base: bool(all(np.array_equal(a, b) for a, b in zip(masks[n], masks[base]))),
                      "runs": rs} for n, rs in runs.items()}
-    result = {"machine": f"{cpu_name()}, {os.cpu_count()} cores visible, CPU only (no GPU)",
-              "cpu_capability": torch._C._get_cpu_capability(), "native_bf16": dev.cpu_has_native_bf16(),
+    result = {"machine": f"{machine_line()}, CPU only (no GPU)", **dev.machine_info(),
               "model_folder": folder, "cases": cases, "threads_total": args.threads, "rows": rows}
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out + ".tmp", "w") as f:

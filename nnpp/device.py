@@ -258,6 +258,20 @@ def cpu_capability() -> str:
     return f"{level}, {'native' if cpu_has_native_bf16() else 'no native'} bf16"
 
 
+def machine_info() -> dict:
+    """The machine a speed figure was taken on, for benchmark JSON: CPU model, visible cores, torch version, torch's
+    CPU kernel level and whether bf16 is native (``cpu_capability``, ``native_bf16``) and the load average now."""
+    import platform
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "cpu_capability": cpu_capability(),
+            "native_bf16": cpu_has_native_bf16(), "load_average": os.getloadavg()}
+
+
 def bf16_supported(device: torch.device) -> bool:
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
