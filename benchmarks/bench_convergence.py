@@ -242,9 +242,10 @@ def fmt(cell) -> str:
 def markdown(result: dict) -> str:
     curves, structures = result["curves"], result["structures"]
     cols = structures + ["mean"]
-    lines = [f"Machine: {machine_line(result['machine'])}. Task: {result['task']}. "
-             f"{result['seeds_per_network']} seeds per network, fp32, fold 0 validation Dice (nnU-Net's), "
-             "mean ± sd over seeds.", "",
+    seeds = ", ".join(f"{n} {k}" for n, k in result["seeds_per_network"].items())
+    lines = [f"Machine: {machine_line(result['machine'])}. Task: {result['task']}. Seeds per network: {seeds}. "
+             f"fp32; validation Dice of nnU-Net's own validation on the fold-0 cases, mean ± sd over seeds; each run "
+             f"trained once to {max(result['points'])} iterations (one poly-LR schedule), validated on the way.", "",
              "| network | iterations | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols)]
     for net, curve in curves.items():
         for point, row in curve.items():
@@ -280,6 +281,7 @@ def plot(result: dict, path: str) -> None:
             ax.fill_between(x, [a - b for a, b in zip(m, sd)], [a + b for a, b in zip(m, sd)],
                             color=line.get_color(), alpha=0.15)
         ax.set_title(col)
+        ax.set_ylim(-0.05, 1.05)
         ax.set_xlabel("iterations")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("validation Dice (mean ± sd over seeds)")

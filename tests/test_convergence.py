@@ -71,11 +71,22 @@ def test_ds_weights_modes_reach_the_loss(tiny_dataset, tmp_path):
     assert losses["equal"] == pytest.approx([1 / 3] * 3)
     assert losses["descending"] == pytest.approx([4 / 7, 2 / 7, 1 / 7])  # X^{0,L} first
     assert losses["decay"] == pytest.approx(losses["equal"])  # epoch 0 of decay
+    default = _initial_state(tiny_dataset, tmp_path / "default")["trainer"]  # issue 17's default: descending
+    assert default.ds_weights == "descending" and default.loss.weight_factors == pytest.approx(losses["descending"])
+    assert default.run_settings()["ds_weights"] == "descending"
 
     t = _initial_state(tiny_dataset, tmp_path / "decay2", "--ds_weights", "decay", "--epochs", "4")["trainer"]
     t.current_epoch = 3
     t.on_train_epoch_start()  # the weights in the loss follow the epoch
     assert t.loss.weight_factors == pytest.approx([4 / 6, 1 / 6, 1 / 6])
+
+    # --c on a run whose settings name no ds_weights (every run before the flag, and equal ones): equal weights,
+    # whatever the default is now
+    old = _initial_state(tiny_dataset, tmp_path / "old", "--ds_weights", "equal", "--epochs", "3")["trainer"]
+    assert "ds_weights" not in old.run_settings()
+    old.save_checkpoint(os.path.join(old.output_folder, "checkpoint_latest.pth"))
+    resumed = _initial_state(tiny_dataset, tmp_path / "old", "--c")["trainer"]
+    assert resumed.ds_weights == "equal" and resumed.loss.weight_factors == pytest.approx([1 / 3] * 3)
 
     with pytest.raises(NnppError, match="--ds_weights.*need an nnpp trainer"):
         _initial_state(tiny_dataset, tmp_path / "unet", "-tr", "nnUNetTrainer", "--ds_weights", "descending")

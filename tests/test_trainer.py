@@ -23,7 +23,8 @@ def _batch(trainer):
 
 
 def test_builds_unetpp_with_all_heads_weighted(trainer):
-    """The loss the trainer builds weights each of the L heads 1/L (nnU-Net's own: 4/7, 2/7, 1/7 and 0)."""
+    """The loss the trainer builds weights the L heads 4/7, 2/7, 1/7 from X^{0,L} down (nnU-Net's halving, never 0:
+    issue 17's default; nnU-Net's own would be 8/15, 4/15, 2/15 and 0 for a 4th output)."""
     from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
 
     from nnpp.nets import UNetPlusPlus
@@ -32,7 +33,7 @@ def test_builds_unetpp_with_all_heads_weighted(trainer):
     assert trainer.network.depth == n_stages - 1 == 3  # the tiny plans: 4 stages
     loss = trainer._build_loss()
     assert isinstance(loss, DeepSupervisionWrapper)
-    assert list(loss.weight_factors) == [1 / 3, 1 / 3, 1 / 3]
+    assert list(loss.weight_factors) == pytest.approx([4 / 7, 2 / 7, 1 / 7])
 
 
 def test_one_full_resolution_target_for_all_heads(trainer):
@@ -144,7 +145,7 @@ def test_run_settings_saved_and_resolved_on_resume(trainer, monkeypatch):
     trainer.save_checkpoint(path)
     saved = torch.load(path, weights_only=False)["nnpp_run_settings"]
     assert saved == {"epochs": 7, "iters": 3, "val_iters": trainer.num_val_iterations_per_epoch, "amp": "bf16",
-                     "dbs": False, "checkpoint": "none"}
+                     "dbs": False, "checkpoint": "none", "ds_weights": "descending"}
 
     args = build_parser().parse_args(["1", "3d_fullres", "0", "--c"])
     resume_settings(args, saved, path, trainer.device)

@@ -41,8 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "preprocess --checkpoint)")
     p.add_argument("--ds_weights", default=None, choices=DS_WEIGHTS,
                    help="UNet++ deep-supervision head weights: equal (1/L each) | descending (nnU-Net's halving from "
-                   "X^{0,L} down) | decay (equal, then the shallower heads fade out over training); default: the "
-                   "trainer's (README: Deep supervision)")
+                   "X^{0,L} down; nnpp's default since issue 17) | decay (equal, then the shallower heads fade out "
+                   "over training); default: the trainer's. Runs saved without it continue with equal (--c)")
     p.add_argument("--seed", type=int, default=None, help="seed python's random, numpy and torch before the network "
                    "is built (rank r of a DDP run: seed + r); with nnUNet_n_proc_DA=0 batches and augmentation are "
                    "seeded too (nnU-Net's worker processes seed themselves from the OS); recorded in the run settings")

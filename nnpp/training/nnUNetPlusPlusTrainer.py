@@ -9,10 +9,11 @@ SGD, checkpoints, ``progress.png``, validation and ``summary.json``):
   against the one full-resolution target: the data pipeline makes no per-head targets (nnU-Net's pipeline
   without deep-supervision scales: one target tensor through collate, worker IPC, pinning and the host-to-
   device copy), and the loss (:class:`SharedTargetDeepSupervision`) pairs every head with that same tensor.
-* Head weights: equal, 1/L each (the UNet++ paper averages the losses of its heads). Every head gets a
-  gradient; nnU-Net's default would give the last output weight 0, which is why the reference UNet++
-  port never trained its deeper nodes. ``ds_weights`` (nnpp_train ``--ds_weights``) selects other weightings
-  (nnU-Net-like descending, decaying; see :meth:`deep_supervision_weights`, chosen with benchmarks/bench_convergence).
+* Head weights: nnU-Net's halving from X^{0,L} down (1, 1/2, 1/4, ... normalised: X^{0,L}, the head that predicts,
+  gets about half), but every head non-zero, so every head gets a gradient (nnU-Net's own weights would give the
+  last output 0, which is why the reference UNet++ port never trained its deeper nodes). Chosen over the UNet++
+  paper's equal 1/L (nnpp's default before issue 17) with benchmarks/bench_convergence; ``ds_weights`` (nnpp_train
+  ``--ds_weights equal|descending|decay``) selects the others (see :meth:`deep_supervision_weights`).
 * AMP on every device through :mod:`nnpp.device` (nnU-Net autocasts on CUDA only): ``configure_amp``.
 * Memory format from the device layer (channels_last_3d for 3D on the CPU): network and every batch.
 * Activation checkpointing of UNet++'s nested nodes: ``checkpoint_nodes`` (nnpp_train ``--checkpoint``; default:
@@ -67,8 +68,9 @@ class nnUNetPlusPlusTrainer(nnUNetTrainer):
     distribute_batch = False
     #: activation checkpointing of UNet++'s nested nodes ("none", "node", "cat_conv1"); None: as the plans say
     checkpoint_nodes: str | None = None
-    #: deep-supervision head weights, one of DS_WEIGHTS (nnpp_train --ds_weights; see deep_supervision_weights)
-    ds_weights: str = "equal"
+    #: deep-supervision head weights, one of DS_WEIGHTS (nnpp_train --ds_weights; see deep_supervision_weights).
+    #: "descending" since issue 17 (benchmarks/bench_convergence, README "Deep supervision weights"); before: "equal"
+    ds_weights: str = "descending"
     #: the --seed the run was started with (recorded in the run settings; None: not seeded)
     seed: int | None = None
 
