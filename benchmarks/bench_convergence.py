@@ -32,7 +32,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -55,24 +54,14 @@ NETWORKS = {
 
 
 def machine() -> dict:
-    """CPU model, cores, torch's CPU capability and native bf16 (named beside every figure)."""
-    import torch
-
-    from nnpp.device import cpu_has_native_bf16
-    model = platform.processor() or "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {"cpu": model, "cores": os.cpu_count(), "torch": torch.__version__,
-            "cpu_capability": torch._C._get_cpu_capability(),  # what torch.backends.cpu.get_cpu_capability() reads
-            "native_bf16": cpu_has_native_bf16()}
+    """CPU model, cores, torch, torch's CPU capability, native bf16, load (nnpp.device.machine_info)."""
+    from nnpp.device import machine_info
+    return machine_info()
 
 
 def machine_line(m: dict) -> str:
-    return (f"{m['cpu']}, {m['cores']} cores, torch {m['torch']}, CPU capability {m['cpu_capability']}, native bf16: "
-            f"{'yes' if m['native_bf16'] else 'no'}")
+    bf16 = "" if "bf16" in m["cpu_capability"] else f", native bf16: {'yes' if m['native_bf16'] else 'no'}"
+    return f"{m['cpu']}, {m['cores']} cores, torch {m['torch']}, CPU capability {m['cpu_capability']}{bf16}"
 
 
 # ------------------------------------------------------------------------------------------------------- data
