@@ -60,6 +60,7 @@ def test_soft_kd_sums_the_heads_with_the_deep_supervision_weights(tiny_dataset, 
     other head is uniform: KL(p_t || uniform) = sum p log p + log 3. UNet++ heads weigh 1/L each, so
     soft = (L-1)/L * T^2 * KL."""
     tr = _make(tiny_dataset, tmp_path, monkeypatch, kd=["soft"], T=2.0)
+    tr.ds_weights = "equal"  # 1/L per head (nnpp_train --ds_weights equal; the default is descending since issue 17)
     L = tr.num_heads
     assert L >= 2
     shape = (1, 3, 4, 4, 4)
