@@ -135,3 +135,22 @@ def test_out_of_memory_halves_the_batch():
     ours = pred.predict_sliding_window_return_logits(img)
     assert pred.tta_batch == 2 and [b for b, *_ in net.calls] == [2] * 8
     assert_same_logits(ours.float(), ref)
+
+
+@pytest.mark.parametrize("tta_batch, expected", [(None, 8), (3, 3)])
+def test_final_validation_uses_the_trainers_tta_batch(monkeypatch, tta_batch, expected):
+    """nnpp_train --tta_batch reaches the predictor nnU-Net's final validation builds (default 8), in the run's AMP."""
+    import nnunetv2.training.nnUNetTrainer.nnUNetTrainer as trainer_module
+
+    from nnpp import device as dev
+    from nnpp.training import nnUNetPlusPlusTrainer
+    built = []
+
+    def nnunet_validation(self, save_probabilities=False):  # what nnU-Net's does first: build its predictor
+        built.append(trainer_module.nnUNetPredictor(device=torch.device("cpu")))
+    monkeypatch.setattr(trainer_module.nnUNetTrainer, "perform_actual_validation", nnunet_validation)
+    trainer = object.__new__(nnUNetPlusPlusTrainer)  # only amp and tta_batch are read before nnU-Net's code
+    trainer.amp, trainer.tta_batch = dev.make_amp("O0", torch.device("cpu")), tta_batch
+    trainer.perform_actual_validation()
+    assert isinstance(built[0], nnppPredictor) and built[0].tta_batch == expected and built[0].amp is trainer.amp
+    assert trainer_module.nnUNetPredictor.__name__ == "nnUNetPredictor"  # restored afterwards

@@ -54,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "poly LR schedule from here on, a new --amp drops or starts the grad scaler state)")
     p.add_argument("--val", action="store_true", help="only run the final validation (needs checkpoint_final)")
     p.add_argument("--val_best", action="store_true", help="validate with checkpoint_best instead of final")
+    p.add_argument("--tta_batch", type=positive_int, default=None, help="final validation: at most N tiles x "
+                   "mirrored copies per network call (default 8, as nnpp_predict; lower it if device memory is short; "
+                   "1 = nnU-Net's one call per copy)")
     p.add_argument("--npz", action="store_true", help="also save softmax outputs of the validation")
     p.add_argument("--disable_checkpointing", action="store_true")
     p.add_argument("-pretrained_weights", default=None, help="checkpoint to initialise the network from")
@@ -224,11 +227,13 @@ def _train(args, env, device, setup=None):
         trainer.distribute_batch = bool(args.dbs)
         trainer.checkpoint_nodes = args.checkpoint
         trainer.seed = args.seed
+        trainer.tta_batch = args.tta_batch
         if args.ds_weights is not None:
             trainer.ds_weights = args.ds_weights
     elif args.amp not in (None, "auto") or args.dbs or args.other_use or args.pretrained_weights or args.checkpoint \
-            or args.ds_weights:
-        raise NnppError(f"--amp, --dbs, --checkpoint, --ds_weights, --other_use and -pretrained_weights need an nnpp "
+            or args.ds_weights or args.tta_batch:
+        raise NnppError(f"--amp, --dbs, --checkpoint, --ds_weights, --tta_batch, --other_use and -pretrained_weights "
+                        f"need an nnpp "
                         f"trainer; "
                         f"{args.tr} is nnU-Net's own (use nnUNetv2_train for it)")
     configure_run(trainer, args.epochs, args.iters, args.val_iters, args.save_every)

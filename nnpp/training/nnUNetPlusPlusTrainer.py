@@ -73,6 +73,9 @@ class nnUNetPlusPlusTrainer(nnUNetTrainer):
     ds_weights: str = "descending"
     #: the --seed the run was started with (recorded in the run settings; None: not seeded)
     seed: int | None = None
+    #: final validation: at most this many tiles x mirrored copies per network call (nnpp_train --tta_batch;
+    #: None: nnppPredictor's default, 8; 1 is nnU-Net's one call per copy)
+    tta_batch: int | None = None
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
@@ -275,9 +278,10 @@ class nnUNetPlusPlusTrainer(nnUNetTrainer):
 
     def perform_actual_validation(self, save_probabilities: bool = False):
         """nnU-Net's final validation, with the predictor told what the device layer knows (logits stay on npu
-        as on cuda; the run's AMP mode instead of nnU-Net's CUDA-only fp16). See nnpp.predictor."""
-        from nnpp.predictor import nnunet_validation_uses
-        with nnunet_validation_uses(self.amp):
+        as on cuda; the run's AMP mode instead of nnU-Net's CUDA-only fp16; batched mirroring bounded by
+        ``tta_batch``). See nnpp.predictor."""
+        from nnpp.predictor import DEFAULT_TTA_BATCH, nnunet_validation_uses
+        with nnunet_validation_uses(self.amp, self.tta_batch or DEFAULT_TTA_BATCH):
             super().perform_actual_validation(save_probabilities)
 
     def on_train_epoch_start(self):
