@@ -81,3 +81,35 @@ def test_cli_missing_provider_is_one_line_before_loading(tmp_path, capsys):
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.count("error:") == 1 and "no TensorrtExecutionProvider" in err
     assert not (tmp_path / "o").exists()
+
+
+def test_cli_amp_with_onnx_is_one_line(tmp_path, capsys):
+    """--amp is torch's precision: with --onnx it would be ignored, so it is refused (the export sets precision)."""
+    from nnpp.run import predict
+    with pytest.raises(SystemExit) as e:
+        predict.main(["-i", str(tmp_path), "-o", str(tmp_path / "o"), "--onnx", str(tmp_path / "none"),
+                      "--amp", "bf16"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("error:") == 1 and "nnpp_export --precision" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_torchrun_rank_gets_its_own_accelerator_for_host_fed_providers(monkeypatch, tmp_path):
+    """Under torchrun, a provider whose tiles stay on the host (cann: the torch device is the CPU) still runs each
+    rank on its own accelerator: LOCAL_RANK is the provider's device_id, not the CPU device's (absent) index."""
+    import torch
+
+    from nnpp.run import predict
+    seen = {}
+
+    def fake_load(folder, provider, threads, folds, trt_cache, device_id=0):
+        seen["device_id"] = device_id
+        raise SystemExit(0)  # stop before reading the folder: only the device choice matters here
+    monkeypatch.setattr("nnpp.deploy.ort.load_onnx_folder", fake_load)
+    pred = predict.make_predictor(torch.device("cpu"))
+    with pytest.raises(SystemExit):
+        predict.init_onnx(pred, str(tmp_path), provider="cann", device_id=3)
+    assert seen["device_id"] == 3
+    with pytest.raises(SystemExit):
+        predict.init_onnx(pred, str(tmp_path), provider="cann")
+    assert seen["device_id"] == 0

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from nnpp import NnppError
+from nnpp import device as dev
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider",
              "tensorrt": "TensorrtExecutionProvider", "cann": "CANNExecutionProvider",
@@ -174,6 +175,7 @@ class OrtNetwork(nn.Module):
         index = x.device.index or 0
         binding.bind_input(self.input_name, "cuda", index, np.float32, tuple(x.shape), x.data_ptr())
         binding.bind_output(session.get_outputs()[0].name, "cuda", index, np.float32, tuple(out.shape), out.data_ptr())
+        dev.synchronize(x.device)  # torch wrote x on its own stream; ONNX Runtime reads it on another
         session.run_with_iobinding(binding)
         return out
 

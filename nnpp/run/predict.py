@@ -143,15 +143,17 @@ def init_torch(predictor, model_folder: str, folds, checkpoint_name: str = "chec
 
 
 def init_onnx(predictor, onnx_folder: str, folds=None, provider: str = "cpu", threads: int = 0,
-              trt_cache: str | None = None) -> dict:
+              trt_cache: str | None = None, device_id: int | None = None) -> dict:
     """Initialise ``predictor`` with the ONNX Runtime sessions of an nnpp_export folder (its plans.json,
-    dataset.json and mirroring axes; ``folds`` a subset of the exported ones). Returns the export metadata."""
+    dataset.json and mirroring axes; ``folds`` a subset of the exported ones). ``device_id``: the accelerator the
+    provider runs on (default: the predictor's device index; under torchrun the local rank, also for providers
+    whose tiles stay on the host such as cann). Returns the export metadata."""
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
     from nnpp.model_folder import load_model_json
     from nnpp.deploy.ort import load_onnx_folder
     meta, network = load_onnx_folder(onnx_folder, provider, threads, folds, trt_cache,
-                                     device_id=predictor.device.index or 0)
+                                     device_id=(predictor.device.index or 0) if device_id is None else device_id)
     plans = load_model_json(os.path.join(onnx_folder, "plans.json"), "plans.json of the ONNX export")
     dataset_json = load_model_json(os.path.join(onnx_folder, "dataset.json"), "dataset.json of the ONNX export")
     plans_manager = PlansManager(plans)
@@ -183,6 +185,9 @@ def main(argv=None):
         args.num_parts, args.part_id = env.world_size, env.rank
 
     if args.onnx is not None:
+        if args.amp != "auto":
+            raise NnppError(f"--amp {args.amp} is torch's inference precision; an ONNX export's precision is set at "
+                            f"export (nnpp_export --precision fp32|fp16|int8): drop --amp")
         if args.depth is not None:
             raise NnppError("--depth is fixed at export with --onnx; export with nnpp_export --depth k instead")
         from nnpp.deploy.ort import check_provider
@@ -207,7 +212,8 @@ def main(argv=None):
     if args.onnx is not None:
         if args.trt_cache and args.ort_provider != "tensorrt":
             raise NnppError("--trt_cache is the TensorRT engine cache: use it with --ort_provider tensorrt")
-        meta = init_onnx(predictor, args.onnx, args.f, args.ort_provider, args.ort_threads, args.trt_cache)
+        meta = init_onnx(predictor, args.onnx, args.f, args.ort_provider, args.ort_threads, args.trt_cache,
+                         env.local_rank if env.enabled else None)
         print(f"[nnpp_predict] ONNX Runtime ({args.ort_provider}, threads {args.ort_threads or 'auto'}): "
               f"{args.onnx}, folds {', '.join(str(f['fold']) for f in meta['folds'] if not args.f or str(f['fold']) in args.f)}, "
               f"depth {meta['depth']}; {tta}")
