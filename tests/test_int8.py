@@ -55,25 +55,30 @@ def test_fp16_export_is_scored(trained_model, tiny_dataset, tmp_path, monkeypatc
 
 
 def test_guard_refuses_a_quantized_model_that_loses_dice(trained_model, tiny_dataset, tmp_path, monkeypatch, capsys):
-    """A quantizer that returns a model predicting background everywhere: the liver Dice drops to 0, beyond the
-    default --max_dice_drop 0.01; one line, nothing written."""
+    """A quantizer that returns a model predicting background everywhere, against an fp32 model (the session's,
+    trained for 2 iterations, made to predict liver everywhere so that its liver Dice is > 0 whatever the training
+    gave): the liver Dice drops beyond the default --max_dice_drop 0.01; one line, nothing written."""
     from onnx import numpy_helper
 
     from nnpp.deploy import quantize as q
 
-    def background_only(fp32_path, out_path, reader):
-        model = onnx.load(fp32_path)
+    def constant_head(src, dst, winner):
+        model = onnx.load(src)
         head = [n for n in model.graph.node if n.op_type == "Conv"][-1]
         for name, value in zip(head.input[1:], (0.0, None)):
             init = next(i for i in model.graph.initializer if i.name == name)
             arr = numpy_helper.to_array(init).copy()
-            if value is None:  # bias: class 0 wins everywhere
+            if value is None:  # bias: class `winner` wins everywhere
                 arr[:] = 0
-                arr[0] = 10
+                arr[winner] = 10
             else:
                 arr[:] = value
             init.CopyFrom(numpy_helper.from_array(arr, name))
-        onnx.save(model, out_path)
+        onnx.save(model, dst)
+
+    def background_only(fp32_path, out_path, reader):
+        constant_head(fp32_path, fp32_path, 1)  # the reference the guard scores against: liver everywhere
+        constant_head(fp32_path, out_path, 0)
         return {"tool": "test"}
     monkeypatch.setattr(q, "quantize_int8", background_only)
     rc, out, err = export(monkeypatch, capsys, trained_model(UNETPP, 0), tiny_dataset, "-o", tmp_path / "q")
@@ -82,3 +87,19 @@ def test_guard_refuses_a_quantized_model_that_loses_dice(trained_model, tiny_dat
     assert "fold 0: int8 lowers the Dice of label 1 by" in line and "(> --max_dice_drop 0.01)" in line
     assert "nothing was written" in line and "-> REFUSED" in out
     assert not (tmp_path / "q").exists() and not [f for f in os.listdir(tmp_path) if f.startswith(".nnpp_export")]
+
+
+def test_guard_refuses_when_no_label_can_be_scored(trained_model, tiny_dataset, tmp_path, monkeypatch, capsys):
+    """Validation cases in which no label occurs give no Dice to compare: the export is refused (a guard that
+    measured nothing must not pass), one line, nothing written."""
+    from nnpp.deploy import quantize as q
+
+    def no_labels(model, fold, sessions, **kwargs):
+        return {"cases": ["c0"], "dice": {n: {"1": None, "2": None} for n in sessions}, "agreement": 1.0}
+    monkeypatch.setattr(q, "score", no_labels)
+    rc, out, err = export(monkeypatch, capsys, trained_model(UNETPP, 0), tiny_dataset, "-o", tmp_path / "h",
+                          precision="fp16")
+    assert rc == 2 and "Traceback" not in err, err
+    (line,) = [x for x in err.splitlines() if "error:" in x]
+    assert "no label occurs in the 1 validation case(s)" in line
+    assert not (tmp_path / "h").exists()

@@ -186,7 +186,7 @@ def test_multi_fold_averaging_onnx_vs_torch(trained_model, tiny_dataset, tmp_pat
     predictor does, each fold through its own session."""
     src = trained_model(UNETPP, 0)
     folder = tmp_path / "results" / os.path.basename(os.path.dirname(src)) / os.path.basename(src)
-    shutil.copytree(src, folder, ignore=shutil.ignore_patterns("validation", "onnx*"))
+    shutil.copytree(src, folder, ignore=shutil.ignore_patterns("validation", "onnx*", "fold_[1-9]"))  # fold 0 only
     ckpt = torch.load(folder / "fold_0" / "checkpoint_final.pth", map_location="cpu", weights_only=False)
     g = torch.Generator().manual_seed(0)
     ckpt["network_weights"] = {k: v + 0.3 * v.std() * torch.randn(v.shape, generator=g) if v.is_floating_point()
@@ -213,7 +213,7 @@ def test_multi_fold_averaging_onnx_vs_torch(trained_model, tiny_dataset, tmp_pat
 def copy_model(trained_model, tmp_path, trainer=UNETPP):
     src = trained_model(trainer, 0)
     dst = tmp_path / "results" / os.path.basename(os.path.dirname(src)) / os.path.basename(src)
-    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("validation", "onnx*"))
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("validation", "onnx*", "fold_[1-9]"))  # fold 0 only
     return str(dst)
 
 

@@ -189,6 +189,9 @@ def _reduced(model: TrainedModel, fold, path: str, precision: str, max_dice_drop
         settings = q.convert_fp16(path, qpath)
     scores = q.score(model, fold, {"fp32": make_session(path, "cpu"), precision: make_session(qpath, "cpu")})
     drop = q.dice_drop(scores, "fp32", precision)
+    if all(d is None for d in drop.values()):
+        raise NnppError(f"fold {fold}: no label occurs in the {len(scores['cases'])} validation case(s), so the "
+                        f"{precision} model's Dice cannot be checked against fp32; export fp32")
     worst_label, worst = max(((lab, d) for lab, d in drop.items() if d is not None), key=lambda t: t[1],
                              default=(None, 0.0))
     text = ", ".join(f"label {lab} {scores['dice']['fp32'][lab]:.4f} -> {scores['dice'][precision][lab]:.4f}"

@@ -44,9 +44,11 @@ def _preprocessed(model) -> tuple[str, dict]:
 def _cases(model, fold, part: str) -> tuple[object, list]:
     from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
     folder, splits = _preprocessed(model)
-    fold = int(fold) if str(fold) != "all" else None
-    if fold is None or fold >= len(splits):
-        raise NnppError(f"int8 export of fold {fold}: splits_final.json has no such fold to calibrate and score on")
+    index = int(fold) if str(fold) != "all" else None
+    if index is None or index >= len(splits):
+        raise NnppError(f"reduced-precision export of fold {fold}: splits_final.json has no such fold to calibrate "
+                        f"and score on (fold 'all' has no validation cases); export fp32")
+    fold = index
     keys = sorted(splits[fold][part])
     return infer_dataset_class(folder)(folder, keys), keys
 
@@ -140,9 +142,13 @@ def score(model, fold, sessions: dict, mirroring: bool = True, max_cases: int | 
     of the first two sessions agree)."""
     from nnpp.deploy.ort import OrtNetwork
     from nnpp.predictor import nnppPredictor
+    label_manager = model.plans_manager.get_label_manager(model.dataset_json)
+    if label_manager.has_regions:
+        raise NnppError("reduced-precision exports are scored per label (argmax); this model predicts regions "
+                        "(sigmoid), which the Dice guard does not score yet: export fp32")
     dataset, keys = _cases(model, fold, "val")
     keys = keys[:max_cases] if max_cases else keys
-    labels = [v for k, v in model.dataset_json["labels"].items() if v != 0 and not isinstance(v, (list, tuple))]
+    labels = [v for v in label_manager.foreground_labels if v != label_manager.ignore_label]
     names = list(sessions)
     dice = {n: {str(lab): [] for lab in labels} for n in names}
     same = total = 0
