@@ -150,6 +150,12 @@ def test_distilled_teacher_uses_its_recorded_cases(tmp_path):
     (folder / "fold_1" / "kd_config.json").write_text(json.dumps({"training_cases": ["c0", "c1", "c2"]}))
     with pytest.raises(NnppError, match=r"was trained on 1 of the student's fold-1 validation cases \(c1\)"):
         check_leaks([t], root, 1, ["c1"])
+    # a student whose record lists no cases (distilled before they were recorded, or from teachers of unknown
+    # cases) has unknown training cases: refused, or a leak with --allow-val-leak; never "only its split"
+    (folder / "fold_1" / "kd_config.json").write_text(json.dumps({"kd": ["soft"]}))
+    with pytest.raises(NnppError, match="kd_config.json lists no training cases.*--allow-val-leak"):
+        check_leaks([t], root, 1, ["c1"])
+    assert check_leaks([t], root, 1, ["c1"], allow_val_leak=True) == [("nnUNetTrainerKD__P_kd__3d/fold_1", None)]
 
 
 # --------------------------------------------------------------------------------------------- student plans

@@ -191,12 +191,13 @@ def teacher_dataset(teacher: Teacher) -> str | None:
 def teacher_training_cases(teacher: Teacher, preprocessed_root: str) -> list | None:
     """The case ids ``teacher``'s weights have seen: recorded in its fold's ``kd_config.json`` when it is itself a
     distilled student (its own training cases and its teachers'), else its dataset's splits
-    (``preprocessed_root/DatasetXXX_Name/``). None when the folder is not inside a DatasetXXX_Name folder."""
+    (``preprocessed_root/DatasetXXX_Name/``). None (unknown) when the folder is not inside a DatasetXXX_Name folder,
+    or when it is a distilled student whose record does not list them (distilled before they were recorded, or from
+    teachers whose cases were unknown): its teachers may have seen any case."""
     record = os.path.join(teacher.folder, f"fold_{teacher.fold}", "kd_config.json")
     if os.path.isfile(record):
         cases = load_json_file(record, "kd_config.json").get("training_cases")
-        if cases:
-            return list(cases)
+        return list(cases) if cases else None
     dataset = teacher_dataset(teacher)
     if dataset is None:
         return None
@@ -220,10 +221,13 @@ def check_leaks(teachers: list, preprocessed_root: str, student_fold, student_va
         t_train = t.training_cases = teacher_training_cases(t, preprocessed_root)
         if t_train is None:
             if not allow_val_leak:
-                raise NnppError(f"teacher {t.name}: {t.folder} is not inside a DatasetXXX_Name folder, so its "
-                                f"training cases are unknown and cannot be checked against the student's validation "
-                                f"cases; keep nnU-Net's layout ($nnUNet_results/DatasetXXX_Name/TRAINER__PLANS__"
-                                f"CONFIG), or pass --allow-val-leak to accept it (the run is then marked leaky)")
+                why = (f"{t.folder} is not inside a DatasetXXX_Name folder" if teacher_dataset(t) is None else
+                       f"it is a distilled student whose kd_config.json lists no training cases")
+                fix = ("keep nnU-Net's layout ($nnUNet_results/DatasetXXX_Name/TRAINER__PLANS__CONFIG), or "
+                       if teacher_dataset(t) is None else "")
+                raise NnppError(f"teacher {t.name}: {why}, so its training cases are unknown and cannot be checked "
+                                f"against the student's validation cases; {fix}pass --allow-val-leak to accept it "
+                                f"(the run is then marked leaky)")
             leaks.append((t.name, None))
             continue
         leaked = sorted(val & set(t_train))
@@ -243,5 +247,6 @@ def check_leaks(teachers: list, preprocessed_root: str, student_fold, student_va
 def describe_leak(name: str, cases: list | None) -> str:
     """One clause for a leak of :func:`check_leaks`."""
     if cases is None:
-        return f"{name}'s training cases are unknown (its folder is not inside DatasetXXX_Name)"
+        return (f"{name}'s training cases are unknown (its folder is not inside DatasetXXX_Name, or its "
+                f"kd_config.json lists none)")
     return f"{name} was trained on {len(cases)} of the student's validation cases ({', '.join(cases[:5])})"
