@@ -22,7 +22,8 @@ def run(rank: int, world: int, port: int, dataset: str, preprocessed: str, resul
     from nnpp.training import nnUNetPlusPlusTrainer
 
     with distributed.process_group(distributed.dist_env(), "gloo"):
-        plans = write_student_plans(preprocessed, "nnUNetPlans", "3d_fullres", 2, "unetpp", log=None)
+        plans = write_student_plans(preprocessed, "nnUNetPlans", "3d_fullres", 2, "unetpp", log=None,
+                                    writer=rank == 0)  # as nnpp_distill: rank 0 writes, the other waits
         trainer = make_trainer(dataset, "3d_fullres", "0", "nnUNetPlusPlusTrainerKDDDP", plans, torch.device("cpu"))
         torch.manual_seed(1)  # the same teacher on every rank, at the source plans' (full) width
         source = PlansManager(json.load(open(os.path.join(preprocessed, "nnUNetPlans.json"))))

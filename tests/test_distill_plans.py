@@ -78,3 +78,48 @@ def test_unreadable_student_plans_are_one_line_and_left_alone(pre):
         write_student_plans(pre, "nnUNetPlans", "3d_fullres", 2)
     assert open(path).read() == "{ not json"
     assert [f for f in os.listdir(pre) if ".tmp" in f] == []
+
+
+def test_only_the_writer_rank_writes_the_others_wait_for_it(pre):
+    """Under DDP rank 0 writes the student plans; another rank (writer=False) writes nothing, waits until the file
+    holds rank 0's configuration and returns the same name; without rank 0 it gives up in one line."""
+    import threading
+    import time
+
+    from nnpp.distill.student import write_student_plans
+    path = os.path.join(pre, "nnUNetPlans_kd_r2.json")
+    with pytest.raises(NnppError, match="waited 1 s for rank 0 to write configuration '3d_fullres'") as e:
+        write_student_plans(pre, "nnUNetPlans", "3d_fullres", 2, writer=False, wait_s=1)
+    assert "\n" not in str(e.value) and not os.path.exists(path)  # a non-writer created nothing
+    rank0 = threading.Timer(1.0, write_student_plans, args=(pre, "nnUNetPlans", "3d_fullres", 2))
+    rank0.start()
+    t0 = time.monotonic()
+    assert write_student_plans(pre, "nnUNetPlans", "3d_fullres", 2, writer=False, wait_s=30) == "nnUNetPlans_kd_r2"
+    rank0.join()
+    assert time.monotonic() - t0 >= 0.9 and list(_read(pre, "nnUNetPlans_kd_r2")["configurations"]) == ["3d_fullres"]
+    # the file holds it now: a non-writer returns at once and leaves the file as it is
+    before = os.stat(path).st_mtime_ns
+    assert write_student_plans(pre, "nnUNetPlans", "3d_fullres", 2, writer=False, wait_s=0) == "nnUNetPlans_kd_r2"
+    assert os.stat(path).st_mtime_ns == before
+
+
+def test_concurrent_runs_do_not_lose_each_others_configuration(pre, monkeypatch):
+    """Two runs merging different configurations at the same time (read, merge, write) both end up in the file:
+    the merge is made slow so that, without the folder lock, the second write would drop the first one's."""
+    import threading
+    import time
+
+    from nnpp.distill import student
+    merge = student.merge_student_plans
+
+    def slow_merge(*args, **kw):
+        time.sleep(0.5)
+        return merge(*args, **kw)
+    monkeypatch.setattr(student, "merge_student_plans", slow_merge)
+    runs = [threading.Thread(target=student.write_student_plans, args=(pre, "nnUNetPlans", c, 2))
+            for c in ("3d_fullres", "2d")]
+    for t in runs:
+        t.start()
+    for t in runs:
+        t.join()
+    assert sorted(_read(pre, "nnUNetPlans_kd_r2")["configurations"]) == ["2d", "3d_fullres"]

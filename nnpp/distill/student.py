@@ -9,9 +9,11 @@ with one line saying so, unless ``--replace-student-plans`` asks to re-derive it
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
+import time
 
 from nnpp import NnppError
 
@@ -123,12 +125,45 @@ def merge_student_plans(existing: dict | None, derived: dict, configuration: str
     return plans, note
 
 
+@contextlib.contextmanager
+def _folder_lock(folder: str):
+    """An exclusive ``flock`` on ``folder`` itself (no lock file left behind), so that runs writing student plans
+    into the same preprocessed folder at the same time (e.g. two configurations distilled at once) read, merge
+    and write one after the other instead of losing each other's configuration. No-op where fcntl is missing."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX
+        yield
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _read_plans(path: str) -> dict | None:
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise NnppError(f"student plans {path} are not valid JSON ({e}); repair or remove the file") from None
+
+
 def write_student_plans(preprocessed_dataset_dir: str, source_plans: str, configuration: str, r: int,
-                        student: str = "unetpp", replace: bool = False, log=print) -> str:
+                        student: str = "unetpp", replace: bool = False, log=print, writer: bool = True,
+                        wait_s: float = 600.0) -> str:
     """Merge the student's ``configuration`` into the student plans file next to the source plans (created if
     absent; other configurations, and an existing differing ``configuration`` unless ``replace``, are kept; see
     :func:`merge_student_plans`), write it atomically only if its content changed, and return its identifier.
-    ``log`` gets one line when an existing configuration is kept or replaced."""
+    ``log`` gets one line when an existing configuration is kept or replaced. Read, merge and write happen under
+    an exclusive lock on the folder (concurrent runs do not lose each other's configurations).
+
+    Under DDP only one rank writes (``writer=True``, rank 0): the others (``writer=False``) write nothing and wait,
+    up to ``wait_s`` seconds, until the file holds what rank 0 writes."""
     src = os.path.join(preprocessed_dataset_dir, source_plans + ".json")
     try:
         with open(src) as f:
@@ -140,24 +175,31 @@ def write_student_plans(preprocessed_dataset_dir: str, source_plans: str, config
     derived = make_student_plans(plans, configuration, r, student, source_plans)
     name = derived["plans_name"]
     path = os.path.join(preprocessed_dataset_dir, name + ".json")
-    existing = None
-    if os.path.isfile(path):
-        try:
-            with open(path) as f:
-                existing = json.load(f)
-        except json.JSONDecodeError as e:
-            raise NnppError(f"student plans {path} are not valid JSON ({e}); repair or remove the file") from None
-    merged, note = merge_student_plans(existing, derived, configuration, replace)
-    if note and log is not None:
-        log(f"[nnpp_distill] student plans {name}: {note}")
-    if merged != existing:
-        text = json.dumps(merged, indent=2, sort_keys=False)
-        tmp = f"{path}.tmp{os.getpid()}"
-        try:
-            with open(tmp, "w") as f:
-                f.write(text)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-    return name
+    deadline = time.monotonic() + wait_s
+    while True:
+        with _folder_lock(preprocessed_dataset_dir):
+            existing = _read_plans(path)
+            merged, note = merge_student_plans(existing, derived, configuration, replace)
+            if writer:
+                if note and log is not None:
+                    log(f"[nnpp_distill] student plans {name}: {note}")
+                if merged != existing:
+                    _write_atomic(path, json.dumps(merged, indent=2, sort_keys=False))
+                return name
+        if merged == existing:  # rank 0 has written it
+            return name
+        if time.monotonic() > deadline:
+            raise NnppError(f"student plans {path}: waited {wait_s:.0f} s for rank 0 to write configuration "
+                            f"'{configuration}'; is rank 0 running with the same -p/-r/--student?")
+        time.sleep(0.5)
+
+
+def _write_atomic(path: str, text: str) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)

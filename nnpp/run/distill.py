@@ -271,8 +271,7 @@ def run(args):
     trainers = STUDENT_TRAINERS_DDP if int(os.environ.get("WORLD_SIZE", "1")) > 1 else STUDENT_TRAINERS
     resolve_student(args, os.path.join(paths["nnUNet_results"], name), trainers)
     args.p = write_student_plans(pre_dir, args.p, args.configuration, args.r, args.student,
-                                 replace=args.replace_student_plans,
-                                 log=print if int(os.environ.get("RANK", 0)) == 0 else None)
+                                 replace=args.replace_student_plans, writer=int(os.environ.get("RANK", 0)) == 0)
     args.tr = trainers[args.student]
     trainer = train.run(args, setup=setup)
     if not args.other_use and int(os.environ.get("RANK", 0)) == 0 and trainer is not None:
