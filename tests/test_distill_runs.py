@@ -110,3 +110,21 @@ def test_size_report_warns_in_one_line_when_not_cheaper():
     warnings = [line for line in lines if "WARNING" in line]
     assert len(warnings) == 1 and "not cheaper than teacher A/fold_0 (0.25x its FLOPs, 1.20x its latency" in warnings[0]
     assert all("\n" not in line for line in lines)
+
+
+def test_patch_cost_counts_one_patch_and_times_a_batch():
+    """patch_cost: FLOPs of ONE patch (a 1->2 channel 3x3x3 convolution on 4x4x4, padding 1: 2 FLOPs per
+    multiply-add x 2 output channels x 64 voxels x 27 taps = 6912) although it times batches of 2, the time is per
+    patch (the forward sees a batch of 2), and the network's training mode is restored."""
+    import torch
+
+    from nnpp import device as dev
+    from nnpp.distill.trainer import patch_cost
+    conv = torch.nn.Conv3d(1, 2, 3, padding=1, bias=False)
+    seen = []
+    conv.register_forward_hook(lambda m, i, o: seen.append(i[0].shape[0]))
+    conv.train()
+    flops, ms = patch_cost(conv, (1, 4, 4, 4), torch.device("cpu"), dev.make_amp("O0", torch.device("cpu")))
+    assert flops == 2 * 2 * 64 * 27
+    assert ms > 0 and conv.training
+    assert seen == [1] + [2] * 4  # the FLOP count on one patch, then 1 warm-up and 3 timed calls of 2 patches

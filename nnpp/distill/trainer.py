@@ -382,44 +382,22 @@ class KDMixin:
         super().on_train_epoch_end(train_outputs)
 
     # ------------------------------------------------------------------------------------------- reports
-    def measure_cost(self, network: nn.Module, repeats: int = 5, warmup: int = 2) -> tuple[int, float]:
-        """(forward FLOPs of one patch, forward time in ms of one patch) of ``network``: batch 1, the run's
-        autocast and memory format, no grad. FLOPs are counted by ``torch.utils.flop_counter.FlopCounterMode``
-        (convolutions and matmuls, 2 per multiply-add; device-independent) during the first warm-up call; the
-        time is the best of ``repeats`` calls after ``warmup`` untimed ones (other work on a shared device only
-        ever adds time: on a loaded 2-core CPU single calls of the same network varied 2 ms to 1 s)."""
-        from torch.utils.flop_counter import FlopCounterMode
-
-        x = torch.randn((1, self.num_input_channels, *self.configuration_manager.patch_size), device=self.device)
-        x = x.contiguous(memory_format=self.memory_format)
-        times, flops = [], 0
-        with torch.no_grad(), self.amp.autocast():
-            with FlopCounterMode(display=False) as counter:
-                network(x)
-            flops = int(counter.get_total_flops())
-            for i in range(max(0, warmup - 1) + repeats):
-                dev.synchronize(self.device)
-                t0 = time.perf_counter()
-                network(x)
-                dev.synchronize(self.device)
-                if i >= warmup - 1:
-                    times.append((time.perf_counter() - t0) * 1000)
-        return flops, min(times)
+    def measure_cost(self, network: nn.Module) -> tuple[int, float]:
+        """:func:`patch_cost` of ``network`` on this run's patch, device, autocast and memory format."""
+        return patch_cost(network, (self.num_input_channels, *self.configuration_manager.patch_size), self.device,
+                          self.amp, self.memory_format)
 
     def size_report(self) -> list:
         """``[{"name", "parameters", "flops_per_patch", "ms_per_patch"}]`` for the student (first) and every
-        teacher, measured on this run's device with one patch of the configuration."""
+        teacher, measured on this run's device with the configuration's patch (:func:`patch_cost`)."""
         student = self.bare_network
         student = student.net if isinstance(student, KDStudent) else student
-        was_training = student.training
-        student.eval()
         nets = [("student", student)] + [(f"teacher {t.name}", t.network) for t in self.teachers]
         rows = []
         for name, net in nets:
             flops, ms = self.measure_cost(net)
             rows.append({"name": name, "parameters": sum(p.numel() for p in net.parameters()),
                          "flops_per_patch": flops, "ms_per_patch": ms})
-        student.train(was_training)
         return rows
 
     def report_sizes(self, rows: list) -> None:
@@ -506,3 +484,34 @@ class nnUNetTrainerNoKD(nnUNetTrainerKD):
     """The U-Net student trained without KD (same network, plans and deep supervision as ``nnUNetTrainerKD``, no
     teachers): the no-KD baseline of a U-Net student (``nnpp_train -tr nnUNetTrainerNoKD -p nnUNetPlans_kd_unet_r2``),
     in a folder of its own. A UNet++ student's baseline is ``nnUNetPlusPlusTrainer``."""
+
+
+def patch_cost(network: nn.Module, patch: tuple, device: torch.device, amp: dev.Amp,
+               memory_format: torch.memory_format = torch.contiguous_format, repeats: int = 3, warmup: int = 2,
+               batch: int = 2) -> tuple[int, float]:
+    """(forward FLOPs of one patch, forward time in ms per patch) of ``network`` for patches of shape ``patch``
+    (channels, *spatial): ``amp``'s autocast, ``memory_format``, no grad. FLOPs are counted by
+    ``torch.utils.flop_counter.FlopCounterMode`` (convolutions and matmuls, 2 per multiply-add; device-independent)
+    on one patch. The time is that of a batch of ``batch`` patches divided by ``batch``, as nnpp_predict batches
+    tiles (a batch of 1 sends few-channel 3D convolutions to torch's slow im2col path on the CPU, which made a narrow
+    student look as slow as its teacher), the best of ``repeats`` calls after ``warmup`` untimed ones (other work on
+    a shared device only ever adds time: on a loaded 2-core CPU single calls of the same network varied 2 ms to 1 s)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x = torch.randn((batch, *patch), device=device).contiguous(memory_format=memory_format)
+    was_training = network.training
+    network.eval()
+    times = []
+    with torch.no_grad(), amp.autocast():
+        with FlopCounterMode(display=False) as counter:
+            network(x[:1])
+        flops = int(counter.get_total_flops())
+        for i in range(max(0, warmup - 1) + repeats):
+            dev.synchronize(device)
+            t0 = time.perf_counter()
+            network(x)
+            dev.synchronize(device)
+            if i >= warmup - 1:
+                times.append((time.perf_counter() - t0) * 1000 / batch)
+    network.train(was_training)
+    return flops, min(times)

@@ -91,7 +91,7 @@ def run(args) -> dict:
 def run_distill(args, teacher_trainer) -> list:
     """``--distill``: the trained UNet++ (fold 0) as teacher -> nnpp_distill's default student (soft KD), and the
     same student plans trained by the same student's trainer without KD for the same epochs/iterations. Prints
-    the three models' validation Dice, parameters and forward latency on one patch side by side."""
+    the three models' validation Dice, parameters and forward latency per patch side by side."""
     from nnpp.cli import label_names, read_dice
     from nnpp.planning import UNETPP_PLANS
     from nnpp.run import distill, train
@@ -129,30 +129,12 @@ def run_distill(args, teacher_trainer) -> list:
     return rows
 
 
-def _latency_ms(net, trainer, repeats: int = 5) -> float:
-    """Median forward time of ``net`` on one patch (batch 1, no grad, the run's autocast), after 2 warm-up calls."""
-    import statistics
-
+def _latency_ms(net, trainer) -> float:
+    """Forward time per patch of ``net`` (batches of 2 patches, no grad, the run's autocast and memory format; best
+    of 3 after 2 warm-up calls): nnpp.distill.trainer.patch_cost, as nnpp_distill's start-up report measures it."""
     import torch
 
-    from nnpp import device as dev
-    x = torch.randn((1, trainer.num_input_channels, *trainer.configuration_manager.patch_size), device=trainer.device)
-    net.eval()
-    times = []
-    with torch.no_grad(), trainer.amp.autocast():
-        for i in range(repeats + 2):
-            dev.synchronize(trainer.device)
-            t0 = time.perf_counter()
-            net(x)
-            dev.synchronize(trainer.device)
-            times.append(time.perf_counter() - t0)
-    return 1000 * statistics.median(times[2:])
-
-
-@entry_point("nnpp_demo")
-def main(argv=None):
-    run(build_parser().parse_args(argv))
-
-
-if __name__ == "__main__":
-    main()
+    from nnpp.distill.trainer import patch_cost
+    patch = (trainer.num_input_channels, *trainer.configuration_manager.patch_size)
+    return patch_cost(net, patch, trainer.device, trainer.amp,
+                      getattr(trainer, "memory_format", torch.contiguous_format))[1]
