@@ -131,6 +131,13 @@ def empty_cache(device: torch.device) -> None:
         torch.mps.empty_cache()
 
 
+def is_out_of_memory(error: BaseException) -> bool:
+    """Whether ``error`` is a device running out of memory: torch's ``OutOfMemoryError`` (cuda, recent torch_npu),
+    or the plain ``RuntimeError("NPU out of memory. ...")`` older torch_npu releases raise."""
+    return isinstance(error, torch.OutOfMemoryError) or (isinstance(error, RuntimeError)
+                                                         and "out of memory" in str(error).lower())
+
+
 def reset_peak_memory(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)

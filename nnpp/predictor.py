@@ -108,14 +108,15 @@ class nnppPredictor(nnUNetPredictor):
     def _run_in_batches(self, inputs: torch.Tensor) -> torch.Tensor:
         """The network on ``inputs`` in chunks of at most ``tta_batch``, as float32. Out of device memory (torch's
         OutOfMemoryError, e.g. cuda) at a batch > 1: ``tta_batch`` is halved for the rest of the run, with one
-        line, and the chunk is retried (nnU-Net's own fallback only moves the accumulators to the host)."""
+        line, and the chunk is retried (nnU-Net's own fallback only moves the accumulators to the host). Out of
+        memory is what :func:`nnpp.device.is_out_of_memory` says (torch's error, or older torch_npu's RuntimeError)."""
         outputs, i = [], 0
         while i < inputs.shape[0]:
             n = self.tta_batch
             try:
                 outputs.append(self._run_network(inputs[i:i + n]).float())
-            except torch.OutOfMemoryError:
-                if n == 1:
+            except RuntimeError as e:  # torch.OutOfMemoryError is a RuntimeError
+                if n == 1 or not dev.is_out_of_memory(e):
                     raise
                 self.tta_batch = max(1, n // 2)
                 empty_cache(self.device)

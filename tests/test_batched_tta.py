@@ -120,13 +120,15 @@ def test_tiles_arrive_in_the_networks_memory_format():
     assert net.calls and all(cl and not c for _, c, cl in net.calls)
 
 
-def test_out_of_memory_halves_the_batch():
-    """A device that runs out of memory above batch 2: the batch is halved (8 -> 4 -> 2) and the logits are the
-    same as nnU-Net's."""
+@pytest.mark.parametrize("error", [torch.OutOfMemoryError("CUDA out of memory (simulated)"),
+                                   RuntimeError("NPU out of memory. Tried to allocate 2.00 GiB (simulated)")])
+def test_out_of_memory_halves_the_batch(error):
+    """A device that runs out of memory above batch 2 (torch's error, or the RuntimeError older torch_npu raises):
+    the batch is halved (8 -> 4 -> 2) and the logits are the same as nnU-Net's."""
     class Small(Recording):
         def forward(self, x):
             if x.shape[0] > 2:
-                raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+                raise error
             return super().forward(x)
     net, patch, axes = Small(3), (8, 16, 16), (0, 1, 2)
     img = image((1, 8, 16, 24))
@@ -135,6 +137,16 @@ def test_out_of_memory_halves_the_batch():
     ours = pred.predict_sliding_window_return_logits(img)
     assert pred.tta_batch == 2 and [b for b, *_ in net.calls] == [2] * 8
     assert_same_logits(ours.float(), ref)
+
+
+def test_other_runtime_errors_are_not_taken_for_out_of_memory():
+    class Broken(Recording):
+        def forward(self, x):
+            raise RuntimeError("Given groups=1, weight of size [4, 1, 3, 3, 3], expected input to have 1 channels")
+    pred = make(nnppPredictor, Broken(3), (8, 16, 16), (0,))
+    with pytest.raises(RuntimeError, match="expected input"):
+        pred.predict_sliding_window_return_logits(image((1, 8, 16, 16)))
+    assert pred.tta_batch == 8
 
 
 @pytest.mark.parametrize("tta_batch, expected", [(None, 8), (3, 3)])
