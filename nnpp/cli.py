@@ -15,14 +15,24 @@ from nnpp import NnppError
 DATASET_ID_RE = re.compile(r"(?:Dataset|Task)?0*(\d{1,3})(?:_\w+)?")
 
 
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got '{text}'")
-    return value
+def _number(kind: type, minimum: float, strict: bool, what: str):
+    """An argparse ``type``: ``kind(text)`` that is > ``minimum`` (``strict``) or >= it, else one usage error."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not (value > minimum if strict else value >= minimum):  # also refuses nan
+            raise argparse.ArgumentTypeError(f"expected {what}, got '{text}'")
+        return value
+    parse.__name__ = what.replace(" ", "_")
+    return parse
+
+
+positive_int = _number(int, 0, True, "a positive integer")
+non_negative_int = _number(int, 0, False, "an integer >= 0")
+positive_float = _number(float, 0.0, True, "a positive number")
+non_negative_float = _number(float, 0.0, False, "a number >= 0")
 
 
 def parse_dataset_id(text: str) -> int:

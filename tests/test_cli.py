@@ -149,6 +149,23 @@ def test_bad_number_is_rejected_by_argparse(tiny_dataset):
     assert p.returncode == 2 and "expected a positive integer, got 'zero'" in p.stderr
 
 
+@pytest.mark.parametrize("module, flag, value, message", [
+    ("export", "--tol", "0", "expected a positive number, got '0'"),
+    ("export", "--max_dice_drop", "nan", "expected a number >= 0, got 'nan'"),
+    ("predict", "--ort_threads", "-1", "expected an integer >= 0, got '-1'"),
+    ("predict", "--tta_batch", "1.5", "expected a positive integer, got '1.5'")])
+def test_bad_numbers_of_export_and_predict(module, flag, value, message, capsys):
+    """One usage line and exit 2 for a number out of range, from the shared parsers in nnpp.cli."""
+    import importlib
+    mod = importlib.import_module(f"nnpp.run.{module}")
+    parser = mod.parser()
+    with pytest.raises(SystemExit) as e:
+        parser.parse_args(["-d", "1", "-c", "3d_fullres", "-i", "x", "-o", "y", "-m", "z", flag, value]
+                          if module == "predict" else ["-m", "z", flag, value])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and message in err
+
+
 def test_predict_bad_inputs(tiny_dataset, tmp_path):
     env = nnunet_env(tiny_dataset)
     p = run_cli("predict", "-i", tmp_path / "nope", "-o", tmp_path / "o", "-d", tiny_dataset["id"], "-c",

@@ -26,28 +26,8 @@ import os
 import sys
 
 from nnpp.paths import setup_paths
-from nnpp.cli import dataset_name, entry_point, positive_int
+from nnpp.cli import dataset_name, entry_point, non_negative_float, positive_float, positive_int
 from nnpp.run.train import DEFAULT_TRAINER
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got '{text}'")
-    return value
-
-
-def _non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got '{text}'")
-    return value
 
 
 def parser() -> argparse.ArgumentParser:
@@ -64,7 +44,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("-o", default=None, help="output folder (default MODEL_FOLDER/onnx or onnx_depthK)")
     p.add_argument("--precision", choices=PRECISIONS, default="fp32",
                    help="fp32 (default), fp16 (GPU providers) or int8 (static quantization); fp16/int8 with the Dice guard")
-    p.add_argument("--max_dice_drop", type=_non_negative_float, default=DEFAULT_MAX_DICE_DROP,
+    p.add_argument("--max_dice_drop", type=non_negative_float, default=DEFAULT_MAX_DICE_DROP,
                    help=f"int8: largest allowed Dice drop of any label vs fp32 (default {DEFAULT_MAX_DICE_DROP:g})")
     p.add_argument("--calib_tiles", type=positive_int, default=DEFAULT_CALIB_TILES,
                    help=f"int8: calibration tiles from the training cases (default {DEFAULT_CALIB_TILES})")
@@ -75,7 +55,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--opset", type=positive_int, default=DEFAULT_OPSET, help=f"ONNX opset (default {DEFAULT_OPSET})")
     p.add_argument("--exporter", choices=EXPORTERS, default="dynamo",
                    help="torch.onnx exporter: dynamo (default, needs onnxscript) or torchscript (deprecated by torch)")
-    p.add_argument("--tol", type=_positive_float, default=DEFAULT_TOL,
+    p.add_argument("--tol", type=positive_float, default=DEFAULT_TOL,
                    help=f"parity tolerance: max |ORT - torch| <= tol x max(1, max |logit|) (default {DEFAULT_TOL:g})")
     return p
 

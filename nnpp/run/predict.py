@@ -42,18 +42,8 @@ import time
 
 from nnpp import NnppError
 from nnpp.paths import setup_paths
-from nnpp.cli import dataset_name, entry_point, positive_int
+from nnpp.cli import dataset_name, entry_point, non_negative_int, positive_int
 from nnpp.run.train import DEFAULT_TRAINER
-
-
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got '{text}'")
-    return value
 
 
 def parser() -> argparse.ArgumentParser:
@@ -88,7 +78,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--onnx", default=None, metavar="FOLDER", help="an nnpp_export folder: predict with ONNX Runtime")
     p.add_argument("--ort_provider", default="cpu", choices=tuple(PROVIDERS), help="ONNX Runtime provider")
     p.add_argument("--trt_cache", default=None, metavar="DIR", help="TensorRT engine cache folder (--ort_provider tensorrt)")
-    p.add_argument("--ort_threads", type=_non_negative_int, default=0, help="ONNX Runtime intra-op threads (0 = auto)")
+    p.add_argument("--ort_threads", type=non_negative_int, default=0, help="ONNX Runtime intra-op threads (0 = auto)")
     p.add_argument("--tta_batch", type=positive_int, default=DEFAULT_TTA_BATCH,
                    help=f"tiles x mirrors per network call (default {DEFAULT_TTA_BATCH}; 1 = nnU-Net's one per call)")
     p.add_argument("--amp", default="auto", choices=AMP_CHOICES,
