@@ -8,7 +8,8 @@ seeds, against a longer-trained UNet++ teacher, on a synthetic task whose labels
 The task (``--task_id``, MSD layout, converted and planned by nnU-Net's pipeline, ``nnUNetPlans``): 3D volumes with
 an ellipsoid organ (label 1) holding 1-3 large, contrasted lesions (label 2, radius >= ``--lesion_radius``
 voxels), so that a UNet++ trained for ``--teacher_epochs`` learns both labels while a short-budget student does
-not. The configuration (``--configuration``, default ``2d``) is nnU-Net's own.
+not. The configuration (``--configuration``, default ``2d``) is nnU-Net's own, with the batch size set to ``--batch``
+(nnpp's change_bs).
 
 Runs, each a separate nnpp command in a results tree of its own (``WORK/results/<run>``), fold 0:
 
@@ -44,36 +45,27 @@ def make_task(root: str, task_id: int, n_cases: int, seed: int, shape=(32, 96, 9
     """An MSD-layout task: noisy background, an ellipsoid organ (intensity ~100) with 1-3 spherical lesions
     (intensity ~40, radius lesion_radius..1.6x) inside it. Spacing 1 x 1 x 1 mm."""
     import numpy as np
-    import SimpleITK as sitk
 
-    folder = os.path.join(root, f"Task{task_id:02d}_KDBench")
-    for sub in ("imagesTr", "labelsTr", "imagesTs"):
-        os.makedirs(os.path.join(folder, sub), exist_ok=True)
+    from nnpp.data.synthetic import write_msd_task
     rng = np.random.default_rng(seed)
     zz, yy, xx = np.meshgrid(*[np.arange(s, dtype=np.float32) for s in shape], indexing="ij")
-    training = []
-    for i in range(n_cases):
-        center = np.array(shape) / 2 + rng.uniform(-0.1, 0.1, 3) * np.array(shape)
-        radii = np.array(shape) * rng.uniform(0.28, 0.4, 3)
-        organ = ((zz - center[0]) / radii[0]) ** 2 + ((yy - center[1]) / radii[1]) ** 2 + \
-            ((xx - center[2]) / radii[2]) ** 2 <= 1
-        label = organ.astype(np.uint8)
-        for _ in range(rng.integers(1, 4)):
-            r = lesion_radius * rng.uniform(1.0, 1.6)
-            c = center + rng.uniform(-0.5, 0.5, 3) * np.maximum(radii - r, 1)
-            lesion = ((zz - c[0]) ** 2 + (yy - c[1]) ** 2 + (xx - c[2]) ** 2 <= r ** 2) & organ
-            label[lesion] = 2
-        image = rng.normal(0, 20, shape) + np.where(label == 1, 100, 0) + np.where(label == 2, 40, 0)
-        fname = f"kd_{i}.nii.gz"
-        for array, sub in ((image.astype(np.int16), "imagesTr"), (label, "labelsTr")):
-            sitk.WriteImage(sitk.GetImageFromArray(array), os.path.join(folder, sub, fname))
-        training.append({"image": f"./imagesTr/{fname}", "label": f"./labelsTr/{fname}"})
-    meta = {"name": "KDBench", "description": "nnpp synthetic KD benchmark task", "reference": "synthetic",
-            "licence": "CC-BY-SA 4.0", "release": "1.0", "tensorImageSize": "3D", "modality": {"0": "CT"},
-            "labels": LABELS, "numTraining": n_cases, "numTest": 0, "training": training, "test": []}
-    with open(os.path.join(folder, "dataset.json"), "w") as f:
-        json.dump(meta, f, indent=2)
-    return folder
+
+    def cases():
+        for _ in range(n_cases):
+            center = np.array(shape) / 2 + rng.uniform(-0.1, 0.1, 3) * np.array(shape)
+            radii = np.array(shape) * rng.uniform(0.28, 0.4, 3)
+            organ = ((zz - center[0]) / radii[0]) ** 2 + ((yy - center[1]) / radii[1]) ** 2 + \
+                ((xx - center[2]) / radii[2]) ** 2 <= 1
+            label = organ.astype(np.uint8)
+            for _ in range(rng.integers(1, 4)):
+                r = lesion_radius * rng.uniform(1.0, 1.6)
+                c = center + rng.uniform(-0.5, 0.5, 3) * np.maximum(radii - r, 1)
+                lesion = ((zz - c[0]) ** 2 + (yy - c[1]) ** 2 + (xx - c[2]) ** 2 <= r ** 2) & organ
+                label[lesion] = 2
+            image = rng.normal(0, 20, shape) + np.where(label == 1, 100, 0) + np.where(label == 2, 40, 0)
+            yield image.astype(np.int16), label, (1.0, 1.0, 1.0)
+    return write_msd_task(root, task_id, "KDBench", "nnpp synthetic KD benchmark task", LABELS, cases(), n_cases,
+                          "kd")
 
 
 def dice_of(summary: str) -> dict:
@@ -122,6 +114,8 @@ def main(argv=None):
     p.add_argument("--teacher_epochs", type=int, default=40)
     p.add_argument("--student_epochs", type=int, default=8)
     p.add_argument("--iters", type=int, default=50, help="training iterations per epoch (teacher and students)")
+    p.add_argument("--batch", type=int, default=16,
+                   help="batch size set in the plans with change_bs (nnU-Net's 2d planner gives this small task 128)")
     p.add_argument("--val_iters", type=int, default=10)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
@@ -143,6 +137,8 @@ def main(argv=None):
         from nnpp.data.synthetic import prepare_dataset
         msd = make_task(os.path.join(work, "msd"), a.task_id, a.cases, seed=0, lesion_radius=a.lesion_radius)
         name = prepare_dataset(msd, a.task_id, configurations=(a.configuration,), num_processes=1)
+        from nnpp.tools.change_bs import change_batch_size
+        change_batch_size(os.path.join(pre, "nnUNetPlans.json"), a.batch, a.configuration)
     out = a.out or os.path.join(work, "bench_kd.json")
     result = {"settings": vars(a), "runs": {}}
     budget = ["-device", a.device, "--iters", str(a.iters), "--val_iters", str(a.val_iters)]

@@ -65,33 +65,45 @@ def _write_nifti(array: np.ndarray, spacing_zyx, path: str) -> None:
     sitk.WriteImage(img, path)
 
 
-def make_msd_task(root: str, task_id: int = 900, name: str = "SynthLiver", n_train: int = 16, n_test: int = 2,
-                  seed: int = 0, size_scale: float = 1.0) -> str:
-    """Write ``root/TaskXX_Name`` in MSD layout (imagesTr, labelsTr, imagesTs, dataset.json); return its path."""
+def write_msd_task(root: str, task_id: int, name: str, description: str, labels: dict, cases, n_train: int,
+                   prefix: str) -> str:
+    """Write ``root/TaskXX_Name`` in MSD layout (imagesTr, labelsTr, imagesTs, dataset.json) from ``cases``, an
+    iterable of ``(image, label, spacing_zyx)``: the first ``n_train`` go to imagesTr/labelsTr, the rest (image
+    only) to imagesTs, as ``{prefix}_{i}.nii.gz``. Returns the folder."""
     if "_" in name:
         raise ValueError("the MSD converter splits the folder name on '_': use a name without underscores")
     folder = os.path.join(root, f"Task{task_id:02d}_{name}")
     for sub in ("imagesTr", "labelsTr", "imagesTs"):
         os.makedirs(os.path.join(folder, sub), exist_ok=True)
-    rng = np.random.default_rng(seed)
     training, test = [], []
-    for i in range(n_train + n_test):
-        image, label, spacing = synth_case(rng, size_scale)
-        fname = f"liver_{i}.nii.gz"
+    for i, (image, label, spacing) in enumerate(cases):
+        fname = f"{prefix}_{i}.nii.gz"
         if i < n_train:
-            _write_nifti(image.astype(np.int16), spacing, os.path.join(folder, "imagesTr", fname))
+            _write_nifti(image, spacing, os.path.join(folder, "imagesTr", fname))
             _write_nifti(label, spacing, os.path.join(folder, "labelsTr", fname))
             training.append({"image": f"./imagesTr/{fname}", "label": f"./labelsTr/{fname}"})
         else:
-            _write_nifti(image.astype(np.int16), spacing, os.path.join(folder, "imagesTs", fname))
+            _write_nifti(image, spacing, os.path.join(folder, "imagesTs", fname))
             test.append(f"./imagesTs/{fname}")
-    meta = {"name": name, "description": "nnpp synthetic liver/lesion CT task (Task03_Liver-like)",
-            "reference": "synthetic", "licence": "CC-BY-SA 4.0", "release": "1.0", "tensorImageSize": "3D",
-            "modality": {"0": "CT"}, "labels": LABELS, "numTraining": n_train, "numTest": n_test,
-            "training": training, "test": test}
+    meta = {"name": name, "description": description, "reference": "synthetic", "licence": "CC-BY-SA 4.0",
+            "release": "1.0", "tensorImageSize": "3D", "modality": {"0": "CT"}, "labels": labels,
+            "numTraining": len(training), "numTest": len(test), "training": training, "test": test}
     with open(os.path.join(folder, "dataset.json"), "w") as f:
         json.dump(meta, f, indent=2)
     return folder
+
+
+def make_msd_task(root: str, task_id: int = 900, name: str = "SynthLiver", n_train: int = 16, n_test: int = 2,
+                  seed: int = 0, size_scale: float = 1.0) -> str:
+    """Write ``root/TaskXX_Name`` in MSD layout (imagesTr, labelsTr, imagesTs, dataset.json); return its path."""
+    rng = np.random.default_rng(seed)
+
+    def cases():
+        for _ in range(n_train + n_test):
+            image, label, spacing = synth_case(rng, size_scale)
+            yield image.astype(np.int16), label, spacing
+    return write_msd_task(root, task_id, name, "nnpp synthetic liver/lesion CT task (Task03_Liver-like)", LABELS,
+                          cases(), n_train, "liver")
 
 
 def prepare_dataset(msd_folder: str, dataset_id: int, configurations=("3d_fullres",), num_processes: int = 2,

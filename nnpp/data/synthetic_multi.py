@@ -14,12 +14,9 @@ preprocessing) is :func:`nnpp.data.synthetic.prepare_dataset`.
 """
 from __future__ import annotations
 
-import json
-import os
-
 import numpy as np
 
-from nnpp.data.synthetic import _write_nifti
+from nnpp.data.synthetic import write_msd_task
 
 LABELS = {"0": "background", "1": "organ", "2": "kidney", "3": "vessel", "4": "lesion"}
 
@@ -92,26 +89,13 @@ def synth_slice(rng: np.random.Generator, size: int = 80):
 def make_msd_multi_task(root: str, task_id: int = 901, name: str = "SynthMulti", n_train: int = 30,
                         slices: int = 6, size: int = 80, seed: int = 0) -> str:
     """Write ``root/TaskXX_Name`` in MSD layout (imagesTr, labelsTr, dataset.json); return its path."""
-    if "_" in name:
-        raise ValueError("the MSD converter splits the folder name on '_': use a name without underscores")
-    folder = os.path.join(root, f"Task{task_id:02d}_{name}")
-    for sub in ("imagesTr", "labelsTr", "imagesTs"):
-        os.makedirs(os.path.join(folder, sub), exist_ok=True)
     rng = np.random.default_rng(seed)
-    training = []
-    for i in range(n_train):
-        pairs = [synth_slice(rng, size) for _ in range(slices)]
-        image = np.stack([p[0] for p in pairs]).astype(np.int16)
-        label = np.stack([p[1] for p in pairs])
-        spacing = (5.0, *(2 * [float(rng.uniform(1.3, 1.7))]))
-        fname = f"multi_{i}.nii.gz"
-        _write_nifti(image, spacing, os.path.join(folder, "imagesTr", fname))
-        _write_nifti(label, spacing, os.path.join(folder, "labelsTr", fname))
-        training.append({"image": f"./imagesTr/{fname}", "label": f"./labelsTr/{fname}"})
-    meta = {"name": name, "description": "nnpp synthetic multi-structure CT-like 2D task (organ, kidney, vessel, "
-            "lesion)", "reference": "synthetic", "licence": "CC-BY-SA 4.0", "release": "1.0",
-            "tensorImageSize": "3D", "modality": {"0": "CT"}, "labels": LABELS, "numTraining": n_train,
-            "numTest": 0, "training": training, "test": []}
-    with open(os.path.join(folder, "dataset.json"), "w") as f:
-        json.dump(meta, f, indent=2)
-    return folder
+
+    def cases():
+        for _ in range(n_train):
+            pairs = [synth_slice(rng, size) for _ in range(slices)]
+            image = np.stack([p[0] for p in pairs]).astype(np.int16)
+            label = np.stack([p[1] for p in pairs])
+            yield image, label, (5.0, *(2 * [float(rng.uniform(1.3, 1.7))]))
+    return write_msd_task(root, task_id, name, "nnpp synthetic multi-structure CT-like 2D task (organ, kidney, "
+                          "vessel, lesion)", LABELS, cases(), n_train, "multi")
