@@ -10,7 +10,11 @@ nnpp's UNet++ (also with its deepest stage dropped) or nnU-Net's PlainConvUNet. 
 FLOPs of one patch (``torch.utils.flop_counter.FlopCounterMode``: convolutions and matmuls, device-independent),
 latency of one patch (batch 1, no grad, the AMP mode's autocast) and the time of one synthetic case
 (``--case_shape``, spacing 1) through nnU-Net's own predictor (``predict_single_npy_array``: preprocessing,
-sliding window with step 0.5 and Gaussian weighting, no mirroring, resampling back). All networks in one process,
+sliding window with step 0.5 and Gaussian weighting, resampling back), three ways: nnU-Net's ``nnUNetPredictor``
+as nnUNetv2_predict runs it without mirroring (one batch-1 network call per tile), and nnpp's ``nnppPredictor`` as
+nnpp_predict runs it (tiles x mirrored copies in batches of 8), without and with mirroring (nnpp_predict's
+default). Batch-1 3D convolutions with few channels take torch's slow im2col path on the CPU (oneDNN only
+when N*C*D*H > 20480), which a narrow student's first stage hits at small patches. All networks in one process,
 the rounds interleaved across them; the figures are the best of the rounds (other jobs on a shared machine only
 add time), medians kept in the JSON.
 
@@ -119,15 +123,28 @@ def bench_plans(config: str, kind: str, r: int, drop_stages: int, case_shape: li
     return pm, pm.get_configuration("3d_fullres"), dataset_json
 
 
-def make_predictor(net, config: str, kind: str, r: int, drop_stages: int, case_shape: list, device):
-    """nnU-Net's own predictor around ``net`` (no mirroring, step 0.5, Gaussian weighting), as the model folder
-    would be loaded by nnUNetv2_predict."""
+#: the predictors a case goes through: (JSON key, predictor class, mirroring). "nnunet": nnU-Net's own
+#: ``nnUNetPredictor`` (what nnUNetv2_predict runs; one batch-1 network call per tile); "nnpp" and "nnpp_tta":
+#: ``nnpp.predictor.nnppPredictor`` (what nnpp_predict runs: tiles x mirrored copies batched, tta_batch 8),
+#: without and with test-time mirroring (nnpp_predict's default is with)
+PREDICTORS = (("nnunet", "nnUNetPredictor", False), ("nnpp", "nnppPredictor", False),
+              ("nnpp_tta", "nnppPredictor", True))
+
+
+def make_predictor(net, config: str, kind: str, r: int, drop_stages: int, case_shape: list, device,
+                   which: str = "nnUNetPredictor", mirroring: bool = False):
+    """nnU-Net's own predictor (or nnpp's subclass of it) around ``net`` (step 0.5, Gaussian weighting), as the
+    model folder would be loaded by nnUNetv2_predict (or nnpp_predict)."""
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    from nnpp.predictor import nnppPredictor
     pm, cm, dataset_json = bench_plans(config, kind, r, drop_stages, case_shape)
-    predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=False,
-                                perform_everything_on_device=device.type != "cpu", device=device, verbose=False,
-                                verbose_preprocessing=False, allow_tqdm=False)
-    predictor.manual_initialization(net, pm, cm, [net.state_dict()], dataset_json, "nnUNetTrainer", None)
+    cls = nnppPredictor if which == "nnppPredictor" else nnUNetPredictor
+    predictor = cls(tile_step_size=0.5, use_gaussian=True, use_mirroring=mirroring,
+                    perform_everything_on_device=device.type != "cpu", device=device, verbose=False,
+                    verbose_preprocessing=False, allow_tqdm=False)
+    predictor.manual_initialization(net, pm, cm, [net.state_dict()], dataset_json, "nnUNetTrainer",
+                                    (0, 1, 2) if mirroring else None)
     return predictor
 
 
@@ -153,7 +170,7 @@ def sizes(config: str, device_name: str, amp_mode: str, warmup: int, steps: int,
     nets = [build(kind, config, r, device, False, drop).eval() for _, kind, r, drop in CANDIDATES]
     rows = [{"network": name, "kind": kind, "r": r, "stages_dropped": drop,
              "parameters": sum(p.numel() for p in net.parameters()), "flops_per_patch": flops_per_patch(net, x),
-             "patch_ms": [], "case_s": []} for (name, kind, r, drop), net in zip(CANDIDATES, nets)]
+             "patch_ms": []} for (name, kind, r, drop), net in zip(CANDIDATES, nets)]
     with torch.no_grad(), amp.autocast():
         for net in nets:
             for _ in range(warmup):
@@ -162,30 +179,37 @@ def sizes(config: str, device_name: str, amp_mode: str, warmup: int, steps: int,
             for row, net in zip(rows, nets):
                 row["patch_ms"].append(1000 * timed(lambda: net(x), device, 0, 1))
     image = np.random.default_rng(0).normal(size=(1, *case_shape)).astype(np.float32)
-    predictors = [make_predictor(net, config, kind, r, drop, case_shape, device)
-                  for (_, kind, r, drop), net in zip(CANDIDATES, nets)]
-    for k in range(case_rounds):
-        for row, predictor in zip(rows, predictors):
-            t0 = time.perf_counter()
-            seg = predictor.predict_single_npy_array(image, {"spacing": [1.0, 1.0, 1.0]})
-            row["case_s"].append(time.perf_counter() - t0)
-            assert seg.shape == tuple(case_shape)
-            print(f"  round {k + 1}/{case_rounds} {row['network']}: {row['case_s'][-1]:.2f} s/case", flush=True)
+    for key, which, mirroring in PREDICTORS:
+        predictors = [make_predictor(net, config, kind, r, drop, case_shape, device, which, mirroring)
+                      for (_, kind, r, drop), net in zip(CANDIDATES, nets)]
+        for row in rows:
+            row[f"case_s_{key}"] = []
+        for k in range(case_rounds):
+            for row, predictor in zip(rows, predictors):
+                t0 = time.perf_counter()
+                seg = predictor.predict_single_npy_array(image, {"spacing": [1.0, 1.0, 1.0]})
+                row[f"case_s_{key}"].append(time.perf_counter() - t0)
+                assert seg.shape == tuple(case_shape)
+                print(f"  {key} round {k + 1}/{case_rounds} {row['network']}: {row[f'case_s_{key}'][-1]:.2f} s/case",
+                      flush=True)
     for row in rows:  # best of the rounds: other jobs on a shared machine only ever add time
         row["latency_ms"] = min(row["patch_ms"])
-        row["case_latency_s"] = min(row["case_s"])
         row["latency_ms_median"] = statistics.median(row["patch_ms"])
-        row["case_latency_s_median"] = statistics.median(row["case_s"])
+        for key, _, _ in PREDICTORS:
+            row[f"case_latency_s_{key}"] = min(row[f"case_s_{key}"])
+            row[f"case_latency_s_{key}_median"] = statistics.median(row[f"case_s_{key}"])
     for ref_name, ref in (("teacher", rows[0]), ("unet_teacher", next(r for r in rows if r["kind"] == "unet"
                                                                        and r["r"] == 1))):
         for row in rows:
             row[f"param_ratio_vs_{ref_name}"] = row["parameters"] / ref["parameters"]
             row[f"flops_ratio_vs_{ref_name}"] = row["flops_per_patch"] / ref["flops_per_patch"]
             row[f"latency_ratio_vs_{ref_name}"] = row["latency_ms"] / ref["latency_ms"]
-            row[f"case_ratio_vs_{ref_name}"] = row["case_latency_s"] / ref["case_latency_s"]
+            for key, _, _ in PREDICTORS:
+                row[f"case_ratio_{key}_vs_{ref_name}"] = row[f"case_latency_s_{key}"] / ref[f"case_latency_s_{key}"]
     for row in rows:
         print(f"  {row['network']}: {row['parameters']:,} parameters, {row['flops_per_patch'] / 1e9:.2f} GFLOP/patch, "
-              f"{row['latency_ms']:.0f} ms/patch, {row['case_latency_s']:.2f} s/case", flush=True)
+              f"{row['latency_ms']:.0f} ms/patch, s/case " + ", ".join(f"{key} {row[f'case_latency_s_{key}']:.2f}"
+                                                                       for key, _, _ in PREDICTORS), flush=True)
     return rows
 
 
@@ -260,14 +284,16 @@ def kd_steps(config: str, device_name: str, amp_mode: str, warmup: int, steps: i
 
 
 def size_table(rows: list) -> str:
-    lines = ["| network | parameters | x teacher | GFLOP/patch | x teacher | x U-Net teacher | ms/patch | x teacher | "
-             "s/case (predictor) | x teacher | x U-Net teacher |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    head = "".join(f" s/case {key} | x teacher | x U-Net teacher |" for key, _, _ in PREDICTORS)
+    lines = ["| network | parameters | x teacher | GFLOP/patch | x teacher | x U-Net teacher | ms/patch | x teacher |"
+             + head, "|---|" + "---|" * (7 + 3 * len(PREDICTORS))]
     for r in rows:
         lines.append(f"| {r['network']} | {r['parameters']:,} | {r['param_ratio_vs_teacher']:.3f} | "
                      f"{r['flops_per_patch'] / 1e9:.2f} | {r['flops_ratio_vs_teacher']:.3f} | "
                      f"{r['flops_ratio_vs_unet_teacher']:.3f} | {r['latency_ms']:.0f} | "
-                     f"{r['latency_ratio_vs_teacher']:.2f} | {r['case_latency_s']:.2f} | "
-                     f"{r['case_ratio_vs_teacher']:.2f} | {r['case_ratio_vs_unet_teacher']:.2f} |")
+                     f"{r['latency_ratio_vs_teacher']:.2f} |" + "".join(
+                         f" {r[f'case_latency_s_{key}']:.2f} | {r[f'case_ratio_{key}_vs_teacher']:.2f} | "
+                         f"{r[f'case_ratio_{key}_vs_unet_teacher']:.2f} |" for key, _, _ in PREDICTORS))
     return "\n".join(lines)
 
 
