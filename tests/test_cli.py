@@ -176,3 +176,23 @@ def test_predict_bad_inputs(tiny_dataset, tmp_path):
                 "-f", "4", "-device", "cpu", env=env)
     assert_one_line_error(p, "no checkpoint_final.pth for fold(s) 4")
     assert not (tmp_path / "o").exists()
+
+
+def test_every_console_script_resolves_and_prints_its_help():
+    """Each console script of setup.py names a module function that exists (a missing ``main`` broke nnpp_demo
+    once), and ``python -m`` on the module runs it: --help prints the command's usage and exits 0."""
+    import ast
+    import importlib
+    import subprocess
+    import sys
+    setup = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "setup.py")).read()
+    scripts = [s for s in ast.literal_eval(setup[setup.index("[", setup.index('"console_scripts"')):
+                                                 setup.index("]", setup.index('"console_scripts"')) + 1])]
+    assert len(scripts) >= 10
+    for script in scripts:
+        name, target = script.split("=")
+        module, func = target.split(":")
+        assert callable(getattr(importlib.import_module(module), func, None)), script
+        if name == "nnpp_demo":  # one `python -m` run is enough to pin the __main__ guard pattern
+            p = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, timeout=120)
+            assert p.returncode == 0 and "usage:" in p.stdout, p.stderr[-2000:]

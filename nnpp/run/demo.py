@@ -138,3 +138,12 @@ def _latency_ms(net, trainer) -> float:
     patch = (trainer.num_input_channels, *trainer.configuration_manager.patch_size)
     return patch_cost(net, patch, trainer.device, trainer.amp,
                       getattr(trainer, "memory_format", torch.contiguous_format))[1]
+
+
+@entry_point("nnpp_demo")
+def main(argv=None):
+    run(build_parser().parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()
