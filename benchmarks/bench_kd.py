@@ -121,6 +121,9 @@ def main(argv=None):
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     p.add_argument("-device", default="cpu")
     p.add_argument("--out", default=None)
+    p.add_argument("--table_only", action="store_true",
+                   help="train nothing: the table of the finished runs of --seeds x --methods (e.g. after running "
+                        "seeds or methods in separate processes)")
     a = p.parse_args(argv)
 
     work = os.path.abspath(a.work)
@@ -150,6 +153,8 @@ def main(argv=None):
     teacher_results = os.path.join(work, "results", "teacher")
     teacher = os.path.join(teacher_results, name, f"nnUNetPlusPlusTrainer__nnUNetPlans__{a.configuration}")
     summary = os.path.join(teacher, "fold_0", "validation", "summary.json")
+    if not os.path.isfile(summary) and a.table_only:
+        raise SystemExit(f"bench_kd: --table_only: no trained teacher in {teacher}")
     if not os.path.isfile(summary):
         print(f"[bench_kd] teacher: UNet++, {a.teacher_epochs} epochs x {a.iters} iterations", flush=True)
         run(["nnpp.run.train", *common, "-tr", "nnUNetPlusPlusTrainer", "--epochs", str(a.teacher_epochs),
@@ -166,6 +171,8 @@ def main(argv=None):
             trainer = NO_KD_TRAINERS[DEFAULT_STUDENT] if method == "none" else STUDENT_TRAINERS[DEFAULT_STUDENT]
             fold = os.path.join(results, name, f"{trainer}__{plans}__{a.configuration}", "fold_0")
             summary = os.path.join(fold, "validation", "summary.json")
+            if not os.path.isfile(summary) and a.table_only:
+                continue
             if not os.path.isfile(summary):
                 print(f"[bench_kd] {method}, seed {seed}: {a.student_epochs} epochs x {a.iters} iterations",
                       flush=True)
