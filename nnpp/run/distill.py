@@ -27,8 +27,9 @@ STUDENT_TRAINERS_DDP = {"unetpp": "nnUNetPlusPlusTrainerKDDDP", "unet": "nnUNetT
 #: the trainer of each student kind without KD (the no-KD baseline of the same student, in a folder of its own)
 NO_KD_TRAINERS = {"unetpp": "nnUNetPlusPlusTrainer", "unet": "nnUNetTrainerNoKD"}
 #: the default student: nnU-Net's PlainConvUNet at half width. Measured (benchmarks/RESULTS.md, bench_distill): 0.08x
-#: a UNet++ teacher's FLOPs per patch and 0.25x a plain U-Net teacher's; a UNet++ student at r=2 keeps 0.25x a
-#: UNet++ teacher's FLOPs but not its CPU latency (its full-resolution nested nodes)
+#: a UNet++ teacher's FLOPs per patch and 0.15x its time per case through nnpp_predict (0.25x / 0.44x a plain U-Net
+#: teacher's); a UNet++ student at r=2 keeps 0.25x a UNet++ teacher's FLOPs and 0.48x its time per case (its
+#: full-resolution nested nodes)
 DEFAULT_R = 2
 DEFAULT_STUDENT = "unet"
 
@@ -57,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"channel reduction of the student: features_per_stage // r, never below 8 (default {DEFAULT_R}; "
                    f"--c/--val: the run's)")
     g.add_argument("--student", default=None, help="unet (default: nnU-Net's PlainConvUNet) or unetpp (nnpp's UNet++; "
-                   "cheaper than a UNet++ teacher in FLOPs, not in CPU latency); --c/--val: the run's")
+                   "r=2: 0.25x a UNet++ teacher's FLOPs, about 0.5x its time per case); --c/--val: the run's")
     g.add_argument("--allow-val-leak", dest="allow_val_leak", action="store_true", default=None,
                    help="accept teachers trained on the student's validation cases; the run is marked leaky")
     g.add_argument("--replace-student-plans", dest="replace_student_plans", action="store_true",
