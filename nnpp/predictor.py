@@ -109,7 +109,8 @@ class nnppPredictor(nnUNetPredictor):
         """The network on ``inputs`` in chunks of at most ``tta_batch``, as float32. Out of device memory (torch's
         OutOfMemoryError, e.g. cuda) at a batch > 1: ``tta_batch`` is halved for the rest of the run, with one
         line, and the chunk is retried (nnU-Net's own fallback only moves the accumulators to the host). Out of
-        memory is what :func:`nnpp.device.is_out_of_memory` says (torch's error, or older torch_npu's RuntimeError)."""
+        memory is what :func:`nnpp.device.is_out_of_memory` says (torch's error, or the plain RuntimeError of older
+        Ascend releases)."""
         outputs, i = [], 0
         while i < inputs.shape[0]:
             n = self.tta_batch

@@ -74,24 +74,23 @@ def test_tensorrt_engine_cache_and_cuda_for_the_rest(fake_ort, monkeypatch, tmp_
 def test_cli_missing_provider_is_one_line_before_loading(tmp_path, capsys):
     if "TensorrtExecutionProvider" in ort.get_available_providers():
         pytest.skip("TensorRT is installed here")
-    from nnpp.run import predict
-    with pytest.raises(SystemExit) as e:
-        predict.main(["-i", str(tmp_path), "-o", str(tmp_path / "o"), "--onnx", str(tmp_path / "none"),
-                      "--ort_provider", "tensorrt"])
-    err = capsys.readouterr().err
-    assert e.value.code == 2 and err.count("error:") == 1 and "no TensorrtExecutionProvider" in err
-    assert not (tmp_path / "o").exists()
+    assert "no TensorrtExecutionProvider" in _predict_usage_error(tmp_path, capsys, "--ort_provider", "tensorrt")
 
 
 def test_cli_amp_with_onnx_is_one_line(tmp_path, capsys):
     """--amp is torch's precision: with --onnx it would be ignored, so it is refused (the export sets precision)."""
+    assert "nnpp_export --precision" in _predict_usage_error(tmp_path, capsys, "--amp", "bf16")
+
+
+def _predict_usage_error(tmp_path, capsys, *flags) -> str:
+    """nnpp_predict --onnx with ``flags``: exit 2, one 'error:' line, no output folder; returns stderr."""
     from nnpp.run import predict
     with pytest.raises(SystemExit) as e:
-        predict.main(["-i", str(tmp_path), "-o", str(tmp_path / "o"), "--onnx", str(tmp_path / "none"),
-                      "--amp", "bf16"])
+        predict.main(["-i", str(tmp_path), "-o", str(tmp_path / "o"), "--onnx", str(tmp_path / "none"), *flags])
     err = capsys.readouterr().err
-    assert e.value.code == 2 and err.count("error:") == 1 and "nnpp_export --precision" in err
+    assert e.value.code == 2 and err.count("error:") == 1
     assert not (tmp_path / "o").exists()
+    return err
 
 
 def test_torchrun_rank_gets_its_own_accelerator_for_host_fed_providers(monkeypatch, tmp_path):
