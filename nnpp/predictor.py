@@ -93,39 +93,53 @@ class nnppPredictor(nnUNetPredictor):
     def predict_tiles(self, tiles: torch.Tensor) -> torch.Tensor:
         """Logits of a batch of tiles (k, C, *patch), mirrored and averaged as nnU-Net's
         ``_internal_maybe_mirror_and_predict`` does for one tile, with the k x mirrors copies going through the
-        network in batches of at most ``tta_batch``. Returns float32 (k, classes, *patch)."""
-        combos = self.mirror_combinations(tiles.ndim)
-        inputs = torch.cat([torch.flip(tiles, c) if c else tiles for c in combos]) if len(combos) > 1 else tiles
-        outputs = self._run_in_batches(inputs)
-        k = tiles.shape[0]
-        prediction = outputs[:k].clone()
-        for j, c in enumerate(combos[1:], start=1):
-            prediction += torch.flip(outputs[j * k:(j + 1) * k], c)
-        if len(combos) > 1:
-            prediction /= len(combos)
-        return prediction
+        network in chunks of at most ``tta_batch``.
 
-    def _run_in_batches(self, inputs: torch.Tensor) -> torch.Tensor:
-        """The network on ``inputs`` in chunks of at most ``tta_batch``, as float32. Out of device memory (torch's
-        OutOfMemoryError, e.g. cuda) at a batch > 1: ``tta_batch`` is halved for the rest of the run, with one
-        line, and the chunk is retried (nnU-Net's own fallback only moves the accumulators to the host). Out of
-        memory is what :func:`nnpp.device.is_out_of_memory` says (torch's error, or the plain RuntimeError of older
-        Ascend releases)."""
-        outputs, i = [], 0
-        while i < inputs.shape[0]:
-            n = self.tta_batch
+        Memory is bounded like nnU-Net's: each chunk's logits are flipped back and added into one accumulator of the
+        k tiles as they come (no list of all outputs), in the network output's precision as nnU-Net sums its mirrors
+        (fp32, or fp16 under fp16 autocast; bf16 outputs are summed in fp32). With ``tta_batch`` 1 that is nnU-Net's
+        memory: one output, its flipped copy, the accumulator. Copies are taken mirror by mirror (identity first,
+        then nnU-Net's combinations), so every tile's sum is in nnU-Net's order. Out of device memory anywhere in a
+        chunk (the network, the flip, the sum) at a chunk > 1 halves ``tta_batch`` for the rest of the run, with one
+        line, and the chunk is redone from the first copy not yet added (out of memory is what
+        :func:`nnpp.device.is_out_of_memory` says: torch's error, or the plain RuntimeError of older Ascend
+        releases). Returns (k, classes, *patch)."""
+        combos = self.mirror_combinations(tiles.ndim)
+        k, total = tiles.shape[0], tiles.shape[0] * len(combos)
+        prediction, done = None, 0  # copy c is mirror c // k of tile c % k; `done` copies are in `prediction`
+        while done < total:
+            n = min(self.tta_batch, total - done)
             try:
-                outputs.append(self._run_network(inputs[i:i + n]).float())
+                segments, c = [], done  # (mirror, first tile, end tile) runs of this chunk
+                while c < done + n:
+                    m, t = divmod(c, k)
+                    end = min(k, t + done + n - c)
+                    segments.append((m, t, end))
+                    c += end - t
+                x = [torch.flip(tiles[t:e], combos[m]) if combos[m] else tiles[t:e] for m, t, e in segments]
+                out = self._run_network(torch.cat(x) if len(x) > 1 else x[0])
+                del x
+                if prediction is None:
+                    dtype = torch.float32 if out.dtype == torch.bfloat16 else out.dtype
+                    prediction = torch.zeros((k, *out.shape[1:]), dtype=dtype, device=out.device)
+                offset = 0
+                for m, t, e in segments:
+                    part = out[offset:offset + e - t]
+                    prediction[t:e] += torch.flip(part, combos[m]) if combos[m] else part
+                    offset += e - t
+                    done += e - t
+                del out, part
             except RuntimeError as e:  # torch.OutOfMemoryError is a RuntimeError
                 if n == 1 or not dev.is_out_of_memory(e):
                     raise
                 self.tta_batch = max(1, n // 2)
+                out = part = x = None
                 empty_cache(self.device)
                 print(f"[nnpp] out of device memory at {n} tiles x mirrors per network call: continuing with "
                       f"{self.tta_batch} (set --tta_batch {self.tta_batch} to start there)")
-                continue
-            i += n
-        return torch.cat(outputs)
+        if len(combos) > 1:
+            prediction /= len(combos)
+        return prediction
 
     def _internal_maybe_mirror_and_predict(self, x: torch.Tensor) -> torch.Tensor:
         """nnU-Net's per-tile entry, kept for callers of it: the batched path on one tile."""

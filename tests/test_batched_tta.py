@@ -166,3 +166,49 @@ def test_final_validation_uses_the_trainers_tta_batch(monkeypatch, tta_batch, ex
     trainer.perform_actual_validation()
     assert isinstance(built[0], nnppPredictor) and built[0].tta_batch == expected and built[0].amp is trainer.amp
     assert trainer_module.nnUNetPredictor.__name__ == "nnUNetPredictor"  # restored afterwards
+
+
+def test_each_chunks_logits_are_freed_before_the_next_call():
+    """Memory is bounded like nnU-Net's: the logits of one network call are added into the tile's accumulator and
+    dropped before the next call (an implementation that keeps every chunk's output until the mirrors are averaged
+    holds tiles x mirrors x classes logits at once)."""
+    import weakref
+
+    class Tracking(Recording):
+        def __init__(self):
+            super().__init__(3)
+            self.alive_at_call, self.outputs = [], []
+
+        def forward(self, x):
+            self.alive_at_call.append(sum(r() is not None for r in self.outputs))
+            out = super().forward(x)
+            self.outputs.append(weakref.ref(out))
+            return out
+    net, patch, axes = Tracking(), (8, 16, 16), (0, 1, 2)
+    img = image((1, 12, 24, 24))
+    ref, _ = nnunet_reference(net, patch, axes, img)
+    net.alive_at_call.clear()
+    net.outputs.clear()
+    ours = make(nnppPredictor, net, patch, axes, tta_batch=2).predict_sliding_window_return_logits(img)
+    assert [b for b, *_ in net.calls] == [2] * 32 and net.alive_at_call == [0] * 32
+    assert_same_logits(ours.float(), ref)
+
+
+def test_out_of_memory_while_summing_the_mirrors_redoes_only_what_is_missing(monkeypatch):
+    """Out of memory after the network call (flipping a chunk's logits back) also halves the batch; copies already
+    added are not added twice (the logits stay nnU-Net's)."""
+    net, patch, axes = Recording(3), (8, 16, 16), (0, 1, 2)
+    img = image((1, 8, 16, 24))
+    ref, _ = nnunet_reference(net, patch, axes, img)
+    flip, calls = torch.flip, {"n": 0}
+
+    def flaky_flip(t, dims):
+        calls["n"] += 1
+        if calls["n"] == 12:  # in the first chunk's sum: its identity copy and a few mirrors are already added
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return flip(t, dims)
+    monkeypatch.setattr(torch, "flip", flaky_flip)
+    pred = make(nnppPredictor, net, patch, axes)
+    ours = pred.predict_sliding_window_return_logits(img)
+    assert pred.tta_batch == 4 and calls["n"] > 12
+    assert_same_logits(ours.float(), ref)
