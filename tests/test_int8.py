@@ -103,3 +103,21 @@ def test_guard_refuses_when_no_label_can_be_scored(trained_model, tiny_dataset, 
     (line,) = [x for x in err.splitlines() if "error:" in x]
     assert "no label occurs in the 1 validation case(s)" in line
     assert not (tmp_path / "h").exists()
+
+
+def test_guard_dice_leaves_the_ignore_label_unscored():
+    """Labels {0 background, 1 organ, 2 ignore}: one annotated slice, the rest ignore. A prediction that is right
+    on the annotated slice scores 1.0 as in nnU-Net's evaluation, whatever it says in the unannotated slices
+    (counted as false positives there, it scored 2 * 4 / (4 * 4 + 4) = 0.4)."""
+    import numpy as np
+
+    from nnpp.deploy.quantize import _dice
+    ref = np.full((4, 4, 4), 2)
+    ref[0] = 0
+    ref[0, 1:3, 1:3] = 1  # 4 organ voxels annotated in slice 0
+    pred = np.zeros((4, 4, 4), dtype=int)
+    pred[:, 1:3, 1:3] = 1  # the organ runs through every slice
+    assert _dice(pred, ref, 1, ignore_label=2) == 1.0
+    assert _dice(pred, ref, 1) == pytest.approx(0.4)
+    pred[0, 0, 0] = 1  # one false positive in the annotated slice still counts: 2 * 4 / (5 + 4)
+    assert _dice(pred, ref, 1, ignore_label=2) == pytest.approx(8 / 9)

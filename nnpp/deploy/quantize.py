@@ -130,8 +130,12 @@ def convert_fp16(fp32_path: str, out_path: str) -> dict:
     return {"tool": "onnxruntime.transformers.float16.convert_float_to_float16", "keep_io_types": True}
 
 
-def _dice(pred: np.ndarray, ref: np.ndarray, label: int) -> float:
+def _dice(pred: np.ndarray, ref: np.ndarray, label: int, ignore_label: int | None = None) -> float:
+    """Dice of ``label`` as nnU-Net's evaluation counts it: voxels whose reference is the ignore label are not
+    scored (a prediction there is neither a false positive nor a true one). NaN where neither has the label."""
     p, r = pred == label, ref == label
+    if ignore_label is not None:
+        p &= ref != ignore_label
     denom = p.sum() + r.sum()
     return float(2 * (p & r).sum() / denom) if denom else float("nan")
 
@@ -166,7 +170,7 @@ def score(model, fold, sessions: dict, mirroring: bool = True, max_cases: int | 
             mask = pred.predict_sliding_window_return_logits(x).float().argmax(0).numpy()
             masks.append(mask)
             for lab in labels:
-                dice[n][str(lab)].append(_dice(mask, ref, lab))
+                dice[n][str(lab)].append(_dice(mask, ref, lab, label_manager.ignore_label))
         same += int((masks[0] == masks[-1]).sum())
         total += masks[0].size
     mean = {n: {lab: float(np.nanmean(v)) if not all(np.isnan(v)) else None for lab, v in d.items()}
