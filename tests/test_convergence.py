@@ -56,7 +56,7 @@ def test_seed_reproduces_weights_and_batches(tiny_dataset, tmp_path):
     assert "seed" not in unseeded["trainer"].run_settings()
 
 
-def test_ds_weights_modes_reach_the_loss(tiny_dataset, tmp_path):
+def test_ds_weights_modes_reach_the_loss(tiny_dataset, tmp_path, monkeypatch):
     """--ds_weights sets the loss nnU-Net's wrapper applies; equal stays selectable (and is what an absent setting
     means on --c); nnU-Net's own trainer refuses the flag with one clear error."""
     from nnpp.run import train
@@ -87,6 +87,19 @@ def test_ds_weights_modes_reach_the_loss(tiny_dataset, tmp_path):
     old.save_checkpoint(os.path.join(old.output_folder, "checkpoint_latest.pth"))
     resumed = _initial_state(tiny_dataset, tmp_path / "old", "--c")["trainer"]
     assert resumed.ds_weights == "equal" and resumed.loss.weight_factors == pytest.approx([1 / 3] * 3)
+    # ... and so does nnU-Net's own resume (nnUNetv2_train ... --c, trainer found through nnUNet_extTrainer): the
+    # trainer's load_checkpoint restores the run's weights before nnU-Net initialises it
+    from nnunetv2.run.run_training import get_trainer_from_args, maybe_load_checkpoint
+
+    from nnpp.training.nnunet_ext import EXT_TRAINER_PATH
+    monkeypatch.setenv("nnUNet_extTrainer", EXT_TRAINER_PATH)
+    monkeypatch.setenv("nnUNet_results", str(tmp_path / "old"))
+    nnunet_resumed = get_trainer_from_args(str(tiny_dataset["id"]), "3d_fullres", 0, "nnUNetPlusPlusTrainer",
+                                           continue_training=True, device=torch.device("cpu"))
+    assert nnunet_resumed.ds_weights == "descending"  # the class default, before the checkpoint is read
+    maybe_load_checkpoint(nnunet_resumed, True, False)
+    assert nnunet_resumed.ds_weights == "equal" and nnunet_resumed.current_epoch == 1
+    assert nnunet_resumed.loss.weight_factors == pytest.approx([1 / 3] * 3)
 
     with pytest.raises(NnppError, match="--ds_weights.*need an nnpp trainer"):
         _initial_state(tiny_dataset, tmp_path / "unet", "-tr", "nnUNetTrainer", "--ds_weights", "descending")

@@ -50,6 +50,7 @@ def test_distill_one_process_continue_and_predict(tiny_dataset, teacher, tmp_pat
     assert all(r["flops_per_patch"] > 0 and r["ms_per_patch"] > 0 for r in record["sizes"])
     ck = _load(fold / "checkpoint_final.pth")
     assert ck["trainer_name"] == "nnUNetTrainerKD"
+    assert "ds_weights" not in ck["nnpp_run_settings"]  # the U-Net student has nnU-Net's weights: nothing to record
     assert not any(k.startswith(("kd_modules", "net.")) for k in ck["network_weights"])  # the student only
     adapters = ck["nnpp_kd"]["modules"]
     assert adapters and all(k.startswith("cwd_t0_s") for k in adapters)

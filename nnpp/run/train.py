@@ -228,6 +228,7 @@ def _train(args, env, device, setup=None):
         trainer.checkpoint_nodes = args.checkpoint
         trainer.seed = args.seed
         trainer.tta_batch = args.tta_batch
+        trainer.settings_resolved = True  # flags vs the saved settings, above: load_checkpoint keeps these
         if args.ds_weights is not None:
             trainer.ds_weights = args.ds_weights
     elif args.amp not in (None, "auto") or args.dbs or args.other_use or args.pretrained_weights or args.checkpoint \

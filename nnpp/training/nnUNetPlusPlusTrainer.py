@@ -76,6 +76,10 @@ class nnUNetPlusPlusTrainer(nnUNetTrainer):
     #: final validation: at most this many tiles x mirrored copies per network call (nnpp_train --tta_batch;
     #: None: nnppPredictor's default, 8; 1 is nnU-Net's one call per copy)
     tta_batch: int | None = None
+    #: True when the caller resolved a continued run's settings itself (nnpp_train: flags against the saved ones);
+    #: False (nnU-Net's own ``nnUNetv2_train --c`` through nnUNet_extTrainer): load_checkpoint restores the settings
+    #: that change what is trained (see restore_run_settings) from the checkpoint
+    settings_resolved: bool = False
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
@@ -111,7 +115,7 @@ class nnUNetPlusPlusTrainer(nnUNetTrainer):
         settings = {"epochs": self.num_epochs, "iters": self.num_iterations_per_epoch,
                     "val_iters": self.num_val_iterations_per_epoch, "amp": self.amp.mode,
                     "dbs": bool(self.distribute_batch), "checkpoint": self.activation_checkpointing}
-        if self.ds_weights != "equal":  # absent: equal, as every run before --ds_weights (nnpp_train --c knows)
+        if self.uses_ds_weights and self.ds_weights != "equal":  # absent: equal, as every run before --ds_weights
             settings["ds_weights"] = self.ds_weights
         if self.seed is not None:
             settings["seed"] = self.seed
@@ -126,6 +130,26 @@ class nnUNetPlusPlusTrainer(nnUNetTrainer):
         if self.checkpoint_nodes is not None:
             return checkpoint_mode(self.checkpoint_nodes)
         return checkpoint_mode(self.configuration_manager.network_arch_init_kwargs.get("checkpoint_nodes"))
+
+    @property
+    def uses_ds_weights(self) -> bool:
+        """Whether this trainer's head weights come from ``ds_weights`` (a subclass with its own
+        ``deep_supervision_weights``, e.g. the U-Net student's nnU-Net weights, neither uses nor records it)."""
+        return type(self).deep_supervision_weights is nnUNetPlusPlusTrainer.deep_supervision_weights
+
+    def restore_run_settings(self, settings: dict) -> None:
+        """Continue an nnpp run with what it was trained with (its checkpoint's ``nnpp_run_settings``) where that
+        changes the loss: the head weights (absent = ``equal``, every run before ``--ds_weights``), not today's
+        default. Called by :meth:`load_checkpoint` unless :attr:`settings_resolved`; rebuilds the loss if built."""
+        if not self.uses_ds_weights:
+            return
+        saved = settings.get("ds_weights", "equal")
+        if saved != self.ds_weights:
+            self.print_to_log_file(f"continuing with the run's own head weights: ds_weights {saved} (saved in its "
+                                   f"checkpoint; this trainer's default is {self.ds_weights})")
+            self.ds_weights = saved
+            if self.was_initialized:
+                self.loss = self._build_loss()
 
     def checkpoint_extras(self) -> dict:
         """Extra top-level checkpoint entries (subclasses: KD modules under their own key)."""
@@ -341,6 +365,11 @@ class nnUNetPlusPlusTrainer(nnUNetTrainer):
         checkpoint = filename_or_checkpoint
         if isinstance(checkpoint, str):
             check_checkpoint_file(checkpoint)
+        if not self.settings_resolved:  # nnU-Net's own --c: the run's settings, read before nnU-Net initialises
+            saved = (torch.load(checkpoint, map_location="cpu", weights_only=False, mmap=True) if isinstance(
+                checkpoint, str) else checkpoint).get("nnpp_run_settings")
+            if saved is not None:  # an nnpp run (nnU-Net's own checkpoints have no settings)
+                self.restore_run_settings(saved)
         super().load_checkpoint(filename_or_checkpoint)
         if isinstance(checkpoint, str):
             checkpoint = torch.load(checkpoint, map_location=self.device, weights_only=False, mmap=True)
