@@ -72,7 +72,7 @@ def main(argv=None):
     from nnpp.deploy.export import export_model
     from nnpp.model_folder import load_trained_model, set_depth
     from nnpp.deploy.ort import make_session
-    from nnpp.run.predict import init_onnx, init_torch, make_predictor
+    from nnpp.predictor import init_onnx, init_torch, make_predictor
 
     backends = args.backends.split(",")
     if "openvino" in backends:

@@ -61,7 +61,7 @@ def main(argv=None):
 
     from nnpp import device as dev
     from nnpp.model_folder import load_trained_model
-    from nnpp.run.predict import init_onnx, init_torch, make_predictor
+    from nnpp.predictor import init_onnx, init_torch, make_predictor
 
     folder = os.path.abspath(args.model_folder)
     model = load_trained_model(folder, [args.f])

@@ -5,6 +5,9 @@ so entry points set them first (see :mod:`nnpp.paths`).
 """
 __version__ = "0.1.0"
 
+#: the trainer nnpp_train, nnpp_predict and nnpp_export use when -tr is not given
+DEFAULT_TRAINER = "nnUNetPlusPlusTrainer"
+
 
 class NnppError(Exception):
     """A user-facing error: one line saying what is wrong and what to do. Entry points print it

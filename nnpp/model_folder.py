@@ -61,8 +61,8 @@ def _json_normal(obj):
 
 
 def load_model_json(path: str, what: str) -> dict:
-    """A model folder's JSON file (nnpp.cli.load_json_file with model-folder hints)."""
-    from nnpp.cli import load_json_file
+    """A model folder's JSON file (nnpp.files.load_json_file with model-folder hints)."""
+    from nnpp.files import load_json_file
     return load_json_file(path, what, missing_hint="is this an nnU-Net model folder (TRAINER__PLANS__CONFIG with "
                           "plans.json, dataset.json, fold_F/)?", fix="restore it from the training run")
 

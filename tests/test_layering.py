@@ -39,3 +39,17 @@ def test_lookup_finds_every_nnpp_trainer():
     assert defined == set(NNPP_TRAINER_MODULES)
     for name in defined:
         assert find_trainer_class(name).__name__ == name
+
+
+def test_library_imports_no_command_module():
+    """Prediction, training, deployment and distillation are library code: importing them loads neither a command
+    module (nnpp.run.*) nor the commands' argument/error module (nnpp.cli); benchmarks and trainers build
+    predictors from nnpp.predictor."""
+    mods = ["nnpp.predictor", "nnpp.model_folder", "nnpp.training", "nnpp.deploy.export", "nnpp.deploy.quantize",
+            "nnpp.distill.trainer", "nnpp.distill.teachers", "nnpp.convert.v1_model", "nnpp.files"]
+    p = _fresh(f"import {', '.join(mods)}, sys; "
+               "print(sorted(m for m in sys.modules if m == 'nnpp.cli' or m.startswith('nnpp.run')))")
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.strip() == "[]", f"library modules load command modules: {p.stdout}"
+    from nnpp import predictor
+    assert all(callable(getattr(predictor, f)) for f in ("make_predictor", "init_torch", "init_onnx", "inference_amp"))

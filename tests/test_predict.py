@@ -80,7 +80,7 @@ def test_same_masks_as_nnunets_own_initialisation(trained_model, tiny_dataset, t
 
 
 def test_depth_prunes_the_predictor_network(trained_model, tiny_dataset, tmp_path):
-    from nnpp.run.predict import init_torch, make_predictor
+    from nnpp.predictor import init_torch, make_predictor
     folder = trained_model("nnUNetPlusPlusTrainer", 0)
     pred = make_predictor(torch.device("cpu"), progress=False)
     init_torch(pred, folder, ["0"], depth=1)

@@ -98,7 +98,7 @@ def test_torchrun_rank_gets_its_own_accelerator_for_host_fed_providers(monkeypat
     rank on its own accelerator: LOCAL_RANK is the provider's device_id, not the CPU device's (absent) index."""
     import torch
 
-    from nnpp.run import predict
+    from nnpp import predictor as predict
     seen = {}
 
     def fake_load(folder, provider, threads, folds, trt_cache, device_id=0):

@@ -75,7 +75,7 @@ def find_v1_dataset_json(folder: V1Folder, explicit: str | None) -> tuple[dict |
     """The v1 dataset.json: ``explicit``, else the v1 raw or preprocessed task folder (v1 environment
     variables, then beside the v1 RESULTS_FOLDER), else (None, None)."""
     if explicit:
-        from nnpp.cli import load_json_file
+        from nnpp.files import load_json_file
         return load_json_file(explicit, "dataset.json"), explicit
     if not folder.task:
         return None, None
@@ -92,7 +92,7 @@ def find_v1_dataset_json(folder: V1Folder, explicit: str | None) -> tuple[dict |
             candidates.append(base.joinpath(*sub, folder.task, "dataset.json"))
     for c in candidates:
         if c.is_file():
-            from nnpp.cli import load_json_file
+            from nnpp.files import load_json_file
             data = load_json_file(str(c), "v1 dataset.json")
             if "modality" in data or "channel_names" in data:
                 return data, str(c)
@@ -104,7 +104,7 @@ def resolve_dataset_name(text: str, v1_task: str | None) -> str:
     (``Dataset003_Liver``, ``Task003_Liver``) or from the v1 task folder's name."""
     from nnunetv2.utilities.dataset_name_id_conversion import find_candidate_datasets
 
-    from nnpp.cli import parse_dataset_id
+    from nnpp.files import parse_dataset_id
     dataset_id = parse_dataset_id(text)
     existing = sorted(set(find_candidate_datasets(dataset_id)))
     explicit = re.fullmatch(r"Dataset\d{3}_\w+", text.strip())
@@ -190,7 +190,7 @@ def _prepare_preprocessed_dataset_json(dataset_name: str, ds_json: dict, log) ->
         log(f"note: no v2 raw dataset {dataset_name} in nnUNet_raw; to validate, convert the v1 task with "
             f"nnUNetv2_convert_old_nnUNet_dataset first, then preprocess with these plans")
         return
-    from nnpp.cli import load_json_file
+    from nnpp.files import load_json_file
     raw_json = load_json_file(raw, "dataset.json")
     if sorted(raw_json.get("labels", {}).values()) != sorted(ds_json["labels"].values()) or \
             len(raw_json.get("channel_names", {})) != len(ds_json["channel_names"]):

@@ -108,15 +108,23 @@ def make_msd_task(root: str, task_id: int = 900, name: str = "SynthLiver", n_tra
 
 def prepare_dataset(msd_folder: str, dataset_id: int, configurations=("3d_fullres",), num_processes: int = 2,
                     planner: str = "SmallUNetPlanner", **planner_kwargs) -> str:
-    """nnU-Net's pipeline on an MSD folder: convert, fingerprint, plan (``planner``, a class of nnpp.planning: small
+    """nnU-Net's pipeline on an MSD folder: convert, then :func:`plan_and_preprocess`. nnU-Net path variables must be
+    set. Returns the v2 dataset name."""
+    from nnunetv2.dataset_conversion.convert_MSD_dataset import convert_msd_dataset
+
+    convert_msd_dataset(msd_folder, overwrite_target_id=dataset_id, num_processes=num_processes)
+    return plan_and_preprocess(dataset_id, configurations, num_processes, planner, **planner_kwargs)
+
+
+def plan_and_preprocess(dataset_id: int, configurations=("3d_fullres",), num_processes: int = 2,
+                        planner: str = "SmallUNetPlanner", **planner_kwargs) -> str:
+    """nnU-Net's planning API on a raw v2 dataset: fingerprint, plan (``planner``, a class of nnpp.planning: small
     PlainConvUNet plans ``nnUNetPlans`` by default, ``SmallUNetPlusPlusPlanner`` for UNet++-sized plans
     ``nnppUNetPlusPlusPlans``), preprocess. nnU-Net path variables must be set. Returns the v2 dataset name."""
-    from nnunetv2.dataset_conversion.convert_MSD_dataset import convert_msd_dataset
     from nnunetv2.experiment_planning.plan_and_preprocess_api import extract_fingerprint_dataset, preprocess_dataset
 
     from nnpp import planning
 
-    convert_msd_dataset(msd_folder, overwrite_target_id=dataset_id, num_processes=num_processes)
     extract_fingerprint_dataset(dataset_id, num_processes=num_processes, check_dataset_integrity=True,
                                 verbose=False, show_progress_bar=False)
     planner = getattr(planning, planner)(dataset_id, **planner_kwargs)

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from nnpp import NnppError
-from nnpp.cli import load_json_file
+from nnpp.files import load_json_file
 from nnpp.distill.losses import Target, ensemble_log_probs, ensemble_log_probs_binary
 
 

@@ -27,7 +27,7 @@ import sys
 
 from nnpp.paths import setup_paths
 from nnpp.cli import dataset_name, entry_point, non_negative_float, positive_float, positive_int
-from nnpp.run.train import DEFAULT_TRAINER
+from nnpp import DEFAULT_TRAINER
 
 
 def parser() -> argparse.ArgumentParser:

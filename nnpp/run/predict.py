@@ -43,7 +43,7 @@ import time
 from nnpp import NnppError
 from nnpp.paths import setup_paths
 from nnpp.cli import dataset_name, entry_point, non_negative_int, positive_int
-from nnpp.run.train import DEFAULT_TRAINER
+from nnpp import DEFAULT_TRAINER
 
 
 def parser() -> argparse.ArgumentParser:
@@ -86,78 +86,6 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def inference_amp(mode: str, device):
-    """The torch precision of nnpp_predict: ``auto`` is nnU-Net's inference choice (fp16 autocast on cuda, and on
-    npu alike; fp32 elsewhere), not the training default (which picks bf16 on CPUs with native bf16)."""
-    from nnpp import device as dev
-    if mode == "auto":
-        mode = "O1" if device.type in ("cuda", "npu") else "O0"
-    return dev.make_amp(mode, device)
-
-
-AMP_TEXT = {"O0": "fp32", "O1": "fp16 autocast", "bf16": "bf16 autocast"}
-
-
-def make_predictor(device, step_size: float = 0.5, mirroring: bool = True, on_device: bool = True,
-                   verbose: bool = False, progress: bool = True, amp=None, tta_batch: int | None = None):
-    """nnU-Net's predictor on ``device`` (a torch.device: cpu, cuda, mps, npu...) with Gaussian weighting;
-    :class:`nnpp.predictor.nnppPredictor`: logits stay on npu as they do on cuda (``on_device``), mirrored copies
-    go through the network in batches of ``tta_batch``, the network runs in ``amp`` (an nnpp.device.Amp)."""
-    from nnpp.predictor import DEFAULT_TTA_BATCH, nnppPredictor
-    return nnppPredictor(tile_step_size=step_size, use_gaussian=True, use_mirroring=mirroring,
-                         perform_everything_on_device=on_device, device=device, verbose=verbose,
-                         verbose_preprocessing=verbose, allow_tqdm=progress, amp=amp,
-                         tta_batch=tta_batch or DEFAULT_TTA_BATCH)
-
-
-def _no_compile(predictor, compile_ok: bool) -> None:
-    """nnU-Net compiles the network when nnUNet_compile is set; undo that where compiling is not supported
-    (ONNX Runtime adapters, devices other than cuda)."""
-    from torch._dynamo.eval_frame import OptimizedModule
-    if not compile_ok and isinstance(predictor.network, OptimizedModule):
-        predictor.network = predictor.network._orig_mod
-
-
-def init_torch(predictor, model_folder: str, folds, checkpoint_name: str = "checkpoint_final.pth",
-               depth: int | None = None):
-    """Initialise ``predictor`` with the torch network of ``model_folder`` (built by the checkpoint's trainer
-    class, every fold loaded strictly, pruned to ``depth``). Returns the :class:`TrainedModel`."""
-    from nnpp import device as dev
-    from nnpp.model_folder import load_trained_model, set_depth
-    model = load_trained_model(model_folder, folds, checkpoint_name)
-    network = set_depth(model.build_network(0), depth)
-    predictor.manual_initialization(network, model.plans_manager, model.configuration_manager, model.parameters,
-                                    model.dataset_json, model.trainer_name, model.inference_allowed_mirroring_axes)
-    _no_compile(predictor, dev.compile_supported(predictor.device))
-    return model
-
-
-def init_onnx(predictor, onnx_folder: str, folds=None, provider: str = "cpu", threads: int = 0,
-              trt_cache: str | None = None, device_id: int | None = None) -> dict:
-    """Initialise ``predictor`` with the ONNX Runtime sessions of an nnpp_export folder (its plans.json,
-    dataset.json and mirroring axes; ``folds`` a subset of the exported ones). ``device_id``: the accelerator the
-    provider runs on (default: the predictor's device index; under torchrun the local rank, also for providers
-    whose tiles stay on the host such as cann). Returns the export metadata."""
-    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
-
-    from nnpp.model_folder import load_model_json
-    from nnpp.deploy.ort import load_onnx_folder
-    meta, network = load_onnx_folder(onnx_folder, provider, threads, folds, trt_cache,
-                                     device_id=(predictor.device.index or 0) if device_id is None else device_id)
-    plans = load_model_json(os.path.join(onnx_folder, "plans.json"), "plans.json of the ONNX export")
-    dataset_json = load_model_json(os.path.join(onnx_folder, "dataset.json"), "dataset.json of the ONNX export")
-    plans_manager = PlansManager(plans)
-    configuration_manager = plans_manager.get_configuration(meta["source"]["configuration"])
-    if list(configuration_manager.patch_size) != list(meta["patch_size"]):
-        raise NnppError(f"{onnx_folder}: plans.json patch {configuration_manager.patch_size} differs from the "
-                        f"exported models' {meta['patch_size']}; re-export")
-    mirror = meta.get("inference_allowed_mirroring_axes")
-    predictor.manual_initialization(network, plans_manager, configuration_manager, network.parameters_list(),
-                                    dataset_json, meta["source"]["trainer"], tuple(mirror) if mirror is not None else None)
-    _no_compile(predictor, False)
-    return meta
-
-
 @entry_point("nnpp_predict")
 def main(argv=None):
     args = parser().parse_args(sys.argv[1:] if argv is None else argv)
@@ -168,6 +96,7 @@ def main(argv=None):
 
     from nnpp import device as dev
     from nnpp.distributed import dist_env
+    from nnpp.predictor import AMP_TEXT, inference_amp, init_onnx, init_torch, make_predictor
     env = dist_env()
     if env.enabled:  # torchrun: the ranks split the cases as nnU-Net's -num_parts/-part_id would
         if args.num_parts != 1:

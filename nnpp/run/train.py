@@ -15,8 +15,8 @@ from nnpp.device import AMP_CHOICES, DEVICE_CHOICES
 from nnpp.nets.unetpp import CHECKPOINT_MODES
 from nnpp.paths import setup_paths
 from nnpp.cli import check_fold, dataset_name, entry_point, load_json_file, positive_int
+from nnpp import DEFAULT_TRAINER  # noqa: F401  (also read as train.DEFAULT_TRAINER)
 
-DEFAULT_TRAINER = "nnUNetPlusPlusTrainer"
 #: --ds_weights choices: nnpp.training.nnUNetPlusPlusTrainer.DS_WEIGHTS (not imported: nnunetv2 reads its paths at
 #: import time, after the arguments are parsed)
 DS_WEIGHTS = ("equal", "descending", "decay")
