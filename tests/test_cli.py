@@ -55,7 +55,8 @@ def test_train_continue_validate_predict(tiny_dataset, tmp_path):
     assert ckpt["current_epoch"] == 2 and ckpt["trainer_name"] == "nnUNetPlusPlusTrainer"
     auto = resolve_amp_mode("auto", torch.device("cpu"))  # what this CPU trains in by default (O0 or bf16)
     assert ckpt["nnpp_run_settings"] == {"epochs": 2, "iters": 2, "val_iters": 1, "amp": auto, "dbs": False,
-                                         "checkpoint": "none", "ds_weights": "descending"}
+                                         "checkpoint": "none", "ds_weights": "descending",
+                                         "shallow_heads": "probe"}
 
     # 3. --val only, found through the v1 variable names
     os.remove(os.path.join(out, "validation", "summary.json"))

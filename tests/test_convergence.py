@@ -61,32 +61,41 @@ def test_ds_weights_modes_reach_the_loss(tiny_dataset, tmp_path, monkeypatch):
     means on --c); nnU-Net's own trainer refuses the flag with one clear error."""
     from nnpp.run import train
     from nnpp.training.nnUNetPlusPlusTrainer import DS_WEIGHTS
-    assert train.DS_WEIGHTS == DS_WEIGHTS  # the parser's copy of the trainer's choices
+    from nnpp.training.nnUNetPlusPlusTrainer import SHALLOW_HEADS
+    assert train.DS_WEIGHTS == DS_WEIGHTS and train.SHALLOW_HEADS == SHALLOW_HEADS  # the parser's copies
     losses = {}
     for mode in DS_WEIGHTS:
         t = _initial_state(tiny_dataset, tmp_path / mode, "--ds_weights", mode)["trainer"]
-        losses[mode] = np.array(t.loss.weight_factors)
+        losses[mode] = np.array(t.deep_supervision_weights())
         assert t.ds_weights == mode and losses[mode].sum() == pytest.approx(1) and (losses[mode] > 0).all()
+        # issue 21's default shallow_heads=probe: the loss weighs X^{0,L} 1, the probes in the mode's proportions
+        assert t.shallow_heads == "probe" and t.loss.weight_factors == pytest.approx(losses[mode] / losses[mode][0])
         assert t.run_settings().get("ds_weights", "equal") == mode
     assert losses["equal"] == pytest.approx([1 / 3] * 3)
     assert losses["descending"] == pytest.approx([4 / 7, 2 / 7, 1 / 7])  # X^{0,L} first
     assert losses["decay"] == pytest.approx(losses["equal"])  # epoch 0 of decay
     default = _initial_state(tiny_dataset, tmp_path / "default")["trainer"]  # issue 17's default: descending
-    assert default.ds_weights == "descending" and default.loss.weight_factors == pytest.approx(losses["descending"])
-    assert default.run_settings()["ds_weights"] == "descending"
+    assert default.ds_weights == "descending" and default.loss.weight_factors == pytest.approx([1, 1 / 2, 1 / 4])
+    assert default.run_settings()["ds_weights"] == "descending" and default.run_settings()["shallow_heads"] == "probe"
+    assert default.bare_network.decoder.probe_heads is True
+    trained = _initial_state(tiny_dataset, tmp_path / "trained", "--shallow_heads", "trained")["trainer"]
+    assert trained.loss.weight_factors == pytest.approx(losses["descending"])
+    assert trained.bare_network.decoder.probe_heads is False and "shallow_heads" not in trained.run_settings()
 
     t = _initial_state(tiny_dataset, tmp_path / "decay2", "--ds_weights", "decay", "--epochs", "4")["trainer"]
     t.current_epoch = 3
     t.on_train_epoch_start()  # the weights in the loss follow the epoch
-    assert t.loss.weight_factors == pytest.approx([4 / 6, 1 / 6, 1 / 6])
+    assert t.loss.weight_factors == pytest.approx([1, 1 / 4, 1 / 4])  # (4/6, 1/6, 1/6) scaled to X^{0,L} = 1
 
-    # --c on a run whose settings name no ds_weights (every run before the flag, and equal ones): equal weights,
-    # whatever the default is now
-    old = _initial_state(tiny_dataset, tmp_path / "old", "--ds_weights", "equal", "--epochs", "3")["trainer"]
-    assert "ds_weights" not in old.run_settings()
+    # --c on a run whose settings name neither ds_weights nor shallow_heads (every run before the flags): equal
+    # weights, shallow heads trained, whatever the defaults are now
+    old = _initial_state(tiny_dataset, tmp_path / "old", "--ds_weights", "equal", "--shallow_heads", "trained",
+                         "--epochs", "3")["trainer"]
+    assert "ds_weights" not in old.run_settings() and "shallow_heads" not in old.run_settings()
     old.save_checkpoint(os.path.join(old.output_folder, "checkpoint_latest.pth"))
     resumed = _initial_state(tiny_dataset, tmp_path / "old", "--c")["trainer"]
     assert resumed.ds_weights == "equal" and resumed.loss.weight_factors == pytest.approx([1 / 3] * 3)
+    assert resumed.shallow_heads == "trained" and resumed.bare_network.decoder.probe_heads is False
     # ... and so does nnU-Net's own resume (nnUNetv2_train ... --c, trainer found through nnUNet_extTrainer): the
     # trainer's load_checkpoint restores the run's weights before nnU-Net initialises it
     from nnunetv2.run.run_training import get_trainer_from_args, maybe_load_checkpoint
@@ -96,9 +105,11 @@ def test_ds_weights_modes_reach_the_loss(tiny_dataset, tmp_path, monkeypatch):
     monkeypatch.setenv("nnUNet_results", str(tmp_path / "old"))
     nnunet_resumed = get_trainer_from_args(str(tiny_dataset["id"]), "3d_fullres", 0, "nnUNetPlusPlusTrainer",
                                            continue_training=True, device=torch.device("cpu"))
-    assert nnunet_resumed.ds_weights == "descending"  # the class default, before the checkpoint is read
+    assert nnunet_resumed.ds_weights == "descending"  # the class defaults, before the checkpoint is read
+    assert nnunet_resumed.shallow_heads == "probe"
     maybe_load_checkpoint(nnunet_resumed, True, False)
     assert nnunet_resumed.ds_weights == "equal" and nnunet_resumed.current_epoch == 1
+    assert nnunet_resumed.shallow_heads == "trained" and nnunet_resumed.bare_network.decoder.probe_heads is False
     assert nnunet_resumed.loss.weight_factors == pytest.approx([1 / 3] * 3)
 
     with pytest.raises(NnppError, match="--ds_weights.*need an nnpp trainer"):

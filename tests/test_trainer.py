@@ -23,8 +23,9 @@ def _batch(trainer):
 
 
 def test_builds_unetpp_with_all_heads_weighted(trainer):
-    """The loss the trainer builds weights the L heads 4/7, 2/7, 1/7 from X^{0,L} down (nnU-Net's halving, never 0:
-    issue 17's default; nnU-Net's own would be 8/15, 4/15, 2/15 and 0 for a 4th output)."""
+    """The loss the trainer builds weights the L heads 1, 1/2, 1/4 from X^{0,L} down: nnU-Net's halving, never 0
+    (issue 17's descending 4/7, 2/7, 1/7), scaled so X^{0,L} weighs 1 as the shallow heads are probes (issue 21);
+    nnU-Net's own would be 8/15, 4/15, 2/15 and 0 for a 4th output."""
     from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
 
     from nnpp.nets import UNetPlusPlus
@@ -33,7 +34,8 @@ def test_builds_unetpp_with_all_heads_weighted(trainer):
     assert trainer.network.depth == n_stages - 1 == 3  # the tiny plans: 4 stages
     loss = trainer._build_loss()
     assert isinstance(loss, DeepSupervisionWrapper)
-    assert list(loss.weight_factors) == pytest.approx([4 / 7, 2 / 7, 1 / 7])
+    assert list(loss.weight_factors) == pytest.approx([1, 1 / 2, 1 / 4])
+    assert list(trainer.deep_supervision_weights()) == pytest.approx([4 / 7, 2 / 7, 1 / 7])  # KD's head weights
 
 
 def test_one_full_resolution_target_for_all_heads(trainer):
@@ -145,7 +147,8 @@ def test_run_settings_saved_and_resolved_on_resume(trainer, monkeypatch):
     trainer.save_checkpoint(path)
     saved = torch.load(path, weights_only=False)["nnpp_run_settings"]
     assert saved == {"epochs": 7, "iters": 3, "val_iters": trainer.num_val_iterations_per_epoch, "amp": "bf16",
-                     "dbs": False, "checkpoint": "none", "ds_weights": "descending"}
+                     "dbs": False, "checkpoint": "none", "ds_weights": "descending",
+                     "shallow_heads": "probe"}
 
     args = build_parser().parse_args(["1", "3d_fullres", "0", "--c"])
     resume_settings(args, saved, path, trainer.device)

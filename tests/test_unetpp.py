@@ -78,6 +78,31 @@ def test_every_parameter_gets_a_gradient():
     assert len(net.decoder.seg_layers) == 3  # one head per top-row node, all reached above
 
 
+def test_probe_heads_learn_alone_and_the_network_learns_from_the_deepest_head():
+    """decoder.probe_heads (shallow_heads="probe"): the loss of the heads X^{0,1..L-1} reaches exactly their own
+    1x1 convs; X^{0,L}'s loss reaches its head and the network body, not the other heads. Outputs are unchanged."""
+    torch.manual_seed(0)
+    kw = plans_kwargs(2, 3, conv_bias=False)
+    net = UNetPlusPlus(**kw, deep_supervision=True)
+    net.apply(net.initialize)
+    x = torch.randn(input_shape(kw))
+    plain = net(x)
+    net.decoder.probe_heads = True
+    outs = net(x)
+    assert all(torch.equal(a, b) for a, b in zip(plain, outs))
+
+    def reached(loss) -> set:
+        net.zero_grad(set_to_none=True)
+        loss.backward(retain_graph=True)
+        return {n for n, p in net.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    shallow = reached(sum(o.square().mean() for o in outs[1:]))  # heads on X^{0,2}, X^{0,1}
+    assert shallow == {f"decoder.seg_layers.{j}.{w}" for j in (0, 1) for w in ("weight", "bias")}
+    deep = reached(outs[0].square().mean())  # X^{0,3}
+    assert "decoder.seg_layers.2.weight" in deep and "encoder.stages.0.0.convs.0.conv.weight" in deep
+    assert not deep & {f"decoder.seg_layers.{j}.weight" for j in (0, 1)}
+    assert len(deep) > 0.9 * (len(list(net.named_parameters())) - 4)  # the whole body (some InstanceNorm biases cancel)
+
+
 @pytest.mark.parametrize("dim,depth", [(3, 4), (2, 3)])
 def test_nested_wiring(dim, depth):
     """Read off the running network with forward hooks: node X^{i,j} receives exactly

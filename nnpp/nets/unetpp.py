@@ -10,7 +10,9 @@ features_per_stage[i] channels and n_conv_per_stage_decoder[L-1-i] convs (nnU-Ne
 bottom-up). One 1x1 segmentation head sits on every top-row node X^{0,1..L}, all at full resolution.
 
 Outputs: with deep supervision, ``[X^{0,L}, X^{0,L-1}, ..., X^{0,1}]`` (deepest first, so ``output[0]`` is
-what nnU-Net uses for pseudo-Dice and prediction); without, X^{0,L} alone. All heads are always built, so a
+what nnU-Net uses for pseudo-Dice and prediction); without, X^{0,L} alone. ``decoder.probe_heads`` (set by the
+trainer's ``shallow_heads="probe"``) makes the heads X^{0,j<L} read their node detached, so their loss trains only
+the head. All heads are always built, so a
 checkpoint loads either way. Pruning (the paper's inference-time feature): ``depth=k`` (argument or the
 ``prune_depth`` attribute) computes only the nodes X^{i,j} with i + j <= k and the encoder stages 0..k, and
 returns X^{0,k} (or ``[X^{0,k}, ..., X^{0,1}]`` with deep supervision).
@@ -101,6 +103,9 @@ class UNetPlusPlusDecoder(nn.Module):
         if upsample_bias is None:
             upsample_bias = encoder.conv_bias
         self.deep_supervision = deep_supervision
+        #: with deep supervision, the heads X^{0,j<k} read their node detached: their loss trains only the head (the
+        #: trainer's ``shallow_heads="probe"``); a run-time switch like ``deep_supervision``, no parameter changes
+        self.probe_heads = False
         transpconv = get_matching_convtransp(conv_op=encoder.conv_op)
         block_kwargs = dict(conv_bias=encoder.conv_bias, norm_op=encoder.norm_op,
                             norm_op_kwargs=encoder.norm_op_kwargs, dropout_op=encoder.dropout_op,
@@ -150,7 +155,8 @@ class UNetPlusPlusDecoder(nn.Module):
                     x = self._node(i, j, rows[i + 1][j - 1], *rows[i])
                 rows[i].append(x)
         if self.deep_supervision:
-            return [self.seg_layers[j - 1](rows[0][j]) for j in range(k, 0, -1)]
+            return [self.seg_layers[j - 1](rows[0][j].detach() if self.probe_heads and j < k else rows[0][j])
+                    for j in range(k, 0, -1)]
         return self.seg_layers[k - 1](rows[0][k])
 
     def level_sizes(self, input_size) -> List[List[int]]:

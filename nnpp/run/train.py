@@ -1,7 +1,8 @@
 """nnpp_train: nnU-Net v2's training command for nnpp trainers, on any device, with AMP and short runs.
 
     nnpp_train DATASET CONFIG FOLD [-tr TRAINER] [-p PLANS] [-device auto|cuda|npu|mps|cpu] [--amp MODE]
-               [--checkpoint none|node|cat_conv1] [--ds_weights equal|descending|decay] [--seed N]
+               [--checkpoint none|node|cat_conv1] [--ds_weights equal|descending|decay]
+               [--shallow_heads probe|trained] [--seed N]
                [--c] [--val] [--val_best] [--npz] [--epochs N] [--iters N] [--val_iters N] [--save_every N]
 """
 from __future__ import annotations
@@ -20,6 +21,8 @@ from nnpp import DEFAULT_TRAINER  # noqa: F401  (also read as train.DEFAULT_TRAI
 #: --ds_weights choices: nnpp.training.nnUNetPlusPlusTrainer.DS_WEIGHTS (not imported: nnunetv2 reads its paths at
 #: import time, after the arguments are parsed)
 DS_WEIGHTS = ("equal", "descending", "decay")
+#: --shallow_heads choices: nnpp.training.nnUNetPlusPlusTrainer.SHALLOW_HEADS (same reason)
+SHALLOW_HEADS = ("probe", "trained")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,6 +46,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="UNet++ deep-supervision head weights: equal (1/L each) | descending (nnU-Net's halving from "
                    "X^{0,L} down; nnpp's default since issue 17) | decay (equal, then the shallower heads fade out "
                    "over training); default: the trainer's. Runs saved without it continue with equal (--c)")
+    p.add_argument("--shallow_heads", default=None, choices=SHALLOW_HEADS,
+                   help="how UNet++'s heads X^{0,1..L-1} learn: probe (default since issue 21: their loss trains only "
+                   "the head, on the node's detached features; the network learns from X^{0,L}'s loss, weight 1) | "
+                   "trained (their loss trains the network too: the UNet++ paper's deep supervision). Runs saved "
+                   "without it continue with trained (--c)")
     p.add_argument("--seed", type=int, default=None, help="seed python's random, numpy and torch before the network "
                    "is built (rank r of a DDP run: seed + r); with nnUNet_n_proc_DA=0 batches and augmentation are "
                    "seeded too (nnU-Net's worker processes seed themselves from the OS); recorded in the run settings")
@@ -218,8 +226,9 @@ def _train(args, env, device, setup=None):
         print("WARNING: no checkpoint available to continue from. Starting a new training...", flush=True)
     if resume and args.c:
         saved = saved_run_settings(resume)
-        if saved:  # an nnpp run: no ds_weights saved means equal weights (runs before --ds_weights, and equal ones)
-            saved.setdefault("ds_weights", "equal")
+        if saved:  # an nnpp run: no ds_weights saved means equal weights (runs before --ds_weights, and equal ones);
+            saved.setdefault("ds_weights", "equal")  # no shallow_heads: trained (runs before issue 21)
+            saved.setdefault("shallow_heads", "trained")
         resume_settings(args, saved, resume, device, args.change_settings)
     nnpp_trainer = hasattr(trainer, "configure_amp")
     if nnpp_trainer:
@@ -231,9 +240,11 @@ def _train(args, env, device, setup=None):
         trainer.settings_resolved = True  # flags vs the saved settings, above: load_checkpoint keeps these
         if args.ds_weights is not None:
             trainer.ds_weights = args.ds_weights
+        if args.shallow_heads is not None:
+            trainer.shallow_heads = args.shallow_heads
     elif args.amp not in (None, "auto") or args.dbs or args.other_use or args.pretrained_weights or args.checkpoint \
-            or args.ds_weights or args.tta_batch:
-        raise NnppError(f"--amp, --dbs, --checkpoint, --ds_weights, --tta_batch, --other_use and -pretrained_weights "
+            or args.ds_weights or args.shallow_heads or args.tta_batch:
+        raise NnppError(f"--amp, --dbs, --checkpoint, --ds_weights, --shallow_heads, --tta_batch, --other_use and -pretrained_weights "
                         f"need an nnpp "
                         f"trainer; "
                         f"{args.tr} is nnU-Net's own (use nnUNetv2_train for it)")

@@ -49,6 +49,8 @@ from nnpp.nets.unetpp import checkpoint_mode
 
 #: nnpp_train --ds_weights choices (see nnUNetPlusPlusTrainer.deep_supervision_weights)
 DS_WEIGHTS = ("equal", "descending", "decay")
+#: nnpp_train --shallow_heads choices (see nnUNetPlusPlusTrainer.shallow_heads)
+SHALLOW_HEADS = ("probe", "trained")
 
 
 class SharedTargetDeepSupervision(DeepSupervisionWrapper):
@@ -71,6 +73,11 @@ class nnUNetPlusPlusTrainer(nnUNetTrainer):
     #: deep-supervision head weights, one of DS_WEIGHTS (nnpp_train --ds_weights; see deep_supervision_weights).
     #: "descending" since issue 17 (benchmarks/bench_convergence, README "Deep supervision weights"); before: "equal"
     ds_weights: str = "descending"
+    #: how the heads X^{0,1..L-1} learn (nnpp_train --shallow_heads): "probe" (default since issue 21) -- their loss
+    #: reaches only the head (a 1x1 conv on the node's detached features), the network learns from X^{0,L}'s loss at
+    #: weight 1; "trained" -- their loss trains the network too (the UNet++ paper's deep supervision; nnpp before
+    #: issue 21; on a real CT it fitted only the liver, see README "Deep supervision of UNet++")
+    shallow_heads: str = "probe"
     #: the --seed the run was started with (recorded in the run settings; None: not seeded)
     seed: int | None = None
     #: final validation: at most this many tiles x mirrored copies per network call (nnpp_train --tta_batch;
@@ -117,6 +124,8 @@ class nnUNetPlusPlusTrainer(nnUNetTrainer):
                     "dbs": bool(self.distribute_batch), "checkpoint": self.activation_checkpointing}
         if self.uses_ds_weights and self.ds_weights != "equal":  # absent: equal, as every run before --ds_weights
             settings["ds_weights"] = self.ds_weights
+        if self.uses_ds_weights and self.shallow_heads != "trained":  # absent: trained, every run before issue 21
+            settings["shallow_heads"] = self.shallow_heads
         if self.seed is not None:
             settings["seed"] = self.seed
         return settings
@@ -139,17 +148,21 @@ class nnUNetPlusPlusTrainer(nnUNetTrainer):
 
     def restore_run_settings(self, settings: dict) -> None:
         """Continue an nnpp run with what it was trained with (its checkpoint's ``nnpp_run_settings``) where that
-        changes the loss: the head weights (absent = ``equal``, every run before ``--ds_weights``), not today's
-        default. Called by :meth:`load_checkpoint` unless :attr:`settings_resolved`; rebuilds the loss if built."""
+        changes the loss: the head weights (absent = ``equal``, every run before ``--ds_weights``) and how the shallow
+        heads learn (absent = ``trained``, every run before ``--shallow_heads``), not today's defaults. Called by :meth:`load_checkpoint` unless :attr:`settings_resolved`; rebuilds the loss if built."""
         if not self.uses_ds_weights:
             return
-        saved = settings.get("ds_weights", "equal")
-        if saved != self.ds_weights:
-            self.print_to_log_file(f"continuing with the run's own head weights: ds_weights {saved} (saved in its "
-                                   f"checkpoint; this trainer's default is {self.ds_weights})")
-            self.ds_weights = saved
-            if self.was_initialized:
-                self.loss = self._build_loss()
+        changed = False
+        for key, absent in (("ds_weights", "equal"), ("shallow_heads", "trained")):
+            saved = settings.get(key, absent)
+            if saved != getattr(self, key):
+                self.print_to_log_file(f"continuing with the run's own {key} {saved} (saved in its checkpoint; this "
+                                       f"trainer's default is {getattr(self, key)})")
+                setattr(self, key, saved)
+                changed = True
+        if changed and self.was_initialized:
+            self._configure_network()
+            self.loss = self._build_loss()
 
     def checkpoint_extras(self) -> dict:
         """Extra top-level checkpoint entries (subclasses: KD modules under their own key)."""
@@ -173,6 +186,13 @@ class nnUNetPlusPlusTrainer(nnUNetTrainer):
         else:
             raise NnppError(f"ds_weights must be one of {', '.join(DS_WEIGHTS)}, got {self.ds_weights!r}")
         return w / w.sum()
+
+    def loss_head_weights(self) -> np.ndarray:
+        """The weights the segmentation loss applies per head (output order): :meth:`deep_supervision_weights`, or
+        with ``shallow_heads="probe"`` the same scaled so X^{0,L} weighs 1 (the network learns from X^{0,L}'s loss
+        alone, as with deep supervision off; the probes' weights only scale each head's own step)."""
+        w = np.asarray(self.deep_supervision_weights(), dtype=float)
+        return w / w[0] if self.shallow_heads == "probe" else w
 
     # nnU-Net has no public hook for what follows: the private methods overridden here and the attribute flips
     # around nnU-Net's own calls (is_ddp in initialize, enable_deep_supervision in _build_loss, self.network in
@@ -218,6 +238,10 @@ class nnUNetPlusPlusTrainer(nnUNetTrainer):
             elif mode != "none":
                 raise NnppError(f"--checkpoint {mode}: activation checkpointing is a UNet++ option and "
                                 f"{type(net).__name__} has none; drop --checkpoint")
+        if self.shallow_heads not in SHALLOW_HEADS:
+            raise NnppError(f"shallow_heads must be one of {', '.join(SHALLOW_HEADS)}, got {self.shallow_heads!r}")
+        if hasattr(decoder, "probe_heads"):
+            decoder.probe_heads = self.shallow_heads == "probe"
         self.memory_format = dev.memory_format(self.device, len(self.configuration_manager.patch_size))
         net.to(memory_format=self.memory_format)
         self.print_to_log_file(f"activation checkpointing: {self.activation_checkpointing}; memory format: "
@@ -257,7 +281,7 @@ class nnUNetPlusPlusTrainer(nnUNetTrainer):
         finally:
             self.enable_deep_supervision = enabled
         if enabled:
-            loss = SharedTargetDeepSupervision(loss, self.deep_supervision_weights())
+            loss = SharedTargetDeepSupervision(loss, self.loss_head_weights())
         return loss
 
     # -------------------------------------------------------------------------------------------- steps
@@ -312,7 +336,7 @@ class nnUNetPlusPlusTrainer(nnUNetTrainer):
         super().on_train_epoch_start()
         loss = getattr(self.loss, "_orig_mod", self.loss)  # torch.compile'd on cuda
         if self.ds_weights == "decay" and isinstance(loss, DeepSupervisionWrapper):  # this epoch's weights
-            loss.weight_factors = tuple(self.deep_supervision_weights())
+            loss.weight_factors = tuple(self.loss_head_weights())
         self._train_epoch_t0 = time.perf_counter()
 
     def on_train_epoch_end(self, train_outputs):
