@@ -45,12 +45,19 @@ UNETPP = "nnUNetPlusPlusTrainer"
 #: network -> (trainer, nnpp_train flags, hook variant)
 NETWORKS = {
     "unet": ("nnUNetTrainer", [], None),
+    "unet_nnpp": ("nnUNetTrainerNoKD", ["--amp", "O0"], None),
     "unetpp": (UNETPP, ["--amp", "O0", "--ds_weights", "equal"], None),
     "unetpp_descending": (UNETPP, ["--amp", "O0", "--ds_weights", "descending"], None),
     "unetpp_decay": (UNETPP, ["--amp", "O0", "--ds_weights", "decay"], None),
     "unetpp_sum": (UNETPP, ["--amp", "O0", "--ds_weights", "equal"], "sum"),
+    "unetpp_trained": (UNETPP, ["--amp", "O0", "--shallow_heads", "trained"], None),
     "unetpp_default": (UNETPP, ["--amp", "O0"], None),
+    "unetpp_last": (UNETPP, ["--amp", "O0"], "last"),
+    "unetpp_msds": (UNETPP, ["--amp", "O0"], "msds"),
 }
+#: the real-CT task (--task ts_example_ct): shared builder, dataset id, plans of issue 21
+TS_ID = 950
+TS_BUILDER = os.path.join(os.path.dirname(HERE), "..", "shared", "datasets", "ts_example_ct.py")
 
 
 def machine() -> dict:
@@ -79,6 +86,66 @@ def prepare(work: str, cases: int, size: int, batch: int, base: int) -> str:
     return name
 
 
+def load_builder(path: str):
+    """The shared real-dataset builder (``../shared/datasets/ts_example_ct.py``) as a module."""
+    import importlib.util
+    if not os.path.isfile(path):
+        raise SystemExit(f"bench_convergence: no dataset builder at {path}; pass --builder PATH/ts_example_ct.py")
+    spec = importlib.util.spec_from_file_location("ts_example_ct", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def prepare_ts(work: str, chunks: int, builder: str) -> str:
+    """The real CT of the shared builder (TotalSegmentator's example CT, spleen/liver/stomach/aorta, ``chunks`` z-slabs)
+    planned as issue 21 did: ``SmallUNetPlanner(950, base_features=8, max_patch=(32, 96, 96))``, 2d preprocessed."""
+    from nnpp.data.synthetic import plan_and_preprocess
+    subprocess.run([sys.executable, builder, os.environ["nnUNet_raw"], "--id", str(TS_ID), "--chunks", str(chunks)],
+                   check=True)
+    return plan_and_preprocess(TS_ID, ("2d",), 2, "SmallUNetPlanner", base_features=8, max_patch=(32, 96, 96))
+
+
+def prepare_unseen(work: str, builder: str, labels: dict) -> str:
+    """A second, unseen patient: the DICOM CT of TotalSegmentator's reference files (another scanner: 512 x 512 x 20,
+    0.98 x 0.98 x 2 mm) with TotalSegmentator's segmentation of it, written as ``unseen/imagesTs`` + ``labelsTs`` with
+    the dataset's label values (``labels``: dataset.json's name -> value). Returns the folder."""
+    import tarfile
+
+    import SimpleITK as sitk
+    out = os.path.join(work, "unseen")
+    if os.path.isfile(os.path.join(out, "labelsTs", "dicom_patient.nii.gz")):
+        return out
+    mod = load_builder(builder)
+    tar_path, ref = mod.sdist(None), f"totalsegmentator-{mod.VERSION}/tests/reference_files"
+    src = os.path.join(mod.CACHE, "src")
+    with tarfile.open(tar_path) as tar:
+        members = [m for m in tar.getmembers() if m.name.startswith(f"{ref}/example_ct_dicom/")
+                   or m.name in (f"{ref}/example_seg_dicom.nii.gz",
+                                 f"totalsegmentator-{mod.VERSION}/totalsegmentator/map_to_binary.py")]
+        tar.extractall(src, members=members, filter="data")
+    names = mod.class_names(os.path.join(src, f"totalsegmentator-{mod.VERSION}/totalsegmentator/map_to_binary.py"))
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(reader.GetGDCMSeriesFileNames(os.path.join(src, ref, "example_ct_dicom")))
+    image = reader.Execute()
+    seg = sitk.ReadImage(os.path.join(src, ref, "example_seg_dicom.nii.gz"))
+    if seg.GetSize() != image.GetSize():
+        raise SystemExit(f"bench_convergence: unseen patient: segmentation {seg.GetSize()} != image {image.GetSize()}")
+    seg_arr = sitk.GetArrayFromImage(seg)
+    lab = seg_arr * 0
+    for name, value in labels.items():
+        ids = [k for k, n in names.items() if n == name]
+        if value and ids:
+            lab[seg_arr == ids[0]] = value
+    lab_img = sitk.GetImageFromArray(lab.astype("uint8"))
+    lab_img.CopyInformation(image)
+    for sub in ("imagesTs", "labelsTs"):
+        os.makedirs(os.path.join(out, sub), exist_ok=True)
+    sitk.WriteImage(sitk.Cast(image, sitk.sitkInt16), os.path.join(out, "imagesTs", "dicom_patient_0000.nii.gz"))
+    sitk.WriteImage(lab_img, os.path.join(out, "labelsTs", "dicom_patient.nii.gz"))
+    return out
+
+
 def nnunet_env(work: str, results: str | None = None, threads: int = 1) -> dict:
     env = dict(os.environ, nnUNet_raw=os.path.join(work, "nnUNet_raw"),
                nnUNet_preprocessed=os.path.join(work, "nnUNet_preprocessed"),
@@ -90,7 +157,123 @@ def nnunet_env(work: str, results: str | None = None, threads: int = 1) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------- one run
-def run_one(network: str, seed: int, points: list[int], iters_per_epoch: int) -> dict:
+def head_mean(network):
+    """The UNet++ paper's "accurate mode": the mean of every head's probabilities (returned as log-probabilities,
+    which nnU-Net's predictor averages and argmaxes like logits)."""
+    import torch
+
+    class HeadMeanNet(torch.nn.Module):
+        def __init__(self, net):
+            super().__init__()
+            self.net = net
+
+        def forward(self, x):
+            self.net.deep_supervision = True
+            try:
+                outs = self.net(x)
+            finally:
+                self.net.deep_supervision = False
+            return torch.stack([o.float().softmax(1) for o in outs]).mean(0).clamp_min(1e-8).log()
+    return HeadMeanNet(network)
+
+
+def evaluate_modes(trainer, sets: dict, out_root: str) -> dict:
+    """{set: {mode: {structure: Dice}}}: ``sets`` maps a name to (list of image-file lists, labels folder); modes are
+    ``full`` (the network as nnU-Net predicts with it) and, for UNet++, ``depth{k}`` for k < L (pruned to X^{0,k})
+    and ``mean`` (all heads' probabilities averaged). nnpp's predictor with mirroring, fp32; nnU-Net's metrics."""
+    import copy
+
+    import torch
+    from nnunetv2.evaluation.evaluate_predictions import compute_metrics_on_folder
+    from nnunetv2.imageio.reader_writer_registry import determine_reader_writer_from_dataset_json
+
+    from nnpp import device as dev
+    from nnpp.cli import label_names, read_dice
+    from nnpp.predictor import nnppPredictor
+
+    net = getattr(trainer, "bare_network", None) or getattr(trainer.network, "_orig_mod", trainer.network)
+    net = copy.deepcopy(net).float().eval()
+    net.__dict__.pop("forward", None)  # a bench variant's training forward (install_multiscale_ds)
+    net.decoder.deep_supervision = False
+    modes = {"full": net}
+    if hasattr(net, "prune_depth"):
+        for k in range(1, net.depth):
+            pruned = copy.deepcopy(net)
+            pruned.prune_depth = k
+            modes[f"depth{k}"] = pruned
+        modes["mean"] = head_mean(net)
+    names = label_names(trainer.dataset_json)
+    labels = [v for v in trainer.dataset_json["labels"].values() if v]
+    rw = determine_reader_writer_from_dataset_json(trainer.dataset_json)()
+    out = {}
+    for set_name, (files, label_dir) in sets.items():
+        out[set_name] = {}
+        for mode, model in modes.items():
+            pred_dir = os.path.join(out_root, set_name, mode)
+            predictor = nnppPredictor(device=torch.device("cpu"), amp=dev.make_amp("O0", torch.device("cpu")),
+                                      allow_tqdm=False)
+            predictor.manual_initialization(model, trainer.plans_manager, trainer.configuration_manager,
+                                            [model.state_dict()], trainer.dataset_json, type(trainer).__name__,
+                                            trainer.inference_allowed_mirroring_axes)
+            predictor.predict_from_files(files, pred_dir, save_probabilities=False, overwrite=True,
+                                         num_processes_preprocessing=1, num_processes_segmentation_export=1)
+            compute_metrics_on_folder(label_dir, pred_dir, os.path.join(pred_dir, "summary.json"), rw,
+                                      trainer.dataset_json["file_ending"], labels, num_processes=1)
+            out[set_name][mode] = {names.get(k, k): v for k, v in
+                                   read_dice(os.path.join(pred_dir, "summary.json")).items()}
+            print(f"[bench_convergence] {set_name} {mode}: {out[set_name][mode]}", flush=True)
+    return out
+
+
+def install_multiscale_ds(trainer) -> None:
+    """Diagnostic (issue 21): nnU-Net's multi-resolution deep supervision on UNet++'s U-Net path. Extra 1x1 heads on
+    X^{i,L-i} (i = 1..L-1, the nodes a U-Net decoder has) see nnU-Net's downsampled targets (weights 1/2^i, as
+    nnU-Net's), beside the top-row full-resolution heads (descending weights); all weights normalised together."""
+    import torch
+    from dynamic_network_architectures.initialization.weight_init import InitWeights_He
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+    trainer._get_deep_supervision_scales = lambda: nnUNetTrainer._get_deep_supervision_scales(trainer)
+    initialize = trainer.initialize
+
+    def init():
+        initialize()
+        net = trainer.bare_network
+        dec, n_levels = net.decoder, net.depth
+        f, n_cls = list(net.encoder.output_channels), dec.num_classes
+        net.aux_heads = torch.nn.ModuleList(net.encoder.conv_op(f[i], n_cls, 1, 1, 0, bias=True)
+                                            for i in range(1, n_levels))
+        net.aux_heads.apply(InitWeights_He(1e-2))
+        net.aux_heads.to(trainer.device, memory_format=trainer.memory_format)
+        trainer.optimizer.add_param_group({"params": list(net.aux_heads.parameters())})
+
+        def forward(x, depth=None):
+            if not dec.deep_supervision:
+                return type(net).forward(net, x, depth)
+            skips = []
+            for stage in net.encoder.stages:
+                x = stage(x)
+                skips.append(x)
+            rows = [[skips[i]] for i in range(n_levels + 1)]
+            for j in range(1, n_levels + 1):
+                for i in range(n_levels - j + 1):
+                    rows[i].append(dec._node(i, j, rows[i + 1][j - 1], *rows[i]))
+            return [dec.seg_layers[j - 1](rows[0][j]) for j in range(n_levels, 0, -1)] + \
+                [net.aux_heads[i - 1](rows[i][n_levels - i]) for i in range(1, n_levels)]
+        net.forward = forward
+        base = trainer.loss.loss
+        raw = [0.5 ** j for j in range(n_levels)] + [0.5 ** i for i in range(1, n_levels)]
+        weights = [w / sum(raw) for w in raw]
+
+        def loss(outputs, targets):
+            return sum(w * base(o, targets[0] if h < n_levels else targets[h - n_levels + 1])
+                       for h, (o, w) in enumerate(zip(outputs, weights)))
+        trainer.loss = loss
+    trainer.initialize = init
+
+
+def run_one(network: str, seed: int, points: list[int], iters_per_epoch: int, dataset_id: int = DATASET_ID,
+            fold: str = "0", unseen: str | None = None) -> dict:
     """Train ``network`` with ``seed`` once to max(points) iterations with nnpp_train; nnU-Net's validation Dice
     at every point. Runs inside a worker process whose environment names the nnU-Net folders."""
     import torch
@@ -112,6 +295,10 @@ def run_one(network: str, seed: int, points: list[int], iters_per_epoch: int) ->
     def setup(trainer, args):
         if hook == "sum":  # loss scale L: every head weighted 1
             trainer.deep_supervision_weights = lambda: [1.0] * trainer.num_heads
+        if hook == "msds":
+            install_multiscale_ds(trainer)
+        if hook == "last":  # deep supervision off: X^{0,L} alone (the other heads get no gradient)
+            trainer.deep_supervision_weights = lambda: [1.0] + [0.0] * (trainer.num_heads - 1)
         on_epoch_start, on_epoch_end = trainer.on_epoch_start, trainer.on_epoch_end
 
         def start_clock():
@@ -130,18 +317,30 @@ def run_one(network: str, seed: int, points: list[int], iters_per_epoch: int) ->
         trainer.on_epoch_start, trainer.on_epoch_end = start_clock, evaluate_at_points
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    argv = [str(DATASET_ID), "2d", "0", "-tr", trainer_name, "-device", "cpu", "--epochs", str(epochs), "--iters",
-            str(iters_per_epoch), "--val_iters", "1", "--seed", str(seed), "--disable_checkpointing", *flags]
+    argv = [str(dataset_id), "2d", fold, "-tr", trainer_name, "-device", "cpu", "--epochs", str(epochs), "--iters",
+            str(iters_per_epoch), "--val_iters", "1", "--seed", str(seed), *flags]
     trainer = train.run(train.build_parser().parse_args(argv), setup=setup)
     dice[max(points)] = summary(trainer)
+    extra = {}
+    if dataset_id == TS_ID:  # per head / pruned / accurate mode on the validation cases, and the unseen patient
+        raw = os.path.join(os.environ["nnUNet_raw"], trainer.plans_manager.dataset_name)
+        ending = trainer.dataset_json["file_ending"]
+        _, val_keys = trainer.do_split()
+        sets = {"val": ([[os.path.join(raw, "imagesTr", k + "_0000" + ending)] for k in sorted(val_keys)],
+                        os.path.join(raw, "labelsTr"))}
+        if unseen:
+            sets["unseen"] = (os.path.join(unseen, "imagesTs"), os.path.join(unseen, "labelsTs"))
+        extra = evaluate_modes(trainer, sets, os.path.join(trainer.output_folder, "bench_eval"))
     return {"network": network, "seed": seed, "trainer": trainer_name, "flags": flags, "variant": hook,
+            "fold": fold, "eval": extra,
             "epochs": epochs, "iters_per_epoch": iters_per_epoch,
             "ds_weights": [float(w) for w in getattr(trainer, "deep_supervision_weights", lambda: [])()],
             "dice": {str(k): v for k, v in sorted(dice.items())},
             "train_seconds": {str(k): v for k, v in sorted(seconds.items()) if k in dice}}
 
 
-def measure_speed(networks: list[str], iters: int, block: int = 5) -> dict:
+def measure_speed(networks: list[str], iters: int, block: int = 5, dataset_id: int = DATASET_ID,
+                  fold: str = "0") -> dict:
     """Seconds per full training iteration (next batch + train step) for each network, measured alternately in
     blocks of ``block`` iterations in this one process (same threads, same load); median over blocks."""
     import statistics
@@ -153,7 +352,7 @@ def measure_speed(networks: list[str], iters: int, block: int = 5) -> dict:
     trainers, loaders, times = {}, {}, {}
     for net in networks:
         trainer_name, flags, _ = NETWORKS[net]
-        t = train.make_trainer(str(DATASET_ID), "2d", "0", trainer_name, device=torch.device("cpu"))
+        t = train.make_trainer(str(dataset_id), "2d", fold, trainer_name, device=torch.device("cpu"))
         if hasattr(t, "configure_amp"):
             t.configure_amp("O0")
         t.initialize()
@@ -199,6 +398,26 @@ def aggregate(runs: list[dict], structures: list[str]) -> dict:
                                 else d.get(s, math.nan))
                 row[s] = [*stats(vals), len(vals)]
             out[net][point] = row
+    return out
+
+
+def aggregate_eval(runs: list[dict], structures: list[str]) -> dict:
+    """{network: {set: {mode: {structure or 'mean': [mean, sd, n]}}}} over seeds, from the runs' final-model
+    evaluations (ts_example_ct: ``val`` = the fold's validation cases, ``unseen`` = the second patient)."""
+    out = {}
+    for net in dict.fromkeys(r["network"] for r in runs):
+        mine = [r for r in runs if r["network"] == net and r.get("eval")]
+        for set_name in (mine[0]["eval"] if mine else {}):
+            for mode in mine[0]["eval"][set_name]:
+                row = {}
+                for c in structures + ["mean"]:
+                    vals = []
+                    for r in mine:
+                        d = r["eval"].get(set_name, {}).get(mode, {})
+                        vals.append(stats([d.get(x, math.nan) for x in structures])[0] if c == "mean"
+                                    else d.get(c, math.nan))
+                    row[c] = [*stats(vals), len(vals)]
+                out.setdefault(net, {}).setdefault(set_name, {})[mode] = row
     return out
 
 
@@ -252,6 +471,21 @@ def markdown(result: dict) -> str:
                 cells = [fmt(r["dice"][c]) if r["dice"] else "—" for c in cols]
                 lines.append(f"| {r['seconds']:.0f} | {net} | {r['iterations']:.0f} | {r['snapshot'] or '—'} | "
                              + " | ".join(cells) + " |")
+    final = result.get("final_models")
+    if final:
+        lines += ["", "Final models (mean ± sd over seeds; nnpp's predictor, fp32, mirroring): `val` = the fold's "
+                  "validation cases, `unseen` = a second patient (TotalSegmentator's DICOM example CT: another "
+                  "scanner, 0.98 x 0.98 x 2 mm); modes: `full` = X^{0,L} as nnU-Net predicts, `depthK` = pruned to "
+                  "X^{0,K}, `mean` = mean of all heads' probabilities (the UNet++ paper's accurate mode).", "",
+                  "| network | set | mode | " + " | ".join(cols) + " |", "|---|---|---|" + "---|" * len(cols)]
+        for net, sets in final.items():
+            for set_name, modes in sets.items():
+                for mode, row in modes.items():
+                    lines.append(f"| {net} | {set_name} | {mode} | " + " | ".join(fmt(row[c]) for c in cols) + " |")
+    seconds = result.get("train_seconds")
+    if seconds:
+        lines += ["", "Training wall time per run to the last point (s, mean ± sd; runs two at a time, 1 thread each, "
+                  "evaluations excluded): " + ", ".join(f"{n} {m:.0f} ± {sd:.0f}" for n, (m, sd) in seconds.items())]
     return "\n".join(lines) + "\n"
 
 
@@ -305,6 +539,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--parallel", type=int, default=2, help="runs at a time")
     p.add_argument("--threads", type=int, default=1, help="torch threads per run")
     p.add_argument("--speed_iters", type=int, default=40, help="iterations per network for s/it (0: skip)")
+    p.add_argument("--task", choices=("synthetic", "ts_example_ct"), default="synthetic",
+                   help="synthetic: nnpp.data.synthetic_multi; ts_example_ct: the real CT of the shared builder "
+                        "(spleen, liver, stomach, aorta; 2d, SmallUNetPlanner base 8, patch <= 96 x 96, the planner's "
+                        "batch), with per-head / pruned / head-mean Dice of the final models")
+    p.add_argument("--chunks", type=int, default=1, help="ts_example_ct: z-slabs (cases); 1 = one case, fold all")
+    p.add_argument("--fold", default=None, help="fold to train (default: 0; 'all' for ts_example_ct with 1 chunk)")
+    p.add_argument("--builder", default=TS_BUILDER, help="path of the shared ts_example_ct.py builder")
+    p.add_argument("--unseen", action="store_true", help="ts_example_ct: also score a second, unseen patient (the "
+                   "DICOM CT of TotalSegmentator's reference files, another scanner and resolution)")
+    p.add_argument("--table_only", action="store_true", help="no new runs: tables and plot from the finished runs")
     p.add_argument("--out", default=os.path.join(HERE, "results", "convergence.json"))
     p.add_argument("--worker", nargs=2, metavar=("NETWORK", "SEED"), help=argparse.SUPPRESS)
     p.add_argument("--speed_worker", action="store_true", help=argparse.SUPPRESS)
@@ -326,27 +570,41 @@ def main(argv=None) -> dict | None:
     a = build_parser().parse_args(argv)
     a.points = sorted(set(a.points))
     work = os.path.abspath(a.workdir)
+    ts = a.task == "ts_example_ct"
+    a.fold = a.fold or ("all" if ts and a.chunks == 1 else "0")
+    unseen = os.path.join(work, "unseen") if ts and a.unseen else None
     if a.worker:  # child: environment set by the parent
-        result = run_one(a.worker[0], int(a.worker[1]), a.points, a.iters_per_epoch)
+        result = run_one(a.worker[0], int(a.worker[1]), a.points, a.iters_per_epoch, TS_ID if ts else DATASET_ID,
+                         a.fold, unseen)
         print("RESULT " + json.dumps(result), flush=True)
         return None
     if a.speed_worker:
-        print("RESULT " + json.dumps(measure_speed(["unet", "unetpp"], a.speed_iters)), flush=True)
+        print("RESULT " + json.dumps(measure_speed(["unet", "unetpp"], a.speed_iters,
+                                                   dataset_id=TS_ID if ts else DATASET_ID, fold=a.fold)), flush=True)
         return None
 
     check_args(a)
     os.makedirs(os.path.join(work, "runs"), exist_ok=True)
     os.environ.update(nnunet_env(work, threads=a.threads))
-    task = {"cases": a.cases, "slices_per_case": 6, "size": a.size, "batch": a.batch, "base_features": a.base}
+    if ts:
+        task = {"dataset": "ts_example_ct (TotalSegmentator's example CT, 3 mm)", "chunks": a.chunks, "fold": a.fold,
+                "plans": "SmallUNetPlanner base 8, max patch 96 x 96, 2d"}
+    else:
+        task = {"cases": a.cases, "slices_per_case": 6, "size": a.size, "batch": a.batch, "base_features": a.base}
     marker = os.path.join(work, "prepared.json")
     if not os.path.isfile(marker) or json.load(open(marker)) != task:
-        prepare(work, a.cases, a.size, a.batch, a.base)  # nnunetv2 is first imported here, after its paths are set
+        # nnunetv2 is first imported here, after its paths are set
+        prepare_ts(work, a.chunks, a.builder) if ts else prepare(work, a.cases, a.size, a.batch, a.base)
         write_atomic(marker, json.dumps(task))
+    if unseen:
+        labels = json.load(open(os.path.join(os.environ["nnUNet_raw"], f"Dataset{TS_ID}_TSExampleCT", "dataset.json")))
+        prepare_unseen(work, a.builder, labels["labels"])
 
     base_cmd = [sys.executable, os.path.abspath(__file__), "--iters_per_epoch", str(a.iters_per_epoch), "--points",
-                *map(str, a.points), "--workdir", work]
+                *map(str, a.points), "--workdir", work, "--task", a.task, "--chunks", str(a.chunks), "--fold", a.fold,
+                *(["--unseen"] if unseen else [])]
     jobs = [(n, s) for s in a.seeds for n in a.networks
-            if not os.path.isfile(os.path.join(work, "runs", f"{n}_s{s}.json"))]
+            if not os.path.isfile(os.path.join(work, "runs", f"{n}_s{s}.json")) and not a.table_only]
     running: list = []
     while jobs or running:
         while jobs and len(running) < a.parallel:
@@ -373,7 +631,7 @@ def main(argv=None) -> dict | None:
             print(f"[bench_convergence] finished {n} seed {s}", flush=True)
 
     speed_file = os.path.join(work, "speed.json")
-    if a.speed_iters and not os.path.isfile(speed_file):
+    if a.speed_iters and not os.path.isfile(speed_file) and not a.table_only:
         proc = subprocess.run(["nice", "-n", "10", *base_cmd, "--speed_worker", "--speed_iters", str(a.speed_iters)],
                               capture_output=True, text=True, env=nnunet_env(work, threads=a.threads))
         found = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
@@ -389,12 +647,16 @@ def main(argv=None) -> dict | None:
         sys.exit("bench_convergence: no run finished; see the logs in " + os.path.join(work, "runs"))
     structures = list(runs[0]["dice"][str(a.points[-1])])
     curves = aggregate(runs, structures)
-    result = {"machine": machine(), "task": "nnpp.data.synthetic_multi, " + ", ".join(f"{k} {v}" for k, v in
-                                                                                         task.items()),
+    result = {"machine": machine(), "task": ("" if ts else "nnpp.data.synthetic_multi, ")
+              + ", ".join(f"{k} {v}" for k, v in task.items()),
               "threads": a.threads, "parallel_runs": a.parallel, "points": a.points, "seeds": a.seeds,
               "seeds_per_network": {n: sum(r["network"] == n for r in runs) for n in curves},
               "structures": structures, "curves": curves, "seconds_per_iteration": speed,
-              "equal_wall_time": at_equal_time(curves, speed) if speed else {}, "runs": runs}
+              "equal_wall_time": at_equal_time(curves, speed) if speed else {},
+              "final_models": aggregate_eval(runs, structures),
+              "train_seconds": {n: stats([r["train_seconds"][str(max(a.points))] for r in runs if r["network"] == n
+                                          and str(max(a.points)) in r.get("train_seconds", {})]) for n in curves},
+              "runs": runs}
     os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
     write_atomic(a.out, json.dumps(result, indent=1))
     stem = os.path.splitext(a.out)[0]
