@@ -70,6 +70,7 @@ class nnppPredictor(nnUNetPredictor):
         self.amp = amp
         self.tta_batch = tta_batch
         self.network_seconds = 0.0  # time inside predict_logits_from_preprocessed_data, summed over calls
+        self.export_threads: int | None = None  # torch threads of each export (None: nnU-Net's default_num_processes)
 
     # ------------------------------------------------------------------------------------------ mirroring
     def mirror_combinations(self, ndim: int) -> list:
@@ -274,6 +275,7 @@ class nnppPredictor(nnUNetPredictor):
 
         records, pending = [], []
         export_args = (self.configuration_manager, self.plans_manager, self.dataset_json)
+        threads = self.export_threads
         pool = multiprocessing.get_context("spawn").Pool(num_processes_segmentation_export) \
             if num_processes_segmentation_export > 0 else None
         try:
@@ -287,7 +289,8 @@ class nnppPredictor(nnUNetPredictor):
                           "network_s": self.network_seconds - network_before, "export_s": None,
                           "overlapped": overlapped or pool is not None}
                 if pool is None:
-                    record["export_s"] = export_case(logits, properties, *export_args, ofile, save_probabilities)
+                    record["export_s"] = export_case(logits, properties, *export_args, ofile, save_probabilities,
+                                                     threads)
                     records.append(record)
                     if on_case_done:
                         on_case_done(record)
@@ -295,7 +298,7 @@ class nnppPredictor(nnUNetPredictor):
                 while check_workers_alive_and_busy(pool, workers, [r for _, r in pending], allowed_num_queued=2):
                     time.sleep(0.1)
                 pending.append((record, pool.apply_async(export_case, (logits.numpy(), properties, *export_args,
-                                                                       ofile, save_probabilities))))
+                                                                       ofile, save_probabilities, threads))))
                 pending = self._collect(pending, records, workers, on_case_done, wait=False)
             self._collect(pending, records, workers, on_case_done, wait=True)
         finally:
@@ -398,19 +401,20 @@ def init_onnx(predictor, onnx_folder: str, folds=None, provider: str = "cpu", th
 
 
 def export_case(logits, properties: dict, configuration_manager, plans_manager, dataset_json: dict,
-                output_file_truncated: str, save_probabilities: bool = False) -> float:
+                output_file_truncated: str, save_probabilities: bool = False, threads: int | None = None) -> float:
     """nnU-Net's ``export_prediction_from_logits`` (resampling to the original geometry, segmentation, and with
     ``save_probabilities`` the .npz + .pkl), written into a hidden temp folder beside the output and then moved in
     with ``os.replace`` (atomic on one file system), the segmentation last: nnU-Net's ``--continue_prediction``
     looks for the segmentation (and the .npz), so a process killed mid-export leaves no finished-looking case.
-    Returns the seconds it took."""
+    ``threads``: torch threads of the export (resampling); None = nnU-Net's default. Returns the seconds it took."""
+    from nnunetv2.configuration import default_num_processes
     from nnunetv2.inference.export_prediction import export_prediction_from_logits
     t0 = time.perf_counter()
     folder, name = os.path.split(os.path.abspath(output_file_truncated))
     tmp = tempfile.mkdtemp(prefix=f".{name}.partial.", dir=folder)
     try:
         export_prediction_from_logits(logits, properties, configuration_manager, plans_manager, dataset_json,
-                                      os.path.join(tmp, name), save_probabilities)
+                                      os.path.join(tmp, name), save_probabilities, threads or default_num_processes)
         seg = name + dataset_json["file_ending"]
         for f in sorted(os.listdir(tmp), key=lambda f: f == seg):
             os.replace(os.path.join(tmp, f), os.path.join(folder, f))

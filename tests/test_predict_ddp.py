@@ -53,10 +53,19 @@ def test_two_processes_same_masks_and_continue_skips(trained_model, tiny_dataset
     os.remove(tmp_path / "two" / sorted(two)[0])  # ... but the one missing is done again
     stale = tmp_path / "two" / f".{sorted(two)[0][:-len('.nii.gz')]}.partial.killed"  # what a SIGKILL leaves
     stale.mkdir()
-    p = subprocess.run(predict_cmd(tiny_dataset, tmp_path / "two", 2, "--continue_prediction"), env=env,
+    # ... here without OMP_NUM_THREADS: torchrun gives each worker OMP_NUM_THREADS=1, which nnpp tells from a
+    # user's choice; each rank takes its share of the cores (the first run above: the user's 1, said so)
+    assert "rank 1: torch 1 CPU thread(s)" in p.stdout and "(OMP_NUM_THREADS=1)" in p.stdout
+    from nnpp.device import usable_cores
+    env_default = {k: v for k, v in env.items() if k != "OMP_NUM_THREADS"}
+    p = subprocess.run(predict_cmd(tiny_dataset, tmp_path / "two", 2, "--continue_prediction"), env=env_default,
                        capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, output_tail(p)
     assert "all 2 processes done: 1 case(s)" in p.stdout
+    share = max(1, usable_cores() // 2)
+    for rank in (0, 1):
+        assert f"rank {rank}: torch {share} CPU thread(s)" in p.stdout, output_tail(p)
+    assert f"({usable_cores()} cores / 2 local rank(s))" in p.stdout
     assert {f: os.stat(tmp_path / "two" / f).st_mtime_ns for f in sorted(two)[1:]} == \
         {f: stamps[f] for f in sorted(two)[1:]}
     assert masks(tmp_path / "two").keys() == one.keys() and not stale.exists()
@@ -69,7 +78,7 @@ def test_killed_export_leaves_no_finished_looking_case(tmp_path, monkeypatch):
 
     from nnpp.predictor import export_case
 
-    def killed_while_writing(logits, props, cm, pm, dataset_json, ofile, save_probabilities=False):
+    def killed_while_writing(logits, props, cm, pm, dataset_json, ofile, save_probabilities=False, threads=8):
         with open(ofile + ".npz", "wb") as f:
             f.write(b"complete probabilities")
         with open(ofile + dataset_json["file_ending"], "wb") as f:

@@ -66,8 +66,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--verbose", action="store_true")
     p.add_argument("--save_probabilities", action="store_true", help="also write .npz probabilities")
     p.add_argument("--continue_prediction", action="store_true", help="keep existing outputs")
-    p.add_argument("-npp", type=int, default=env_int("nnUNet_npp", 3), help="preprocessing processes")
-    p.add_argument("-nps", type=int, default=env_int("nnUNet_nps", 3), help="segmentation export processes")
+    p.add_argument("-npp", type=int, default=None, help=f"preprocessing processes (default: nnUNet_npp or 3 "
+                   f"[{env_int('nnUNet_npp', 3)}], divided among the local ranks under torchrun)")
+    p.add_argument("-nps", type=int, default=None, help=f"segmentation export processes (default: nnUNet_nps or 3 "
+                   f"[{env_int('nnUNet_nps', 3)}], divided among the local ranks under torchrun)")
     p.add_argument("-prev_stage_predictions", default=None, help="previous stage's predictions (cascade)")
     p.add_argument("-num_parts", type=int, default=1)
     p.add_argument("-part_id", type=int, default=0)
@@ -120,12 +122,18 @@ def main(argv=None):
             raise NnppError("-d DATASET and -c CONFIGURATION are required (or --onnx FOLDER from nnpp_export)")
         setup_paths(required=("nnUNet_results",))
         device = dev.resolve_device(args.device, env.local_rank if env.enabled else None)
-    if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
-        dev.set_cpu_threads()  # nnU-Net's choice on the CPU: all cores
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", env.world_size)) if env.enabled else 1
+    share_resources(args, local_world)
+    if device.type == "cpu":
+        dev.set_cpu_threads(args.threads)  # every core once over the local ranks (nnU-Net's choice for one process)
 
     amp = inference_amp(args.amp, device) if args.onnx is None else None
     predictor = make_predictor(device, args.step_size, not args.disable_tta, not args.not_on_device, args.verbose,
                                not args.disable_progress_bar, amp, args.tta_batch)
+    predictor.export_threads = args.export_threads
+    print(f"[nnpp_predict] rank {env.rank if env.enabled else 0}: " + (f"torch {args.threads} CPU thread(s), " if
+          device.type == "cpu" else "") + f"ONNX Runtime threads {args.ort_threads or 'auto'}, -npp {args.npp} "
+          f"-nps {args.nps}, export {args.export_threads} thread(s) per case ({args.threads_why})", flush=True)
     tta = (f"mirroring on, up to {args.tta_batch} tiles x mirrors per network call" if not args.disable_tta else
            f"mirroring off, up to {args.tta_batch} tiles per network call")
     if args.onnx is not None:
@@ -164,6 +172,23 @@ def main(argv=None):
         print(f"[nnpp_predict] {len(records)} case(s) in {time.perf_counter() - t0:.1f} s: "
               f"{60 * len(records) / (time.perf_counter() - t0):.2f} cases/min")
     return 0
+
+
+def share_resources(args, local_world: int) -> None:
+    """This rank's share of the machine, in ``args``: ``threads`` (torch on the CPU: the user's OMP_NUM_THREADS, else
+    the usable cores / local ranks; torchrun's default of 1 per worker does not count as the user's), ONNX Runtime's
+    threads (0 = its own choice of every core: under torchrun the rank's share instead, unless --ort_threads was
+    given), ``-npp/-nps`` (nnU-Net's defaults divided among the local ranks where the flags were not given) and
+    ``export_threads`` (torch threads of each export: the rank's threads over its export workers)."""
+    from nnpp import device as dev
+    args.threads, args.threads_why = dev.threads_per_rank(local_world)
+    if local_world > 1 and args.ort_threads == 0:
+        args.ort_threads = args.threads
+    for flag, var in (("npp", "nnUNet_npp"), ("nps", "nnUNet_nps")):
+        if getattr(args, flag) is None:
+            setattr(args, flag, max(1, int(os.environ.get(var, 3)) // local_world) if local_world > 1
+                    else int(os.environ.get(var, 3)))
+    args.export_threads = max(1, args.threads // max(1, args.nps))
 
 
 def cases_to_predict(predictor, args) -> list:

@@ -197,9 +197,11 @@ def run(args, setup=None) -> object:
     env = distributed.dist_env(args.local_rank)
     distributed.bind_children_to_this_process()
     device = dev.resolve_device(args.device, env.local_rank)
-    if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:  # share the cores between local ranks
-        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", env.world_size))
-        dev.set_cpu_threads(max(1, (os.cpu_count() or 1) // local_world))
+    if device.type == "cpu":  # share the cores between local ranks (torchrun's default of 1 thread is not a choice)
+        threads, why = dev.threads_per_rank(int(os.environ.get("LOCAL_WORLD_SIZE", env.world_size)))
+        dev.set_cpu_threads(threads)
+        if env.enabled:
+            print(f"[nnpp_train] rank {env.rank}: {threads} CPU thread(s) ({why})", flush=True)
     with distributed.process_group(env, dev.dist_backend(device)):
         return _train(args, env, device, setup)
 
