@@ -98,7 +98,7 @@ def test_killed_export_leaves_no_finished_looking_case(tmp_path, monkeypatch):
                                                       None, False, 0, 1, True)
     assert len(todo) == 1  # --continue_prediction predicts it again
 
-    def fine(logits, props, cm, pm, dataset_json, ofile, save_probabilities=False):
+    def fine(logits, props, cm, pm, dataset_json, ofile, save_probabilities=False, threads=8):
         for ext in (".npz", ".pkl", dataset_json["file_ending"]):
             open(ofile + ext, "w").write(ext)
     monkeypatch.setattr(nnunet_export, "export_prediction_from_logits", fine)
