@@ -71,6 +71,7 @@ class nnppPredictor(nnUNetPredictor):
         self.tta_batch = tta_batch
         self.network_seconds = 0.0  # time inside predict_logits_from_preprocessed_data, summed over calls
         self.export_threads: int | None = None  # torch threads of each export (None: nnU-Net's default_num_processes)
+        self.current_case: str | None = None  # the case predict_cases works on
 
     # ------------------------------------------------------------------------------------------ mirroring
     def mirror_combinations(self, ndim: int) -> list:
@@ -253,6 +254,7 @@ class nnppPredictor(nnUNetPredictor):
                 preprocessor = self.configuration_manager.preprocessor_class(verbose=self.verbose_preprocessing)
                 for files, ofile, sps in zip(cases, outputs, prev):
                     t0 = time.perf_counter()
+                    self.current_case = os.path.basename(ofile)
                     data, seg, properties = preprocessor.run_case(files, sps, self.plans_manager,
                                                                   self.configuration_manager, self.dataset_json)
                     if folder_with_segs_from_prev_stage is not None:
@@ -264,7 +266,8 @@ class nnppPredictor(nnUNetPredictor):
             iterator = self._internal_get_data_iterator_from_lists_of_filenames(cases, prev, outputs,
                                                                                 num_processes_preprocessing)
             t0 = time.perf_counter()
-            for item in iterator:
+            for i, item in enumerate(iterator):  # the workers hand cases over in order
+                self.current_case = names[i]
                 data = item["data"]
                 if isinstance(data, str):  # nnU-Net's workers hand large cases over as .npy files
                     import numpy as np
@@ -281,6 +284,9 @@ class nnppPredictor(nnUNetPredictor):
         try:
             workers = list(pool._pool) if pool is not None else []
             for data, properties, ofile, read_s in items():
+                self.current_case = os.path.basename(ofile)  # named by a rank that fails (nnpp_predict under torchrun)
+                # (also set while a case is read and preprocessed; with worker processes a failure there may be named
+                # after the last case handed over)
                 if self.verbose:
                     print(f"predicting {os.path.basename(ofile)}")
                 network_before = self.network_seconds

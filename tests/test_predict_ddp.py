@@ -22,8 +22,8 @@ def masks(folder):
             for f in sorted(os.listdir(folder)) if f.endswith(".nii.gz")}
 
 
-def predict_cmd(ds, out, nproc, *extra):
-    args = ["-m", "nnpp.run.predict", "-i", os.path.join(ds["nnUNet_raw"], ds["name"], "imagesTr"), "-o", str(out),
+def predict_cmd(ds, out, nproc, *extra, images=None):
+    args = ["-m", "nnpp.run.predict", "-i", images or os.path.join(ds["nnUNet_raw"], ds["name"], "imagesTr"), "-o", str(out),
             "-d", str(ds["id"]), "-c", "3d_fullres", "-f", "0", "-device", "cpu", "--disable_tta",
             "-npp", "0", "-nps", "0", "--disable_progress_bar", *extra]
     if nproc == 1:
@@ -50,7 +50,8 @@ def test_two_processes_same_masks_and_continue_skips(trained_model, tiny_dataset
     assert not [f for f in os.listdir(tmp_path / "two") if f.startswith(".")]  # no temp files left
     # a second run skips every finished case
     stamps = {f: os.stat(tmp_path / "two" / f).st_mtime_ns for f in two}
-    os.remove(tmp_path / "two" / sorted(two)[0])  # ... but the one missing is done again
+    for f in sorted(two)[0:3:2]:  # ... but does the missing ones again: cases 0 and 2, both rank 0's at first (the
+        os.remove(tmp_path / "two" / f)  # cases' [RANK::2]), now split one per rank
     stale = tmp_path / "two" / f".{sorted(two)[0][:-len('.nii.gz')]}.partial.killed"  # what a SIGKILL leaves
     stale.mkdir()
     # ... here without OMP_NUM_THREADS: torchrun gives each worker OMP_NUM_THREADS=1, which nnpp tells from a
@@ -61,14 +62,33 @@ def test_two_processes_same_masks_and_continue_skips(trained_model, tiny_dataset
     p = subprocess.run(predict_cmd(tiny_dataset, tmp_path / "two", 2, "--continue_prediction"), env=env_default,
                        capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, output_tail(p)
-    assert "all 2 processes done: 1 case(s)" in p.stdout
+    assert "all 2 processes done: 2 case(s)" in p.stdout
+    assert "[nnpp_predict rank 0] time per case over 1 case(s)" in p.stdout
+    assert "[nnpp_predict rank 1] time per case over 1 case(s)" in p.stdout
     share = max(1, usable_cores() // 2)
     for rank in (0, 1):
         assert f"rank {rank}: torch {share} CPU thread(s)" in p.stdout, output_tail(p)
     assert f"({usable_cores()} cores / 2 local rank(s))" in p.stdout
-    assert {f: os.stat(tmp_path / "two" / f).st_mtime_ns for f in sorted(two)[1:]} == \
-        {f: stamps[f] for f in sorted(two)[1:]}
+    kept = [f for i, f in enumerate(sorted(two)) if i not in (0, 2)]
+    assert {f: os.stat(tmp_path / "two" / f).st_mtime_ns for f in kept} == {f: stamps[f] for f in kept}
     assert masks(tmp_path / "two").keys() == one.keys() and not stale.exists()
+
+    # a rank that fails names the case in one line and leaves its traceback in a log file beside the outputs
+    images = tmp_path / "images"
+    src = os.path.join(tiny_dataset["nnUNet_raw"], tiny_dataset["name"], "imagesTr")
+    os.makedirs(images)
+    names = sorted(os.listdir(src))
+    for f in names:
+        os.symlink(os.path.join(src, f), images / f)
+    os.remove(images / names[1])
+    (images / names[1]).write_bytes(b"not an image")  # the second case: rank 1's
+    bad = names[1][:-len("_0000.nii.gz")]
+    p = subprocess.run(predict_cmd(tiny_dataset, tmp_path / "three", 2, images=str(images)), env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode != 0
+    log = tmp_path / "three" / "nnpp_predict_rank1.log"
+    assert f"rank 1 of 2 failed on case {bad} (" in p.stderr and f"traceback in {log}" in p.stderr, output_tail(p)
+    assert log.read_text().startswith(f"rank 1 of 2, case {bad}\nTraceback")
 
 
 def test_killed_export_leaves_no_finished_looking_case(tmp_path, monkeypatch):

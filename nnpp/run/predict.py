@@ -191,13 +191,19 @@ def share_resources(args, local_world: int) -> None:
     args.export_threads = max(1, args.threads // max(1, args.nps))
 
 
+def case_files(predictor, args) -> dict:
+    """{output name (case id): [its channel files]} of every case in -i, in nnU-Net's order."""
+    from nnunetv2.utilities.utils import create_lists_from_splitted_dataset_folder
+    ending = predictor.dataset_json["file_ending"]
+    return {os.path.basename(c[0])[:-(len(ending) + 5)]: c
+            for c in create_lists_from_splitted_dataset_folder(args.i, ending)}
+
+
 def cases_to_predict(predictor, args) -> list:
     """The output file names (without ending) of every case of -i that this run predicts (all parts): those
     without a finished segmentation (and .npz with --save_probabilities) under --continue_prediction."""
-    from nnunetv2.utilities.utils import create_lists_from_splitted_dataset_folder
     ending = predictor.dataset_json["file_ending"]
-    cases = [os.path.basename(c[0])[:-(len(ending) + 5)] for c in
-             create_lists_from_splitted_dataset_folder(args.i, ending)]
+    cases = list(case_files(predictor, args))
     if not args.continue_prediction:
         return cases
     return [c for c in cases if not (os.path.isfile(os.path.join(args.o, c + ending)) and
@@ -205,44 +211,63 @@ def cases_to_predict(predictor, args) -> list:
 
 
 def predict_distributed(predictor, args, env) -> int:
-    """One rank of ``torchrun --nproc_per_node=N -m nnpp.run.predict ...``: this rank's share of the cases
-    (``[RANK::WORLD_SIZE]``, nnU-Net's parts) into the shared output folder, each case written atomically. Rank 0
-    prints the progress of all ranks (finished files in the folder) and the total throughput once every rank is
-    done (gloo barrier: any device). A rank that fails says so in one line and exits; torchrun then stops the
-    others, and finished cases stay (rerun with --continue_prediction to do only the rest)."""
+    """One rank of ``torchrun --nproc_per_node=N -m nnpp.run.predict ...``. Rank 0 lists the cases this run predicts
+    (with --continue_prediction: those not finished) and every rank takes ``todo[RANK::WORLD_SIZE]``, so a rerun
+    splits what is left evenly; each case is written atomically into the shared output folder (checked to be the same
+    folder on every node, as training checks its results folder). Rank 0 prints the progress of this run (cases
+    written since it started) and the total throughput once every rank is done (gloo barrier: any device). A rank
+    that fails writes the case and the traceback to ``nnpp_predict_rankR.log`` in the output folder and says so in
+    one line; torchrun then stops the others, and finished cases stay (rerun with --continue_prediction)."""
     import threading
+    import traceback
 
-    from nnpp.distributed import init, teardown
+    import torch.distributed as dist
+
+    from nnpp.distributed import check_shared_folder, init, teardown
     init(env, "gloo", timeout_s=7 * 24 * 3600)  # only for the final barrier: ranks may finish hours apart
-    todo = cases_to_predict(predictor, args) if env.is_main else []
+    check_shared_folder(args.o, "output folder (-o)")
+    shared = [cases_to_predict(predictor, args) if env.is_main else None]
+    dist.broadcast_object_list(shared, src=0)  # one listing: ranks starting later must not see others' new files
+    todo = shared[0]
+    files = case_files(predictor, args)
+    mine = todo[env.rank::env.world_size]
     ending = predictor.dataset_json["file_ending"]
     stop = threading.Event()
-    t0 = time.perf_counter()
+    t0, started = time.perf_counter(), time.time()
+
+    def written(case: str) -> bool:
+        try:
+            return os.stat(os.path.join(args.o, case + ending)).st_mtime >= started - 1
+        except OSError:
+            return False
 
     def progress():
         last = -1
         while not stop.wait(10):
-            done = sum(os.path.isfile(os.path.join(args.o, c + ending)) for c in todo)
+            done = sum(written(c) for c in todo)
             if done != last:
                 minutes = (time.perf_counter() - t0) / 60
-                print(f"[nnpp_predict] progress: {done}/{len(todo)} cases, {done / minutes:.2f} cases/min "
+                print(f"[nnpp_predict] progress: {done}/{len(todo)} cases of this run, {done / minutes:.2f} cases/min "
                       f"({env.world_size} processes)", flush=True)
                 last = done
     if env.is_main:
         threading.Thread(target=progress, daemon=True).start()
     try:
-        records = predictor.predict_cases(args.i, args.o, save_probabilities=args.save_probabilities,
-                                          overwrite=not args.continue_prediction,
+        records = predictor.predict_cases([files[c] for c in mine], [os.path.join(args.o, c) for c in mine],
+                                          save_probabilities=args.save_probabilities, overwrite=True,
                                           folder_with_segs_from_prev_stage=args.prev_stage_predictions,
                                           num_processes_preprocessing=args.npp,
-                                          num_processes_segmentation_export=args.nps,
-                                          num_parts=env.world_size, part_id=env.rank)
+                                          num_processes_segmentation_export=args.nps)
     except Exception as e:
         stop.set()
+        log = os.path.join(args.o, f"nnpp_predict_rank{env.rank}.log")
+        with open(log, "w") as f:
+            f.write(f"rank {env.rank} of {env.world_size}, case {predictor.current_case}\n{traceback.format_exc()}")
         teardown(finished=False)
-        raise NnppError(f"rank {env.rank} of {env.world_size} failed ({type(e).__name__}: "
-                        f"{str(e).splitlines()[0] if str(e) else ''}); torchrun stops the other ranks; finished cases "
-                        f"are complete files: rerun with --continue_prediction to predict the rest") from None
+        raise NnppError(f"rank {env.rank} of {env.world_size} failed on case {predictor.current_case} "
+                        f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}; traceback in {log}); "
+                        f"torchrun stops the other ranks; finished cases are complete files: rerun with "
+                        f"--continue_prediction to predict the rest") from None
     print(time_split_text(records).replace("[nnpp_predict]", f"[nnpp_predict rank {env.rank}]"), flush=True)
     teardown(finished=True)  # waits for every rank
     stop.set()
