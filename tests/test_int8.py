@@ -33,6 +33,7 @@ def test_int8_export_records_its_dice(trained_model, tiny_dataset, tmp_path, mon
     (f0,) = meta["folds"]
     q = f0["quantization"]
     assert meta["precision"] == "int8" and q["calibration_tiles"] == 4 and q["score_cases"]
+    assert q["guard_cases"] == 8 and q["score_cases"] == sorted(q["score_cases"])  # at most 8, named
     assert set(q["dice_fp32"]) == set(q["dice_int8"]) == {"1", "2"} and 0 <= q["mask_agreement"] <= 1
     assert "Dice fp32 -> int8 on" in out and "-> OK" in out
     ops = {n.op_type for n in onnx.load(str(tmp_path / "q" / "fold_0.onnx")).graph.node}
@@ -87,6 +88,42 @@ def test_guard_refuses_a_quantized_model_that_loses_dice(trained_model, tiny_dat
     assert "fold 0: int8 lowers the Dice of label 1 by" in line and "(> --max_dice_drop 0.01)" in line
     assert "nothing was written" in line and "-> REFUSED" in out
     assert not (tmp_path / "q").exists() and not [f for f in os.listdir(tmp_path) if f.startswith(".nnpp_export")]
+    report = json.load(open(tmp_path / "q.guard.json"))  # the scores, beside (not into) the refused output
+    assert f"(scores in {tmp_path / 'q.guard.json'})" in line
+    assert report["refused"] and report["worst_label"] == "1" and report["dice_drop"]["1"] > 0.01
+
+
+def test_output_folder_is_per_precision_and_stale_temp_folders_go(tmp_path):
+    """The default folder names the precision and depth; a previous export of the same model at another precision is
+    never replaced (not even with --overwrite); temp folders of killed exports on this host are removed, those of
+    running exports and other hosts kept."""
+    import socket
+    import subprocess
+    import sys
+    from types import SimpleNamespace
+
+    from nnpp import NnppError
+    from nnpp.deploy.export import TMP_PREFIX, check_output_folder, default_output_folder, remove_stale_temp_folders
+    assert default_output_folder("M") == os.path.join("M", "onnx")
+    assert default_output_folder("M", 2, "int8") == os.path.join("M", "onnx_depth2_int8")
+    model = SimpleNamespace(folder=str(tmp_path / "model"), configuration="3d_fullres")
+    out = tmp_path / "onnx"
+    out.mkdir()
+    json.dump({"format": "nnpp-onnx", "source": {"model_folder": model.folder, "configuration": "3d_fullres"},
+               "precision": "fp32", "depth": 3, "full_depth": 3, "pruned": False}, open(out / "nnpp_onnx.json", "w"))
+    assert check_output_folder(str(out), model, overwrite=True) is True
+    with pytest.raises(NnppError, match="holds a fp32 export of this model .*not int8"):
+        check_output_folder(str(out), model, overwrite=True, precision="int8")
+
+    host = socket.gethostname().replace("_", "-")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    names = {"dead": f"{TMP_PREFIX}{host}_{int(dead.stdout)}_ab_c", "old": f"{TMP_PREFIX}old_{host}_{int(dead.stdout)}_x",
+             "alive": f"{TMP_PREFIX}{host}_{os.getppid()}_xy", "other": f"{TMP_PREFIX}otherhost_{int(dead.stdout)}_z"}
+    for n in names.values():
+        (tmp_path / n).mkdir()
+    removed = remove_stale_temp_folders(str(tmp_path))
+    assert sorted(removed) == sorted(str(tmp_path / names[k]) for k in ("dead", "old"))
+    assert (tmp_path / names["alive"]).exists() and (tmp_path / names["other"]).exists()
 
 
 def test_guard_refuses_when_no_label_can_be_scored(trained_model, tiny_dataset, tmp_path, monkeypatch, capsys):

@@ -37,6 +37,52 @@ DEFAULT_TOL = 1e-4
 PRECISIONS = ("fp32", "fp16", "int8")
 DEFAULT_MAX_DICE_DROP = 0.01
 DEFAULT_CALIB_TILES = 32
+DEFAULT_GUARD_CASES = 8  # validation cases the Dice guard scores (the first in sorted order)
+TMP_PREFIX = ".nnpp_export_"  # temp folders beside the output: .nnpp_export_HOST_PID_*
+
+
+def default_output_folder(model_folder: str, depth: int | None = None, precision: str = "fp32") -> str:
+    """MODEL_FOLDER/onnx[_depthK][_fp16|_int8]: every depth and precision in a folder of its own."""
+    name = "onnx" + (f"_depth{depth}" if depth else "") + (f"_{precision}" if precision != "fp32" else "")
+    return os.path.join(model_folder, name)
+
+
+def guard_report_path(out: str) -> str:
+    """Where a refused reduced-precision export writes its scores: beside the output folder, never into it."""
+    return os.path.abspath(out).rstrip(os.sep) + ".guard.json"
+
+
+def remove_stale_temp_folders(parent: str) -> list:
+    """Temp folders of exports on this host whose process is gone (killed: no cleanup ran); returns their paths.
+    Folders of running exports (their process alive) and of other hosts are left alone."""
+    import re
+    import socket
+    removed, host = [], socket.gethostname().replace("_", "-")
+    pattern = re.compile(re.escape(TMP_PREFIX) + r"(?:old_)?(?P<host>[^_]+)_(?P<pid>\d+)_")
+    try:
+        entries = os.listdir(parent)
+    except OSError:
+        return removed
+    for d in entries:
+        m = pattern.match(d)
+        if not m or m["host"] != host or int(m["pid"]) == os.getpid():
+            continue
+        try:
+            os.kill(int(m["pid"]), 0)
+            continue  # alive
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue  # alive, another user's
+        shutil.rmtree(os.path.join(parent, d), ignore_errors=True)
+        removed.append(os.path.join(parent, d))
+    return removed
+
+
+def _temp_folder(parent: str, kind: str = "") -> str:
+    import socket
+    return tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{kind}{socket.gethostname().replace('_', '-')}_{os.getpid()}_",
+                            dir=parent)
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
 
 
@@ -118,9 +164,11 @@ def _write_json(obj, path: str) -> None:
         json.dump(obj, f, indent=2, sort_keys=False)
 
 
-def check_output_folder(out: str, model: TrainedModel, overwrite: bool = False) -> bool:
+def check_output_folder(out: str, model: TrainedModel, overwrite: bool = False, precision: str = "fp32",
+                        depth: int | None = None) -> bool:
     """``out`` must be a new or empty folder, or (with ``overwrite``) a previous nnpp export of the same model
-    folder (its ``nnpp_onnx.json`` says so). Anything else is one line: nnpp_export never writes into a folder
+    folder at the same precision and depth (its ``nnpp_onnx.json`` says so: an int8 export never silently replaces
+    an fp32 one). Anything else is one line: nnpp_export never writes into a folder
     it did not make (pointed at a model folder it would replace that model's plans.json and dataset.json).
     Returns whether ``out`` holds a previous export to replace."""
     if not os.path.exists(out):
@@ -141,6 +189,11 @@ def check_output_folder(out: str, model: TrainedModel, overwrite: bool = False) 
     same = isinstance(previous, dict) and previous.get("format") == "nnpp-onnx" and \
         previous.get("source", {}).get("model_folder") == os.path.abspath(model.folder) and \
         previous.get("source", {}).get("configuration") == model.configuration
+    if same and (previous.get("precision", "fp32"), previous.get("pruned") and previous.get("depth") or None) != \
+            (precision, depth if depth and depth != previous.get("full_depth") else None):
+        raise NnppError(f"-o {out} holds a {previous.get('precision', 'fp32')} export of this model (depth "
+                        f"{previous.get('depth')}), not {precision} (depth {depth or previous.get('full_depth')}); "
+                        f"give another folder (the default is one per precision and depth)")
     if same and overwrite:
         return True
     if same:
@@ -160,7 +213,7 @@ def _move_into_place(tmp: str, out: str, replace: bool) -> None:
     if not replace:
         os.rename(tmp, out)
         return
-    old = tempfile.mkdtemp(prefix=".nnpp_export_old_", dir=os.path.dirname(os.path.abspath(out)))
+    old = _temp_folder(os.path.dirname(os.path.abspath(out)), "old_")
     os.rename(out, os.path.join(old, "previous"))
     try:
         os.rename(tmp, out)
@@ -172,7 +225,7 @@ def _move_into_place(tmp: str, out: str, replace: bool) -> None:
 
 
 def _reduced(model: TrainedModel, fold, path: str, precision: str, max_dice_drop: float, calib_tiles: int, out: str,
-             log) -> dict:
+             log, guard_cases: int = DEFAULT_GUARD_CASES) -> dict:
     """Turn the checked fp32 ``path`` into ``precision`` (int8: static quantization calibrated on the fold's
     training tiles; fp16: converted weights and arithmetic) in place, after the Dice guard on the fold's
     validation cases (:mod:`nnpp.deploy.quantize`); returns the figures for the metadata."""
@@ -187,7 +240,8 @@ def _reduced(model: TrainedModel, fold, path: str, precision: str, max_dice_drop
         extra = {"calibration_tiles": len(reader.tiles), "calibration_cases": reader.cases}
     else:
         settings = q.convert_fp16(path, qpath)
-    scores = q.score(model, fold, {"fp32": make_session(path, "cpu"), precision: make_session(qpath, "cpu")})
+    scores = q.score(model, fold, {"fp32": make_session(path, "cpu"), precision: make_session(qpath, "cpu")},
+                     max_cases=guard_cases)
     drop = q.dice_drop(scores, "fp32", precision)
     if all(d is None for d in drop.values()):
         raise NnppError(f"fold {fold}: no label occurs in the {len(scores['cases'])} validation case(s), so the "
@@ -200,12 +254,19 @@ def _reduced(model: TrainedModel, fold, path: str, precision: str, max_dice_drop
         f"{text or 'no labels'}; masks agree on {100 * scores['agreement']:.3f}% of voxels; largest drop {worst:.4f} "
         f"(--max_dice_drop {max_dice_drop:g}) -> {'OK' if worst <= max_dice_drop else 'REFUSED'}")
     if worst > max_dice_drop:
+        report = guard_report_path(out)
+        _write_json({"refused": True, "fold": fold, "precision": precision, "max_dice_drop": max_dice_drop,
+                     "worst_label": worst_label, "dice_drop": drop, "dice_fp32": scores["dice"]["fp32"],
+                     f"dice_{precision}": scores["dice"][precision], "mask_agreement": scores["agreement"],
+                     "score_cases": scores["cases"], **settings, **extra}, report + ".tmp")
+        os.replace(report + ".tmp", report)
         raise NnppError(f"fold {fold}: {precision} lowers the Dice of label {worst_label} by {worst:.4f} (> "
-                        f"--max_dice_drop {max_dice_drop:g}); nothing was written to {out}: export fp32")
+                        f"--max_dice_drop {max_dice_drop:g}); nothing was written to {out} (scores in {report}): "
+                        f"export fp32")
     os.replace(qpath, path)
     return {**settings, **extra, "score_cases": scores["cases"], "dice_fp32": scores["dice"]["fp32"],
             f"dice_{precision}": scores["dice"][precision], "dice_drop": drop, "mask_agreement": scores["agreement"],
-            "max_dice_drop": max_dice_drop,
+            "max_dice_drop": max_dice_drop, "guard_cases": guard_cases,
             "scored_as": "nnU-Net's predictor (Gaussian sliding window, mirroring) with ONNX Runtime's CPU provider on "
                          "the preprocessed validation cases, arg-max vs the preprocessed labels"}
 
@@ -213,7 +274,7 @@ def _reduced(model: TrainedModel, fold, path: str, precision: str, max_dice_drop
 def export_model(model: TrainedModel, out: str, depth: int | None = None, opset: int = DEFAULT_OPSET,
                  exporter: str = "dynamo", tol: float = DEFAULT_TOL, source: dict | None = None, log=print,
                  overwrite: bool = False, precision: str = "fp32", max_dice_drop: float = DEFAULT_MAX_DICE_DROP,
-                 calib_tiles: int = DEFAULT_CALIB_TILES) -> dict:
+                 calib_tiles: int = DEFAULT_CALIB_TILES, guard_cases: int = DEFAULT_GUARD_CASES) -> dict:
     """Export every fold of ``model`` to ``out`` (``fold_F.onnx``, ``plans.json``, ``dataset.json``,
     ``nnpp_onnx.json``), each checked by :func:`check_ops` and :func:`parity` (fails above ``tol``).
     ``out`` must be new or empty, or a previous export of this model with ``overwrite``
@@ -225,11 +286,13 @@ def export_model(model: TrainedModel, out: str, depth: int | None = None, opset:
     onnx = require("onnx")
     if precision not in PRECISIONS:
         raise NnppError(f"--precision {precision}: choose one of {', '.join(PRECISIONS)}")
-    replace = check_output_folder(out, model, overwrite)
+    replace = check_output_folder(out, model, overwrite, precision, depth)
     patch = model.patch_size
     parent = os.path.dirname(os.path.abspath(out)) or "."
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".nnpp_export_", dir=parent)
+    for stale in remove_stale_temp_folders(parent):
+        log(f"[nnpp_export] removed {stale} (left by an export that was killed)")
+    tmp = _temp_folder(parent)
     try:
         folds, ops, full_depth = [], set(), None
         for i, fold in enumerate(model.folds):
@@ -255,7 +318,8 @@ def export_model(model: TrainedModel, out: str, depth: int | None = None, opset:
             entry = {"fold": fold, "file": name, "checkpoint": os.path.abspath(model.checkpoints[i]),
                      "checkpoint_sha256": model.checkpoint_sha256[i], "parity": check}
             if precision != "fp32":  # the fp32 model passed parity; the reduced one must pass the Dice guard
-                entry["quantization"] = _reduced(model, fold, path, precision, max_dice_drop, calib_tiles, out, log)
+                entry["quantization"] = _reduced(model, fold, path, precision, max_dice_drop, calib_tiles, out, log,
+                                                 guard_cases)
             entry["sha256"] = sha256_file(path)
             folds.append(entry)
         mirror = model.inference_allowed_mirroring_axes
@@ -278,7 +342,7 @@ def export_model(model: TrainedModel, out: str, depth: int | None = None, opset:
         _write_json(model.plans, os.path.join(tmp, "plans.json"))
         _write_json(model.dataset_json, os.path.join(tmp, "dataset.json"))
         _write_json(meta, os.path.join(tmp, METADATA_FILE))
-        check_output_folder(out, model, overwrite)  # unchanged while we exported
+        check_output_folder(out, model, overwrite, precision, depth)  # unchanged while we exported
         _move_into_place(tmp, out, replace)
         return meta
     finally:

@@ -62,21 +62,18 @@ class TileReader:
         rng = np.random.default_rng(seed)
         patch = model.patch_size
         self.cases = keys
-        self.tiles = []
-        data = {}
-        for i in range(n_tiles):
-            k = keys[i % len(keys)]
-            if k not in data:
-                data[k] = np.asarray(dataset.load_case(k)[0][:], dtype=np.float32)
-            img = data[k]
+        self.tiles = [None] * n_tiles
+        for c, k in enumerate(keys[:n_tiles]):  # case by case: only the tiles stay in memory, never the cases
+            img = np.asarray(dataset.load_case(k)[0][:], dtype=np.float32)
             spatial = img.shape[-len(patch):]
             pad = [(0, 0)] * (img.ndim - len(patch)) + [(0, max(0, p - s)) for p, s in zip(patch, spatial)]
             img = np.pad(img, pad) if any(p[1] for p in pad) else img
-            if len(patch) == img.ndim - 2:  # 2D configuration: one slice
-                img = img[:, rng.integers(img.shape[1])]
-            starts = [rng.integers(0, s - p + 1) for s, p in zip(img.shape[1:], patch)]
-            tile = img[(slice(None), *[slice(a, a + p) for a, p in zip(starts, patch)])]
-            self.tiles.append({input_name: np.ascontiguousarray(tile[None])})
+            for i in range(c, n_tiles, len(keys)):  # tile i comes from case i % cases (round robin)
+                sl = img[:, rng.integers(img.shape[1])] if len(patch) == img.ndim - 2 else img  # 2D: one slice
+                starts = [rng.integers(0, s - p + 1) for s, p in zip(sl.shape[1:], patch)]
+                tile = sl[(slice(None), *[slice(a, a + p) for a, p in zip(starts, patch)])]
+                self.tiles[i] = {input_name: np.array(tile[None], dtype=np.float32, order="C")}  # a copy: img is freed
+            del img
         self._it = iter(self.tiles)
 
     def get_next(self):
@@ -142,8 +139,9 @@ def _dice(pred: np.ndarray, ref: np.ndarray, label: int, ignore_label: int | Non
 
 def score(model, fold, sessions: dict, mirroring: bool = True, max_cases: int | None = None) -> dict:
     """Each of ``sessions`` ({name: ONNX Runtime session}) in nnU-Net's predictor on the fold's validation cases
-    (preprocessed): {name: {label: mean Dice}}, plus ``cases`` and ``agreement`` (share of voxels where the masks
-    of the first two sessions agree)."""
+    (preprocessed; at most ``max_cases``, the first in sorted order, one at a time): {name: {label: mean Dice}},
+    plus ``cases`` and ``agreement`` (share of voxels where the masks of the first two sessions agree). Dice as
+    nnU-Net's evaluation counts it (the ignore label's voxels unscored)."""
     from nnpp.deploy.ort import OrtNetwork
     from nnpp.predictor import nnppPredictor
     label_manager = model.plans_manager.get_label_manager(model.dataset_json)

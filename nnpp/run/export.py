@@ -22,7 +22,6 @@ Predict with ``nnpp_predict -i IN -o OUT --onnx OUT_OF_THIS_COMMAND``.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 from nnpp.paths import setup_paths
@@ -31,8 +30,8 @@ from nnpp import DEFAULT_TRAINER
 
 
 def parser() -> argparse.ArgumentParser:
-    from nnpp.deploy.export import DEFAULT_CALIB_TILES, DEFAULT_MAX_DICE_DROP, DEFAULT_OPSET, DEFAULT_TOL, EXPORTERS, \
-        PRECISIONS
+    from nnpp.deploy.export import DEFAULT_CALIB_TILES, DEFAULT_GUARD_CASES, DEFAULT_MAX_DICE_DROP, DEFAULT_OPSET, \
+        DEFAULT_TOL, EXPORTERS, PRECISIONS
     p = argparse.ArgumentParser(prog="nnpp_export", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("dataset", help="dataset id: 3, 003, Dataset003_Liver or Task003_Liver")
@@ -41,13 +40,16 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("-tr", default=DEFAULT_TRAINER, help=f"trainer of the model folder (default {DEFAULT_TRAINER})")
     p.add_argument("-p", default="nnUNetPlans", help="plans identifier (default nnUNetPlans)")
     p.add_argument("-chk", default="checkpoint_final.pth", help="checkpoint file name (default checkpoint_final.pth)")
-    p.add_argument("-o", default=None, help="output folder (default MODEL_FOLDER/onnx or onnx_depthK)")
+    p.add_argument("-o", default=None, help="output folder (default MODEL_FOLDER/onnx[_depthK][_fp16|_int8])")
     p.add_argument("--precision", choices=PRECISIONS, default="fp32",
                    help="fp32 (default), fp16 (GPU providers) or int8 (static quantization); fp16/int8 with the Dice guard")
     p.add_argument("--max_dice_drop", type=non_negative_float, default=DEFAULT_MAX_DICE_DROP,
                    help=f"int8: largest allowed Dice drop of any label vs fp32 (default {DEFAULT_MAX_DICE_DROP:g})")
     p.add_argument("--calib_tiles", type=positive_int, default=DEFAULT_CALIB_TILES,
                    help=f"int8: calibration tiles from the training cases (default {DEFAULT_CALIB_TILES})")
+    p.add_argument("--guard_cases", type=positive_int, default=DEFAULT_GUARD_CASES,
+                   help=f"fp16/int8: validation cases the Dice guard scores, the first in sorted order, named in the "
+                   f"metadata (default {DEFAULT_GUARD_CASES})")
     p.add_argument("--overwrite", action="store_true",
                    help="replace OUT when it holds a previous export of this model (its nnpp_onnx.json says so)")
     p.add_argument("--depth", type=positive_int, default=None,
@@ -67,7 +69,7 @@ def main(argv=None):
 
     from nnunetv2.utilities.file_path_utilities import get_output_folder
 
-    from nnpp.deploy.export import export_model
+    from nnpp.deploy.export import default_output_folder, export_model
     from nnpp.model_folder import load_trained_model
     from nnpp.deploy.ort import require
     from nnpp.model_folder import find_trainer_class
@@ -78,10 +80,11 @@ def main(argv=None):
     name = dataset_name(args.dataset)
     folder = get_output_folder(name, args.tr, args.p, args.configuration)
     model = load_trained_model(folder, args.f, args.chk)
-    out = args.o or os.path.join(folder, f"onnx_depth{args.depth}" if args.depth else "onnx")
+    out = args.o or default_output_folder(folder, args.depth, args.precision)
     meta = export_model(model, out, depth=args.depth, opset=args.opset, exporter=args.exporter, tol=args.tol,
                         source={"dataset": name, "plans_identifier": args.p}, overwrite=args.overwrite,
-                        precision=args.precision, max_dice_drop=args.max_dice_drop, calib_tiles=args.calib_tiles)
+                        precision=args.precision, max_dice_drop=args.max_dice_drop, calib_tiles=args.calib_tiles,
+                        guard_cases=args.guard_cases)
     print(f"[nnpp_export] wrote {len(meta['folds'])} {meta['precision']} model(s) to {out} (patch {'x'.join(map(str, meta['patch_size']))}, "
           f"depth {meta['depth']}, opset {meta['opset']}, ops: {', '.join(meta['ops'])})")
     return 0
