@@ -335,6 +335,29 @@ class nnppPredictor(nnUNetPredictor):
         return left
 
 
+# ------------------------------------------------------------------------------------------ export resampling
+#: nnpp_predict --resample choices: the plans' own function (nnU-Net's scipy resampling for its default plans) or
+#: nnU-Net's torch resampling (resample_torch_fornnunet, as its *_torchres planners plan it)
+RESAMPLE_CHOICES = ("torch", "plans")
+DEFAULT_RESAMPLE = "torch"
+
+
+def use_torch_resampling(predictor, device: torch.device, threads: int | None = None) -> None:
+    """Resample the logits back to each case's original grid with nnU-Net's ``resample_torch_fornnunet`` on
+    ``device`` (cpu, cuda or npu) instead of the plans' function: a copy of the predictor's configuration with
+    ``resampling_fn_probabilities`` replaced as nnU-Net's ``nnUNetPlannerResEncL_torchres`` plans it (linear in-plane;
+    the plans' ``force_separate_z`` kept, so anisotropic cases keep nnU-Net's separate, nearest z axis). Only the
+    export changes; preprocessing keeps the plans' own resampling."""
+    from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
+    config = dict(predictor.configuration_manager.configuration)
+    old = config.get("resampling_fn_probabilities_kwargs") or {}
+    config["resampling_fn_probabilities"] = "resample_torch_fornnunet"
+    config["resampling_fn_probabilities_kwargs"] = {
+        "is_seg": False, "force_separate_z": old.get("force_separate_z"), "memefficient_seg_resampling": False,
+        "device": device, **({"num_threads": threads} if threads else {})}
+    predictor.configuration_manager = ConfigurationManager(config)
+
+
 # ---------------------------------------------------------------------------------- building a predictor
 # (the library home of what nnpp_predict, nnpp_export's guard, the benchmarks and the trainer need)
 def inference_amp(mode: str, device):

@@ -49,7 +49,7 @@ from nnpp import DEFAULT_TRAINER
 def parser() -> argparse.ArgumentParser:
     from nnpp.device import AMP_CHOICES, DEVICE_CHOICES
     from nnpp.deploy.ort import PROVIDERS
-    from nnpp.predictor import DEFAULT_TTA_BATCH
+    from nnpp.predictor import DEFAULT_RESAMPLE, DEFAULT_TTA_BATCH, RESAMPLE_CHOICES
     env_int = lambda name, default: int(os.environ.get(name, default))  # noqa: E731 (nnU-Net's nnUNet_npp/nps)
     p = argparse.ArgumentParser(prog="nnpp_predict", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -83,6 +83,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--ort_threads", type=non_negative_int, default=0, help="ONNX Runtime intra-op threads (0 = auto)")
     p.add_argument("--tta_batch", type=positive_int, default=DEFAULT_TTA_BATCH,
                    help=f"tiles x mirrors per network call (default {DEFAULT_TTA_BATCH}; 1 = nnU-Net's one per call)")
+    p.add_argument("--resample", default=DEFAULT_RESAMPLE, choices=RESAMPLE_CHOICES,
+                   help="how the logits go back to each case's original grid: torch (default: nnU-Net's "
+                   "resample_torch_fornnunet, on the device when exports run in this process (-nps 0), on the CPU in "
+                   "export workers) | plans (the plans' own function: nnU-Net's scipy resampling for its default plans)")
     p.add_argument("--amp", default="auto", choices=AMP_CHOICES,
                    help="torch precision (default auto: fp16 autocast on cuda/npu as nnU-Net, fp32 on the CPU)")
     return p
@@ -156,6 +160,12 @@ def main(argv=None):
               f"{f', depth {args.depth}' if args.depth else ''}; precision {AMP_TEXT[amp.mode]} (--amp {args.amp}); "
               f"{tta}")
 
+    if args.resample == "torch":  # in-process exports resample on the prediction device, export workers on the CPU
+        from nnpp.predictor import use_torch_resampling
+        use_torch_resampling(predictor, device if args.nps == 0 else dev.resolve_device("cpu"),
+                             args.export_threads)
+    print(f"[nnpp_predict] resampling to the original grid: "
+          f"{predictor.configuration_manager.configuration['resampling_fn_probabilities']} (--resample {args.resample})")
     os.makedirs(args.o, exist_ok=True)  # as nnUNetv2_predict does, once the model is known to load
     if env.is_main:
         write_run_files(predictor, args.o)
