@@ -13,8 +13,9 @@ batches the mirrored copies of each tile (``--tta_batch``), writes each case ato
 file that ``--continue_prediction`` takes as finished) and prints each case's time split (read+preprocess, network,
 resample+export; exact with -npp 0 -nps 0) and the cases/min.
 
-Many processes: ``torchrun --nproc_per_node=N -m nnpp.run.predict ...`` splits the cases by RANK/WORLD_SIZE into one
-output folder (each rank on its LOCAL_RANK device); rank 0 prints progress and the total cases/min.
+Many processes: ``torchrun --nproc_per_node=N -m nnpp.run.predict ...`` splits the cases this run predicts by
+RANK/WORLD_SIZE into one output folder (each rank on its LOCAL_RANK device, with usable cores / local ranks threads
+unless OMP_NUM_THREADS was set by the user); rank 0 prints progress and the total cases/min.
 
 Ours:
   --depth k             UNet++ pruned to depth k (only the nodes X^{0,k} needs run; 1..L)
@@ -30,6 +31,8 @@ Ours:
   --tta_batch N         at most N tiles x mirrored copies per network call (default 8: one 3D tile's 8 mirrors, two
                         2D tiles' 4 each, or 8 tiles without mirroring); lower it when device memory is short,
                         1 = nnU-Net's one copy per call
+  --resample torch|plans  logits back to the original grid with nnU-Net's resample_torch_fornnunet (default) or
+                        the plans' own function (nnU-Net's scipy resampling for its default plans)
   --amp MODE            torch precision: auto (default; nnU-Net's choice: fp16 autocast on cuda and npu, fp32 on
                         the CPU and mps) | O0 (fp32) | O1 (fp16 autocast) | bf16 (bfloat16 autocast)
 """
