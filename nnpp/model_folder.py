@@ -161,7 +161,7 @@ def load_trained_model(folder: str, folds, checkpoint_name: str = "checkpoint_fi
     plans_manager = PlansManager(plans)
 
     named = os.path.basename(os.path.normpath(folder)).split("__")  # nnU-Net's TRAINER__PLANS__CONFIG
-    checkpoints, hashes, parameters = [], [], []
+    checkpoints, hashes, parameters, run_settings = [], [], [], []
     trainer_name = configuration = mirror_axes = None
     for f in folds:
         path = os.path.join(folder, f"fold_{f}", checkpoint_name)
@@ -197,6 +197,7 @@ def load_trained_model(folder: str, folds, checkpoint_name: str = "checkpoint_fi
         checkpoints.append(path)
         hashes.append(sha256_file(path))
         parameters.append(ckpt["network_weights"])
+        run_settings.append(ckpt.get("nnpp_run_settings") or {})
 
     configuration_manager = plans_manager.get_configuration(configuration)
     trainer_class = find_trainer_class(trainer_name)
@@ -207,12 +208,26 @@ def load_trained_model(folder: str, folds, checkpoint_name: str = "checkpoint_fi
         plans_manager=plans_manager, configuration_manager=configuration_manager, configuration=configuration,
         trainer_name=trainer_name, trainer_class=trainer_class,
         num_input_channels=n_in, num_output_channels=n_out,
-        inference_allowed_mirroring_axes=tuple(mirror_axes) if mirror_axes is not None else None)
+        inference_allowed_mirroring_axes=tuple(mirror_axes) if mirror_axes is not None else None,
+        extra={"run_settings": run_settings})
     net = build_network(trainer_class, plans_manager, configuration_manager, model.num_input_channels,
                         model.num_output_channels)
     for weights, path in zip(parameters, checkpoints):
         load_strict(net, weights, path, trainer_name)
     return model
+
+
+def pruning_warning(model: TrainedModel, depth: int | None, full_depth: int | None) -> str | None:
+    """A warning when ``model`` is pruned below full depth but was trained with its shallow heads as probes
+    (``nnpp_train --shallow_heads probe``, the default since issue 21): their loss did not train the network, and
+    pruned Dice measured on a real CT was near 0 (benchmarks/RESULTS.md)."""
+    if not depth or not full_depth or depth >= full_depth:
+        return None
+    if not any(s.get("shallow_heads") == "probe" for s in model.extra.get("run_settings", [])):
+        return None
+    return (f"WARNING: depth {depth} < {full_depth}: this model's heads X^{{0,1..{full_depth - 1}}} were trained as "
+            f"probes (nnpp_train --shallow_heads probe, the default), so the pruned network is likely poor; to prune, "
+            f"train with --shallow_heads trained (README, 'Deep supervision of UNet++')")
 
 
 def set_depth(network: nn.Module, depth: int | None) -> nn.Module:

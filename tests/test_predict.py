@@ -101,12 +101,16 @@ def test_torch_resampling_agrees_with_the_plans_scipy_resampling(trained_model, 
         assert a.shape == b.shape and np.abs(a - b).max() < 0.2 and np.abs(a - b).mean() < 0.01
 
 
-def test_depth_prunes_the_predictor_network(trained_model, tiny_dataset, tmp_path):
+def test_depth_prunes_the_predictor_network(trained_model, tiny_dataset, tmp_path, capsys):
     from nnpp.predictor import init_torch, make_predictor
     folder = trained_model("nnUNetPlusPlusTrainer", 0)
     pred = make_predictor(torch.device("cpu"), progress=False)
     init_torch(pred, folder, ["0"], depth=1)
     assert pred.network.prune_depth == 1
+    # the session's model was trained with the default shallow_heads=probe: pruning it is said to be poor
+    assert "WARNING: depth 1 < 3: this model's heads X^{0,1..2} were trained as probes" in capsys.readouterr().out
+    init_torch(make_predictor(torch.device("cpu"), progress=False), folder, ["0"], depth=3)  # full depth: no warning
+    assert "WARNING" not in capsys.readouterr().out
     x = torch.randn(1, 1, *pred.configuration_manager.patch_size)
     with torch.no_grad():
         assert torch.equal(pred.network(x), pred.network(x, depth=1))

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from nnpp import NnppError
-from nnpp.model_folder import TrainedModel, set_depth, sha256_file
+from nnpp.model_folder import TrainedModel, pruning_warning, set_depth, sha256_file
 from nnpp.deploy.ort import METADATA_FILE, make_session, require
 
 EXPORTERS = ("dynamo", "torchscript")
@@ -299,6 +299,8 @@ def export_model(model: TrainedModel, out: str, depth: int | None = None, opset:
             net = model.build_network(i)
             full_depth = getattr(net, "depth", None) if hasattr(net, "prune_depth") else None
             set_depth(net, depth)
+            if i == 0 and pruning_warning(model, depth, full_depth):
+                log(f"[nnpp_export] {pruning_warning(model, depth, full_depth)}")
             name = f"fold_{fold}.onnx"
             path = os.path.join(tmp, name)
             log(f"[nnpp_export] fold {fold}: exporting ({exporter}, opset {opset}"
