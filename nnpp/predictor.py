@@ -31,6 +31,7 @@ import time
 from queue import Queue
 from threading import Thread
 
+import numpy as np
 import torch
 from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 from nnunetv2.inference.sliding_window_prediction import compute_gaussian
@@ -432,25 +433,76 @@ def init_onnx(predictor, onnx_folder: str, folds=None, provider: str = "cpu", th
     return meta
 
 
+#: classes resampled to the original grid at a time by segmentation_from_logits
+EXPORT_CLASSES_PER_CHUNK = 8
+
+
+def segmentation_from_logits(logits, properties: dict, configuration_manager, plans_manager, label_manager,
+                             classes_per_chunk: int = EXPORT_CLASSES_PER_CHUNK):
+    """nnU-Net's ``convert_predicted_logits_to_segmentation_with_correct_shape`` for a segmentation alone of a softmax
+    model, in bounded memory: the logits go back to the original grid (the configuration's
+    ``resampling_fn_probabilities``, nnU-Net's spacings) ``classes_per_chunk`` classes at a time, and only the running
+    maximum and its class are kept (the argmax of the logits is nnU-Net's segmentation: softmax keeps the order; ties
+    go to the lower class as in argmax). nnU-Net's own holds every class at the original resolution (a 62-class model
+    on a 458 x 379 x 224 CT: 10.7 GB peak). Then nnU-Net's steps: the crop reverted, the transpose undone.
+    Returns the segmentation (numpy, uint8 or uint16)."""
+    from acvl_utils.cropping_and_padding.bounding_boxes import insert_crop_into_image
+    shape = properties["shape_after_cropping_and_before_resampling"]
+    spacing = [properties["spacing"][i] for i in plans_manager.transpose_forward]
+    current = configuration_manager.spacing if len(configuration_manager.spacing) == len(shape) else \
+        [spacing[0], *configuration_manager.spacing]
+    best = seg = None
+    for c0 in range(0, logits.shape[0], classes_per_chunk):
+        r = torch.as_tensor(configuration_manager.resampling_fn_probabilities(
+            logits[c0:c0 + classes_per_chunk], shape, current, spacing))
+        m, a = r.amax(0), r.argmax(0)
+        del r
+        if best is None:
+            best, seg = m, a.to(torch.int16)
+        else:
+            better = m > best
+            best = torch.where(better, m, best)
+            seg = torch.where(better, a.to(torch.int16) + c0, seg)
+    del best
+    dtype = np.uint8 if len(label_manager.foreground_labels) < 255 else np.uint16
+    out = insert_crop_into_image(np.zeros(properties["shape_before_cropping"], dtype=dtype),
+                                 seg.cpu().numpy().astype(dtype), properties["bbox_used_for_cropping"])
+    return out.transpose(plans_manager.transpose_backward)
+
+
 def export_case(logits, properties: dict, configuration_manager, plans_manager, dataset_json: dict,
                 output_file_truncated: str, save_probabilities: bool = False, threads: int | None = None) -> float:
     """nnU-Net's ``export_prediction_from_logits`` (resampling to the original geometry, segmentation, and with
     ``save_probabilities`` the .npz + .pkl), written into a hidden temp folder beside the output and then moved in
     with ``os.replace`` (atomic on one file system), the segmentation last: nnU-Net's ``--continue_prediction``
     looks for the segmentation (and the .npz), so a process killed mid-export leaves no finished-looking case.
-    ``threads``: torch threads of the export (resampling); None = nnU-Net's default. Returns the seconds it took."""
+    ``threads``: torch threads of the export (resampling); None = nnU-Net's default. A segmentation alone of a softmax
+    model is made by :func:`segmentation_from_logits` (a few classes at a time; same mask) and written with the
+    plans' reader/writer. Returns the seconds it took."""
     from nnunetv2.configuration import default_num_processes
     from nnunetv2.inference.export_prediction import export_prediction_from_logits
     t0 = time.perf_counter()
     folder, name = os.path.split(os.path.abspath(output_file_truncated))
     tmp = tempfile.mkdtemp(prefix=f".{name}.partial.", dir=folder)
+    old_threads = torch.get_num_threads()
     try:
-        export_prediction_from_logits(logits, properties, configuration_manager, plans_manager, dataset_json,
-                                      os.path.join(tmp, name), save_probabilities, threads or default_num_processes)
+        label_manager = None if save_probabilities else plans_manager.get_label_manager(dataset_json)
+        if label_manager is None or label_manager.has_regions:
+            export_prediction_from_logits(logits, properties, configuration_manager, plans_manager, dataset_json,
+                                          os.path.join(tmp, name), save_probabilities,
+                                          threads or default_num_processes)
+        else:
+            torch.set_num_threads(threads or default_num_processes)
+            seg = segmentation_from_logits(logits, properties, configuration_manager, plans_manager, label_manager)
+            del logits
+            plans_manager.image_reader_writer_class().write_seg(
+                seg, os.path.join(tmp, name + dataset_json["file_ending"]), properties)
         seg = name + dataset_json["file_ending"]
-        for f in sorted(os.listdir(tmp), key=lambda f: f == seg):
+        seg_file = name + dataset_json["file_ending"]
+        for f in sorted(os.listdir(tmp), key=lambda f: f == seg_file):
             os.replace(os.path.join(tmp, f), os.path.join(folder, f))
     finally:
+        torch.set_num_threads(old_threads)
         shutil.rmtree(tmp, ignore_errors=True)
     return time.perf_counter() - t0
 

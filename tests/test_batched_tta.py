@@ -212,3 +212,34 @@ def test_out_of_memory_while_summing_the_mirrors_redoes_only_what_is_missing(mon
     ours = pred.predict_sliding_window_return_logits(img)
     assert pred.tta_batch == 4 and calls["n"] > 12
     assert_same_logits(ours.float(), ref)
+
+
+def test_segmentation_export_a_few_classes_at_a_time_is_nnunets(tiny_dataset):
+    """segmentation_from_logits (3 classes at a time, running argmax) gives exactly the mask of nnU-Net's
+    convert_predicted_logits_to_segmentation_with_correct_shape for an 11-class model: anisotropic spacing (nnU-Net's
+    separate z), a crop to revert, the plans' scipy resampling and nnU-Net's torch resampling."""
+    import json
+    import os
+
+    import numpy as np
+    from nnunetv2.inference.export_prediction import convert_predicted_logits_to_segmentation_with_correct_shape
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    from nnpp.predictor import segmentation_from_logits, use_torch_resampling
+    plans = json.load(open(os.path.join(tiny_dataset["nnUNet_preprocessed"], tiny_dataset["name"], "nnUNetPlans.json")))
+    pm = PlansManager(plans)
+    labels = {"background": 0, **{f"c{i}": i for i in range(1, 11)}}
+    lm = pm.get_label_manager({"labels": labels})
+    cm = pm.get_configuration("3d_fullres")
+    props = {"spacing": [4.0, 0.7, 0.7], "shape_after_cropping_and_before_resampling": [9, 40, 36],
+             "shape_before_cropping": [12, 44, 40], "bbox_used_for_cropping": [[1, 10], [2, 42], [3, 39]]}
+    logits = torch.randn(11, 8, 11, 10, generator=torch.Generator().manual_seed(0)) * 3
+    holder = SimpleNamespace(configuration_manager=cm)
+    for resampling in ("plans", "torch"):
+        if resampling == "torch":
+            use_torch_resampling(holder, torch.device("cpu"))
+        ref = convert_predicted_logits_to_segmentation_with_correct_shape(logits.clone(), pm, holder.configuration_manager,
+                                                                          lm, props)
+        ours = segmentation_from_logits(logits.clone(), props, holder.configuration_manager, pm, lm, classes_per_chunk=3)
+        assert ours.dtype == ref.dtype and ours.shape == ref.shape == (12, 44, 40)
+        assert len(np.unique(ours)) > 5 and np.array_equal(ours, ref), resampling
