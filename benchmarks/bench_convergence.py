@@ -11,13 +11,23 @@ augmentation in the main process (``nnUNet_n_proc_DA=0``, so batches are seeded 
 largest point (one poly-LR schedule); at every point nnU-Net's own validation (sliding-window predictor, export,
 ``compute_metrics_on_folder``) runs on the held-out fold-0 cases, and its per-structure Dice is kept.
 
-Networks (``--networks``; the UNet++ variants keep the network and supervise every head):
+Real data (``--task ts_example_ct``, issue 21): the shared real CT of ``../shared/datasets/ts_example_ct.py`` (spleen,
+liver, stomach, aorta; ``--chunks K`` cuts it into z-slabs so ``--fold`` can hold some out) planned with
+``SmallUNetPlanner(950, base_features=8, max_patch=(32, 96, 96))``, 2d, the planner's batch; the final model of every
+run is also scored per head (pruned depth k, mean of all heads) on the fold's validation cases and, with
+``--unseen``, on a second patient (TotalSegmentator's DICOM example CT). ``--table_only`` rebuilds the tables.
+
+Networks (``--networks``; the UNet++ variants keep the network; issue 17's weightings train every head, as then):
   unet               nnU-Net's PlainConvUNet, nnUNetTrainer
+  unet_nnpp          the same U-Net with nnpp's trainer (nnUNetTrainerNoKD: nnU-Net's multi-resolution deep supervision)
+  unetpp_trained     ``--shallow_heads trained``: every head's loss trains the network (nnpp before issue 21)
+  unetpp_last        deep supervision off: X^{0,L}'s loss alone (benchmark hook)
+  unetpp_msds        nnU-Net's multi-resolution deep supervision on UNet++'s U-Net path added (benchmark hook)
   unetpp             nnpp's UNet++ with ``--ds_weights equal`` (1/L per head: nnpp's behaviour before issue 17)
   unetpp_descending  ``--ds_weights descending`` (nnU-Net's halving from X^{0,L} down; X^{0,L} gets ~1/2)
   unetpp_decay       ``--ds_weights decay`` (equal at the start, only X^{0,L} at the end)
   unetpp_sum         equal weights of 1 each (loss and gradients x L: the loss-scale / effective-LR question)
-  unetpp_default     nnUNetPlusPlusTrainer as it is now, no flag
+  unetpp_default     nnUNetPlusPlusTrainer as it is now, no flag (since issue 21: shallow heads as probes)
 
 Speed (``--speed_iters``): one separate process times full iterations (batch from nnU-Net's loader with in-process
 augmentation + train step) of the U-Net and UNet++ alternately, side by side, so both see the same load; the
@@ -46,10 +56,10 @@ UNETPP = "nnUNetPlusPlusTrainer"
 NETWORKS = {
     "unet": ("nnUNetTrainer", [], None),
     "unet_nnpp": ("nnUNetTrainerNoKD", ["--amp", "O0"], None),
-    "unetpp": (UNETPP, ["--amp", "O0", "--ds_weights", "equal"], None),
-    "unetpp_descending": (UNETPP, ["--amp", "O0", "--ds_weights", "descending"], None),
-    "unetpp_decay": (UNETPP, ["--amp", "O0", "--ds_weights", "decay"], None),
-    "unetpp_sum": (UNETPP, ["--amp", "O0", "--ds_weights", "equal"], "sum"),
+    "unetpp": (UNETPP, ["--amp", "O0", "--ds_weights", "equal", "--shallow_heads", "trained"], None),
+    "unetpp_descending": (UNETPP, ["--amp", "O0", "--ds_weights", "descending", "--shallow_heads", "trained"], None),
+    "unetpp_decay": (UNETPP, ["--amp", "O0", "--ds_weights", "decay", "--shallow_heads", "trained"], None),
+    "unetpp_sum": (UNETPP, ["--amp", "O0", "--ds_weights", "equal", "--shallow_heads", "trained"], "sum"),
     "unetpp_trained": (UNETPP, ["--amp", "O0", "--shallow_heads", "trained"], None),
     "unetpp_default": (UNETPP, ["--amp", "O0"], None),
     "unetpp_last": (UNETPP, ["--amp", "O0"], "last"),
@@ -639,7 +649,7 @@ def main(argv=None) -> dict | None:
             sys.exit(f"bench_convergence: speed measurement failed:\n{proc.stderr[-2000:]}")
         write_atomic(speed_file, found[-1][7:])
     speed = json.load(open(speed_file)) if os.path.isfile(speed_file) else {}
-    speed = {n: speed.get(n, speed.get("unetpp")) for n in a.networks if speed}
+    speed = {n: speed.get(n, speed.get("unetpp" if n.startswith("unetpp") else "unet")) for n in a.networks if speed}
 
     runs = [json.load(open(os.path.join(work, "runs", f"{n}_s{s}.json"))) for n in a.networks for s in a.seeds
             if os.path.isfile(os.path.join(work, "runs", f"{n}_s{s}.json"))]
