@@ -391,43 +391,36 @@ def stats(values: list[float]) -> tuple[float, float]:
     return mean, sd
 
 
+def stat_row(dices: list[dict], structures: list[str]) -> dict:
+    """{structure or 'mean': [mean, sd, n]} over runs' {structure: Dice}; 'mean' is each run's mean over the
+    structures (NaN structures left out, as nnU-Net's foreground_mean), then mean +- sd over the runs."""
+    row = {}
+    for s in structures + ["mean"]:
+        vals = [stats([d.get(x, math.nan) for x in structures])[0] if s == "mean" else d.get(s, math.nan)
+                for d in dices]
+        row[s] = [*stats(vals), len(vals)]
+    return row
+
+
 def aggregate(runs: list[dict], structures: list[str]) -> dict:
-    """{network: {point: {structure or 'mean': [mean, sd, n]}}} over seeds; 'mean' is each run's mean over the
-    structures (NaN structures left out, as nnU-Net's foreground_mean), then mean +- sd over seeds."""
+    """{network: {point: stat_row}} over seeds."""
     out = {}
     for net in dict.fromkeys(r["network"] for r in runs):
         mine = [r for r in runs if r["network"] == net]
-        out[net] = {}
-        for point in mine[0]["dice"]:
-            row = {}
-            for s in structures + ["mean"]:
-                vals = []
-                for r in mine:
-                    d = r["dice"].get(point, {})
-                    vals.append(stats([d.get(x, math.nan) for x in structures])[0] if s == "mean"
-                                else d.get(s, math.nan))
-                row[s] = [*stats(vals), len(vals)]
-            out[net][point] = row
+        out[net] = {point: stat_row([r["dice"].get(point, {}) for r in mine], structures) for point in mine[0]["dice"]}
     return out
 
 
 def aggregate_eval(runs: list[dict], structures: list[str]) -> dict:
-    """{network: {set: {mode: {structure or 'mean': [mean, sd, n]}}}} over seeds, from the runs' final-model
-    evaluations (ts_example_ct: ``val`` = the fold's validation cases, ``unseen`` = the second patient)."""
+    """{network: {set: {mode: stat_row}}} over seeds, from the runs' final-model evaluations (ts_example_ct:
+    ``val`` = the fold's validation cases, ``unseen`` = the second patient)."""
     out = {}
     for net in dict.fromkeys(r["network"] for r in runs):
         mine = [r for r in runs if r["network"] == net and r.get("eval")]
-        for set_name in (mine[0]["eval"] if mine else {}):
-            for mode in mine[0]["eval"][set_name]:
-                row = {}
-                for c in structures + ["mean"]:
-                    vals = []
-                    for r in mine:
-                        d = r["eval"].get(set_name, {}).get(mode, {})
-                        vals.append(stats([d.get(x, math.nan) for x in structures])[0] if c == "mean"
-                                    else d.get(c, math.nan))
-                    row[c] = [*stats(vals), len(vals)]
-                out.setdefault(net, {}).setdefault(set_name, {})[mode] = row
+        for set_name, modes in (mine[0]["eval"] if mine else {}).items():
+            out.setdefault(net, {})[set_name] = {
+                mode: stat_row([r["eval"].get(set_name, {}).get(mode, {}) for r in mine], structures)
+                for mode in modes}
     return out
 
 
@@ -457,6 +450,10 @@ def fmt(cell) -> str:
     return "—" if math.isnan(mean) else f"{mean:.3f} ± {sd:.3f}"
 
 
+def cells(row: dict, cols: list[str]) -> str:
+    return " | ".join(fmt(row[c]) for c in cols)
+
+
 def markdown(result: dict) -> str:
     curves, structures = result["curves"], result["structures"]
     cols = structures + ["mean"]
@@ -467,7 +464,7 @@ def markdown(result: dict) -> str:
              "| network | iterations | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols)]
     for net, curve in curves.items():
         for point, row in curve.items():
-            lines.append(f"| {net} | {point} | " + " | ".join(fmt(row[c]) for c in cols) + " |")
+            lines.append(f"| {net} | {point} | {cells(row, cols)} |")
     speed = result.get("seconds_per_iteration")
     if speed:
         lines += ["", "Seconds per iteration (batch + train step, measured side by side in one process, "
@@ -478,9 +475,9 @@ def markdown(result: dict) -> str:
                   "|---|---|---|---|" + "---|" * len(cols)]
         for net, rows in result["equal_wall_time"].items():
             for point, r in rows.items():
-                cells = [fmt(r["dice"][c]) if r["dice"] else "—" for c in cols]
+                dice = cells(r["dice"], cols) if r["dice"] else " | ".join("—" for _ in cols)
                 lines.append(f"| {r['seconds']:.0f} | {net} | {r['iterations']:.0f} | {r['snapshot'] or '—'} | "
-                             + " | ".join(cells) + " |")
+                             f"{dice} |")
     final = result.get("final_models")
     if final:
         lines += ["", "Final models (mean ± sd over seeds; nnpp's predictor, fp32, mirroring): `val` = the fold's "
@@ -491,7 +488,7 @@ def markdown(result: dict) -> str:
         for net, sets in final.items():
             for set_name, modes in sets.items():
                 for mode, row in modes.items():
-                    lines.append(f"| {net} | {set_name} | {mode} | " + " | ".join(fmt(row[c]) for c in cols) + " |")
+                    lines.append(f"| {net} | {set_name} | {mode} | {cells(row, cols)} |")
     seconds = result.get("train_seconds")
     if seconds:
         lines += ["", "Training wall time per run to the last point (s, mean ± sd; runs two at a time, 1 thread each, "

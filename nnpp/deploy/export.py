@@ -299,8 +299,9 @@ def export_model(model: TrainedModel, out: str, depth: int | None = None, opset:
             net = model.build_network(i)
             full_depth = getattr(net, "depth", None) if hasattr(net, "prune_depth") else None
             set_depth(net, depth)
-            if i == 0 and pruning_warning(model, depth, full_depth):
-                log(f"[nnpp_export] {pruning_warning(model, depth, full_depth)}")
+            warning = pruning_warning(model, depth, full_depth) if i == 0 else None
+            if warning:
+                log(f"[nnpp_export] {warning}")
             name = f"fold_{fold}.onnx"
             path = os.path.join(tmp, name)
             log(f"[nnpp_export] fold {fold}: exporting ({exporter}, opset {opset}"

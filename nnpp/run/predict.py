@@ -212,11 +212,12 @@ def case_files(predictor, args) -> dict:
             for c in create_lists_from_splitted_dataset_folder(args.i, ending)}
 
 
-def cases_to_predict(predictor, args) -> list:
-    """The output file names (without ending) of every case of -i that this run predicts (all parts): those
-    without a finished segmentation (and .npz with --save_probabilities) under --continue_prediction."""
+def cases_to_predict(predictor, args, files: dict) -> list:
+    """The output file names (without ending) of the cases of -i (``files``: :func:`case_files`) that this run
+    predicts (all parts): those without a finished segmentation (and .npz with --save_probabilities) under
+    --continue_prediction."""
     ending = predictor.dataset_json["file_ending"]
-    cases = list(case_files(predictor, args))
+    cases = list(files)
     if not args.continue_prediction:
         return cases
     return [c for c in cases if not (os.path.isfile(os.path.join(args.o, c + ending)) and
@@ -239,10 +240,10 @@ def predict_distributed(predictor, args, env) -> int:
     from nnpp.distributed import check_shared_folder, init, teardown
     init(env, "gloo", timeout_s=7 * 24 * 3600)  # only for the final barrier: ranks may finish hours apart
     check_shared_folder(args.o, "output folder (-o)")
-    shared = [cases_to_predict(predictor, args) if env.is_main else None]
+    files = case_files(predictor, args)
+    shared = [cases_to_predict(predictor, args, files) if env.is_main else None]
     dist.broadcast_object_list(shared, src=0)  # one listing: ranks starting later must not see others' new files
     todo = shared[0]
-    files = case_files(predictor, args)
     mine = todo[env.rank::env.world_size]
     ending = predictor.dataset_json["file_ending"]
     stop = threading.Event()

@@ -384,19 +384,17 @@ class nnUNetPlusPlusTrainer(nnUNetTrainer):
         atomic_torch_save(checkpoint, filename)
 
     def load_checkpoint(self, filename_or_checkpoint) -> None:
-        # nnU-Net 2.8 only loads from a file name (its dict branch never binds the checkpoint); the extras are
-        # then read memory-mapped from the same file
+        # nnU-Net 2.8 only loads from a file name (its dict branch never binds the checkpoint). The file is also read
+        # once memory-mapped here: the run settings before nnU-Net initialises, the extras after it restored network
+        # and optimizer (load_state_dict copies them onto the modules' device)
         checkpoint = filename_or_checkpoint
         if isinstance(checkpoint, str):
             check_checkpoint_file(checkpoint)
-        if not self.settings_resolved:  # nnU-Net's own --c: the run's settings, read before nnU-Net initialises
-            saved = (torch.load(checkpoint, map_location="cpu", weights_only=False, mmap=True) if isinstance(
-                checkpoint, str) else checkpoint).get("nnpp_run_settings")
-            if saved is not None:  # an nnpp run (nnU-Net's own checkpoints have no settings)
-                self.restore_run_settings(saved)
+            checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=False, mmap=True)
+        saved = checkpoint.get("nnpp_run_settings")
+        if saved is not None and not self.settings_resolved:  # nnU-Net's own --c (its checkpoints have no settings)
+            self.restore_run_settings(saved)
         super().load_checkpoint(filename_or_checkpoint)
-        if isinstance(checkpoint, str):
-            checkpoint = torch.load(checkpoint, map_location=self.device, weights_only=False, mmap=True)
         self.load_checkpoint_extras(checkpoint)
 
     def load_pretrained_weights(self, path: str) -> None:
