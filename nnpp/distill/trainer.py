@@ -22,6 +22,14 @@ matched encoder stages through adapters); ``at``/``sp`` are means over matched e
 ``mgd`` over the deepest matched pair of each teacher (every pair with ``mgd_all_stages``). Encoder stages are
 paired by spatial shape (the deepest teacher stage of that shape).
 
+With unlabeled cases (``--unlabeled``, :mod:`nnpp.distill.unlabeled`) every batch holds ``n_u`` unlabeled patches
+(first) and labeled ones; by ``--pseudo``:
+
+* ``hard``: the teacher's pseudo-labels (predicted once, before training) are their segmentation; every patch gets
+  ``seg`` (ground truth or pseudo-label) and no teacher runs in the step (a no-KD step);
+* ``soft``: ``seg`` over the labeled patches only, the KD terms over every patch (teachers online);
+* ``both``: ``seg`` over every patch (pseudo-labels on the unlabeled ones) and the KD terms over every patch.
+
 Hot path: the teachers' decoders run only when a logit method (soft, cwd) is on; only the teacher stages a
 feature loss reads are cast to fp32; the soft-KD target of a U-Net student's coarser heads is pooled once per
 step, each head's from the previous (finer) one.
@@ -52,7 +60,7 @@ FEATURE_METHODS = ("at", "sp", "mgd")
 KD_DEFAULTS = {"kd": ["soft"], "a": 0.5, "T": 2.0, "tchk": "checkpoint_final.pth", "allow_val_leak": False,
                "da5": False, "soft_weight": 1.0, "cwd_weight": 1.0, "cwd_tau": 4.0, "cwd_feat": False,
                "at_weight": 1.0, "sp_weight": 1.0, "sp_pool": 4, "mgd_weight": 1.0, "mgd_ratio": 0.75,
-               "mgd_all_stages": False}
+               "mgd_all_stages": False, "unlabeled": None, "unlabeled_fraction": 0.5, "pseudo": "hard"}
 KD_IDENTITY = ("t", "tf", "r", "student")
 
 
@@ -129,6 +137,50 @@ class KDMixin:
                 describe_leak(name, cases) for name, cases in self.kd_leaks)
                 + ". The student's validation Dice may be optimistic.")
 
+    # ------------------------------------------------------------------------------------ unlabeled cases
+    @property
+    def unlabeled_mode(self) -> str | None:
+        """``--pseudo`` when this run trains on unlabeled cases, else None."""
+        return self.kd_config["pseudo"] if self.kd_on and getattr(self, "unlabeled_dir", None) else None
+
+    def get_tr_and_val_datasets(self):
+        dataset_tr, dataset_val = super().get_tr_and_val_datasets()
+        if self.unlabeled_mode:
+            from nnpp.distill.unlabeled import MixedDataset
+            dataset_tr = MixedDataset(dataset_tr, self.dataset_class(self.unlabeled_dir))
+        return dataset_tr, dataset_val
+
+    def get_dataloaders(self):
+        """nnU-Net's loaders; with unlabeled cases the training loader is :class:`MixedDataLoader` (nnU-Net's trainer
+        names its loader class in its module: it is swapped for the duration of this call only)."""
+        if not self.unlabeled_mode:
+            return super().get_dataloaders()
+        import nnunetv2.training.nnUNetTrainer.nnUNetTrainer as nnunet_trainer
+
+        from nnpp.distill.unlabeled import MixedDataLoader, MixedDataset, unlabeled_per_batch
+        original = nnunet_trainer.nnUNetDataLoader
+        n_u = unlabeled_per_batch(self.kd_config["unlabeled_fraction"], self.batch_size)
+
+        def loader(data, *args, **kwargs):
+            if not isinstance(data, MixedDataset):
+                return original(data, *args, **kwargs)
+            dl = MixedDataLoader(data, *args, **kwargs)
+            dl.n_unlabeled = n_u
+            return dl
+        self.print_to_log_file(f"unlabeled cases: {len(self.unlabeled_cases())} from {self.unlabeled_dir}; "
+                               f"{n_u} of {self.batch_size} patches per batch, --pseudo {self.unlabeled_mode}")
+        nnunet_trainer.nnUNetDataLoader = loader
+        try:
+            return super().get_dataloaders()
+        finally:
+            nnunet_trainer.nnUNetDataLoader = original
+
+    def unlabeled_cases(self) -> list:
+        if not getattr(self, "unlabeled_dir", None):
+            return []
+        return sorted(f[:-len(".b2nd")] for f in os.listdir(self.unlabeled_dir)
+                      if f.endswith(".b2nd") and not f.endswith("_seg.b2nd"))
+
     def _configure_network(self) -> None:
         # the teachers see the student's batches: same memory format (else every teacher conv re-lays its input)
         super()._configure_network()
@@ -165,7 +217,7 @@ class KDMixin:
             if t.training_cases is None:
                 return None
             cases |= set(t.training_cases)
-        return sorted(cases)
+        return sorted(cases | set(self.unlabeled_cases()))
 
     def kd_record(self) -> dict:
         """What ``kd_config.json`` and the checkpoint record about this distillation."""
@@ -177,7 +229,9 @@ class KDMixin:
                 # every case the student's weights have seen (its own training cases and its teachers'): a later
                 # leak check with this student as a teacher reads it (nnpp.distill.teachers.teacher_training_cases)
                 "training_cases": self.kd_training_cases(),
-                "stage_pairs": self.kd_pairs, "sizes": getattr(self, "kd_sizes", None)}
+                "stage_pairs": self.kd_pairs, "sizes": getattr(self, "kd_sizes", None),
+                "unlabeled_preprocessed": getattr(self, "unlabeled_dir", None),
+                "unlabeled_cases": self.unlabeled_cases()}
 
     # -------------------------------------------------------------------------------------- KD modules
     def _feature_shapes(self, encoder, n_in: int):
@@ -341,14 +395,22 @@ class KDMixin:
         return [o[0] for o in outs], [o[1] for o in outs]
 
     def train_step(self, batch: dict) -> dict:
-        if not self.kd_on:
+        mode = self.unlabeled_mode
+        if not self.kd_on or mode == "hard":  # hard: pseudo-labels are the unlabeled patches' targets, no teacher
             return super().train_step(batch)
         data, target = self._batch_to_device(batch)
         t_logits, t_skips = self.teacher_outputs(data)
         self.optimizer.zero_grad(set_to_none=True)
         with self.amp.autocast():
             outputs, skips, extra = self.network(data, features=True)
-            seg = self.loss(outputs, target)
+            if mode == "soft":  # the segmentation loss sees the labeled patches only
+                from nnpp.distill.unlabeled import unlabeled_mask
+                labeled = torch.as_tensor(np.flatnonzero(~unlabeled_mask(batch["keys"])), device=data.device)
+                outputs_l = [o[labeled] for o in outputs] if isinstance(outputs, (list, tuple)) else outputs[labeled]
+                target_l = [t[labeled] for t in target] if isinstance(target, list) else target[labeled]
+                seg = self.loss(outputs_l, target_l)
+            else:
+                seg = self.loss(outputs, target)
         with dev.Amp("O0", self.device).autocast(exclusive=True):  # KD terms in fp32
             terms = self.kd_losses(outputs, skips, extra, t_logits, t_skips)
             loss = self.kd_total(seg.float(), terms)

@@ -15,6 +15,7 @@ continue/validate the run they find; ``--val`` needs no teacher.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 
 from nnpp import NnppError
@@ -78,6 +79,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--mgd-ratio", dest="mgd_ratio", type=float, default=None, help="MGD mask ratio (default 0.75)")
     g.add_argument("--mgd-all-stages", dest="mgd_all_stages", action="store_true", default=None,
                    help="MGD on every matched encoder stage (default: the deepest matched stage, as the paper)")
+    u = p.add_argument_group("unlabeled cases (the transfer set)")
+    u.add_argument("--unlabeled", nargs="+", default=None, metavar="FOLDER",
+                   help="folders of raw images without labels (nnU-Net naming, CASE_0000 + the dataset's file "
+                   "ending), preprocessed once with the student's plans into PREPROCESSED/DATASET/nnpp_unlabeled/")
+    u.add_argument("--unlabeled_fraction", type=float, default=None,
+                   help="share of each batch that is unlabeled patches (default 0.5; at least one of each kind)")
+    u.add_argument("--pseudo", default=None, choices=("soft", "hard", "both"),
+                   help="what an unlabeled patch learns: hard = the teacher's pseudo-labels, predicted once before "
+                   "training, through the segmentation loss (no teacher in the step; default); soft = the KD terms "
+                   "of the online teachers; both")
     return p
 
 
@@ -100,6 +111,13 @@ def normalise_args(args) -> None:
         args.kd = [m for m in METHODS if m in args.kd]
     if args.t is not None:
         args.t = [os.path.abspath(t) for t in args.t]
+    if args.unlabeled is not None:
+        args.unlabeled = [os.path.abspath(f) for f in args.unlabeled]
+    elif (args.unlabeled_fraction is not None or args.pseudo is not None) and not (args.c or args.val):
+        raise NnppError("--unlabeled_fraction/--pseudo apply to unlabeled cases: pass --unlabeled FOLDER")
+    if args.unlabeled_fraction is not None and not 0 < args.unlabeled_fraction < 1:
+        raise NnppError(f"--unlabeled_fraction {args.unlabeled_fraction}: must be in (0, 1) (the share of each "
+                        f"batch that is unlabeled)")
     if args.tf is not None:
         args.tf = [str(f) for f in args.tf]
     for name, ok, rule in (("a", lambda v: 0 <= v <= 1, "in [0, 1]"), ("T", lambda v: v > 0, "> 0"),
@@ -153,6 +171,44 @@ def setup(trainer, args) -> None:
               + "; ".join(describe_leak(n, c) for n, c in leaks)
               + '; kd_config.json records "leaky": true', flush=True)
     trainer.configure_kd(teachers, config, leaks)
+    if config["unlabeled"]:
+        trainer.unlabeled_dir = prepare_unlabeled(trainer, config, student_val)
+
+
+def prepare_unlabeled(trainer, config: dict, student_val: list) -> str:
+    """The unlabeled cases of ``config["unlabeled"]``, checked against the student's validation cases, pseudo-
+    labelled by the teacher (``--pseudo hard|both``) and preprocessed with the student's plans (by rank 0; the other
+    ranks wait for its folder). Returns the preprocessed folder."""
+    import hashlib
+
+    from nnunetv2.paths import nnUNet_raw
+
+    from nnpp.distill import unlabeled as U
+    from nnpp.distributed import rank0_choice, world
+    dataset_json, pm = trainer.dataset_json, trainer.plans_manager
+    ending = dataset_json["file_ending"]
+    cases = U.find_cases(config["unlabeled"], ending, len(dataset_json.get("channel_names", dataset_json.get(
+        "modality", {"0": 0}))))
+    rank0 = world()[0] == 0
+    name = os.path.basename(trainer.preprocessed_dataset_folder_base.rstrip(os.sep))
+    if rank0:
+        U.check_leaks(cases, student_val, os.path.join(str(nnUNet_raw), name), dataset_json,
+                      pm.image_reader_writer_class)
+    pseudo_dir = None
+    if config["pseudo"] in ("hard", "both"):
+        if len(set(config["t"])) > 1:
+            raise NnppError("--pseudo hard|both: pseudo-labels come from one teacher model folder (its folds are "
+                            "ensembled); several -t folders are an ensemble nnpp cannot predict as one yet: use "
+                            "--pseudo soft, or one -t")
+        folder = config["t"][0]
+        stamps = [U._file_stamp(os.path.join(folder, f"fold_{f}", config["tchk"])) for f in config["tf"]]
+        key = hashlib.sha1(json.dumps([folder, config["tf"], stamps]).encode()).hexdigest()[:12]
+        pseudo_dir = os.path.join(trainer.preprocessed_dataset_folder_base, "nnpp_unlabeled", f"pseudo_{key}")
+        if rank0:
+            U.pseudo_label(folder, config["tf"], cases, pseudo_dir, trainer.device, config["tchk"], ending)
+    out = U.prepare(cases, trainer.preprocessed_dataset_folder_base, pm, trainer.configuration_manager,
+                    trainer.configuration_name, dataset_json, pseudo_dir) if rank0 else None
+    return rank0_choice(out)  # the other ranks wait here for rank 0's folder
 
 
 def validation_cases(summary_path: str, file_ending: str) -> set:

@@ -1,0 +1,222 @@
+"""Unlabeled scans as the transfer set of distillation (``nnpp_distill --unlabeled FOLDER ...``).
+
+* :func:`find_cases`: raw images in nnU-Net's naming (``CASE_0000.nii.gz``, the dataset's file ending and channels).
+* :func:`check_leaks`: an unlabeled case that is one of the student's validation cases (same id, or the same image
+  content: the voxels and spacing read by the dataset's reader) is refused, naming it.
+* :func:`pseudo_label`: the teacher model folder (its folds as nnU-Net's ensemble) predicts every unlabeled case once
+  with nnpp's predictor (batched mirroring); the masks are the hard pseudo-labels (``--pseudo hard|both``).
+* :func:`prepare`: nnU-Net's preprocessor with the student's plans writes the unlabeled cases (with their pseudo-
+  labels, or with no label) into a folder of their own, ``PREPROCESSED/DATASET/nnpp_unlabeled/<name>/``, never
+  into the labeled data. A manifest (the raw files' sizes and times, the configuration, the pseudo-labels') lets a
+  later run reuse the folder when nothing changed; a changed input is prepared again into a new folder, written
+  under a temporary name and renamed when complete.
+* :class:`MixedDataset` / :class:`MixedDataLoader`: every training batch holds ``n_unlabeled`` unlabeled patches
+  first (nnU-Net's foreground oversampling applies to the last positions: labeled patches) and labeled ones after,
+  both through nnU-Net's loader and augmentation; their keys carry :data:`PREFIX`.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+
+import numpy as np
+from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
+
+from nnpp import NnppError
+
+PREFIX = "unlabeled/"  # identifiers of unlabeled cases in a mixed batch's keys
+MODES = ("soft", "hard", "both")
+MANIFEST = "nnpp_unlabeled.json"
+
+
+# ------------------------------------------------------------------------------------------------ finding cases
+def find_cases(folders: list, file_ending: str, n_channels: int) -> dict:
+    """{case id: [channel files]} of every folder, nnU-Net's naming (``ID_XXXX`` + file ending). One clear error
+    for a missing folder, a folder without cases, a case without all its channels, an id in two folders."""
+    from nnunetv2.utilities.utils import create_lists_from_splitted_dataset_folder, \
+        get_identifiers_from_splitted_dataset_folder
+    cases: dict = {}
+    for folder in folders:
+        if not os.path.isdir(folder):
+            raise NnppError(f"--unlabeled {folder}: no such folder (give folders of raw images named CASE_0000"
+                            f"{file_ending})")
+        ids = [str(i) for i in get_identifiers_from_splitted_dataset_folder(folder, file_ending)]
+        if not ids:
+            raise NnppError(f"--unlabeled {folder}: no images named CASE_0000{file_ending} (the dataset's file "
+                            f"ending and nnU-Net's channel suffix)")
+        for case, files in zip(ids, create_lists_from_splitted_dataset_folder(folder, file_ending, ids)):
+            if len(files) != n_channels:
+                raise NnppError(f"--unlabeled {folder}: case {case} has {len(files)} channel file(s), the dataset "
+                                f"has {n_channels} (CASE_0000{file_ending} ... CASE_{n_channels - 1:04d}{file_ending})")
+            if case in cases:
+                raise NnppError(f"--unlabeled: case {case} is in {os.path.dirname(cases[case][0])} and in {folder}; "
+                                f"case ids must be unique")
+            cases[case] = [os.path.abspath(f) for f in files]
+    return cases
+
+
+def image_digest(files: list, reader) -> str:
+    """SHA-1 of a case's voxels (as float32) and spacing, read by ``reader`` (nnU-Net's reader/writer): the same
+    image saved twice, or compressed differently, has the same digest."""
+    data, props = reader.read_images(files)
+    h = hashlib.sha1(np.ascontiguousarray(data, dtype=np.float32).tobytes())
+    h.update(np.asarray(props["spacing"], dtype=np.float64).tobytes())
+    return h.hexdigest()
+
+
+def check_leaks(cases: dict, student_val: list, raw_dataset_dir: str, dataset_json: dict, reader_class) -> None:
+    """Refuse unlabeled cases that are the student's validation cases: by id, then by image content (the raw
+    validation images of ``raw_dataset_dir/imagesTr``). Raises :class:`NnppError` naming them."""
+    same_id = sorted(set(cases) & set(student_val))
+    if same_id:
+        raise NnppError(f"--unlabeled holds the student's validation case(s) {', '.join(same_id)} (same id): the "
+                        f"student would learn them from its teacher; remove them from the unlabeled folders")
+    from nnunetv2.utilities.utils import create_lists_from_splitted_dataset_folder
+    images = os.path.join(raw_dataset_dir, "imagesTr")
+    if not student_val:
+        return
+    if not os.path.isdir(images):
+        raise NnppError(f"cannot check the unlabeled cases against the validation images: {images} does not exist "
+                        f"(the raw dataset is needed; set nnUNet_raw)")
+    reader = reader_class()
+    val_files = create_lists_from_splitted_dataset_folder(images, dataset_json["file_ending"], sorted(student_val))
+    val_digests = {image_digest(files, reader): case for case, files in zip(sorted(student_val), val_files) if files}
+    same = [(case, val_digests[d]) for case, files in sorted(cases.items())
+            if (d := image_digest(files, reader)) in val_digests]
+    if same:
+        raise NnppError("--unlabeled holds the student's validation image(s): " + ", ".join(
+            f"{c} = {v}" for c, v in same) + " (same voxels and spacing); remove them from the unlabeled folders")
+
+
+# ------------------------------------------------------------------------------------------------ pseudo-labels
+def pseudo_label(teacher_folder: str, folds: list, cases: dict, out_dir: str, device, checkpoint_name: str,
+                 file_ending: str) -> None:
+    """The teacher (``teacher_folder`` with ``folds``: nnU-Net's fold ensemble, mirroring on, nnpp's predictor)
+    predicts every case into ``out_dir/CASE + file_ending``; cases already there are kept (nnU-Net's
+    ``--continue_prediction``)."""
+    from nnpp.predictor import inference_amp, init_torch, make_predictor
+    os.makedirs(out_dir, exist_ok=True)
+    predictor = make_predictor(device, amp=inference_amp("auto", device), progress=False)
+    init_torch(predictor, teacher_folder, folds, checkpoint_name)
+    todo = [c for c in sorted(cases) if not os.path.isfile(os.path.join(out_dir, c + file_ending))]
+    if todo:
+        print(f"[nnpp_distill] pseudo-labels: the teacher predicts {len(todo)} unlabeled case(s) into {out_dir}",
+              flush=True)
+        predictor.predict_cases([cases[c] for c in todo], [os.path.join(out_dir, c) for c in todo], overwrite=True)
+
+
+# ------------------------------------------------------------------------------------------------ preprocessing
+def _file_stamp(path: str) -> list:
+    st = os.stat(path)
+    return [path, st.st_size, st.st_mtime_ns]
+
+
+def manifest(cases: dict, configuration: dict, plans_name: str, pseudo_dir: str | None, file_ending: str) -> dict:
+    """What a prepared folder was made from: raw files (size, mtime), the student configuration, the pseudo-labels."""
+    return {"plans": plans_name, "configuration": configuration,
+            "cases": {c: [_file_stamp(f) for f in files] for c, files in sorted(cases.items())},
+            "pseudo_labels": None if pseudo_dir is None else
+            {c: _file_stamp(os.path.join(pseudo_dir, c + file_ending)) for c in sorted(cases)}}
+
+
+def prepared_folder(preprocessed_dataset_dir: str, plans_name: str, configuration: str, record: dict) -> str:
+    """``PREPROCESSED/DATASET/nnpp_unlabeled/<plans>_<configuration>_<hard|none>_<digest of the manifest>``."""
+    digest = hashlib.sha1(json.dumps(record, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    kind = "hard" if record["pseudo_labels"] is not None else "none"
+    return os.path.join(preprocessed_dataset_dir, "nnpp_unlabeled", f"{plans_name}_{configuration}_{kind}_{digest}")
+
+
+def prepare(cases: dict, preprocessed_dataset_dir: str, plans_manager, configuration_manager, configuration: str,
+            dataset_json: dict, pseudo_dir: str | None = None) -> str:
+    """Preprocess the unlabeled cases with the student's plans (nnU-Net's preprocessor of the configuration) into
+    their own folder (see the module docstring), with the pseudo-labels of ``pseudo_dir`` as their segmentation or
+    with none (``class_locations`` empty: random patches). Returns the folder; an existing complete one with the
+    same manifest is reused."""
+    from nnunetv2.training.dataloading.nnunet_dataset import nnUNetDatasetBlosc2
+    from nnunetv2.preprocessing.preprocessors.default_preprocessor import DefaultPreprocessor
+    record = manifest(cases, configuration_manager.configuration, plans_manager.plans_name, pseudo_dir,
+                      dataset_json["file_ending"])
+    folder = prepared_folder(preprocessed_dataset_dir, plans_manager.plans_name, configuration, record)
+    if os.path.isfile(os.path.join(folder, MANIFEST)):
+        print(f"[nnpp_distill] unlabeled cases: reusing {folder} ({len(cases)} cases)", flush=True)
+        return folder
+    tmp = f"{folder}.partial{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    preprocessor = configuration_manager.preprocessor_class(verbose=False)
+    if not isinstance(preprocessor, DefaultPreprocessor):
+        raise NnppError(f"the student's preprocessor {type(preprocessor).__name__} is not nnU-Net's "
+                        f"DefaultPreprocessor (or a subclass): unlabeled cases cannot be preprocessed")
+    print(f"[nnpp_distill] unlabeled cases: preprocessing {len(cases)} case(s) with {plans_manager.plans_name} "
+          f"{configuration} into {folder}", flush=True)
+    try:
+        for i, (case, files) in enumerate(sorted(cases.items())):
+            seg_file = None if pseudo_dir is None else os.path.join(pseudo_dir, case + dataset_json["file_ending"])
+            if seg_file is not None:
+                preprocessor.run_case_save(os.path.join(tmp, case), files, seg_file, plans_manager,
+                                           configuration_manager, dataset_json)
+            else:
+                data, seg, props = preprocessor.run_case(files, None, plans_manager, configuration_manager,
+                                                         dataset_json)
+                props["class_locations"] = {}
+                nnUNetDatasetBlosc2.save_case(data.astype(np.float32, copy=False), seg.astype(np.int16, copy=False),
+                                              props, os.path.join(tmp, case))
+            if (i + 1) % 10 == 0 or i + 1 == len(cases):
+                print(f"[nnpp_distill] unlabeled cases: {i + 1}/{len(cases)}", flush=True)
+        with open(os.path.join(tmp, MANIFEST), "w") as f:
+            json.dump(record, f, indent=1, default=str)
+        if os.path.isdir(folder):  # an incomplete folder (no manifest) of an older run
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+# ------------------------------------------------------------------------------------------------ mixed batches
+def unlabeled_per_batch(fraction: float, batch_size: int) -> int:
+    """Unlabeled patches in a batch of ``batch_size``: ``round(fraction * batch)``, at least 1 and at most batch - 1
+    (every batch holds both kinds)."""
+    if not 0 < fraction < 1:
+        raise NnppError(f"--unlabeled_fraction {fraction}: must be in (0, 1) (the share of each batch that is "
+                        f"unlabeled)")
+    if batch_size < 2:
+        raise NnppError(f"--unlabeled needs a batch of at least 2 patches per device (labeled and unlabeled in "
+                        f"every batch); this run's is {batch_size} (nnpp_change_bs, or fewer devices)")
+    return min(batch_size - 1, max(1, round(fraction * batch_size)))
+
+
+class MixedDataset:
+    """nnU-Net's dataset of the labeled training cases plus one of the unlabeled cases; ``load_case`` dispatches on
+    :data:`PREFIX`. ``identifiers`` are the labeled ones (what nnU-Net's code iterates over)."""
+
+    def __init__(self, labeled, unlabeled):
+        self.labeled, self.unlabeled = labeled, unlabeled
+        self.identifiers = list(labeled.identifiers)
+        self.unlabeled_identifiers = [PREFIX + i for i in unlabeled.identifiers]
+
+    def __len__(self):
+        return len(self.identifiers)
+
+    def load_case(self, identifier: str):
+        if identifier.startswith(PREFIX):
+            return self.unlabeled.load_case(identifier[len(PREFIX):])
+        return self.labeled.load_case(identifier)
+
+
+class MixedDataLoader(nnUNetDataLoader):
+    """nnU-Net's loader over a :class:`MixedDataset`: each batch is ``n_unlabeled`` unlabeled patches, then labeled
+    ones (each drawn with replacement, as nnU-Net draws)."""
+    n_unlabeled = 1
+
+    def get_indices(self):
+        n_u = self.n_unlabeled
+        return list(np.random.choice(self._data.unlabeled_identifiers, n_u, replace=True)) + list(
+            np.random.choice(self.indices, self.batch_size - n_u, replace=True))
+
+
+def unlabeled_mask(keys) -> np.ndarray:
+    """True for the batch positions holding unlabeled patches (their keys start with :data:`PREFIX`)."""
+    return np.array([str(k).startswith(PREFIX) for k in keys], dtype=bool)

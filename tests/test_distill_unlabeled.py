@@ -1,0 +1,182 @@
+"""nnpp_distill --unlabeled: the mixed batch (counts, which loss each patch gets, computed by hand), the unlabeled
+cases preprocessed into their own folder (the labeled data untouched, reused when unchanged), the teacher's pseudo-
+labels, the leak refusal (same id, same image under another id), --c."""
+import glob
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from conftest import nnunet_env, output_tail, run_cli
+
+from nnpp import NnppError
+from nnpp import device as dev
+from nnpp.distill import unlabeled as U
+from nnpp.distill.trainer import KD_DEFAULTS, nnUNetPlusPlusTrainerKD
+
+SHORT = ("-device", "cpu", "--epochs", "1", "--iters", "2", "--val_iters", "1")
+STUDENT = "nnUNetTrainerKD__nnUNetPlans_kd_unet_r2__3d_fullres"
+
+
+def test_unlabeled_per_batch_and_bad_fractions():
+    assert [U.unlabeled_per_batch(0.5, b) for b in (2, 3, 4, 8)] == [1, 2, 2, 4]  # round half to even: 1.5 -> 2
+    assert U.unlabeled_per_batch(0.1, 4) == 1 and U.unlabeled_per_batch(0.9, 4) == 3  # one of each kind at least
+    with pytest.raises(NnppError, match="at least 2 patches"):
+        U.unlabeled_per_batch(0.5, 1)
+    with pytest.raises(NnppError, match=r"must be in \(0, 1\)"):
+        U.unlabeled_per_batch(1.0, 4)
+
+
+def test_mixed_loader_draws_unlabeled_first_then_labeled():
+    class Labeled:
+        identifiers = ["a", "b"]
+
+        def load_case(self, i):
+            return ("L", i)
+
+    class Unlabeled:
+        identifiers = ["u1", "u2", "u3"]
+
+        def load_case(self, i):
+            return ("U", i)
+    data = U.MixedDataset(Labeled(), Unlabeled())
+    assert data.identifiers == ["a", "b"] and data.unlabeled_identifiers == ["unlabeled/u1", "unlabeled/u2", "unlabeled/u3"]
+    assert data.load_case("unlabeled/u2") == ("U", "u2") and data.load_case("b") == ("L", "b")
+    loader = U.MixedDataLoader.__new__(U.MixedDataLoader)  # get_indices needs only these
+    loader._data, loader.indices, loader.batch_size, loader.n_unlabeled = data, data.identifiers, 5, 2
+    for _ in range(20):
+        keys = loader.get_indices()
+        assert len(keys) == 5
+        assert list(U.unlabeled_mask(keys)) == [True, True, False, False, False]
+        assert set(keys[:2]) <= set(data.unlabeled_identifiers) and set(keys[2:]) <= {"a", "b"}
+
+
+class _Net(torch.nn.Module):
+    """Returns the batch itself as 2-class logits (1 voxel): the loss terms are then known in closed form."""
+    def forward(self, x, features=False):
+        return (x, [], {}) if features else x
+
+
+def _kd_trainer(mode: str, teacher_logits: torch.Tensor):
+    t = nnUNetPlusPlusTrainerKD.__new__(nnUNetPlusPlusTrainerKD)
+    t.kd_config = dict(KD_DEFAULTS, kd=["soft"], a=0.5, T=2.0, pseudo=mode, unlabeled=["x"])
+    t.unlabeled_dir, t.teachers, t._kd_terms = "x", [], []
+    t.device, t.memory_format = torch.device("cpu"), torch.contiguous_format
+    t.amp = dev.make_amp("O0", t.device)
+    t.network = _Net()
+    t.loss = lambda out, target: torch.nn.functional.cross_entropy(out.flatten(2), target[:, 0].flatten(1).long())
+
+    class LM:
+        has_regions = False
+    t.label_manager = LM()
+
+    class Opt:
+        def zero_grad(self, set_to_none=True):
+            pass
+    t.optimizer = Opt()
+    t.teacher_outputs = lambda data: ([teacher_logits], [None])
+    t.losses_seen = []
+    t.backward_and_step = lambda loss: t.losses_seen.append(float(loss))
+    return t
+
+
+def _ce(logits, label):  # cross-entropy of one 2-class voxel, by hand
+    return float(torch.logsumexp(logits, 0) - logits[label])
+
+
+def _soft(s, t, T=2.0):  # T^2 * KL(p_t || p_s) at temperature T, one voxel, by hand
+    ps, pt = torch.softmax(s / T, 0), torch.softmax(t / T, 0)
+    return float(T * T * (pt * (pt.log() - ps.log())).sum())
+
+
+@pytest.mark.parametrize("mode", ["soft", "both"])
+def test_mixed_batch_loss_terms_by_hand(mode):
+    # batch of 3 single-voxel patches: position 0 unlabeled (its target is a pseudo-label, 1), 1 and 2 labeled
+    s = torch.tensor([[2.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    t = torch.tensor([[0.0, 3.0], [1.0, 0.0], [0.0, 2.0]])
+    target = torch.tensor([1, 1, 0])
+    trainer = _kd_trainer(mode, t.view(3, 2, 1, 1, 1))
+    batch = {"data": s.view(3, 2, 1, 1, 1), "target": target.view(3, 1, 1, 1, 1), "keys": ["unlabeled/u", "a", "b"]}
+    trainer.train_step(batch)
+    seg_on = [1, 2] if mode == "soft" else [0, 1, 2]  # soft: the unlabeled patch gets the KD terms only
+    seg = np.mean([_ce(s[i], target[i]) for i in seg_on])
+    soft = np.mean([_soft(s[i], t[i]) for i in range(3)])  # every patch, labeled and unlabeled
+    assert trainer.losses_seen == [pytest.approx(0.5 * seg + 0.5 * soft, rel=1e-5)]
+    terms = trainer._kd_terms[0]
+    assert float(terms["seg"]) == pytest.approx(seg, rel=1e-5) and float(terms["soft"]) == pytest.approx(soft, rel=1e-5)
+
+
+def test_hard_mode_runs_no_teacher(monkeypatch):
+    trainer = _kd_trainer("hard", None)
+    trainer.teacher_outputs = lambda data: pytest.fail("--pseudo hard must not run the teacher in the step")
+    s = torch.tensor([[2.0, 0.0], [0.0, 1.0]])
+    target = torch.tensor([1, 0])
+    trainer.train_step({"data": s.view(2, 2, 1, 1, 1), "target": target.view(2, 1, 1, 1, 1),
+                        "keys": ["unlabeled/u", "a"]})
+    assert trainer.losses_seen == [pytest.approx(np.mean([_ce(s[0], 1), _ce(s[1], 0)]), rel=1e-5)]  # seg on both
+
+
+# ------------------------------------------------------------------------------------------------- end to end
+def _tree(folder):
+    """{relative path: (size, mtime_ns)} of every file under ``folder``."""
+    out = {}
+    for root, _, files in os.walk(folder):
+        for f in files:
+            st = os.stat(os.path.join(root, f))
+            out[os.path.relpath(os.path.join(root, f), folder)] = (st.st_size, st.st_mtime_ns)
+    return out
+
+
+@pytest.mark.slow
+def test_distill_with_unlabeled_cases(tiny_dataset, trained_model, tmp_path):
+    ds = tiny_dataset
+    teacher_src = trained_model("nnUNetPlusPlusTrainer", 0)
+    teacher = str(tmp_path / "teachers" / ds["name"] / os.path.basename(teacher_src))
+    shutil.copytree(teacher_src, teacher, ignore=shutil.ignore_patterns("fold_[1-9]"))
+    env = nnunet_env(ds, nnUNet_results=str(tmp_path / "results"))
+    pre = os.path.join(ds["nnUNet_preprocessed"], ds["name"])
+    splits = json.loads(open(os.path.join(pre, "splits_final.json")).read())
+    val, train = splits[0]["val"], splits[0]["train"]
+    images = os.path.join(ds["nnUNet_raw"], ds["name"], "imagesTr")
+    unl = tmp_path / "unlabeled"
+    unl.mkdir()
+    for i, case in enumerate(train[:2]):  # training images under new ids: unlabeled scans of the same kind
+        shutil.copy(os.path.join(images, f"{case}_0000.nii.gz"), unl / f"scan{i}_0000.nii.gz")
+    labeled = lambda: {k: v for k, v in _tree(pre).items()  # noqa: E731 (the labeled data: cases, labels, splits)
+                       if k.startswith(("nnUNetPlans_3d_fullres", "gt_segmentations", "splits_final", "dataset.json"))}
+    labeled_before = labeled()
+
+    p = run_cli("distill", ds["id"], "3d_fullres", 0, "-t", teacher, "--unlabeled", str(unl), *SHORT, env=env)
+    assert p.returncode == 0, output_tail(p)
+    assert "pseudo-labels: the teacher predicts 2 unlabeled case(s)" in p.stdout
+    assert "unlabeled cases: 2 from" in p.stdout and "1 of 2 patches per batch, --pseudo hard" in p.stdout
+    assert labeled() == labeled_before and len(labeled_before) > 10  # untouched
+    folders = glob.glob(os.path.join(pre, "nnpp_unlabeled", "nnUNetPlans_kd_unet_r2_3d_fullres_hard_*"))
+    assert len(folders) == 1 and sorted(os.listdir(folders[0])) == sorted(
+        ["nnpp_unlabeled.json"] + [f"scan{i}{e}" for i in range(2) for e in (".b2nd", "_seg.b2nd", ".pkl")])
+    pseudo = glob.glob(os.path.join(pre, "nnpp_unlabeled", "pseudo_*", "scan*.nii.gz"))
+    assert len(pseudo) == 2
+    fold = tmp_path / "results" / ds["name"] / STUDENT / "fold_0"
+    record = json.loads((fold / "kd_config.json").read_text())
+    assert record["unlabeled_cases"] == ["scan0", "scan1"] and record["pseudo"] == "hard"
+    assert record["unlabeled_preprocessed"] == folders[0] and {"scan0", "scan1"} <= set(record["training_cases"])
+
+    # --c: the run's unlabeled settings come back and the prepared folder is reused as it is
+    stamp = _tree(folders[0])
+    p = run_cli("distill", ds["id"], "3d_fullres", 0, "--c", "-device", "cpu", env=env)
+    assert p.returncode == 0, output_tail(p)
+    assert "unlabeled cases: reusing" in p.stdout and _tree(folders[0]) == stamp
+
+    # leaks: a validation case's image under a new id, then under its own id -> one line, exit 2, nothing prepared
+    shutil.copy(os.path.join(images, f"{val[0]}_0000.nii.gz"), unl / "copy_0000.nii.gz")
+    out2 = str(tmp_path / "results2")
+    p = run_cli("distill", ds["id"], "3d_fullres", 0, "-t", teacher, "--unlabeled", str(unl), *SHORT,
+                env=nnunet_env(ds, nnUNet_results=out2))
+    assert p.returncode == 2 and f"copy = {val[0]} (same voxels and spacing)" in p.stderr, output_tail(p)
+    os.replace(unl / "copy_0000.nii.gz", unl / f"{val[0]}_0000.nii.gz")
+    p = run_cli("distill", ds["id"], "3d_fullres", 0, "-t", teacher, "--unlabeled", str(unl), *SHORT,
+                env=nnunet_env(ds, nnUNet_results=out2))
+    assert p.returncode == 2 and f"validation case(s) {val[0]} (same id)" in p.stderr, output_tail(p)
+    assert len(glob.glob(os.path.join(pre, "nnpp_unlabeled", "nnUNetPlans_kd_unet_r2_*"))) == 1
