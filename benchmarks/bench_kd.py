@@ -19,6 +19,14 @@ Runs, each a separate nnpp command in a results tree of its own (``WORK/results/
   nnUNetPlans_kd_unet_r2``). Methods: ``none``, ``soft``, ``soft+cwd``, ``cwd+feat`` (``--kd cwd --cwd-feat``),
   ``at``, ``sp``, ``mgd``.
 
+``--unlabeled N`` (issue 23): the labeled cases are split by hand, ``--labeled K`` for training (teacher and
+students) and the rest for validation (``splits_final.json`` fold 0), and N more cases of the same generator (another
+seed) are written without labels to ``WORK/unlabeled``; the methods ``unl_hard`` (the teacher's pseudo-labels,
+predicted once), ``unl_soft`` (online soft KD on the unlabeled patches) and ``unl_both`` train on them too::
+
+    python benchmarks/bench_kd.py --work /tmp/kd_unl --cases 10 --labeled 4 --unlabeled 32 \
+        --methods none soft unl_hard unl_soft --seeds 0 1 2
+
 Every run's fold-0 validation Dice per label is read from its ``summary.json``. A finished run (its summary.json
 exists) is not run again, so the benchmark can be run in pieces. The JSON (``--out``, default
 ``WORK/bench_kd.json``) and the printed table give per method the mean and standard deviation of the Dice per
@@ -37,7 +45,11 @@ import time
 
 METHODS = {"none": None, "soft": ["--kd", "soft"], "soft+cwd": ["--kd", "soft", "cwd"],
            "cwd+feat": ["--kd", "cwd", "--cwd-feat"], "at": ["--kd", "at"], "sp": ["--kd", "sp"],
-           "mgd": ["--kd", "mgd"]}
+           "mgd": ["--kd", "mgd"],
+           # with --unlabeled N: the unlabeled cases as the transfer set (nnpp_distill --unlabeled WORK/unlabeled)
+           "unl_hard": ["--pseudo", "hard"], "unl_soft": ["--kd", "soft", "--pseudo", "soft"],
+           "unl_both": ["--kd", "soft", "--pseudo", "both"]}
+UNLABELED_METHODS = ("unl_hard", "unl_soft", "unl_both")
 LABELS = {"0": "background", "1": "organ", "2": "lesion"}
 
 
@@ -73,13 +85,34 @@ def dice_of(summary: str) -> dict:
     return {LABELS.get(k, k): v for k, v in read_dice(summary).items()}
 
 
-def run(cmd: list, env: dict, log: str) -> None:
+def run(cmd: list, env: dict, log: str) -> float:
     t0 = time.time()
     with open(log, "w") as f:
         p = subprocess.run([sys.executable, "-m", *cmd], env=env, stdout=f, stderr=subprocess.STDOUT)
     print(f"  {' '.join(cmd[:4])} ... rc {p.returncode}, {time.time() - t0:.0f} s (log {log})", flush=True)
     if p.returncode:
         raise SystemExit(f"bench_kd: failed: {' '.join(cmd)} (see {log})")
+    return time.time() - t0
+
+
+def write_unlabeled(folder: str, task_root: str, task_id: int, n: int, lesion_radius: int) -> None:
+    """``n`` cases of the benchmark's generator (seed 1: not the labeled ones) as raw images without labels,
+    ``unl_XXX_0000.nii.gz`` (nnU-Net's naming)."""
+    import shutil
+    msd = make_task(task_root, task_id, n, seed=1, lesion_radius=lesion_radius)
+    os.makedirs(folder, exist_ok=True)
+    images = os.path.join(msd, "imagesTr")
+    for i, f in enumerate(sorted(os.listdir(images))):
+        shutil.copy(os.path.join(images, f), os.path.join(folder, f"unl_{i:03d}_0000.nii.gz"))
+    shutil.rmtree(task_root)
+
+
+def write_split(pre: str, n_train: int) -> None:
+    """fold 0 of ``splits_final.json``: the first ``n_train`` cases train, the others validate."""
+    cases = sorted(f[:-len(".pkl")] for f in os.listdir(os.path.join(pre, "nnUNetPlans_2d" if os.path.isdir(
+        os.path.join(pre, "nnUNetPlans_2d")) else "nnUNetPlans_3d_fullres")) if f.endswith(".pkl"))
+    with open(os.path.join(pre, "splits_final.json"), "w") as f:
+        json.dump([{"train": cases[:n_train], "val": cases[n_train:]}], f, indent=1)
 
 
 def summarise(result: dict) -> dict:
@@ -119,6 +152,9 @@ def main(argv=None):
     p.add_argument("--val_iters", type=int, default=10)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    p.add_argument("--unlabeled", type=int, default=0, help="N unlabeled cases (see above; 0: none)")
+    p.add_argument("--labeled", type=int, default=4, help="with --unlabeled: labeled training cases (the rest of "
+                   "--cases validate)")
     p.add_argument("-device", default="cpu")
     p.add_argument("--out", default=None)
     p.add_argument("--table_only", action="store_true",
@@ -142,6 +178,13 @@ def main(argv=None):
         name = prepare_dataset(msd, a.task_id, configurations=(a.configuration,), num_processes=1)
         from nnpp.tools.change_bs import change_batch_size
         change_batch_size(os.path.join(pre, "nnUNetPlans.json"), a.batch, a.configuration)
+        if a.unlabeled:
+            write_split(pre, a.labeled)
+    unlabeled = os.path.join(work, "unlabeled")
+    if a.unlabeled and not os.path.isdir(unlabeled):
+        write_unlabeled(unlabeled, os.path.join(work, "msd_unlabeled"), a.task_id + 1, a.unlabeled, a.lesion_radius)
+    if any(m in UNLABELED_METHODS for m in a.methods) and not a.unlabeled:
+        p.error("methods unl_* need --unlabeled N")
     out = a.out or os.path.join(work, "bench_kd.json")
     result = {"settings": vars(a), "runs": {}}
     budget = ["-device", a.device, "--iters", str(a.iters), "--val_iters", str(a.val_iters)]
@@ -180,9 +223,16 @@ def main(argv=None):
                     cmd = ["nnpp.run.train", *common, "-tr", trainer, "-p", plans]
                 else:
                     cmd = ["nnpp.run.distill", *common, "-t", teacher, *METHODS[method]]
-                run(cmd + ["--epochs", str(a.student_epochs), "--seed", str(seed), *budget], env_for(results),
-                    os.path.join(work, "logs", f"{method}_seed{seed}.log"))
-            result["runs"].setdefault(method, {})[str(seed)] = {"folder": fold, "dice": dice_of(summary)}
+                    if method in UNLABELED_METHODS:
+                        cmd += ["--unlabeled", unlabeled]
+                wall = run(cmd + ["--epochs", str(a.student_epochs), "--seed", str(seed), *budget],
+                           env_for(results), os.path.join(work, "logs", f"{method}_seed{seed}.log"))
+                with open(os.path.join(results, "wall_s.json"), "w") as f:  # read back by --table_only
+                    json.dump(wall, f)
+            wall_file = os.path.join(results, "wall_s.json")
+            wall = json.load(open(wall_file)) if os.path.isfile(wall_file) else None
+            result["runs"].setdefault(method, {})[str(seed)] = {"folder": fold, "dice": dice_of(summary),
+                                                                "wall_s": wall}
             result["summary"] = summarise(result)
             tmp = f"{out}.tmp{os.getpid()}"
             with open(tmp, "w") as f:
@@ -191,9 +241,11 @@ def main(argv=None):
 
     labels = list(result["teacher"]["dice"])
     print(f"\nwritten {out}\n")
-    print("| method | " + " | ".join(f"{lab} Dice (mean ± sd) | {lab} gap closed" for lab in labels) + " |")
-    print("|---|" + "---|---|" * len(labels))
-    print("| teacher (UNet++) | " + " | ".join(f"{result['teacher']['dice'][lab]:.4f} | " for lab in labels) + " |")
+    print("| method | " + " | ".join(f"{lab} Dice (mean ± sd) | {lab} gap closed" for lab in labels)
+          + " | wall s per run |")
+    print("|---|" + "---|---|" * len(labels) + "---|")
+    print("| teacher (UNet++) | " + " | ".join(f"{result['teacher']['dice'][lab]:.4f} | " for lab in labels)
+          + " | |")
     for method, labs in result["summary"].items():
         cells = []
         for lab in labels:
@@ -201,7 +253,9 @@ def main(argv=None):
             gap = row.get("gap_closed")
             cells.append(f"{row['mean']:.4f} ± {row['sd']:.4f} (n={row['n']}) | "
                          + ("" if gap is None else f"{100 * gap:.0f}%" + (" *" if row.get("beyond_1sd") else "")))
-        print(f"| {method} | " + " | ".join(cells) + " |")
+        walls = [r["wall_s"] for r in result["runs"][method].values() if r.get("wall_s")]
+        print(f"| {method} | " + " | ".join(cells) + f" | {statistics.mean(walls):.0f} |" if walls else
+              f"| {method} | " + " | ".join(cells) + " | |")
     print("\n* = the difference to no KD exceeds one standard deviation of the no-KD runs")
 
 

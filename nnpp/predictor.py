@@ -497,7 +497,6 @@ def export_case(logits, properties: dict, configuration_manager, plans_manager, 
             del logits
             plans_manager.image_reader_writer_class().write_seg(
                 seg, os.path.join(tmp, name + dataset_json["file_ending"]), properties)
-        seg = name + dataset_json["file_ending"]
         seg_file = name + dataset_json["file_ending"]
         for f in sorted(os.listdir(tmp), key=lambda f: f == seg_file):
             os.replace(os.path.join(tmp, f), os.path.join(folder, f))

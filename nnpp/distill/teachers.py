@@ -222,7 +222,7 @@ def check_leaks(teachers: list, preprocessed_root: str, student_fold, student_va
         if t_train is None:
             if not allow_val_leak:
                 why = (f"{t.folder} is not inside a DatasetXXX_Name folder" if teacher_dataset(t) is None else
-                       f"it is a distilled student whose kd_config.json lists no training cases")
+                       "it is a distilled student whose kd_config.json lists no training cases")
                 fix = ("keep nnU-Net's layout ($nnUNet_results/DatasetXXX_Name/TRAINER__PLANS__CONFIG), or "
                        if teacher_dataset(t) is None else "")
                 raise NnppError(f"teacher {t.name}: {why}, so its training cases are unknown and cannot be checked "

@@ -66,9 +66,11 @@ def image_digest(files: list, reader) -> str:
     return h.hexdigest()
 
 
-def check_leaks(cases: dict, student_val: list, raw_dataset_dir: str, dataset_json: dict, reader_class) -> None:
+def check_leaks(cases: dict, student_val: list, raw_dataset_dir: str, dataset_json: dict, reader_class,
+                cache: str | None = None) -> None:
     """Refuse unlabeled cases that are the student's validation cases: by id, then by image content (the raw
-    validation images of ``raw_dataset_dir/imagesTr``). Raises :class:`NnppError` naming them."""
+    validation images of ``raw_dataset_dir/imagesTr``). Raises :class:`NnppError` naming them. ``cache``: a JSON
+    file of digests by file (size and modification time), so that a later run reads only new or changed images."""
     same_id = sorted(set(cases) & set(student_val))
     if same_id:
         raise NnppError(f"--unlabeled holds the student's validation case(s) {', '.join(same_id)} (same id): the "
@@ -80,11 +82,25 @@ def check_leaks(cases: dict, student_val: list, raw_dataset_dir: str, dataset_js
     if not os.path.isdir(images):
         raise NnppError(f"cannot check the unlabeled cases against the validation images: {images} does not exist "
                         f"(the raw dataset is needed; set nnUNet_raw)")
-    reader = reader_class()
+    reader, known = reader_class(), {}
+    if cache and os.path.isfile(cache):
+        with open(cache) as f:
+            known = json.load(f)
+    fresh = {}
+
+    def digest(files):
+        key = json.dumps([_file_stamp(f) for f in files])
+        fresh[key] = known.get(key) or image_digest(files, reader)
+        return fresh[key]
     val_files = create_lists_from_splitted_dataset_folder(images, dataset_json["file_ending"], sorted(student_val))
-    val_digests = {image_digest(files, reader): case for case, files in zip(sorted(student_val), val_files) if files}
-    same = [(case, val_digests[d]) for case, files in sorted(cases.items())
-            if (d := image_digest(files, reader)) in val_digests]
+    val_digests = {digest(files): case for case, files in zip(sorted(student_val), val_files) if files}
+    same = [(case, val_digests[d]) for case, files in sorted(cases.items()) if (d := digest(files)) in val_digests]
+    if cache and fresh != known:
+        os.makedirs(os.path.dirname(cache), exist_ok=True)
+        tmp = f"{cache}.tmp{os.getpid()}"
+        with open(tmp, "w") as f:
+            json.dump(fresh, f)
+        os.replace(tmp, cache)
     if same:
         raise NnppError("--unlabeled holds the student's validation image(s): " + ", ".join(
             f"{c} = {v}" for c, v in same) + " (same voxels and spacing); remove them from the unlabeled folders")
@@ -167,9 +183,13 @@ def prepare(cases: dict, preprocessed_dataset_dir: str, plans_manager, configura
                 print(f"[nnpp_distill] unlabeled cases: {i + 1}/{len(cases)}", flush=True)
         with open(os.path.join(tmp, MANIFEST), "w") as f:
             json.dump(record, f, indent=1, default=str)
-        if os.path.isdir(folder):  # an incomplete folder (no manifest) of an older run
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
+        if os.path.isdir(folder) and not os.path.isfile(os.path.join(folder, MANIFEST)):
+            shutil.rmtree(folder)  # an incomplete folder of an older run
+        try:
+            os.replace(tmp, folder)
+        except OSError:
+            if not os.path.isfile(os.path.join(folder, MANIFEST)):  # else another run finished the same folder first
+                raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return folder

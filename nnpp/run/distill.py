@@ -193,7 +193,8 @@ def prepare_unlabeled(trainer, config: dict, student_val: list) -> str:
     name = os.path.basename(trainer.preprocessed_dataset_folder_base.rstrip(os.sep))
     if rank0:
         U.check_leaks(cases, student_val, os.path.join(str(nnUNet_raw), name), dataset_json,
-                      pm.image_reader_writer_class)
+                      pm.image_reader_writer_class,
+                      cache=os.path.join(trainer.preprocessed_dataset_folder_base, "nnpp_unlabeled", "digests.json"))
     pseudo_dir = None
     if config["pseudo"] in ("hard", "both"):
         if len(set(config["t"])) > 1:
