@@ -181,8 +181,18 @@ def main(argv=None):
         if a.unlabeled:
             write_split(pre, a.labeled)
     unlabeled = os.path.join(work, "unlabeled")
+    stamp = os.path.join(work, "task.json")  # what WORK's data was made with: a rerun with other numbers is refused
+    made = {"cases": a.cases, "labeled": a.labeled if a.unlabeled else None, "unlabeled": a.unlabeled,
+            "lesion_radius": a.lesion_radius, "task_id": a.task_id}
+    if os.path.isfile(stamp) and json.load(open(stamp)) != made:
+        raise SystemExit(f"bench_kd: {work} holds a task made with {json.load(open(stamp))}, not {made}: use "
+                         f"another --work")
     if a.unlabeled and not os.path.isdir(unlabeled):
-        write_unlabeled(unlabeled, os.path.join(work, "msd_unlabeled"), a.task_id + 1, a.unlabeled, a.lesion_radius)
+        write_unlabeled(unlabeled + ".partial", os.path.join(work, "msd_unlabeled"), a.task_id + 1, a.unlabeled,
+                        a.lesion_radius)
+        os.replace(unlabeled + ".partial", unlabeled)
+    with open(stamp, "w") as f:
+        json.dump(made, f)
     if any(m in UNLABELED_METHODS for m in a.methods) and not a.unlabeled:
         p.error("methods unl_* need --unlabeled N")
     out = a.out or os.path.join(work, "bench_kd.json")

@@ -53,6 +53,23 @@ def test_mixed_loader_draws_unlabeled_first_then_labeled():
         assert set(keys[:2]) <= set(data.unlabeled_identifiers) and set(keys[2:]) <= {"a", "b"}
 
 
+def test_mixed_loader_oversamples_within_each_group_and_crops_unlabeled_at_random():
+    loader = U.MixedDataLoader.__new__(U.MixedDataLoader)
+    loader.batch_size, loader.n_unlabeled, loader.oversample_foreground_percent = 16, 8, 0.33
+    loader._probabilistic = False
+    # nnU-Net forces the last round(8 x 0.33) = 3 of 8 patches to foreground: here in each group of 8
+    assert [loader._oversample_per_group(j) for j in range(16)] == ([False] * 5 + [True] * 3) * 2
+    loader.n_unlabeled = 1  # batch 16 = 1 unlabeled (not forced: round(1 x 0.67) = 1) + 15 labeled (5 forced)
+    assert [loader._oversample_per_group(j) for j in range(16)] == [False] * 11 + [True] * 5
+    # an unlabeled case without labels (empty class locations): a random patch, also with an ignore label
+    loader.need_to_pad, loader.patch_size, loader.has_ignore = np.array([0, 0]), [4, 4], True
+    loader.annotated_classes_key = (-1, 0, 1)
+    for force in (False, True):
+        lbs, ubs = loader.get_bbox(np.array([10, 12]), force, {})
+        assert all(0 <= lb and ub - lb == 4 and ub <= n for lb, ub, n in zip(lbs, ubs, (10, 12)))
+    assert loader.has_ignore is True  # restored
+
+
 class _Net(torch.nn.Module):
     """Returns the batch itself as 2-class logits (1 voxel): the loss terms are then known in closed form."""
     def forward(self, x, features=False):
@@ -169,6 +186,19 @@ def test_distill_with_unlabeled_cases(tiny_dataset, trained_model, tmp_path):
     assert p.returncode == 0, output_tail(p)
     assert "unlabeled cases: reusing" in p.stdout and _tree(folders[0]) == stamp
 
+    # --pseudo soft: the unlabeled cases without labels (random patches), the teacher online; --kd with hard: refused
+    out3 = str(tmp_path / "results3")
+    p = run_cli("distill", ds["id"], "3d_fullres", 0, "-t", teacher, "--unlabeled", str(unl), "--pseudo", "soft",
+                *SHORT, env=nnunet_env(ds, nnUNet_results=out3))
+    assert p.returncode == 0 and "1 of 2 patches per batch, --pseudo soft" in p.stdout, output_tail(p)
+    assert "KD terms (epoch means, unweighted): seg " in p.stdout and ", soft " in p.stdout
+    none = glob.glob(os.path.join(pre, "nnpp_unlabeled", "nnUNetPlans_kd_unet_r2_3d_fullres_none_*"))
+    assert len(none) == 1 and not any(f.endswith("_seg.b2nd") and os.path.getsize(os.path.join(none[0], f)) == 0
+                                      for f in os.listdir(none[0]))
+    p = run_cli("distill", ds["id"], "3d_fullres", 0, "-t", teacher, "--unlabeled", str(unl), "--kd", "soft",
+                *SHORT, env=nnunet_env(ds, nnUNet_results=str(tmp_path / "results4")))
+    assert p.returncode == 2 and "--kd soft with --pseudo hard" in p.stderr and p.stderr.count("\n") == 1, output_tail(p)
+
     # leaks: a validation case's image under a new id, then under its own id -> one line, exit 2, nothing prepared
     shutil.copy(os.path.join(images, f"{val[0]}_0000.nii.gz"), unl / "copy_0000.nii.gz")
     out2 = str(tmp_path / "results2")
@@ -179,4 +209,4 @@ def test_distill_with_unlabeled_cases(tiny_dataset, trained_model, tmp_path):
     p = run_cli("distill", ds["id"], "3d_fullres", 0, "-t", teacher, "--unlabeled", str(unl), *SHORT,
                 env=nnunet_env(ds, nnUNet_results=out2))
     assert p.returncode == 2 and f"validation case(s) {val[0]} (same id)" in p.stderr, output_tail(p)
-    assert len(glob.glob(os.path.join(pre, "nnpp_unlabeled", "nnUNetPlans_kd_unet_r2_*"))) == 1
+    assert len(glob.glob(os.path.join(pre, "nnpp_unlabeled", "nnUNetPlans_kd_unet_r2_*"))) == 2  # hard, none

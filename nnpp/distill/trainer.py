@@ -146,8 +146,10 @@ class KDMixin:
     def get_tr_and_val_datasets(self):
         dataset_tr, dataset_val = super().get_tr_and_val_datasets()
         if self.unlabeled_mode:
+            from nnunetv2.training.dataloading.nnunet_dataset import nnUNetDatasetBlosc2
+
             from nnpp.distill.unlabeled import MixedDataset
-            dataset_tr = MixedDataset(dataset_tr, self.dataset_class(self.unlabeled_dir))
+            dataset_tr = MixedDataset(dataset_tr, nnUNetDatasetBlosc2(self.unlabeled_dir))  # what prepare writes
         return dataset_tr, dataset_val
 
     def get_dataloaders(self):
@@ -171,9 +173,16 @@ class KDMixin:
                                f"{n_u} of {self.batch_size} patches per batch, --pseudo {self.unlabeled_mode}")
         nnunet_trainer.nnUNetDataLoader = loader
         try:
-            return super().get_dataloaders()
+            loaders = super().get_dataloaders()
         finally:
             nnunet_trainer.nnUNetDataLoader = original
+        train = getattr(loaders[0], "generator", None) or getattr(loaders[0], "data_loader", None)
+        if not isinstance(train, MixedDataLoader):  # nnU-Net no longer builds its loader through that name
+            from importlib.metadata import version
+            raise NnppError(f"nnunetv2 {version('nnunetv2')}: its trainer did not build the training loader through "
+                            f"nnUNetTrainer.nnUNetDataLoader, so the unlabeled cases cannot be mixed in; nnpp is tested "
+                            f"with nnunetv2 2.8.1")
+        return loaders
 
     def unlabeled_cases(self) -> list:
         if not getattr(self, "unlabeled_dir", None):

@@ -150,7 +150,7 @@ def prepare(cases: dict, preprocessed_dataset_dir: str, plans_manager, configura
     their own folder (see the module docstring), with the pseudo-labels of ``pseudo_dir`` as their segmentation or
     with none (``class_locations`` empty: random patches). Returns the folder; an existing complete one with the
     same manifest is reused."""
-    from nnunetv2.training.dataloading.nnunet_dataset import nnUNetDatasetBlosc2
+    from nnunetv2.training.dataloading.nnunet_dataset import comp_blosc2_params, nnUNetDatasetBlosc2
     from nnunetv2.preprocessing.preprocessors.default_preprocessor import DefaultPreprocessor
     record = manifest(cases, configuration_manager.configuration, plans_manager.plans_name, pseudo_dir,
                       dataset_json["file_ending"])
@@ -170,15 +170,20 @@ def prepare(cases: dict, preprocessed_dataset_dir: str, plans_manager, configura
     try:
         for i, (case, files) in enumerate(sorted(cases.items())):
             seg_file = None if pseudo_dir is None else os.path.join(pseudo_dir, case + dataset_json["file_ending"])
-            if seg_file is not None:
-                preprocessor.run_case_save(os.path.join(tmp, case), files, seg_file, plans_manager,
-                                           configuration_manager, dataset_json)
-            else:
-                data, seg, props = preprocessor.run_case(files, None, plans_manager, configuration_manager,
+            try:
+                data, seg, props = preprocessor.run_case(files, seg_file, plans_manager, configuration_manager,
                                                          dataset_json)
-                props["class_locations"] = {}
-                nnUNetDatasetBlosc2.save_case(data.astype(np.float32, copy=False), seg.astype(np.int16, copy=False),
-                                              props, os.path.join(tmp, case))
+            except Exception as e:
+                raise NnppError(f"--unlabeled: case {case} ({files[0]}) cannot be read and preprocessed: "
+                                f"{type(e).__name__}: {e}") from None
+            if seg_file is None:
+                props["class_locations"] = {}  # no labels: MixedDataLoader takes random patches
+            data, seg = data.astype(np.float32, copy=False), seg.astype(np.int16, copy=False)
+            patch = tuple(configuration_manager.patch_size)  # nnU-Net's chunking (DefaultPreprocessor.run_case_save)
+            blocks, chunks = comp_blosc2_params(data.shape, patch, data.itemsize)
+            blocks_seg, chunks_seg = comp_blosc2_params(seg.shape, patch, seg.itemsize)
+            nnUNetDatasetBlosc2.save_case(data, seg, props, os.path.join(tmp, case), chunks=chunks, blocks=blocks,
+                                          chunks_seg=chunks_seg, blocks_seg=blocks_seg)
             if (i + 1) % 10 == 0 or i + 1 == len(cases):
                 print(f"[nnpp_distill] unlabeled cases: {i + 1}/{len(cases)}", flush=True)
         with open(os.path.join(tmp, MANIFEST), "w") as f:
@@ -228,8 +233,32 @@ class MixedDataset:
 
 class MixedDataLoader(nnUNetDataLoader):
     """nnU-Net's loader over a :class:`MixedDataset`: each batch is ``n_unlabeled`` unlabeled patches, then labeled
-    ones (each drawn with replacement, as nnU-Net draws)."""
+    ones (each drawn with replacement, as nnU-Net draws). nnU-Net's foreground oversampling rule applies within each
+    group (the last third of the unlabeled patches and of the labeled ones, by default), so a mixed batch forces as
+    many labeled patches to foreground as nnU-Net would in a batch of that many; an unlabeled case without labels
+    (``--pseudo soft``: no class locations) gets a random patch."""
     n_unlabeled = 1
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._probabilistic = self.get_do_oversample == self._probabilistic_oversampling
+        self.get_do_oversample = self._oversample_per_group
+
+    def _oversample_per_group(self, j: int) -> bool:
+        if self._probabilistic:
+            return self._probabilistic_oversampling(j)
+        i, n = (j, self.n_unlabeled) if j < self.n_unlabeled else (j - self.n_unlabeled,
+                                                                    self.batch_size - self.n_unlabeled)
+        return not i < round(n * (1 - self.oversample_foreground_percent))
+
+    def get_bbox(self, data_shape, force_fg: bool, class_locations, overwrite_class=None, verbose: bool = False):
+        if class_locations is not None and len(class_locations) == 0:  # no labels at all: a random patch
+            has_ignore, self.has_ignore = self.has_ignore, False
+            try:
+                return super().get_bbox(data_shape, False, None, overwrite_class, verbose)
+            finally:
+                self.has_ignore = has_ignore
+        return super().get_bbox(data_shape, force_fg, class_locations, overwrite_class, verbose)
 
     def get_indices(self):
         n_u = self.n_unlabeled

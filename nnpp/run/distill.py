@@ -139,6 +139,12 @@ def kd_config(args, trainer) -> dict:
         raise NnppError("no teacher: pass -t TEACHER_MODEL_FOLDER (an nnU-Net model folder, "
                         "$nnUNet_results/DatasetXXX/TRAINER__PLANS__CONFIG)")
     config.update(t=list(args.t), tf=list(args.tf or [str(trainer.fold)]), r=args.r, student=args.student)
+    if config["unlabeled"] and config["pseudo"] == "hard":
+        if args.kd:  # (an explicit --kd; a resumed hard run has kd [])
+            raise NnppError(f"--kd {' '.join(args.kd)} with --pseudo hard: the hard mode trains on the teacher's "
+                            f"pseudo-labels without the teacher in the step (no KD terms); use --pseudo soft or both "
+                            f"for online KD terms")
+        config["kd"] = []  # no KD terms, no KD modules: the step is an ordinary training step
     return config
 
 
@@ -187,6 +193,10 @@ def prepare_unlabeled(trainer, config: dict, student_val: list) -> str:
     from nnpp.distributed import rank0_choice, world
     dataset_json, pm = trainer.dataset_json, trainer.plans_manager
     ending = dataset_json["file_ending"]
+    # the batch check before any long work (nnU-Net sets trainer.batch_size in initialize; --dbs splits it)
+    batch = trainer.configuration_manager.batch_size
+    U.unlabeled_per_batch(config["unlabeled_fraction"], batch // world()[1] if getattr(trainer, "distribute_batch", False)
+                          else batch)
     cases = U.find_cases(config["unlabeled"], ending, len(dataset_json.get("channel_names", dataset_json.get(
         "modality", {"0": 0}))))
     rank0 = world()[0] == 0
