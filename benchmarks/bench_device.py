@@ -34,6 +34,8 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
+sys.path.insert(0, HERE)
+from common import synthetic_plans  # noqa: E402
 DATASET_ID, DATASET_NAME = 991, "Dataset991_DeviceSynth"
 PLANS, CONFIG = "nnppUNetPlusPlusPlans", "3d_task03"
 TASK03 = dict(features=[32, 64, 128, 256, 320, 320], strides=[[1, 1, 1]] + [[2, 2, 2]] * 5,
@@ -118,10 +120,8 @@ def task03_unetpp(classes: int, device):
 
 def run_predict(device_name: str, classes: int, volume: list, resample: bool, patch: list, tta_batches: list,
                 no_nnunet: bool = False) -> list:
-    import numpy as np
     import torch
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
-    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
     from nnpp import device as dev
     from nnpp.nets import plans as nets_plans
@@ -130,33 +130,14 @@ def run_predict(device_name: str, classes: int, volume: list, resample: bool, pa
     device = dev.resolve_device(device_name)
     dev.configure_backends(device)
     net = task03_unetpp(classes, device)
-    kwargs = nets_plans.arch_kwargs(TASK03["features"], TASK03["strides"])
-    plans = {"dataset_name": "x", "plans_name": "x", "original_median_spacing_after_transp": [1, 1, 1],
-             "original_median_shape_after_transp": volume, "image_reader_writer": "SimpleITKIO",
-             "transpose_forward": [0, 1, 2], "transpose_backward": [0, 1, 2], "experiment_planner_used": "x",
-             "label_manager": "LabelManager", "foreground_intensity_properties_per_channel": {},
-             "configurations": {"3d_fullres": {
-                 "data_identifier": "x", "preprocessor_name": "DefaultPreprocessor", "batch_size": 2,
-                 "patch_size": patch, "median_image_size_in_voxels": volume, "spacing": [1, 1, 1],
-                 "normalization_schemes": ["CTNormalization"], "use_mask_for_norm": [False],
-                 "resampling_fn_data": "resample_data_or_seg_to_shape", "resampling_fn_seg": "resample_data_or_seg_to_shape",
-                 "resampling_fn_probabilities": "resample_data_or_seg_to_shape",
-                 "resampling_fn_data_kwargs": {"is_seg": False, "order": 3, "order_z": 0, "force_separate_z": None},
-                 "resampling_fn_seg_kwargs": {"is_seg": True, "order": 1, "order_z": 0, "force_separate_z": None},
-                 "resampling_fn_probabilities_kwargs": {"is_seg": False, "order": 1, "order_z": 0,
-                                                        "force_separate_z": None},
-                 "architecture": {"network_class_name": nets_plans.UNETPP_CLASS, "arch_kwargs": kwargs,
-                                  "_kw_requires_import": list(nets_plans.REQUIRES_IMPORT)},
-                 "batch_dice": False}}}
-    pm = PlansManager(plans)
-    cm = pm.get_configuration("3d_fullres")
-    dataset_json = {"labels": {"background": 0, **{f"c{i}": i for i in range(1, classes)}}, "channel_names": {"0": "CT"},
-                    "numTraining": 0, "file_ending": ".nii.gz"}
+    pm, cm, dataset_json = synthetic_plans(
+        nets_plans.UNETPP_CLASS, nets_plans.arch_kwargs(TASK03["features"], TASK03["strides"]),
+        nets_plans.REQUIRES_IMPORT, patch, volume, {"background": 0, **{f"c{i}": i for i in range(1, classes)}})
     torch.manual_seed(1)
     data = torch.randn(1, *volume)
     rows, ref = [], None
     runs = ([] if no_nnunet else [("nnUNetPredictor", 1)]) + [("nnppPredictor", tb) for tb in tta_batches]
-    for i, (name, tta_batch) in enumerate(runs):
+    for name, tta_batch in runs:
         if name == "nnppPredictor":
             pred = nnppPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=True, device=device,
                                  allow_tqdm=False, amp=inference_amp("auto", device), tta_batch=tta_batch)

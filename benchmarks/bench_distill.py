@@ -35,6 +35,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_network import CONFIGS, arch_kwargs  # noqa: E402
+from common import synthetic_plans  # noqa: E402
 
 NETWORKS = {"unetpp": "nnpp.nets.unetpp.UNetPlusPlus",
             "unet": "dynamic_network_architectures.architectures.unet.PlainConvUNet"}
@@ -94,33 +95,11 @@ def flops_per_patch(net, x) -> int:
 def bench_plans(config: str, kind: str, r: int, drop_stages: int, case_shape: list) -> tuple:
     """(PlansManager, ConfigurationManager, dataset_json) of a 1-channel, 3-label dataset at spacing 1 whose
     3d_fullres configuration is ``config``'s patch with this network (what nnU-Net's predictor needs)."""
-    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
     kwargs = student_kwargs(config, r, drop_stages)
     kwargs = {k: (v.__module__ + "." + v.__name__ if k in REQ and v is not None and not isinstance(v, str) else v)
               for k, v in kwargs.items()}
-    resampling = {"resampling_fn_data": "resample_data_or_seg_to_shape",
-                  "resampling_fn_seg": "resample_data_or_seg_to_shape",
-                  "resampling_fn_probabilities": "resample_data_or_seg_to_shape",
-                  "resampling_fn_data_kwargs": {"is_seg": False, "order": 3, "order_z": 0, "force_separate_z": None},
-                  "resampling_fn_seg_kwargs": {"is_seg": True, "order": 1, "order_z": 0, "force_separate_z": None},
-                  "resampling_fn_probabilities_kwargs": {"is_seg": False, "order": 1, "order_z": 0,
-                                                         "force_separate_z": None}}
-    conf = {"data_identifier": "bench", "preprocessor_name": "DefaultPreprocessor", "batch_size": 2,
-            "patch_size": list(CONFIGS[config]["patch"]), "median_image_size_in_voxels": list(case_shape),
-            "spacing": [1.0, 1.0, 1.0], "normalization_schemes": ["ZScoreNormalization"], "use_mask_for_norm": [False],
-            **resampling, "batch_dice": False,
-            "architecture": {"network_class_name": NETWORKS[kind], "arch_kwargs": kwargs, "_kw_requires_import": REQ}}
-    plans = {"dataset_name": "Dataset999_Bench", "plans_name": "bench", "original_median_spacing_after_transp":
-             [1.0, 1.0, 1.0], "original_median_shape_after_transp": list(case_shape), "image_reader_writer":
-             "SimpleITKIO", "transpose_forward": [0, 1, 2], "transpose_backward": [0, 1, 2],
-             "configurations": {"3d_fullres": conf}, "experiment_planner_used": "bench", "label_manager": "LabelManager",
-             "foreground_intensity_properties_per_channel": {"0": {"max": 4.0, "mean": 0.0, "median": 0.0, "min": -4.0,
-                                                                   "percentile_00_5": -3.0, "percentile_99_5": 3.0,
-                                                                   "std": 1.0}}}
-    dataset_json = {"channel_names": {"0": "MRI"}, "labels": {"background": 0, "a": 1, "b": 2}, "numTraining": 1,
-                    "file_ending": ".nii.gz"}
-    pm = PlansManager(plans)
-    return pm, pm.get_configuration("3d_fullres"), dataset_json
+    return synthetic_plans(NETWORKS[kind], kwargs, REQ, CONFIGS[config]["patch"], case_shape,
+                           {"background": 0, "a": 1, "b": 2})
 
 
 #: the predictors a case goes through: (JSON key, predictor class, mirroring). "nnunet": nnU-Net's own

@@ -184,7 +184,7 @@ def write_student_plans(preprocessed_dataset_dir: str, source_plans: str, config
                 if note and log is not None:
                     log(f"[nnpp_distill] student plans {name}: {note}")
                 if merged != existing:
-                    _write_atomic(path, json.dumps(merged, indent=2, sort_keys=False))
+                    write_atomic(path, json.dumps(merged, indent=2, sort_keys=False))
                 return name
         if merged == existing:  # rank 0 has written it
             return name
@@ -194,7 +194,8 @@ def write_student_plans(preprocessed_dataset_dir: str, source_plans: str, config
         time.sleep(0.5)
 
 
-def _write_atomic(path: str, text: str) -> None:
+def write_atomic(path: str, text: str) -> None:
+    """``text`` into ``path`` through a temp file and a rename: never a half-written file."""
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         with open(tmp, "w") as f:

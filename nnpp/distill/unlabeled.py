@@ -11,8 +11,8 @@
   later run reuse the folder when nothing changed; a changed input is prepared again into a new folder, written
   under a temporary name and renamed when complete.
 * :class:`MixedDataset` / :class:`MixedDataLoader`: every training batch holds ``n_unlabeled`` unlabeled patches
-  first (nnU-Net's foreground oversampling applies to the last positions: labeled patches) and labeled ones after,
-  both through nnU-Net's loader and augmentation; their keys carry :data:`PREFIX`.
+  first and labeled ones after (nnU-Net's foreground oversampling within each group), both through nnU-Net's loader
+  and augmentation; their keys carry :data:`PREFIX`.
 """
 from __future__ import annotations
 
@@ -27,7 +27,6 @@ from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
 from nnpp import NnppError
 
 PREFIX = "unlabeled/"  # identifiers of unlabeled cases in a mixed batch's keys
-MODES = ("soft", "hard", "both")
 MANIFEST = "nnpp_unlabeled.json"
 
 
@@ -96,17 +95,23 @@ def check_leaks(cases: dict, student_val: list, raw_dataset_dir: str, dataset_js
     val_digests = {digest(files): case for case, files in zip(sorted(student_val), val_files) if files}
     same = [(case, val_digests[d]) for case, files in sorted(cases.items()) if (d := digest(files)) in val_digests]
     if cache and fresh != known:
+        from nnpp.distill.student import write_atomic
         os.makedirs(os.path.dirname(cache), exist_ok=True)
-        tmp = f"{cache}.tmp{os.getpid()}"
-        with open(tmp, "w") as f:
-            json.dump(fresh, f)
-        os.replace(tmp, cache)
+        write_atomic(cache, json.dumps(fresh))
     if same:
         raise NnppError("--unlabeled holds the student's validation image(s): " + ", ".join(
             f"{c} = {v}" for c, v in same) + " (same voxels and spacing); remove them from the unlabeled folders")
 
 
 # ------------------------------------------------------------------------------------------------ pseudo-labels
+def pseudo_folder(preprocessed_dataset_dir: str, teacher_folder: str, folds: list, checkpoint_name: str) -> str:
+    """``PREPROCESSED/DATASET/nnpp_unlabeled/pseudo_<digest>``: one folder per teacher folder, folds and checkpoint
+    files (their sizes and times), so a retrained teacher labels again and an unchanged one is reused."""
+    stamps = [_file_stamp(os.path.join(teacher_folder, f"fold_{f}", checkpoint_name)) for f in folds]
+    key = hashlib.sha1(json.dumps([teacher_folder, list(folds), stamps]).encode()).hexdigest()[:12]
+    return os.path.join(preprocessed_dataset_dir, "nnpp_unlabeled", f"pseudo_{key}")
+
+
 def pseudo_label(teacher_folder: str, folds: list, cases: dict, out_dir: str, device, checkpoint_name: str,
                  file_ending: str) -> None:
     """The teacher (``teacher_folder`` with ``folds``: nnU-Net's fold ensemble, mirroring on, nnpp's predictor)
@@ -158,13 +163,13 @@ def prepare(cases: dict, preprocessed_dataset_dir: str, plans_manager, configura
     if os.path.isfile(os.path.join(folder, MANIFEST)):
         print(f"[nnpp_distill] unlabeled cases: reusing {folder} ({len(cases)} cases)", flush=True)
         return folder
-    tmp = f"{folder}.partial{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
     preprocessor = configuration_manager.preprocessor_class(verbose=False)
     if not isinstance(preprocessor, DefaultPreprocessor):
         raise NnppError(f"the student's preprocessor {type(preprocessor).__name__} is not nnU-Net's "
                         f"DefaultPreprocessor (or a subclass): unlabeled cases cannot be preprocessed")
+    tmp = f"{folder}.partial{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
     print(f"[nnpp_distill] unlabeled cases: preprocessing {len(cases)} case(s) with {plans_manager.plans_name} "
           f"{configuration} into {folder}", flush=True)
     try:

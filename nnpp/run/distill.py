@@ -15,7 +15,6 @@ continue/validate the run they find; ``--val`` needs no teacher.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 
 from nnpp import NnppError
@@ -185,9 +184,8 @@ def prepare_unlabeled(trainer, config: dict, student_val: list) -> str:
     """The unlabeled cases of ``config["unlabeled"]``, checked against the student's validation cases, pseudo-
     labelled by the teacher (``--pseudo hard|both``) and preprocessed with the student's plans (by rank 0; the other
     ranks wait for its folder). Returns the preprocessed folder."""
-    import hashlib
-
     from nnunetv2.paths import nnUNet_raw
+    from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
 
     from nnpp.distill import unlabeled as U
     from nnpp.distributed import rank0_choice, world
@@ -197,8 +195,8 @@ def prepare_unlabeled(trainer, config: dict, student_val: list) -> str:
     batch = trainer.configuration_manager.batch_size
     U.unlabeled_per_batch(config["unlabeled_fraction"], batch // world()[1] if getattr(trainer, "distribute_batch", False)
                           else batch)
-    cases = U.find_cases(config["unlabeled"], ending, len(dataset_json.get("channel_names", dataset_json.get(
-        "modality", {"0": 0}))))
+    cases = U.find_cases(config["unlabeled"], ending,
+                         determine_num_input_channels(pm, trainer.configuration_manager, dataset_json))
     rank0 = world()[0] == 0
     name = os.path.basename(trainer.preprocessed_dataset_folder_base.rstrip(os.sep))
     if rank0:
@@ -211,12 +209,10 @@ def prepare_unlabeled(trainer, config: dict, student_val: list) -> str:
             raise NnppError("--pseudo hard|both: pseudo-labels come from one teacher model folder (its folds are "
                             "ensembled); several -t folders are an ensemble nnpp cannot predict as one yet: use "
                             "--pseudo soft, or one -t")
-        folder = config["t"][0]
-        stamps = [U._file_stamp(os.path.join(folder, f"fold_{f}", config["tchk"])) for f in config["tf"]]
-        key = hashlib.sha1(json.dumps([folder, config["tf"], stamps]).encode()).hexdigest()[:12]
-        pseudo_dir = os.path.join(trainer.preprocessed_dataset_folder_base, "nnpp_unlabeled", f"pseudo_{key}")
+        pseudo_dir = U.pseudo_folder(trainer.preprocessed_dataset_folder_base, config["t"][0], config["tf"],
+                                     config["tchk"])
         if rank0:
-            U.pseudo_label(folder, config["tf"], cases, pseudo_dir, trainer.device, config["tchk"], ending)
+            U.pseudo_label(config["t"][0], config["tf"], cases, pseudo_dir, trainer.device, config["tchk"], ending)
     out = U.prepare(cases, trainer.preprocessed_dataset_folder_base, pm, trainer.configuration_manager,
                     trainer.configuration_name, dataset_json, pseudo_dir) if rank0 else None
     return rank0_choice(out)  # the other ranks wait here for rank 0's folder
