@@ -10,7 +10,9 @@ and changes only how the network is called:
   the network as one batch of at most ``tta_batch`` (tiles x mirrors; default 8 = one 3D tile's 8 copies, two 2D
   tiles' 4). Mirrors are averaged in nnU-Net's order (identity first, then ``itertools.combinations``), so the
   logits equal nnU-Net's up to float error (batched convolutions sum in another order). ``tta_batch`` bounds the
-  batch for memory: ``1`` is nnU-Net's one-copy-per-call;
+  batch for memory: ``1`` is nnU-Net's one-copy-per-call; the default (None) chooses it per case from the classes,
+  the patch and the case's size (:meth:`nnppPredictor.auto_tta_batch`), so a 100-class model stays within 1.1x
+  nnU-Net's memory;
 * tiles are fed in the **network's memory format** (channels_last_3d networks get channels_last_3d tiles);
 * logits stay on any accelerator the device layer says can hold them (cuda, npu), not on cuda only;
 * the network runs in the given :class:`nnpp.device.Amp` mode (the innermost autocast wins over nnU-Net's CUDA fp16).
@@ -41,7 +43,9 @@ from tqdm import tqdm
 from nnpp import NnppError
 from nnpp import device as dev
 
-DEFAULT_TTA_BATCH = 8
+DEFAULT_TTA_BATCH = 8  # the most tiles x mirrored copies per network call (one 3D tile's 8 copies)
+TTA_MEMORY_FLOOR = 256 * 2 ** 20  # bytes of logits beyond nnU-Net's tile working set the auto choice always allows
+TTA_MEMORY_FRACTION = 0.1  # ... or this fraction of the case's logits accumulator, whichever is larger
 
 
 def network_memory_format(network: torch.nn.Module, ndim: int) -> torch.memory_format:
@@ -61,15 +65,18 @@ class nnppPredictor(nnUNetPredictor):
     def __init__(self, tile_step_size: float = 0.5, use_gaussian: bool = True, use_mirroring: bool = True,
                  perform_everything_on_device: bool = True, device: torch.device = torch.device("cuda"),
                  verbose: bool = False, verbose_preprocessing: bool = False, allow_tqdm: bool = True,
-                 amp: dev.Amp | None = None, tta_batch: int = DEFAULT_TTA_BATCH):
+                 amp: dev.Amp | None = None, tta_batch: int | None = None):
         super().__init__(tile_step_size=tile_step_size, use_gaussian=use_gaussian, use_mirroring=use_mirroring,
                          perform_everything_on_device=perform_everything_on_device, device=device, verbose=verbose,
                          verbose_preprocessing=verbose_preprocessing, allow_tqdm=allow_tqdm)
-        if not isinstance(tta_batch, int) or tta_batch < 1:
+        if tta_batch is not None and (not isinstance(tta_batch, int) or tta_batch < 1):
             raise NnppError(f"--tta_batch must be a positive integer (tiles x mirrors per network call), got {tta_batch}")
         self.perform_everything_on_device = perform_everything_on_device and dev.keeps_logits_on_device(device)
         self.amp = amp
-        self.tta_batch = tta_batch
+        self.tta_auto = tta_batch is None  # choose per case (auto_tta_batch), never above the cap
+        self.tta_cap = DEFAULT_TTA_BATCH if tta_batch is None else tta_batch  # halved for good on out of memory
+        self.tta_batch = self.tta_cap  # copies per network call now
+        self._tta_said = None
         self.network_seconds = 0.0  # time inside predict_logits_from_preprocessed_data, summed over calls
         self.export_threads: int | None = None  # torch threads of each export (None: nnU-Net's default_num_processes)
         self.current_case: str | None = None  # the case predict_cases works on
@@ -85,6 +92,29 @@ class nnppPredictor(nnUNetPredictor):
             raise NnppError(f"mirroring axes {tuple(mirror_axes)} do not fit {ndim - 2}D tiles")
         axes = [m + 2 for m in mirror_axes]
         return [()] + [c for i in range(len(axes)) for c in itertools.combinations(axes, i + 1)]
+
+    def auto_tta_batch(self, case_shape) -> int:
+        """Copies per network call for a case of ``case_shape`` (the padded spatial shape the sliding window runs
+        on): the most (<= the cap) whose logits stay within a memory budget beyond nnU-Net's own tile working set.
+
+        nnU-Net holds 3 tile-sized logits at a time (the network's output, its flipped copy, the tile's sum);
+        :meth:`predict_tiles` holds ``n`` (a call's output) + 1 (one flipped tile) + ``k`` (the sum of the ``k =
+        n // mirrors`` tiles of a group), i.e. ``n + k - 2`` more. That surplus must fit
+        ``max(TTA_MEMORY_FLOOR, TTA_MEMORY_FRACTION x the case's fp16 logits accumulator)`` - the accumulator is
+        part of nnU-Net's own peak, so the surplus stays within 10% of it for large cases. A tile's logits are
+        classes x patch voxels x 2 bytes under fp16 autocast (nnU-Net sums them in fp16), else 4. Examples: 3
+        classes, 128^3 patch, fp32: 8; 105 classes, 128^3, fp32: 1 (one copy is 0.9 GB); the same in fp16 on a
+        220x380x460 case: 2. Larger batches of the network's activations are not counted (measured instead)."""
+        mirrors = len(self.mirror_combinations(len(self.configuration_manager.patch_size) + 2))
+        fp16 = self.amp.mode == "O1" if self.amp is not None else self.device.type == "cuda"
+        tile = self.label_manager.num_segmentation_heads * int(np.prod(self.configuration_manager.patch_size)) * \
+            (2 if fp16 else 4)
+        budget = max(TTA_MEMORY_FLOOR,
+                     TTA_MEMORY_FRACTION * self.label_manager.num_segmentation_heads * int(np.prod(case_shape)) * 2)
+        n = self.tta_cap
+        while n > 1 and (n + max(1, n // mirrors) - 2) * tile > budget:
+            n -= 1
+        return n
 
     def _run_network(self, x: torch.Tensor) -> torch.Tensor:
         """One network call on a batch, in the network's memory format and the predictor's AMP mode."""
@@ -128,14 +158,18 @@ class nnppPredictor(nnUNetPredictor):
                 offset = 0
                 for m, t, e in segments:
                     part = out[offset:offset + e - t]
-                    prediction[t:e] += torch.flip(part, combos[m]) if combos[m] else part
+                    if combos[m]:  # tile by tile: one flipped tile in memory at a time
+                        for i in range(e - t):
+                            prediction[t + i] += torch.flip(part[i], [a - 1 for a in combos[m]])
+                    else:
+                        prediction[t:e] += part
                     offset += e - t
                     done += e - t
                 del out, part
             except RuntimeError as e:  # torch.OutOfMemoryError is a RuntimeError
                 if n == 1 or not dev.is_out_of_memory(e):
                     raise
-                self.tta_batch = max(1, n // 2)
+                self.tta_batch = self.tta_cap = max(1, n // 2)
                 out = part = x = None
                 empty_cache(self.device)
                 print(f"[nnpp] out of device memory at {n} tiles x mirrors per network call: continuing with "
@@ -151,9 +185,16 @@ class nnppPredictor(nnUNetPredictor):
     @torch.inference_mode()
     def _internal_predict_sliding_window_return_logits(self, data: torch.Tensor, slicers, do_on_device: bool = True):
         """nnU-Net's sliding window (same slicers, Gaussian, fp16 accumulators, producer thread, error cleanup),
-        with the tiles taken in groups of ``max(1, tta_batch // mirrors)`` and predicted by :meth:`predict_tiles`."""
+        with the tiles taken in groups of ``max(1, tta_batch // mirrors)`` and predicted by :meth:`predict_tiles`
+        (``tta_batch`` chosen for this case by :meth:`auto_tta_batch` unless the user set it)."""
         predicted_logits = n_predictions = prediction = gaussian = workon = None
         results_device = self.device if do_on_device else torch.device("cpu")
+        self.tta_batch = self.auto_tta_batch(data.shape[1:]) if self.tta_auto else self.tta_cap
+        if self.tta_auto and self.tta_batch < self.tta_cap and self._tta_said != self.tta_batch:
+            self._tta_said = self.tta_batch
+            print(f"[nnpp] {self.label_manager.num_segmentation_heads} classes x "
+                  f"{'x'.join(map(str, self.configuration_manager.patch_size))} patch: {self.tta_batch} tile copies "
+                  f"per network call (more would hold over 10% more logits than nnU-Net; --tta_batch N overrides)")
         tiles_per_group = max(1, self.tta_batch // len(self.mirror_combinations(len(self.configuration_manager.patch_size) + 2)))
         groups = [slicers[i:i + tiles_per_group] for i in range(0, len(slicers), tiles_per_group)]
 
@@ -380,7 +421,7 @@ def make_predictor(device, step_size: float = 0.5, mirroring: bool = True, on_de
     return nnppPredictor(tile_step_size=step_size, use_gaussian=True, use_mirroring=mirroring,
                          perform_everything_on_device=on_device, device=device, verbose=verbose,
                          verbose_preprocessing=verbose, allow_tqdm=progress, amp=amp,
-                         tta_batch=tta_batch or DEFAULT_TTA_BATCH)
+                         tta_batch=tta_batch)
 
 
 def _no_compile(predictor, compile_ok: bool) -> None:
@@ -507,7 +548,7 @@ def export_case(logits, properties: dict, configuration_manager, plans_manager, 
 
 
 @contextlib.contextmanager
-def nnunet_validation_uses(amp: dev.Amp, tta_batch: int = DEFAULT_TTA_BATCH):
+def nnunet_validation_uses(amp: dev.Amp, tta_batch: int | None = None):
     """While active, nnU-Net's trainer validation (``perform_actual_validation``) builds an :class:`nnppPredictor`
     in ``amp``'s mode with batched mirroring. nnU-Net offers no hook for the predictor class it builds there, so
     the name it looks up is swapped for the duration of the call and restored afterwards (the rest of validation,

@@ -243,3 +243,36 @@ def test_segmentation_export_a_few_classes_at_a_time_is_nnunets(tiny_dataset):
         ours = segmentation_from_logits(logits.clone(), props, holder.configuration_manager, pm, lm, classes_per_chunk=3)
         assert ours.dtype == ref.dtype and ours.shape == ref.shape == (12, 44, 40)
         assert len(np.unique(ours)) > 5 and np.array_equal(ours, ref), resampling
+
+
+@pytest.mark.parametrize("classes, patch, case, amp, expected", [
+    (3, (128, 128, 128), (200, 300, 300), "O0", 8),  # 25 MB a copy: 8 copies fit the 256 MiB floor
+    (105, (128, 128, 128), (128, 128, 128), "O0", 1),  # 881 MB a copy: one extra copy is over 256 MiB
+    # fp16: 440 MB a copy; the case's fp16 accumulator is 8.1 GB, 10% = 810 MB: one extra copy (n = 2), not two
+    (105, (128, 128, 128), (220, 380, 460), "O1", 2),
+    (105, (512, 512), (300, 512, 512), "O0", 8),  # 2D: 110 MB a copy, 8 copies + 2 tiles' sum - 2 = 8 x 110 MB
+])                                                  # <= 10% of 16.5 GB
+def test_default_batch_is_bounded_by_the_logits_it_would_hold(classes, patch, case, amp, expected):
+    """The default tta_batch per case (nnpp_predict without --tta_batch): the copies whose logits, beyond nnU-Net's
+    three tile-sized ones, fit max(256 MiB, 10% of the case's fp16 logits accumulator). Figures by hand above."""
+    from nnpp import device as dev
+    pred = make(nnppPredictor, Recording(len(patch)), patch, (0, 1, 2)[:len(patch)],
+                amp=dev.make_amp(amp, torch.device("cpu")) if amp == "O0" else SimpleNamespace(mode=amp))
+    pred.label_manager = SimpleNamespace(num_segmentation_heads=classes)
+    assert pred.auto_tta_batch(case) == expected
+
+
+def test_default_batch_is_chosen_per_case_and_said_once(capsys):
+    """Without --tta_batch the predictor sizes the batch from the case it runs on; an explicit one is kept."""
+    net, patch, axes = Recording(3), (8, 16, 16), (0, 1, 2)
+    pred = make(nnppPredictor, net, patch, axes)
+    pred.auto_tta_batch = lambda shape: 2  # as a 100-class model would get
+    img = image((1, 12, 24, 24))
+    for _ in range(2):
+        pred.predict_sliding_window_return_logits(img)
+    assert [b for b, *_ in net.calls] == [2] * 32 * 2 and capsys.readouterr().out.count("2 tile copies per network call") == 1
+    net.calls.clear()
+    pred = make(nnppPredictor, net, patch, axes, tta_batch=8)
+    pred.auto_tta_batch = lambda shape: 2
+    pred.predict_sliding_window_return_logits(img)
+    assert [b for b, *_ in net.calls] == [8] * 8

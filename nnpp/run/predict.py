@@ -28,9 +28,10 @@ Ours:
                         a provider that does not load is an error, never a silent CPU run
   --trt_cache DIR       TensorRT engine cache folder (engines built once, then loaded; default: no cache)
   --ort_threads N       ONNX Runtime intra-op threads (default 0 = ONNX Runtime's choice, one per physical core)
-  --tta_batch N         at most N tiles x mirrored copies per network call (default 8: one 3D tile's 8 mirrors, two
-                        2D tiles' 4 each, or 8 tiles without mirroring); lower it when device memory is short,
-                        1 = nnU-Net's one copy per call
+  --tta_batch N         at most N tiles x mirrored copies per network call (default: chosen per case, at most 8 =
+                        one 3D tile's 8 mirrors, two 2D tiles' 4 each, or 8 tiles without mirroring; fewer when
+                        classes x patch make the logits of more copies exceed 10% of the case's logits or 256 MiB
+                        beyond nnU-Net's own, e.g. 1 for 105 classes x 128^3 in fp32); 1 = nnU-Net's one per call
   --resample torch|plans  logits back to the original grid with nnU-Net's resample_torch_fornnunet (default) or
                         the plans' own function (nnU-Net's scipy resampling for its default plans)
   --amp MODE            torch precision: auto (default; nnU-Net's choice: fp16 autocast on cuda and npu, fp32 on
@@ -84,8 +85,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--ort_provider", default="cpu", choices=tuple(PROVIDERS), help="ONNX Runtime provider")
     p.add_argument("--trt_cache", default=None, metavar="DIR", help="TensorRT engine cache folder (--ort_provider tensorrt)")
     p.add_argument("--ort_threads", type=non_negative_int, default=0, help="ONNX Runtime intra-op threads (0 = auto)")
-    p.add_argument("--tta_batch", type=positive_int, default=DEFAULT_TTA_BATCH,
-                   help=f"tiles x mirrors per network call (default {DEFAULT_TTA_BATCH}; 1 = nnU-Net's one per call)")
+    p.add_argument("--tta_batch", type=positive_int, default=None,
+                   help=f"tiles x mirrors per network call (default: chosen per case, up to {DEFAULT_TTA_BATCH}, so "
+                        f"the logits held stay within 1.1x nnU-Net's; 1 = nnU-Net's one per call)")
     p.add_argument("--resample", default=DEFAULT_RESAMPLE, choices=RESAMPLE_CHOICES,
                    help="how the logits go back to each case's original grid: torch (default: nnU-Net's "
                    "resample_torch_fornnunet, on the device when exports run in this process (-nps 0), on the CPU in "
@@ -141,8 +143,9 @@ def main(argv=None):
     print(f"[nnpp_predict] rank {env.rank if env.enabled else 0}: " + (f"torch {args.threads} CPU thread(s), " if
           device.type == "cpu" else "") + f"ONNX Runtime threads {args.ort_threads or 'auto'}, -npp {args.npp} "
           f"-nps {args.nps}, export {args.export_threads} thread(s) per case ({args.threads_why})", flush=True)
-    tta = (f"mirroring on, up to {args.tta_batch} tiles x mirrors per network call" if not args.disable_tta else
-           f"mirroring off, up to {args.tta_batch} tiles per network call")
+    most = args.tta_batch or f"{predictor.tta_cap} (fewer for many classes)"
+    tta = (f"mirroring on, up to {most} tiles x mirrors per network call" if not args.disable_tta else
+           f"mirroring off, up to {most} tiles per network call")
     if args.onnx is not None:
         if args.trt_cache and args.ort_provider != "tensorrt":
             raise NnppError("--trt_cache is the TensorRT engine cache: use it with --ort_provider tensorrt")

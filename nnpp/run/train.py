@@ -63,8 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val", action="store_true", help="only run the final validation (needs checkpoint_final)")
     p.add_argument("--val_best", action="store_true", help="validate with checkpoint_best instead of final")
     p.add_argument("--tta_batch", type=positive_int, default=None, help="final validation: at most N tiles x "
-                   "mirrored copies per network call (default 8, as nnpp_predict; lower it if device memory is short; "
-                   "1 = nnU-Net's one call per copy)")
+                   "mirrored copies per network call (default: as nnpp_predict, chosen per case, up to 8; 1 = nnU-Net's "
+                   "one call per copy)")
     p.add_argument("--npz", action="store_true", help="also save softmax outputs of the validation")
     p.add_argument("--disable_checkpointing", action="store_true")
     p.add_argument("-pretrained_weights", default=None, help="checkpoint to initialise the network from")

@@ -81,7 +81,8 @@ class nnUNetPlusPlusTrainer(nnUNetTrainer):
     #: the --seed the run was started with (recorded in the run settings; None: not seeded)
     seed: int | None = None
     #: final validation: at most this many tiles x mirrored copies per network call (nnpp_train --tta_batch;
-    #: None: nnppPredictor's default, 8; 1 is nnU-Net's one call per copy)
+    #: None: nnppPredictor's choice per case, up to 8 within 1.1x nnU-Net's logits memory; 1 is nnU-Net's one call
+    #: per copy)
     tta_batch: int | None = None
     #: True when the caller resolved a continued run's settings itself (nnpp_train: flags against the saved ones);
     #: False (nnU-Net's own ``nnUNetv2_train --c`` through nnUNet_extTrainer): load_checkpoint restores the settings
@@ -328,8 +329,8 @@ class nnUNetPlusPlusTrainer(nnUNetTrainer):
         """nnU-Net's final validation, with the predictor told what the device layer knows (logits stay on npu
         as on cuda; the run's AMP mode instead of nnU-Net's CUDA-only fp16; batched mirroring bounded by
         ``tta_batch``). See nnpp.predictor."""
-        from nnpp.predictor import DEFAULT_TTA_BATCH, nnunet_validation_uses
-        with nnunet_validation_uses(self.amp, self.tta_batch or DEFAULT_TTA_BATCH):
+        from nnpp.predictor import nnunet_validation_uses
+        with nnunet_validation_uses(self.amp, self.tta_batch):
             super().perform_actual_validation(save_probabilities)
 
     def on_train_epoch_start(self):
