@@ -22,8 +22,10 @@ setup(
         "test": ["pytest>=7", "pytest-timeout"],
         # nnpp_export / nnpp_predict --onnx: torch's dynamo ONNX exporter needs onnxscript
         "onnx": ["onnx>=1.16", "onnxruntime>=1.18", "onnxscript>=0.2"],
-        # nnpp_predict --onnx DIR --ort_provider openvino: OpenVINO's runtime on the same .onnx (CPU)
-        "openvino": ["onnx>=1.16", "onnxruntime>=1.18", "onnxscript>=0.2", "openvino>=2024.0"],
+        # nnpp_predict --onnx DIR --ort_provider openvino: OpenVINO's runtime on the same .onnx (CPU);
+        # nnpp_export --precision int8 --quantizer nncf: NNCF's int8 for OpenVINO (IR)
+        "openvino": ["onnx>=1.16", "onnxruntime>=1.18", "onnxscript>=0.2", "openvino>=2024.0",
+                     "nncf>=2.10"],
     },
     entry_points={
         "console_scripts": [

@@ -14,6 +14,12 @@ ONNX Runtime's CUDA provider rejects) or an op outside the standard ONNX domain 
 Beside the models: ``plans.json``, ``dataset.json`` (copies from the model folder) and ``nnpp_onnx.json``
 (patch size, channels, classes, mirroring axes, depth, opset, exporter, op set, source checkpoints with their
 SHA-256, each fold's parity figures and the ``.onnx`` files' SHA-256), so inference re-types nothing.
+
+Reduced precision (``precision`` fp16 / int8, :func:`_reduced`): the checked fp32 model is converted / quantized,
+kept only past the Dice guard, and its latency per patch is measured against fp32 on this machine (printed, in the
+metadata, a warning when it is slower). ``quantizer`` ``ort`` (default): ONNX Runtime's QDQ ``fold_F.onnx``.
+``nncf``: NNCF's int8 for OpenVINO, written as OpenVINO IR ``fold_F.xml`` + ``fold_F.bin`` instead of the
+``.onnx`` (both with their SHA-256; metadata ``"runtime": "openvino"``), which only ``--ort_provider openvino`` runs.
 """
 from __future__ import annotations
 
@@ -35,15 +41,20 @@ EXPORTERS = ("dynamo", "torchscript")
 DEFAULT_OPSET = 18
 DEFAULT_TOL = 1e-4
 PRECISIONS = ("fp32", "fp16", "int8")
+QUANTIZERS = ("ort", "nncf")  # int8 by ONNX Runtime's quantize_static (QDQ .onnx) or NNCF (OpenVINO IR)
+DEFAULT_LATENCY_RUNS = 5  # timed forward passes per model (after 2 warm-up passes) for the fp32 vs reduced latency
 DEFAULT_MAX_DICE_DROP = 0.01
 DEFAULT_CALIB_TILES = 32
 DEFAULT_GUARD_CASES = 8  # validation cases the Dice guard scores (the first in sorted order)
 TMP_PREFIX = ".nnpp_export_"  # temp folders beside the output: .nnpp_export_HOST_PID_*
 
 
-def default_output_folder(model_folder: str, depth: int | None = None, precision: str = "fp32") -> str:
-    """MODEL_FOLDER/onnx[_depthK][_fp16|_int8]: every depth and precision in a folder of its own."""
-    name = "onnx" + (f"_depth{depth}" if depth else "") + (f"_{precision}" if precision != "fp32" else "")
+def default_output_folder(model_folder: str, depth: int | None = None, precision: str = "fp32",
+                          quantizer: str = "ort") -> str:
+    """MODEL_FOLDER/onnx[_depthK][_fp16|_int8|_int8_nncf]: every depth, precision and quantizer in a folder of its
+    own."""
+    name = "onnx" + (f"_depth{depth}" if depth else "") + (f"_{precision}" if precision != "fp32" else "") + \
+        ("_nncf" if precision == "int8" and quantizer == "nncf" else "")
     return os.path.join(model_folder, name)
 
 
@@ -165,10 +176,10 @@ def _write_json(obj, path: str) -> None:
 
 
 def check_output_folder(out: str, model: TrainedModel, overwrite: bool = False, precision: str = "fp32",
-                        depth: int | None = None) -> bool:
+                        depth: int | None = None, quantizer: str = "ort") -> bool:
     """``out`` must be a new or empty folder, or (with ``overwrite``) a previous nnpp export of the same model
-    folder at the same precision and depth (its ``nnpp_onnx.json`` says so: an int8 export never silently replaces
-    an fp32 one). Anything else is one line: nnpp_export never writes into a folder
+    folder at the same precision, quantizer and depth (its ``nnpp_onnx.json`` says so: an int8 export never
+    silently replaces an fp32 one, nor an NNCF int8 export an ONNX Runtime one). Anything else is one line: nnpp_export never writes into a folder
     it did not make (pointed at a model folder it would replace that model's plans.json and dataset.json).
     Returns whether ``out`` holds a previous export to replace."""
     if not os.path.exists(out):
@@ -194,6 +205,9 @@ def check_output_folder(out: str, model: TrainedModel, overwrite: bool = False, 
         raise NnppError(f"-o {out} holds a {previous.get('precision', 'fp32')} export of this model (depth "
                         f"{previous.get('depth')}), not {precision} (depth {depth or previous.get('full_depth')}); "
                         f"give another folder (the default is one per precision and depth)")
+    if same and precision == "int8" and (previous.get("quantizer") or "ort") != quantizer:
+        raise NnppError(f"-o {out} holds an int8 export of this model by --quantizer {previous.get('quantizer') or 'ort'}, "
+                        f"not {quantizer}; give another folder (the default is one per quantizer)")
     if same and overwrite:
         return True
     if same:
@@ -225,23 +239,34 @@ def _move_into_place(tmp: str, out: str, replace: bool) -> None:
 
 
 def _reduced(model: TrainedModel, fold, path: str, precision: str, max_dice_drop: float, calib_tiles: int, out: str,
-             log, guard_cases: int = DEFAULT_GUARD_CASES) -> dict:
+             log, guard_cases: int = DEFAULT_GUARD_CASES, quantizer: str = "ort", nncf_preset: str | None = None,
+             latency_runs: int = DEFAULT_LATENCY_RUNS) -> dict:
     """Turn the checked fp32 ``path`` into ``precision`` (int8: static quantization calibrated on the fold's
-    training tiles; fp16: converted weights and arithmetic) in place, after the Dice guard on the fold's
-    validation cases (:mod:`nnpp.deploy.quantize`); returns the figures for the metadata."""
+    training tiles, by ONNX Runtime or, ``quantizer`` nncf, by NNCF for OpenVINO; fp16: converted weights and
+    arithmetic) after the Dice guard on the fold's validation cases (:mod:`nnpp.deploy.quantize`): in place, or
+    for nncf as ``fold_F.xml`` + ``.bin`` beside ``path``, which is then removed. Then fp32 vs reduced latency per
+    patch on this machine (:func:`_latency`, ``latency_runs`` 0: not measured). Returns the figures for the
+    metadata, with ``files``: the model file(s) now standing for ``path``."""
     from nnpp.deploy import quantize as q
+    from nnpp.deploy.ort import OpenVinoSession
     qpath = path + f".{precision}.onnx"
     extra = {}
+    nncf = precision == "int8" and quantizer == "nncf"
     if precision == "int8":
         reader = q.TileReader(model, fold, INPUT_NAME, calib_tiles)
         log(f"[nnpp_export] fold {fold}: int8 calibration on {len(reader.tiles)} tiles of {len(reader.cases)} "
-            f"training case(s) ...")
-        settings = q.quantize_int8(path, qpath, reader)
+            f"training case(s){' (NNCF, OpenVINO IR)' if nncf else ''} ...")
+        if nncf:
+            qpath = os.path.splitext(path)[0] + ".xml"
+            settings = q.quantize_nncf(path, qpath, reader, nncf_preset or q.NNCF_PRESET)
+        else:
+            settings = q.quantize_int8(path, qpath, reader)
         extra = {"calibration_tiles": len(reader.tiles), "calibration_cases": reader.cases}
     else:
         settings = q.convert_fp16(path, qpath)
-    scores = q.score(model, fold, {"fp32": make_session(path, "cpu"), precision: make_session(qpath, "cpu")},
-                     max_cases=guard_cases)
+    reduced = OpenVinoSession(qpath) if nncf else make_session(qpath, "cpu")
+    fp32 = make_session(path, "cpu")
+    scores = q.score(model, fold, {"fp32": fp32, precision: reduced}, max_cases=guard_cases)
     drop = q.dice_drop(scores, "fp32", precision)
     if all(d is None for d in drop.values()):
         raise NnppError(f"fold {fold}: no label occurs in the {len(scores['cases'])} validation case(s), so the "
@@ -263,30 +288,95 @@ def _reduced(model: TrainedModel, fold, path: str, precision: str, max_dice_drop
         raise NnppError(f"fold {fold}: {precision} lowers the Dice of label {worst_label} by {worst:.4f} (> "
                         f"--max_dice_drop {max_dice_drop:g}); nothing was written to {out} (scores in {report}): "
                         f"export fp32")
-    os.replace(qpath, path)
+    latency = _latency(model, fold, path, qpath, precision, nncf, (fp32, reduced), latency_runs, log)
+    del fp32, reduced
+    if nncf:
+        os.remove(path)  # the IR stands for it
+        files = [os.path.basename(qpath), os.path.basename(os.path.splitext(qpath)[0] + ".bin")]
+    else:
+        os.replace(qpath, path)
+        files = [os.path.basename(path)]
     return {**settings, **extra, "score_cases": scores["cases"], "dice_fp32": scores["dice"]["fp32"],
             f"dice_{precision}": scores["dice"][precision], "dice_drop": drop, "mask_agreement": scores["agreement"],
-            "max_dice_drop": max_dice_drop, "guard_cases": guard_cases,
-            "scored_as": "nnU-Net's predictor (Gaussian sliding window, mirroring) with ONNX Runtime's CPU provider on "
-                         "the preprocessed validation cases, arg-max vs the preprocessed labels"}
+            "max_dice_drop": max_dice_drop, "guard_cases": guard_cases, "latency": latency, "files": files,
+            "scored_as": "nnU-Net's predictor (Gaussian sliding window, mirroring) on the preprocessed validation "
+                         "cases, arg-max vs the preprocessed labels; fp32 with ONNX Runtime's CPU provider, "
+                         f"{precision} with {'OpenVINO (CPU)' if nncf else 'ONNX Runtime' + chr(39) + 's CPU provider'}"}
+
+
+def _cpu_name() -> str:
+    import platform
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _latency(model: TrainedModel, fold, path: str, qpath: str, precision: str, nncf: bool, sessions: tuple,
+             runs: int, log) -> dict | None:
+    """fp32 ``path`` vs reduced ``qpath``: latency per patch (batch 1, the plans' patch; median of ``runs`` after 2
+    warm-up passes, :func:`nnpp.deploy.quantize.measure_latency`) with the backend the reduced model is meant for:
+    ONNX Runtime's CPU provider for a QDQ int8 ``.onnx`` (``sessions``, the guard's, are reused), OpenVINO for an
+    NNCF IR (the fp32 ``.onnx`` in OpenVINO too), ONNX Runtime's CUDA provider for fp16 (not measured without it).
+    Each runtime's default threads. Prints one line, and a warning when the reduced model is slower."""
+    from nnpp.deploy import quantize as q
+    from nnpp.deploy.ort import OpenVinoSession
+    if not runs:
+        return None
+    if precision == "fp16":
+        ort = require("onnxruntime")
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            log(f"[nnpp_export] fold {fold}: fp16 latency not measured (fp16 is for GPU providers; this onnxruntime "
+                f"has no CUDA)")
+            return None
+        backend, pair = "ONNX Runtime (CUDA)", (make_session(path, "cuda"), make_session(qpath, "cuda"))
+    elif nncf:
+        backend, pair = "OpenVINO (CPU)", (OpenVinoSession(path), sessions[1])
+    else:
+        backend, pair = "ONNX Runtime (CPU)", sessions
+    shape = (1, model.num_input_channels, *model.patch_size)
+    ms = q.measure_latency({"fp32": pair[0], precision: pair[1]}, shape, warmup=2, runs=runs)
+    speedup = ms["fp32"] / ms[precision]
+    log(f"[nnpp_export] fold {fold}: latency per patch fp32 {ms['fp32']:.1f} ms, {precision} {ms[precision]:.1f} ms "
+        f"({speedup:.2f}x) with {backend} on this machine")
+    if speedup < 1:
+        log(f"[nnpp_export] warning: fold {fold}: {precision} is slower than fp32 with {backend} on this machine "
+            f"({ms[precision]:.1f} vs {ms['fp32']:.1f} ms per patch); fp32 serves this machine better"
+            + ("; with OpenVINO try --quantizer nncf" if precision == "int8" and not nncf else ""))
+    return {"backend": backend, "fp32_ms": ms["fp32"], f"{precision}_ms": ms[precision], "speedup": speedup,
+            "slower": speedup < 1, "input_shape": list(shape), "warmup": 2, "runs": runs, "statistic": "median",
+            "threads": "the runtime's default", "cpu": _cpu_name(), "cpu_count": os.cpu_count()}
 
 
 def export_model(model: TrainedModel, out: str, depth: int | None = None, opset: int = DEFAULT_OPSET,
                  exporter: str = "dynamo", tol: float = DEFAULT_TOL, source: dict | None = None, log=print,
                  overwrite: bool = False, precision: str = "fp32", max_dice_drop: float = DEFAULT_MAX_DICE_DROP,
-                 calib_tiles: int = DEFAULT_CALIB_TILES, guard_cases: int = DEFAULT_GUARD_CASES) -> dict:
+                 calib_tiles: int = DEFAULT_CALIB_TILES, guard_cases: int = DEFAULT_GUARD_CASES,
+                 quantizer: str = "ort", nncf_preset: str | None = None, latency_runs: int = DEFAULT_LATENCY_RUNS) -> dict:
     """Export every fold of ``model`` to ``out`` (``fold_F.onnx``, ``plans.json``, ``dataset.json``,
     ``nnpp_onnx.json``), each checked by :func:`check_ops` and :func:`parity` (fails above ``tol``).
     ``out`` must be new or empty, or a previous export of this model with ``overwrite``
     (:func:`check_output_folder`). ``precision`` int8 / fp16: each fold's checked fp32 model is quantized (ONNX
-    Runtime's static quantization calibrated on ``calib_tiles`` training tiles) / converted to fp16, and kept only
-    when no label's validation Dice drops by more than ``max_dice_drop`` (:func:`_reduced`). Everything is written to a temporary folder beside ``out`` and renamed into
+    Runtime's static quantization calibrated on ``calib_tiles`` training tiles; ``quantizer`` nncf: NNCF's for
+    OpenVINO, written as IR ``fold_F.xml`` + ``.bin``) / converted to fp16, kept only when no label's validation Dice
+    drops by more than ``max_dice_drop``, then timed against fp32 (``latency_runs`` runs; :func:`_reduced`). Everything is written to a temporary folder beside ``out`` and renamed into
     place only when all folds pass; a failed export leaves ``out`` as it was. Returns the metadata."""
     ort = require("onnxruntime")
     onnx = require("onnx")
     if precision not in PRECISIONS:
         raise NnppError(f"--precision {precision}: choose one of {', '.join(PRECISIONS)}")
-    replace = check_output_folder(out, model, overwrite, precision, depth)
+    if quantizer not in QUANTIZERS:
+        raise NnppError(f"--quantizer {quantizer}: choose one of {', '.join(QUANTIZERS)}")
+    nncf = quantizer == "nncf"
+    if nncf and precision != "int8":
+        raise NnppError(f"--quantizer nncf makes int8 models for OpenVINO: use it with --precision int8 (not {precision})")
+    if nncf:
+        ov, nncf_module = require("openvino", extra="openvino"), require("nncf", extra="openvino")
+    replace = check_output_folder(out, model, overwrite, precision, depth, quantizer)
     patch = model.patch_size
     parent = os.path.dirname(os.path.abspath(out)) or "."
     os.makedirs(parent, exist_ok=True)
@@ -322,7 +412,14 @@ def export_model(model: TrainedModel, out: str, depth: int | None = None, opset:
                      "checkpoint_sha256": model.checkpoint_sha256[i], "parity": check}
             if precision != "fp32":  # the fp32 model passed parity; the reduced one must pass the Dice guard
                 entry["quantization"] = _reduced(model, fold, path, precision, max_dice_drop, calib_tiles, out, log,
-                                                 guard_cases)
+                                                 guard_cases, quantizer, nncf_preset, latency_runs)
+                entry["latency"] = entry["quantization"].pop("latency")
+                files = entry["quantization"].pop("files")
+                entry["file"] = files[0]
+                if len(files) > 1:  # OpenVINO IR: the .xml and its weights, each checked on load
+                    entry["weights_file"] = files[1]
+                    entry["weights_sha256"] = sha256_file(os.path.join(tmp, files[1]))
+                path = os.path.join(tmp, files[0])
             entry["sha256"] = sha256_file(path)
             folds.append(entry)
         mirror = model.inference_allowed_mirroring_axes
@@ -339,13 +436,16 @@ def export_model(model: TrainedModel, out: str, depth: int | None = None, opset:
             "inference_allowed_mirroring_axes": list(mirror) if mirror is not None else None,
             "depth": depth or full_depth, "full_depth": full_depth, "pruned": bool(depth and depth != full_depth),
             "opset": opset, "exporter": exporter, "ops": sorted(ops), "parity_tolerance": tol, "precision": precision,
-            "versions": {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": ort.__version__},
+            "quantizer": quantizer if precision == "int8" else None,
+            "runtime": "openvino" if nncf else "onnxruntime",
+            "versions": {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": ort.__version__,
+                         **({"openvino": ov.__version__, "nncf": nncf_module.__version__} if nncf else {})},
             "folds": folds,
         }
         _write_json(model.plans, os.path.join(tmp, "plans.json"))
         _write_json(model.dataset_json, os.path.join(tmp, "dataset.json"))
         _write_json(meta, os.path.join(tmp, METADATA_FILE))
-        check_output_folder(out, model, overwrite, precision, depth)  # unchanged while we exported
+        check_output_folder(out, model, overwrite, precision, depth, quantizer)  # unchanged while we exported
         _move_into_place(tmp, out, replace)
         return meta
     finally:

@@ -39,9 +39,12 @@ def require(module: str, extra: str = "onnx"):
 
 
 class OpenVinoSession:
-    """OpenVINO's CPU plugin reading the same ``.onnx``, behind the two session calls :class:`OrtNetwork` makes
-    (``get_inputs()[0].name`` and ``run(None, {name: array}) -> [logits]``). ``threads``: INFERENCE_NUM_THREADS
-    (0 = OpenVINO's default); latency hint, fp32 inference precision (no silent bf16 on CPUs that have it)."""
+    """OpenVINO's CPU plugin reading the same ``.onnx`` (or the OpenVINO IR ``.xml`` + ``.bin`` of an NNCF int8
+    export), behind the two session calls :class:`OrtNetwork` makes (``get_inputs()[0].name`` and
+    ``run(None, {name: array}) -> [logits]``). ``threads``: INFERENCE_NUM_THREADS (0 = OpenVINO's default); latency
+    hint, fp32 inference precision (no silent bf16 on CPUs that have it). The precision hint governs the float
+    layers only: an int8 IR's quantized convolutions still run in int8 (checked on OpenVINO 2026.4 from the compiled
+    model's runtime info, :func:`runtime_precisions`)."""
 
     def __init__(self, path: str, threads: int = 0):
         ov = require("openvino", extra="openvino")
@@ -52,12 +55,23 @@ class OpenVinoSession:
             self.model = ov.Core().compile_model(path, "CPU", cfg)
         except Exception as e:
             raise NnppError(f"OpenVINO cannot compile {path} ({type(e).__name__}: {str(e).splitlines()[0]}); "
-                            f"use --ort_provider cpu or re-export") from None
+                            f"{'re-export it' if path.endswith('.xml') else 'use --ort_provider cpu or re-export'}"
+                            ) from None
         self.request = self.model.create_infer_request()
         self._input = type("Input", (), {"name": self.model.inputs[0].get_any_name()})()
 
     def get_inputs(self):
         return [self._input]
+
+    def runtime_precisions(self, layer_type: str = "Convolution") -> list:
+        """The execution precision (e.g. ``f32``, ``i8``, ``u8``) of each ``layer_type`` layer of the compiled
+        model, from its runtime info."""
+        out = []
+        for op in self.model.get_runtime_model().get_ops():
+            info = op.get_rt_info()
+            if info["layerType"].astype(str) == layer_type:
+                out.append(info["runtimePrecision"].astype(str).lower())
+        return out
 
     def run(self, _output_names, feed: dict):
         (x,) = feed.values()
@@ -184,7 +198,9 @@ def load_onnx_folder(folder: str, provider: str = "cpu", threads: int = 0, folds
                      device_id: int = 0) -> tuple[dict, OrtNetwork]:
     """Read an ``nnpp_export`` folder: its metadata (``nnpp_onnx.json``), plans/dataset json, and one session per
     fold (``folds``: a subset of the exported folds, default all). Each ``.onnx`` file is checked against the
-    SHA-256 recorded at export, so a replaced or damaged model is refused. Returns (metadata, OrtNetwork)."""
+    SHA-256 recorded at export, so a replaced or damaged model is refused. An NNCF int8 export (metadata
+    ``"runtime": "openvino"``: OpenVINO IR ``fold_F.xml`` + ``fold_F.bin``, both checked) runs only with
+    ``provider`` openvino, in :class:`OpenVinoSession`. Returns (metadata, OrtNetwork)."""
     from nnpp.model_folder import load_model_json, sha256_file
     if not os.path.isdir(folder):
         raise NnppError(f"--onnx {folder}: no such folder; export one with nnpp_export")
@@ -195,13 +211,25 @@ def load_onnx_folder(folder: str, provider: str = "cpu", threads: int = 0, folds
     if unknown:
         raise NnppError(f"--onnx {folder} has fold(s) {', '.join(exported)}, not {', '.join(unknown)}; pass -f with "
                         f"exported folds or export them")
+    ir = meta.get("runtime", "onnxruntime") == "openvino"
+    if ir and provider != "openvino":
+        raise NnppError(f"--onnx {folder} is an OpenVINO IR (NNCF int8): use --ort_provider openvino "
+                        f"(not {provider})")
     sessions = {}
     for f in wanted:
         path = os.path.join(folder, exported[f]["file"])
-        if not os.path.isfile(path):
-            raise NnppError(f"{path} is missing; re-export with nnpp_export")
-        if sha256_file(path) != exported[f]["sha256"]:
-            raise NnppError(f"{path} is not the file nnpp_export wrote (SHA-256 differs from {METADATA_FILE}); "
-                            f"re-export it")
-        sessions[f] = make_session(path, provider, threads, trt_cache, device_id)
+        files = [(path, exported[f]["sha256"])]
+        if exported[f].get("weights_file"):
+            files.append((os.path.join(folder, exported[f]["weights_file"]), exported[f].get("weights_sha256")))
+        for p, sha in files:
+            if not os.path.isfile(p):
+                raise NnppError(f"{p} is missing; re-export with nnpp_export")
+            if sha256_file(p) != sha:
+                raise NnppError(f"{p} is not the file nnpp_export wrote (SHA-256 differs from {METADATA_FILE}); "
+                                f"re-export it")
+        if ir:
+            require("openvino", extra="openvino")
+            sessions[f] = OpenVinoSession(path, threads)
+        else:
+            sessions[f] = make_session(path, provider, threads, trt_cache, device_id)
     return meta, OrtNetwork(sessions, io_binding=provider in IO_BINDING)

@@ -1,15 +1,23 @@
-"""Reduced-precision exports (int8: ONNX Runtime's post-training static quantization, calibrated on the model's own
-training data; fp16 for GPU providers), shipped only with their Dice measured against fp32 and a guard.
+"""Reduced-precision exports (int8: ONNX Runtime's post-training static quantization or NNCF's for OpenVINO, both
+calibrated on the model's own training data; fp16 for GPU providers), shipped only with their Dice measured against
+fp32 and a guard, and their latency measured against fp32 on the exporting machine.
 
 * **Calibration** (:class:`TileReader`, an ``onnxruntime.quantization.CalibrationDataReader``): patch-sized tiles
   cropped at seeded random positions from the fold's *training* cases, preprocessed as nnU-Net trained on them
   (``nnUNet_preprocessed/DATASET/DATA_IDENTIFIER``, the split in ``splits_final.json``).
 * **Quantization** (:func:`quantize_int8`): ``onnxruntime.quantization.quantize_static``, QDQ format, int8 weights
   per output channel, uint8 activations, MinMax calibration; convolutions only (normalisation stays fp32), after ONNX Runtime's ``quant_pre_process``.
+* **NNCF** (:func:`quantize_nncf`, ``--quantizer nncf``): ``nncf.quantize`` on the OpenVINO model read from the
+  fp32 ``.onnx``, OpenVINO's CPU quantization rules (``target_device=CPU``, preset :data:`NNCF_PRESET`), the same
+  tiles as calibration set; saved as OpenVINO IR (``.xml`` + ``.bin``, fp32 weights where not int8), which only
+  OpenVINO runs (``nnpp_predict --ort_provider openvino``).
 * **Score** (:func:`score`): fp32 and int8 sessions each inside nnU-Net's predictor (:class:`nnppPredictor`,
   Gaussian sliding window, mirroring) on the fold's *validation* cases, preprocessed; arg-max masks at the
   preprocessed resolution against the preprocessed labels: Dice per foreground label for both, the drop
   (fp32 - int8) and the share of voxels where the masks agree. The export refuses a drop beyond ``max_dice_drop``.
+  ``sessions`` are anything with ``get_inputs()`` / ``run()``: ONNX Runtime's, or :class:`OpenVinoSession` for IR.
+* **Latency** (:func:`measure_latency`): fp32 and the reduced model on the backend the reduced one is meant for,
+  batch 1 at the patch size, median of a few interleaved runs after warm-up.
 """
 from __future__ import annotations
 
@@ -112,6 +120,54 @@ def quantize_int8(fp32_path: str, out_path: str, reader) -> dict:
             "activations": "uint8", "calibration": "MinMax", "quantized_ops": list(QUANTIZED_OPS)}
 
 
+NNCF_PRESET = "performance"  # symmetric int8 activations and weights; see quantize_nncf
+
+
+def quantize_nncf(fp32_path: str, xml_path: str, reader, preset: str = NNCF_PRESET) -> dict:
+    """NNCF post-training quantization for OpenVINO's CPU plugin: ``openvino.Core().read_model(fp32_path)``,
+    ``nncf.quantize(model, nncf.Dataset(tiles), preset, target_device=CPU, subset_size=len(tiles))``, saved as IR
+    ``xml_path`` + its ``.bin`` (``compress_to_fp16=False``: the weights NNCF leaves in float stay fp32).
+    ``preset``: ``performance`` (symmetric activations: what OpenVINO's CPU int8 kernels run fastest) or ``mixed``
+    (asymmetric activations, for inputs that are far from zero-centred). Returns the settings for the metadata."""
+    ov = require("openvino", extra="openvino")
+    nncf = require("nncf", extra="openvino")
+    presets = {"performance": nncf.QuantizationPreset.PERFORMANCE, "mixed": nncf.QuantizationPreset.MIXED}
+    if preset not in presets:
+        raise NnppError(f"NNCF preset '{preset}': choose one of {', '.join(presets)}")
+    tiles = list(reader.tiles)
+    try:
+        model = ov.Core().read_model(fp32_path)
+        quantized = nncf.quantize(model, nncf.Dataset(tiles), preset=presets[preset],
+                                  target_device=nncf.TargetDevice.CPU, subset_size=len(tiles))
+        ov.save_model(quantized, xml_path, compress_to_fp16=False)
+    except Exception as e:
+        raise NnppError(f"NNCF's quantize failed on {os.path.basename(fp32_path)} ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0] if str(e) else ''}); export fp32 or use --quantizer ort") from None
+    return {"tool": "nncf.quantize", "format": "OpenVINO IR", "preset": preset, "target_device": "CPU",
+            "subset_size": len(tiles), "fast_bias_correction": True, "nncf": nncf.__version__,
+            "openvino": ov.__version__}
+
+
+def measure_latency(sessions: dict, input_shape, warmup: int = 2, runs: int = 5, seed: int = 0) -> dict:
+    """Median wall time (ms) of ``run`` on one seeded N(0, 1) input of ``input_shape`` for each of ``sessions``
+    ({name: session}), after ``warmup`` calls each; the sessions take turns run by run, so a load that comes and
+    goes hits each alike. Returns {name: median ms}."""
+    import statistics
+    import time
+    x = np.random.default_rng(seed).standard_normal(tuple(input_shape), dtype=np.float32)
+    feeds = {n: {s.get_inputs()[0].name: x} for n, s in sessions.items()}
+    for n, s in sessions.items():
+        for _ in range(warmup):
+            s.run(None, feeds[n])
+    times = {n: [] for n in sessions}
+    for _ in range(runs):
+        for n, s in sessions.items():
+            t = time.perf_counter()
+            s.run(None, feeds[n])
+            times[n].append(1e3 * (time.perf_counter() - t))
+    return {n: statistics.median(v) for n, v in times.items()}
+
+
 def convert_fp16(fp32_path: str, out_path: str) -> dict:
     """fp16 weights and arithmetic (``onnxruntime.transformers.float16.convert_float_to_float16``), fp32 input and
     output kept (``keep_io_types``) so the predictor feeds and reads it unchanged. Meant for GPU providers (CUDA,
@@ -138,7 +194,8 @@ def _dice(pred: np.ndarray, ref: np.ndarray, label: int, ignore_label: int | Non
 
 
 def score(model, fold, sessions: dict, mirroring: bool = True, max_cases: int | None = None) -> dict:
-    """Each of ``sessions`` ({name: ONNX Runtime session}) in nnU-Net's predictor on the fold's validation cases
+    """Each of ``sessions`` ({name: session: ONNX Runtime's, or :class:`OpenVinoSession`}) in nnU-Net's predictor
+    on the fold's validation cases
     (preprocessed; at most ``max_cases``, the first in sorted order, one at a time): {name: {label: mean Dice}},
     plus ``cases`` and ``agreement`` (share of voxels where the masks of the first two sessions agree). Dice as
     nnU-Net's evaluation counts it (the ignore label's voxels unscored)."""
