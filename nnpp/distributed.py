@@ -146,6 +146,43 @@ def rank0_choice(value):
     return box[0]
 
 
+def rank0_runs(fn, folder: str, what: str, poll_s: float = 2.0):
+    """``fn()`` on rank 0 only, its (JSON-serialisable) result on every rank; ``fn()`` itself outside DDP. For long
+    work (pseudo-labelling a thousand scans) the other ranks do not wait in a collective, which would time out after
+    the process group's timeout: they poll for a result file rank 0 writes into ``folder`` (which every rank must
+    see, as the data folder), named by a token broadcast first. When ``fn`` raises on rank 0, the others raise one
+    line naming ``what``. The file is removed after every rank has read it."""
+    import json
+    import time
+    rank, n = world()
+    if n == 1:
+        return fn()
+    token = rank0_choice(uuid.uuid4().hex)
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, f".nnpp_rank0_{token}.json")
+    if rank == 0:
+        try:
+            result = {"value": fn()}
+        except BaseException as e:
+            result = {"error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
+            raise
+        finally:
+            with open(path + ".tmp", "w") as f:
+                json.dump(result, f)
+            os.replace(path + ".tmp", path)
+    else:
+        while not os.path.exists(path):
+            time.sleep(poll_s)
+        with open(path) as f:
+            result = json.load(f)
+        if "error" in result:
+            raise NnppError(f"rank 0 failed while {what} ({result['error']}); see rank 0's output")
+    dist.barrier()
+    if rank == 0:
+        os.remove(path)
+    return result["value"]
+
+
 def check_shared_folder(path: str, what: str = "results folder") -> None:
     """Every rank must see the same ``path`` (multi-node runs need a shared results folder: otherwise --c on
     the other nodes starts at epoch 0 and the final validation scores only rank 0's node). Rank 0 writes a

@@ -1,4 +1,5 @@
 """Ranks of the in-process DDP tests (started by torch.multiprocessing.spawn from test_ddp.py)."""
+import json
 import os
 
 import torch
@@ -79,3 +80,24 @@ def amp_auto(rank: int, world: int, port: int, out: str) -> None:
     own = dev.resolve_amp_mode("auto", torch.device("cpu"))
     with open(os.path.join(out, f"amp{rank}.txt"), "w") as f:
         f.write(f"{chosen} {own}")
+
+
+def rank0_runs(rank: int, world: int, port: int, folder: str, out: str, fail: bool) -> None:
+    """nnpp.distributed.rank0_runs with rank 0's work outlasting the process group's timeout (3 s)."""
+    _join(rank, world, port)
+    import time
+
+    from nnpp import NnppError, distributed
+
+    def work():
+        time.sleep(6)
+        if fail:
+            raise NnppError("unlabeled case u1 is the validation case v1")
+        return {"folder": "prepared"}
+    distributed.init(distributed.dist_env(), "gloo", timeout_s=3)
+    try:
+        result = distributed.rank0_runs(work, folder, "preparing", poll_s=0.2)
+    except NnppError as e:
+        result = str(e)
+    with open(os.path.join(out, f"r{rank}.json"), "w") as f:
+        json.dump(result, f)

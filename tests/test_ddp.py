@@ -292,3 +292,27 @@ def test_launch_script_port_in_use(tiny_dataset, env):
     assert p.returncode == 2
     assert p.stderr.strip() == f"error: MASTER_PORT {port} is already in use (another run?); set MASTER_PORT " \
                                f"to a free port"
+
+
+def test_rank0_work_longer_than_the_group_timeout(tmp_path):
+    """Rank 0's long work (pseudo-labelling unlabeled scans) while the others wait must not hit the process group's
+    timeout (3 s here, 6 s of work); rank 0's failure reaches the others as one line; no result file is left."""
+    import json
+
+    import torch.multiprocessing as mp
+
+    import ddp_worker
+    for fail in (False, True):
+        out = tmp_path / str(fail)
+        out.mkdir()
+        try:
+            mp.spawn(ddp_worker.rank0_runs, args=(2, free_port(), str(tmp_path / "data"), str(out), fail), nprocs=2)
+        except Exception:
+            assert fail  # rank 0 re-raises after writing the error
+        results = {r: json.loads((out / f"r{r}.json").read_text()) for r in (0, 1) if (out / f"r{r}.json").exists()}
+        if not fail:
+            assert results == {0: {"folder": "prepared"}, 1: {"folder": "prepared"}}
+            assert os.listdir(tmp_path / "data") == []
+        else:
+            assert results[1].startswith("rank 0 failed while preparing (NnppError: unlabeled case u1 is the "
+                                         "validation case v1)")

@@ -183,12 +183,13 @@ def setup(trainer, args) -> None:
 def prepare_unlabeled(trainer, config: dict, student_val: list) -> str:
     """The unlabeled cases of ``config["unlabeled"]``, checked against the student's validation cases, pseudo-
     labelled by the teacher (``--pseudo hard|both``) and preprocessed with the student's plans (by rank 0; the other
-    ranks wait for its folder). Returns the preprocessed folder."""
+    ranks poll for its folder, so pseudo-labelling may outlast the process group's timeout). Returns the
+    preprocessed folder."""
     from nnunetv2.paths import nnUNet_raw
     from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
 
     from nnpp.distill import unlabeled as U
-    from nnpp.distributed import rank0_choice, world
+    from nnpp.distributed import rank0_runs, world
     dataset_json, pm = trainer.dataset_json, trainer.plans_manager
     ending = dataset_json["file_ending"]
     # the batch check before any long work (nnU-Net sets trainer.batch_size in initialize; --dbs splits it)
@@ -197,25 +198,23 @@ def prepare_unlabeled(trainer, config: dict, student_val: list) -> str:
                           else batch)
     cases = U.find_cases(config["unlabeled"], ending,
                          determine_num_input_channels(pm, trainer.configuration_manager, dataset_json))
-    rank0 = world()[0] == 0
     name = os.path.basename(trainer.preprocessed_dataset_folder_base.rstrip(os.sep))
-    if rank0:
+    hard = config["pseudo"] in ("hard", "both")
+    if hard and len(set(config["t"])) > 1:
+        raise NnppError("--pseudo hard|both: pseudo-labels come from one teacher model folder (its folds are "
+                        "ensembled); several -t folders are an ensemble nnpp cannot predict as one yet: use "
+                        "--pseudo soft, or one -t")
+    base = trainer.preprocessed_dataset_folder_base
+    pseudo_dir = U.pseudo_folder(base, config["t"][0], config["tf"], config["tchk"]) if hard else None
+
+    def rank0_work():
         U.check_leaks(cases, student_val, os.path.join(str(nnUNet_raw), name), dataset_json,
-                      pm.image_reader_writer_class,
-                      cache=os.path.join(trainer.preprocessed_dataset_folder_base, "nnpp_unlabeled", "digests.json"))
-    pseudo_dir = None
-    if config["pseudo"] in ("hard", "both"):
-        if len(set(config["t"])) > 1:
-            raise NnppError("--pseudo hard|both: pseudo-labels come from one teacher model folder (its folds are "
-                            "ensembled); several -t folders are an ensemble nnpp cannot predict as one yet: use "
-                            "--pseudo soft, or one -t")
-        pseudo_dir = U.pseudo_folder(trainer.preprocessed_dataset_folder_base, config["t"][0], config["tf"],
-                                     config["tchk"])
-        if rank0:
+                      pm.image_reader_writer_class, cache=os.path.join(base, "nnpp_unlabeled", "digests.json"))
+        if hard:
             U.pseudo_label(config["t"][0], config["tf"], cases, pseudo_dir, trainer.device, config["tchk"], ending)
-    out = U.prepare(cases, trainer.preprocessed_dataset_folder_base, pm, trainer.configuration_manager,
-                    trainer.configuration_name, dataset_json, pseudo_dir) if rank0 else None
-    return rank0_choice(out)  # the other ranks wait here for rank 0's folder
+        return U.prepare(cases, base, pm, trainer.configuration_manager, trainer.configuration_name, dataset_json,
+                         pseudo_dir)
+    return rank0_runs(rank0_work, os.path.join(base, "nnpp_unlabeled"), "checking and preparing the unlabeled cases")
 
 
 def validation_cases(summary_path: str, file_ending: str) -> set:
