@@ -36,6 +36,11 @@ def test_int8_export_records_its_dice(trained_model, tiny_dataset, tmp_path, mon
     assert q["guard_cases"] == 8 and q["score_cases"] == sorted(q["score_cases"])  # at most 8, named
     assert set(q["dice_fp32"]) == set(q["dice_int8"]) == {"1", "2"} and 0 <= q["mask_agreement"] <= 1
     assert "Dice fp32 -> int8 on" in out and "-> OK" in out
+    lat = f0["latency"]  # timed on this machine with ONNX Runtime's CPU provider, printed and recorded
+    assert lat["backend"] == "ONNX Runtime (CPU)" and lat["fp32_ms"] > 0 and lat["int8_ms"] > 0
+    assert f"fold 0: latency per patch fp32 {lat['fp32_ms']:.1f} ms, int8 {lat['int8_ms']:.1f} ms " \
+           f"({lat['speedup']:.2f}x) with ONNX Runtime (CPU) on this machine" in out
+    assert meta["runtime"] == "onnxruntime" and meta["quantizer"] == "ort"
     ops = {n.op_type for n in onnx.load(str(tmp_path / "q" / "fold_0.onnx")).graph.node}
     assert {"QuantizeLinear", "DequantizeLinear", "Conv", "InstanceNormalization"} <= ops
     # (the scoring above already ran the int8 file through nnU-Net's predictor, as nnpp_predict --onnx does)
