@@ -5,7 +5,10 @@
 For every depth k = 1..L (L = full network; a plain U-Net has only "full"), in one process with the same thread
 count for every backend (``--threads``, default OMP_NUM_THREADS or 2):
 
-* export fold ``-f`` with :func:`nnpp.deploy.export.export_model` (parity-checked),
+* export fold ``-f`` with :func:`nnpp.deploy.export.export_model` (parity-checked); for the int8 backends also
+  ``--precision int8`` (calibrated on ``--calib_tiles`` training tiles, guard not enforced: ``max_dice_drop`` 1,
+  ``--guard_cases`` scored): ``ort_int8`` / ``ov_int8`` ONNX Runtime's QDQ ``.onnx`` run by ONNX Runtime (CPU) /
+  OpenVINO, ``ov_nncf`` NNCF's OpenVINO IR (``--quantizer nncf``, ``--nncf_preset``) run by OpenVINO,
 * **per patch**: median wall time of one forward pass, batch 1 x the plans' patch, after ``--warmup`` passes
   (``--patches`` timed passes), for torch eager (fp32, ``torch.inference_mode``), ONNX Runtime (CPU provider,
   ``intra_op_num_threads`` = threads) and OpenVINO (its CPU plugin reading the same ``.onnx``,
@@ -18,7 +21,8 @@ count for every backend (``--threads``, default OMP_NUM_THREADS or 2):
   ``compute_metrics_on_folder``; mean over the cases) and the share of voxels where ONNX Runtime's mask equals
   torch's.
 
-Writes ``--out`` (JSON) and prints a markdown table. Speed-up = torch seconds / backend seconds (> 1: faster).
+Writes ``--out`` (JSON) and prints a markdown table. Speed-up = torch seconds / backend seconds (> 1: faster);
+``vs fp32`` = the same runtime's fp32 seconds / the int8 backend's (ort for ort_int8, openvino for ov_int8/ov_nncf).
 """
 from __future__ import annotations
 
@@ -51,7 +55,11 @@ def main(argv=None):
     p.add_argument("-f", default="0", help="fold (default 0): exported model and validation cases")
     p.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", 2)))
     p.add_argument("--depths", default="all", help="comma-separated depths or 'all' (1..L)")
-    p.add_argument("--backends", default="torch,ort,openvino")
+    p.add_argument("--backends", default="torch,ort,openvino",
+                   help="comma-separated: torch, ort, openvino, ort_int8, ov_int8, ov_nncf (int8 needs nnUNet_preprocessed)")
+    p.add_argument("--calib_tiles", type=int, default=32, help="int8 backends: calibration tiles")
+    p.add_argument("--guard_cases", type=int, default=2, help="int8 backends: validation cases the export scores")
+    p.add_argument("--nncf_preset", default="performance", choices=("performance", "mixed"))
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--patches", type=int, default=10)
     p.add_argument("--cases", type=int, default=2, help="validation cases for the per-case latency and Dice")
@@ -71,17 +79,17 @@ def main(argv=None):
 
     from nnpp.deploy.export import export_model
     from nnpp.model_folder import load_trained_model, set_depth
-    from nnpp.deploy.ort import make_session
+    from nnpp.deploy.ort import OpenVinoSession, make_session
     from nnpp.predictor import init_onnx, init_torch, make_predictor
 
     backends = args.backends.split(",")
-    if "openvino" in backends:
+    if any(b in backends for b in ("openvino", "ov_int8", "ov_nncf")):
         try:
             import openvino
             ov_version = openvino.__version__
         except ImportError:
             print("[bench_onnx] openvino is not installed: skipping it (pip install openvino)")
-            backends.remove("openvino")
+            backends = [b for b in backends if b not in ("openvino", "ov_int8", "ov_nncf")]
             ov_version = None
     folder = os.path.abspath(args.model_folder)
     model = load_trained_model(folder, [args.f])
@@ -108,7 +116,27 @@ def main(argv=None):
             onnx_path = os.path.join(onnx_dir, f"fold_{args.f}.onnx")
             net = set_depth(model.build_network(0), None if k == full else k)
             res = {"depth": k, "tag": tag, "parity_max_abs_diff": meta["folds"][0]["parity"]["max_abs_diff"],
-                   "onnx_bytes": os.path.getsize(onnx_path), "backends": {}}
+                   "onnx_bytes": os.path.getsize(onnx_path), "backends": {}, "int8_exports": {}}
+            dirs = {b: onnx_dir for b in ("torch", "ort", "openvino")}
+            for quantizer, users in (("ort", ("ort_int8", "ov_int8")), ("nncf", ("ov_nncf",))):
+                if not any(b in backends for b in users):
+                    continue
+                qdir = os.path.join(work, f"onnx_{tag}_int8_{quantizer}")
+                t = time.perf_counter()
+                qmeta = export_model(model, qdir, depth=None if k == full else k, precision="int8",
+                                     quantizer=quantizer, nncf_preset=args.nncf_preset, max_dice_drop=1.0,
+                                     calib_tiles=args.calib_tiles, guard_cases=args.guard_cases, latency_runs=0,
+                                     log=lambda *_: None)
+                q = qmeta["folds"][0]["quantization"]
+                res["int8_exports"][quantizer] = {
+                    "export_s": time.perf_counter() - t, "settings": {k2: v for k2, v in q.items() if k2 in (
+                        "tool", "format", "preset", "weights", "activations", "calibration", "calibration_tiles")},
+                    "guard_cases": q["score_cases"], "dice_fp32": q["dice_fp32"], "dice_int8": q["dice_int8"],
+                    "mask_agreement": q["mask_agreement"],
+                    "bytes": sum(os.path.getsize(os.path.join(qdir, f)) for f in os.listdir(qdir)
+                                 if f.startswith("fold_"))}
+                for b in users:
+                    dirs[b] = qdir
             masks = {}
             for b in backends:
                 if b == "torch":
@@ -116,7 +144,10 @@ def main(argv=None):
                         with torch.inference_mode():
                             net(x)
                 else:
-                    sess = make_session(onnx_path, "cpu" if b == "ort" else "openvino", args.threads)
+                    entry = json.load(open(os.path.join(dirs[b], "nnpp_onnx.json")))["folds"][0]
+                    path = os.path.join(dirs[b], entry["file"])
+                    sess = OpenVinoSession(path, args.threads) if path.endswith(".xml") else \
+                        make_session(path, "cpu" if b.startswith("ort") else "openvino", args.threads)
                     feed = {sess.get_inputs()[0].name: x.numpy()}
 
                     def fwd(sess=sess, feed=feed):
@@ -127,7 +158,8 @@ def main(argv=None):
                 if b == "torch":
                     init_torch(pred, folder, [args.f], depth=None if k == full else k)
                 else:
-                    init_onnx(pred, onnx_dir, provider="cpu" if b == "ort" else "openvino", threads=args.threads)
+                    init_onnx(pred, dirs[b], provider="cpu" if b.startswith("ort") else "openvino",
+                              threads=args.threads)
                 out = os.path.join(work, f"pred_{tag}_{b}")
                 os.makedirs(out)
                 t = time.perf_counter()  # the backend is warm: the per-patch timing ran first
@@ -142,6 +174,7 @@ def main(argv=None):
                             for f in sorted(os.listdir(out)) if f.endswith(ending)]
                 res["backends"][b] = {"patch_s_median": statistics.median(patch_s), "patch_s": patch_s,
                                       "case_s": case_s, "split": split, "dice": dice}
+                pred = sess = fwd = None  # free the sessions before the next backend
                 print(f"[bench_onnx] {tag:7s} {b:8s} patch {statistics.median(patch_s) * 1e3:8.1f} ms  "
                       f"case {case_s:7.2f} s (read+preprocess {split['read_preprocess_s']:.2f}, network "
                       f"{split['network_s']:.2f}, resample+export {split['export_s']:.2f})  Dice {dice}", flush=True)
@@ -158,7 +191,7 @@ def main(argv=None):
         "machine": args.machine or f"{machine_line()}, CPU only",
         "threads": args.threads, "model_folder": folder, "fold": args.f, "patch_size": patch,
         "full_depth": full, "cases": cases, "tta": not args.disable_tta,
-        "warmup": args.warmup, "patches": args.patches,
+        "warmup": args.warmup, "patches": args.patches, "backend_order": backends,
         "versions": {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__, "openvino": ov_version
                      if "openvino" in args.backends else None, "python": sys.version.split()[0]},
         "rows": rows,
@@ -171,19 +204,26 @@ def main(argv=None):
     print(table(result))
 
 
+FP32_OF = {"ort_int8": "ort", "ov_int8": "openvino", "ov_nncf": "openvino"}  # the same runtime's fp32
+
+
 def table(r: dict) -> str:
-    labels = list(r["rows"][0]["backends"]["torch"]["dice"]) if r["rows"] and "torch" in r["rows"][0]["backends"] else []
-    head = ("| depth | backend | per patch (ms) | speed-up | per case (s) | speed-up | "
+    first = next(iter(r["rows"][0]["backends"].values()), None) if r["rows"] else None
+    labels = list(first["dice"]) if first else []
+    head = ("| depth | backend | per patch (ms) | speed-up | vs fp32 | per case (s) | speed-up | vs fp32 | "
             + " | ".join(f"Dice {lab}" for lab in labels) + " | mask = torch |")
-    lines = [head, "|" + "---|" * (6 + len(labels) + 1)]
+    lines = [head, "|" + "---|" * (8 + len(labels) + 1)]
     for row in r["rows"]:
         t = row["backends"].get("torch")
         for b, v in row["backends"].items():
             sp = f"{t['patch_s_median'] / v['patch_s_median']:.2f}x" if t else ""
             sc = f"{t['case_s'] / v['case_s']:.2f}x" if t else ""
+            f32 = row["backends"].get(FP32_OF.get(b))
+            fp = f"{f32['patch_s_median'] / v['patch_s_median']:.2f}x" if f32 else ""
+            fc = f"{f32['case_s'] / v['case_s']:.2f}x" if f32 else ""
             agree = f"{100 * v['mask_agreement_vs_torch']:.3f}%" if "mask_agreement_vs_torch" in v else ""
-            lines.append(f"| {row['tag']} | {b} | {v['patch_s_median'] * 1e3:.1f} | {sp} | {v['case_s']:.2f} | {sc} | "
-                         + " | ".join(f"{v['dice'][lab]:.4f}" for lab in labels) + f" | {agree} |")
+            lines.append(f"| {row['tag']} | {b} | {v['patch_s_median'] * 1e3:.1f} | {sp} | {fp} | {v['case_s']:.2f} | "
+                         f"{sc} | {fc} | " + " | ".join(f"{v['dice'][lab]:.4f}" for lab in labels) + f" | {agree} |")
     return "\n".join(lines)
 
 
