@@ -9,14 +9,16 @@ count for every backend (``--threads``, default OMP_NUM_THREADS or 2):
   ``--precision int8`` (calibrated on ``--calib_tiles`` training tiles, guard not enforced: ``max_dice_drop`` 1,
   ``--guard_cases`` scored): ``ort_int8`` / ``ov_int8`` ONNX Runtime's QDQ ``.onnx`` run by ONNX Runtime (CPU) /
   OpenVINO, ``ov_nncf`` NNCF's OpenVINO IR (``--quantizer nncf``, ``--nncf_preset``) run by OpenVINO,
-* **per patch**: median wall time of one forward pass, batch 1 x the plans' patch, after ``--warmup`` passes
-  (``--patches`` timed passes), for torch eager (fp32, ``torch.inference_mode``), ONNX Runtime (CPU provider,
-  ``intra_op_num_threads`` = threads) and OpenVINO (its CPU plugin reading the same ``.onnx``,
-  ``INFERENCE_NUM_THREADS`` = threads, latency hint, fp32 precision hint) if ``openvino`` imports,
+* **per patch**: median wall time of one forward pass, batch 1 (and ``--batch_b``) x the plans' patch, after
+  ``--warmup`` passes (``--patches`` timed passes, the backends in turns), for torch eager (fp32,
+  ``torch.inference_mode``), ONNX Runtime (CPU provider, ``intra_op_num_threads`` = threads) and OpenVINO (its
+  CPU plugin reading the same ``.onnx``, ``INFERENCE_NUM_THREADS`` = threads, latency hint, fp32 precision hint)
+  if ``openvino`` imports,
 * **per case**: nnU-Net's predictor as ``nnpp_predict -npp 0 -nps 0`` runs it (``nnppPredictor.predict_cases``:
   preprocessing, Gaussian sliding window, batched mirroring unless ``--disable_tta``, resampling, export) over the
   fold's first ``--cases`` validation cases; seconds per case (total wall time / cases) and its split into
-  read+preprocess / network / resample+export, each backend once, warm from the patch timing,
+  read+preprocess / network / resample+export, after one warm-up case, median of ``--case_rounds`` rounds (the
+  backends in turns),
 * **Dice** per foreground label of each backend's masks against the labels (nnU-Net's
   ``compute_metrics_on_folder``; mean over the cases) and the share of voxels where ONNX Runtime's mask equals
   torch's.
@@ -38,17 +40,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import machine_line, stage_val_cases  # noqa: E402
 
 
-def time_calls(fn, warmup: int, n: int) -> list:
-    for _ in range(warmup):
-        fn()
-    out = []
-    for _ in range(n):
-        t = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t)
-    return out
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model_folder", required=True, help="trained model folder (TRAINER__PLANS__CONFIG)")
@@ -63,6 +54,8 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--patches", type=int, default=10)
     p.add_argument("--cases", type=int, default=2, help="validation cases for the per-case latency and Dice")
+    p.add_argument("--batch_b", type=int, default=8, help="second per-patch batch size (the predictor's TTA batch)")
+    p.add_argument("--case_rounds", type=int, default=1, help="per-case rounds (backends in turns; median)")
     p.add_argument("--disable_tta", action="store_true", help="no test-time mirroring in the per-case runs")
     p.add_argument("--machine", default=None, help="machine description for the table (default: CPU model)")
     p.add_argument("--out", default="benchmarks/results/onnx_cpu.json")
@@ -138,46 +131,74 @@ def main(argv=None):
                 for b in users:
                     dirs[b] = qdir
             masks = {}
+            # per patch: every backend's session held at once and timed in turns (round r: A, B, ...), so load that
+            # comes and goes (other jobs on a shared machine) hits them alike; batch 1 and --batch_b
+            xb = torch.randn(args.batch_b, *x.shape[1:])
+            fwds = {}
             for b in backends:
-                if b == "torch":
-                    def fwd():
-                        with torch.inference_mode():
-                            net(x)
-                else:
-                    entry = json.load(open(os.path.join(dirs[b], "nnpp_onnx.json")))["folds"][0]
-                    path = os.path.join(dirs[b], entry["file"])
-                    sess = OpenVinoSession(path, args.threads) if path.endswith(".xml") else \
-                        make_session(path, "cpu" if b.startswith("ort") else "openvino", args.threads)
-                    feed = {sess.get_inputs()[0].name: x.numpy()}
+                for n, inp in ((1, x), (args.batch_b, xb)):
+                    if b == "torch":
+                        def fwd(inp=inp):
+                            with torch.inference_mode():
+                                net(inp)
+                    else:
+                        entry = json.load(open(os.path.join(dirs[b], "nnpp_onnx.json")))["folds"][0]
+                        path = os.path.join(dirs[b], entry["file"])
+                        if n == 1:
+                            sess = OpenVinoSession(path, args.threads) if path.endswith(".xml") else \
+                                make_session(path, "cpu" if b.startswith("ort") else "openvino", args.threads)
+                        feed = {sess.get_inputs()[0].name: inp.numpy()}
 
-                    def fwd(sess=sess, feed=feed):
-                        sess.run(None, feed)
-                patch_s = time_calls(fwd, args.warmup, args.patches)
-                # per case: nnU-Net's predictor, file to file
-                pred = make_predictor(torch.device("cpu"), mirroring=not args.disable_tta, progress=False)
-                if b == "torch":
-                    init_torch(pred, folder, [args.f], depth=None if k == full else k)
-                else:
-                    init_onnx(pred, dirs[b], provider="cpu" if b.startswith("ort") else "openvino",
-                              threads=args.threads)
-                out = os.path.join(work, f"pred_{tag}_{b}")
-                os.makedirs(out)
-                t = time.perf_counter()  # the backend is warm: the per-patch timing ran first
-                records = pred.predict_cases(inputs, out)  # nnpp_predict -npp 0 -nps 0: exact time split
-                case_s = (time.perf_counter() - t) / len(cases)
-                split = {k: sum(r[k] for r in records) / len(cases)
-                         for k in ("read_preprocess_s", "network_s", "export_s")}
-                metrics = compute_metrics_on_folder(labels, out, None, SimpleITKIO(), ending, fg, num_processes=1,
-                                                    chill=True)
-                dice = {str(lab): metrics["mean"][lab]["Dice"] for lab in fg}
-                masks[b] = [sitk.GetArrayFromImage(sitk.ReadImage(os.path.join(out, f)))
-                            for f in sorted(os.listdir(out)) if f.endswith(ending)]
-                res["backends"][b] = {"patch_s_median": statistics.median(patch_s), "patch_s": patch_s,
-                                      "case_s": case_s, "split": split, "dice": dice}
-                pred = sess = fwd = None  # free the sessions before the next backend
-                print(f"[bench_onnx] {tag:7s} {b:8s} patch {statistics.median(patch_s) * 1e3:8.1f} ms  "
-                      f"case {case_s:7.2f} s (read+preprocess {split['read_preprocess_s']:.2f}, network "
-                      f"{split['network_s']:.2f}, resample+export {split['export_s']:.2f})  Dice {dice}", flush=True)
+                        def fwd(sess=sess, feed=feed):
+                            sess.run(None, feed)
+                    fwds[b, n] = fwd
+            patch_times = {key: [] for key in fwds}
+            for key, fwd in fwds.items():
+                for _ in range(args.warmup):
+                    fwd()
+            for _ in range(args.patches):
+                for key, fwd in fwds.items():
+                    t = time.perf_counter()
+                    fwd()
+                    patch_times[key].append(time.perf_counter() - t)
+            fwds = sess = fwd = None
+            for b in backends:
+                res["backends"][b] = {"patch_s_median": statistics.median(patch_times[b, 1]),
+                                      "patch_s": patch_times[b, 1],
+                                      "patch_b_s_median": statistics.median(patch_times[b, args.batch_b]),
+                                      "patch_b_s": patch_times[b, args.batch_b], "case_runs": []}
+            # per case: nnU-Net's predictor, file to file; --case_rounds rounds, the backends in turns
+            for r in range(args.case_rounds):
+                for b in backends:
+                    pred = make_predictor(torch.device("cpu"), mirroring=not args.disable_tta, progress=False)
+                    if b == "torch":
+                        init_torch(pred, folder, [args.f], depth=None if k == full else k)
+                    else:
+                        init_onnx(pred, dirs[b], provider="cpu" if b.startswith("ort") else "openvino",
+                                  threads=args.threads)
+                    out = os.path.join(work, f"pred_{tag}_{b}_{r}")
+                    os.makedirs(out)
+                    pred.predict_cases(inputs[:1], os.path.join(work, f"warm_{tag}_{b}_{r}"))  # warm-up: 1 case
+                    t = time.perf_counter()
+                    records = pred.predict_cases(inputs, out)  # nnpp_predict -npp 0 -nps 0: exact time split
+                    case_s = (time.perf_counter() - t) / len(cases)
+                    split = {k2: sum(rec[k2] for rec in records) / len(cases)
+                             for k2 in ("read_preprocess_s", "network_s", "export_s")}
+                    res["backends"][b]["case_runs"].append({"case_s": case_s, "split": split})
+                    pred = None
+                    if r == 0:
+                        metrics = compute_metrics_on_folder(labels, out, None, SimpleITKIO(), ending, fg,
+                                                            num_processes=1, chill=True)
+                        res["backends"][b]["dice"] = {str(lab): metrics["mean"][lab]["Dice"] for lab in fg}
+                        masks[b] = [sitk.GetArrayFromImage(sitk.ReadImage(os.path.join(out, f)))
+                                    for f in sorted(os.listdir(out)) if f.endswith(ending)]
+            for b in backends:
+                v = res["backends"][b]
+                v["case_s"] = statistics.median(c["case_s"] for c in v["case_runs"])
+                v["split"] = {k2: statistics.median(c["split"][k2] for c in v["case_runs"]) for k2 in v["case_runs"][0]["split"]}
+                print(f"[bench_onnx] {tag:7s} {b:8s} patch {v['patch_s_median'] * 1e3:8.1f} ms (batch {args.batch_b}: "
+                      f"{v['patch_b_s_median'] * 1e3:.1f} ms)  case {v['case_s']:7.2f} s (network "
+                      f"{v['split']['network_s']:.2f})  Dice {v['dice']}", flush=True)
             for b in backends:
                 if b != "torch" and "torch" in masks:
                     res["backends"][b]["mask_agreement_vs_torch"] = float(np.mean(np.concatenate(
@@ -191,7 +212,8 @@ def main(argv=None):
         "machine": args.machine or f"{machine_line()}, CPU only",
         "threads": args.threads, "model_folder": folder, "fold": args.f, "patch_size": patch,
         "full_depth": full, "cases": cases, "tta": not args.disable_tta,
-        "warmup": args.warmup, "patches": args.patches, "backend_order": backends,
+        "warmup": args.warmup, "patches": args.patches, "backend_order": backends, "batch_b": args.batch_b,
+        "case_rounds": args.case_rounds,
         "versions": {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__, "openvino": ov_version
                      if "openvino" in args.backends else None, "python": sys.version.split()[0]},
         "rows": rows,
@@ -210,9 +232,10 @@ FP32_OF = {"ort_int8": "ort", "ov_int8": "openvino", "ov_nncf": "openvino"}  # t
 def table(r: dict) -> str:
     first = next(iter(r["rows"][0]["backends"].values()), None) if r["rows"] else None
     labels = list(first["dice"]) if first else []
-    head = ("| depth | backend | per patch (ms) | speed-up | vs fp32 | per case (s) | speed-up | vs fp32 | "
+    head = ("| depth | backend | per patch (ms) | speed-up | vs fp32 | batch " + str(r.get("batch_b", "")) +
+            " (ms) | vs fp32 | per case (s) | speed-up | vs fp32 | "
             + " | ".join(f"Dice {lab}" for lab in labels) + " | mask = torch |")
-    lines = [head, "|" + "---|" * (8 + len(labels) + 1)]
+    lines = [head, "|" + "---|" * (10 + len(labels) + 1)]
     for row in r["rows"]:
         t = row["backends"].get("torch")
         for b, v in row["backends"].items():
@@ -221,8 +244,12 @@ def table(r: dict) -> str:
             f32 = row["backends"].get(FP32_OF.get(b))
             fp = f"{f32['patch_s_median'] / v['patch_s_median']:.2f}x" if f32 else ""
             fc = f"{f32['case_s'] / v['case_s']:.2f}x" if f32 else ""
+            pb = v.get("patch_b_s_median")
+            fb = f"{f32['patch_b_s_median'] / pb:.2f}x" if f32 and pb else ""
+            pbs = f"{pb * 1e3:.1f}" if pb else ""
             agree = f"{100 * v['mask_agreement_vs_torch']:.3f}%" if "mask_agreement_vs_torch" in v else ""
-            lines.append(f"| {row['tag']} | {b} | {v['patch_s_median'] * 1e3:.1f} | {sp} | {fp} | {v['case_s']:.2f} | "
+            lines.append(f"| {row['tag']} | {b} | {v['patch_s_median'] * 1e3:.1f} | {sp} | {fp} | {pbs} | {fb} | "
+                         f"{v['case_s']:.2f} | "
                          f"{sc} | {fc} | " + " | ".join(f"{v['dice'][lab]:.4f}" for lab in labels) + f" | {agree} |")
     return "\n".join(lines)
 
