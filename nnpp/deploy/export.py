@@ -179,8 +179,8 @@ def check_output_folder(out: str, model: TrainedModel, overwrite: bool = False, 
                         depth: int | None = None, quantizer: str = "ort") -> bool:
     """``out`` must be a new or empty folder, or (with ``overwrite``) a previous nnpp export of the same model
     folder at the same precision, quantizer and depth (its ``nnpp_onnx.json`` says so: an int8 export never
-    silently replaces an fp32 one, nor an NNCF int8 export an ONNX Runtime one). Anything else is one line: nnpp_export never writes into a folder
-    it did not make (pointed at a model folder it would replace that model's plans.json and dataset.json).
+    silently replaces an fp32 one, nor an NNCF int8 export an ONNX Runtime one). Anything else is one line:
+    nnpp_export never writes into a folder it did not make (pointed at a model folder it would replace that model's plans.json and dataset.json).
     Returns whether ``out`` holds a previous export to replace."""
     if not os.path.exists(out):
         return False
@@ -296,24 +296,13 @@ def _reduced(model: TrainedModel, fold, path: str, precision: str, max_dice_drop
     else:
         os.replace(qpath, path)
         files = [os.path.basename(path)]
+    runtime = "OpenVINO (CPU)" if nncf else "ONNX Runtime's CPU provider"
     return {**settings, **extra, "score_cases": scores["cases"], "dice_fp32": scores["dice"]["fp32"],
             f"dice_{precision}": scores["dice"][precision], "dice_drop": drop, "mask_agreement": scores["agreement"],
             "max_dice_drop": max_dice_drop, "guard_cases": guard_cases, "latency": latency, "files": files,
             "scored_as": "nnU-Net's predictor (Gaussian sliding window, mirroring) on the preprocessed validation "
                          "cases, arg-max vs the preprocessed labels; fp32 with ONNX Runtime's CPU provider, "
-                         f"{precision} with {'OpenVINO (CPU)' if nncf else 'ONNX Runtime' + chr(39) + 's CPU provider'}"}
-
-
-def _cpu_name() -> str:
-    import platform
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+                         f"{precision} with {runtime}"}
 
 
 def _latency(model: TrainedModel, fold, path: str, qpath: str, precision: str, nncf: bool, sessions: tuple,
@@ -325,6 +314,7 @@ def _latency(model: TrainedModel, fold, path: str, qpath: str, precision: str, n
     Each runtime's default threads. Prints one line, and a warning when the reduced model is slower."""
     from nnpp.deploy import quantize as q
     from nnpp.deploy.ort import OpenVinoSession
+    from nnpp.device import machine_info
     if not runs:
         return None
     if precision == "fp16":
@@ -349,7 +339,7 @@ def _latency(model: TrainedModel, fold, path: str, qpath: str, precision: str, n
             + ("; with OpenVINO try --quantizer nncf" if precision == "int8" and not nncf else ""))
     return {"backend": backend, "fp32_ms": ms["fp32"], f"{precision}_ms": ms[precision], "speedup": speedup,
             "slower": speedup < 1, "input_shape": list(shape), "warmup": 2, "runs": runs, "statistic": "median",
-            "threads": "the runtime's default", "cpu": _cpu_name(), "cpu_count": os.cpu_count()}
+            "threads": "the runtime's default", "machine": machine_info()}
 
 
 def export_model(model: TrainedModel, out: str, depth: int | None = None, opset: int = DEFAULT_OPSET,
