@@ -147,6 +147,7 @@ def test_nncf_quantizer_errors_are_one_line(tmp_path, monkeypatch, capsys):
     assert "nncf" in err or "openvino" in err
     one_line(*run("--precision", "fp16", "--quantizer", "nncf"), "--quantizer nncf makes int8 models",
              "--precision int8")
+    one_line(*run("--precision", "int8", "--nncf_preset", "mixed"), "--nncf_preset is NNCF's")
     assert not (tmp_path / "o").exists()
 
 

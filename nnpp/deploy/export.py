@@ -287,6 +287,7 @@ def _reduced(model: TrainedModel, fold, path: str, precision: str, max_dice_drop
         os.replace(report + ".tmp", report)
         raise NnppError(f"fold {fold}: {precision} lowers the Dice of label {worst_label} by {worst:.4f} (> "
                         f"--max_dice_drop {max_dice_drop:g}); nothing was written to {out} (scores in {report}): "
+                        f"{'try --nncf_preset mixed or ' if nncf and settings.get('preset') != 'mixed' else ''}"
                         f"export fp32")
     latency = _latency(model, fold, path, qpath, precision, nncf, (fp32, reduced), latency_runs, log)
     del fp32, reduced

@@ -120,7 +120,9 @@ def quantize_int8(fp32_path: str, out_path: str, reader) -> dict:
             "activations": "uint8", "calibration": "MinMax", "quantized_ops": list(QUANTIZED_OPS)}
 
 
-NNCF_PRESET = "performance"  # symmetric int8 activations and weights; see quantize_nncf
+# symmetric int8 activations and weights. Demo model (2-core AMD EPYC, AVX512 VNNI, OpenVINO 2026.4): performance
+# 3.44x OpenVINO fp32 per patch, liver Dice -0.0011 on the guard's cases; mixed 1.75x, -0.00002 (within the guard).
+NNCF_PRESET = "performance"
 
 
 def quantize_nncf(fp32_path: str, xml_path: str, reader, preset: str = NNCF_PRESET) -> dict:

@@ -3,7 +3,7 @@
     nnpp_export DATASET CONFIG -f FOLD [FOLD ...] [-tr TRAINER] [-p PLANS] [-chk checkpoint_final.pth]
                 [-o OUT] [--overwrite] [--depth k] [--opset N] [--exporter dynamo|torchscript] [--tol T]
                 [--precision fp32|fp16|int8] [--quantizer ort|nncf] [--max_dice_drop D] [--calib_tiles N]
-                [--guard_cases N] [--latency_runs N]
+                [--nncf_preset performance|mixed] [--guard_cases N] [--latency_runs N]
 
 The network is built as nnU-Net's predictor builds it (plans.json + the checkpoint's trainer class, weights
 loaded strictly; plans/labels compared with those stored in the checkpoint), deep supervision off, pruned to
@@ -17,11 +17,12 @@ preprocessed training cases (needs nnUNet_preprocessed), then fp32 and int8 are 
 predictor on the fold's validation cases: the Dice per label of each, the drop and the mask agreement go into
 nnpp_onnx.json, and a drop beyond ``--max_dice_drop`` (default 0.01) refuses the export (exit 2, nothing written).
 ``--quantizer nncf`` (with ``--precision int8``; the [openvino] extra: openvino + nncf): NNCF's post-training
-quantization for OpenVINO's CPU plugin instead (``nncf.quantize`` on the OpenVINO model read from the checked fp32
-.onnx, CPU target, performance preset, the same calibration tiles), written as OpenVINO IR ``fold_F.xml`` +
-``fold_F.bin`` (both SHA-256-checked on load) in place of ``fold_F.onnx``; default OUT ``MODEL_FOLDER/onnx_int8_nncf``.
-It runs only with ``nnpp_predict --onnx OUT --ort_provider openvino``; the guard scores it with OpenVINO against the
-fp32 model with ONNX Runtime.
+quantization for OpenVINO's CPU plugin instead: ``nncf.quantize`` on the OpenVINO model read from the checked fp32
+.onnx, CPU target, the same calibration tiles, ``--nncf_preset`` performance (default: symmetric activations,
+2x faster than mixed on the demo model) or mixed (asymmetric activations: for a model the guard refuses under
+performance). Written as OpenVINO IR ``fold_F.xml`` + ``fold_F.bin`` (both SHA-256-checked on load) in place of
+``fold_F.onnx``; default OUT ``MODEL_FOLDER/onnx_int8_nncf``. It runs only with ``nnpp_predict --onnx OUT
+--ort_provider openvino``; the guard scores it with OpenVINO against the fp32 model with ONNX Runtime.
 ``--precision fp16`` (for GPU providers: cuda, tensorrt): fp16 weights and arithmetic, fp32 input/output, scored
 and guarded the same way (with ONNX Runtime's CPU provider, which runs fp16 models too).
 After the guard, each fold's fp32 and reduced models are timed on this machine with the backend the reduced one is
@@ -58,6 +59,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--quantizer", choices=QUANTIZERS, default="ort",
                    help="int8: ort (default; ONNX Runtime's QDQ .onnx, any provider) or nncf (NNCF int8 as OpenVINO IR, "
                    "for --ort_provider openvino; the [openvino] extra)")
+    p.add_argument("--nncf_preset", choices=("performance", "mixed"), default=None,
+                   help="--quantizer nncf: NNCF's quantization preset (default performance; mixed: asymmetric "
+                   "activations, slower, for models the guard refuses under performance)")
     p.add_argument("--latency_runs", type=int, default=DEFAULT_LATENCY_RUNS,
                    help=f"fp16/int8: timed passes per model for the fp32 vs reduced latency on this machine (default "
                    f"{DEFAULT_LATENCY_RUNS}; 0: not measured)")
@@ -90,6 +94,8 @@ def main(argv=None):
                             f"{args.precision})")
         for module in ("openvino", "nncf"):
             require(module, extra="openvino")
+    if args.nncf_preset and args.quantizer != "nncf":
+        raise NnppError("--nncf_preset is NNCF's: use it with --precision int8 --quantizer nncf")
     if args.latency_runs < 0:
         raise NnppError(f"--latency_runs must be >= 0 (0: not measured), got {args.latency_runs}")
     setup_paths(required=("nnUNet_results", "nnUNet_preprocessed") if args.precision != "fp32" else ("nnUNet_results",))
@@ -110,7 +116,8 @@ def main(argv=None):
     meta = export_model(model, out, depth=args.depth, opset=args.opset, exporter=args.exporter, tol=args.tol,
                         source={"dataset": name, "plans_identifier": args.p}, overwrite=args.overwrite,
                         precision=args.precision, max_dice_drop=args.max_dice_drop, calib_tiles=args.calib_tiles,
-                        guard_cases=args.guard_cases, quantizer=args.quantizer, latency_runs=args.latency_runs)
+                        guard_cases=args.guard_cases, quantizer=args.quantizer, latency_runs=args.latency_runs,
+                        nncf_preset=args.nncf_preset)
     kind = meta["precision"] + (" OpenVINO IR (NNCF)" if meta.get("runtime") == "openvino" else "")
     print(f"[nnpp_export] wrote {len(meta['folds'])} {kind} model(s) to {out} (patch {'x'.join(map(str, meta['patch_size']))}, "
           f"depth {meta['depth']}, opset {meta['opset']}, ops: {', '.join(meta['ops'])})")
