@@ -154,11 +154,12 @@ def run_predict(device_name: str, classes: int, volume: list, resample: bool, pa
         seconds = time.perf_counter() - t0
         row = {"part": "predict", "predictor": name, "classes": classes, "volume": volume, "s_per_case": seconds,
                "peak_device_GiB": dev.peak_memory_bytes(device) / 2 ** 30, "logits_device": str(logits.device),
-               "logits_dtype": str(logits.dtype), "tta_batch": tta_batch}
+               "logits_dtype": str(logits.dtype), "tta_batch": pred.tta_batch if name == "nnppPredictor" else 1,
+               "tta_batch_flag": "auto" if tta_batch is None else tta_batch}
         if name == "nnUNetPredictor":
-            ref = logits.to(device)
+            ref = logits.cpu()  # off the device while the next rows are measured (8 GB at 105 classes)
         elif ref is not None:
-            row.update(agreement(ref, logits.to(device)))
+            row.update(agreement(ref.to(device), logits.to(device)))
         print(json.dumps(row), flush=True)
         rows.append(row)
         if resample and name == "nnppPredictor" and not any(r["part"] == "resample" for r in rows):
@@ -263,7 +264,8 @@ def main(argv=None):
     p.add_argument("--volume", type=int, nargs=3, default=[220, 380, 460])
     p.add_argument("--patch", type=int, nargs=3, default=TASK03["patch"], help="predict part's patch (Task03's)")
     p.add_argument("--no_resample", action="store_true")
-    p.add_argument("--tta_batches", type=int, nargs="+", default=[8], help="nnppPredictor rows, one per --tta_batch")
+    p.add_argument("--tta_batches", type=lambda v: None if v == "auto" else int(v), nargs="+", default=[None],
+                   help="nnppPredictor rows, one per --tta_batch (auto: nnpp_predict's default, chosen per case)")
     p.add_argument("--no_nnunet", action="store_true", help="no nnUNetPredictor row")
     p.add_argument("--out", default="benchmarks/results/device.json")
     a = p.parse_args(argv)

@@ -11,8 +11,8 @@ and changes only how the network is called:
   tiles' 4). Mirrors are averaged in nnU-Net's order (identity first, then ``itertools.combinations``), so the
   logits equal nnU-Net's up to float error (batched convolutions sum in another order). ``tta_batch`` bounds the
   batch for memory: ``1`` is nnU-Net's one-copy-per-call; the default (None) chooses it per case from the classes,
-  the patch and the case's size (:meth:`nnppPredictor.auto_tta_batch`), so a 100-class model stays within 1.1x
-  nnU-Net's memory;
+  the network's activations, the patch and the case's size (:meth:`nnppPredictor.auto_tta_batch`), so a large
+  model or a 100-class one stays within 1.1x nnU-Net's memory;
 * tiles are fed in the **network's memory format** (channels_last_3d networks get channels_last_3d tiles);
 * logits stay on any accelerator the device layer says can hold them (cuda, npu), not on cuda only;
 * the network runs in the given :class:`nnpp.device.Amp` mode (the innermost autocast wins over nnU-Net's CUDA fp16).
@@ -44,7 +44,7 @@ from nnpp import NnppError
 from nnpp import device as dev
 
 DEFAULT_TTA_BATCH = 8  # the most tiles x mirrored copies per network call (one 3D tile's 8 copies)
-TTA_MEMORY_FLOOR = 256 * 2 ** 20  # bytes of logits beyond nnU-Net's tile working set the auto choice always allows
+TTA_MEMORY_FLOOR = 512 * 2 ** 20  # bytes beyond nnU-Net's tile working set the auto choice always allows
 TTA_MEMORY_FRACTION = 0.1  # ... or this fraction of the case's logits accumulator, whichever is larger
 
 
@@ -95,24 +95,31 @@ class nnppPredictor(nnUNetPredictor):
 
     def auto_tta_batch(self, case_shape) -> int:
         """Copies per network call for a case of ``case_shape`` (the padded spatial shape the sliding window runs
-        on): the most (<= the cap) whose logits stay within a memory budget beyond nnU-Net's own tile working set.
+        on): the most (<= the cap) whose extra memory stays within a budget beyond nnU-Net's own tile working set.
 
-        nnU-Net holds 3 tile-sized logits at a time (the network's output, its flipped copy, the tile's sum);
-        :meth:`predict_tiles` holds ``n`` (a call's output) + 1 (one flipped tile) + ``k`` (the sum of the ``k =
-        n // mirrors`` tiles of a group), i.e. ``n + k - 2`` more. That surplus must fit
-        ``max(TTA_MEMORY_FLOOR, TTA_MEMORY_FRACTION x the case's fp16 logits accumulator)`` - the accumulator is
-        part of nnU-Net's own peak, so the surplus stays within 10% of it for large cases. A tile's logits are
-        classes x patch voxels x 2 bytes under fp16 autocast (nnU-Net sums them in fp16), else 4. Examples: 3
-        classes, 128^3 patch, fp32: 8; 105 classes, 128^3, fp32: 1 (one copy is 0.9 GB); the same in fp16 on a
-        220x380x460 case: 2. Larger batches of the network's activations are not counted (measured instead)."""
-        mirrors = len(self.mirror_combinations(len(self.configuration_manager.patch_size) + 2))
-        fp16 = self.amp.mode == "O1" if self.amp is not None else self.device.type == "cuda"
-        tile = self.label_manager.num_segmentation_heads * int(np.prod(self.configuration_manager.patch_size)) * \
-            (2 if fp16 else 4)
-        budget = max(TTA_MEMORY_FLOOR,
-                     TTA_MEMORY_FRACTION * self.label_manager.num_segmentation_heads * int(np.prod(case_shape)) * 2)
+        nnU-Net holds 3 tile-sized logits at a time (the network's output, its flipped copy, the tile's sum) and the
+        activations of a batch-1 call; :meth:`predict_tiles` holds ``n`` (a call's output) + 1 (one flipped tile) +
+        ``k`` (the sum of the ``k = n // mirrors`` tiles of a group) logits and the activations of a batch-``n``
+        call: ``(n + k - 2)`` logits and ``(n - 1)`` activations more. Activations are the network's own
+        ``compute_conv_feature_map_size(patch)`` (nnU-Net's planning count, an upper bound at inference; 0 for
+        networks without it, e.g. ONNX Runtime adapters). The surplus must fit ``max(TTA_MEMORY_FLOOR,
+        TTA_MEMORY_FRACTION x the case's fp16 logits accumulator)``: the accumulator is part of nnU-Net's own peak.
+        Elements are 2 bytes under fp16/bf16 autocast (logits summed in fp16 / fp32), else 4. Examples (measured
+        peaks in benchmarks/RESULTS.md): the demo (3 classes, 8-64 features, 32x48x48, fp32): 8; Task03's UNet++
+        (32-320 features, 128^3): 1 (7 GB of activations a copy in fp32); 105 classes on a 220x380x460 case: 1."""
+        patch = [int(p) for p in self.configuration_manager.patch_size]
+        mirrors = len(self.mirror_combinations(len(patch) + 2))
+        half = self.amp.mode in ("O1", "bf16") if self.amp is not None else self.device.type == "cuda"
+        size = 2 if half else 4
+        classes = self.label_manager.num_segmentation_heads
+        logits = classes * int(np.prod(patch)) * (2 if half and (self.amp is None or self.amp.mode == "O1") else 4)
+        try:
+            activations = int(self.network.compute_conv_feature_map_size(patch)) * size
+        except (AttributeError, TypeError, ValueError):
+            activations = 0
+        budget = max(TTA_MEMORY_FLOOR, TTA_MEMORY_FRACTION * classes * int(np.prod(case_shape)) * 2)
         n = self.tta_cap
-        while n > 1 and (n + max(1, n // mirrors) - 2) * tile > budget:
+        while n > 1 and (n + max(1, n // mirrors) - 2) * logits + (n - 1) * activations > budget:
             n -= 1
         return n
 
@@ -193,8 +200,8 @@ class nnppPredictor(nnUNetPredictor):
         if self.tta_auto and self.tta_batch < self.tta_cap and self._tta_said != self.tta_batch:
             self._tta_said = self.tta_batch
             print(f"[nnpp] {self.label_manager.num_segmentation_heads} classes x "
-                  f"{'x'.join(map(str, self.configuration_manager.patch_size))} patch: {self.tta_batch} tile copies "
-                  f"per network call (more would hold over 10% more logits than nnU-Net; --tta_batch N overrides)")
+                  f"{'x'.join(map(str, self.configuration_manager.patch_size))} patch: {self.tta_batch} tile "
+                  f"cop{'y' if self.tta_batch == 1 else 'ies'} per network call (more would hold over 10% more than nnU-Net; --tta_batch N overrides)")
         tiles_per_group = max(1, self.tta_batch // len(self.mirror_combinations(len(self.configuration_manager.patch_size) + 2)))
         groups = [slicers[i:i + tiles_per_group] for i in range(0, len(slicers), tiles_per_group)]
 
@@ -478,22 +485,104 @@ def init_onnx(predictor, onnx_folder: str, folds=None, provider: str = "cpu", th
 EXPORT_CLASSES_PER_CHUNK = 8
 
 
+def _trilinear_axis(n_in: int, n_out: int, device):
+    """torch's trilinear source indices and weight along one axis (align_corners=False, sizes given): source
+    ``(o + 0.5) * n_in / n_out - 0.5`` clamped at 0, lower index, upper index (clamped at the edge), upper weight."""
+    src = ((torch.arange(n_out, dtype=torch.float64, device=device) + 0.5) * (n_in / n_out) - 0.5).clamp_min(0)
+    i0 = src.floor().long().clamp_max(n_in - 1)
+    return i0, (i0 + 1).clamp_max(n_in - 1), (src - i0).clamp(0, 1)
+
+
+def argmax_of_trilinear(logits: torch.Tensor, shape, chunk: int = 2 ** 20) -> torch.Tensor:
+    """``F.interpolate(logits[None].float(), shape, mode="trilinear")[0].argmax(0)`` (nnU-Net's
+    ``resample_torch_fornnunet`` of logits, then the argmax) without the classes x output-voxels array, exactly.
+
+    Trilinear interpolation is a convex combination of a cell's 8 corner voxels, so where the 8 corners have the
+    same arg-max class the interpolated arg-max is that class: most output voxels are a gather of the input's
+    arg-max. Only voxels in cells whose corners disagree are interpolated, and only for the corners' arg-max
+    classes (in float64); the result is kept where it beats an upper bound of every other class there (per corner,
+    the largest logit of a class outside those, from each input voxel's top 3), else all classes are interpolated
+    for that voxel. Returns int16 labels of ``shape``. Ties (equal interpolated logits) go to the lower class as in
+    argmax; float rounding can decide differently from torch's float32 at near-ties."""
+    dev_ = logits.device
+    x = logits.float() if logits.dtype != torch.float32 else logits
+    n_cls, ins = x.shape[0], tuple(x.shape[1:])
+    top_v, top_c = torch.topk(x, min(3, n_cls), dim=0)
+    arg = top_c[0].to(torch.int16)
+    axes = [_trilinear_axis(n, o, dev_) for n, o in zip(ins, shape)]
+    # cells (corner i0 along each axis, upper corner clamped) whose 8 corners share the arg-max
+    pad = torch.nn.functional.pad(arg[None, None].float(), (0, 1, 0, 1, 0, 1), mode="replicate")[0, 0]
+    uniform = torch.ones(ins, dtype=torch.bool, device=dev_)
+    for dx in (0, 1):
+        for dy in (0, 1):
+            for dz in (0, 1):
+                uniform &= pad[dx:dx + ins[0], dy:dy + ins[1], dz:dz + ins[2]] == pad[:ins[0], :ins[1], :ins[2]]
+    ix, iy, iz = (a[0] for a in axes)
+    grid = (ix[:, None, None], iy[None, :, None], iz[None, None, :])
+    seg = arg[grid]
+    todo = (~uniform[grid]).nonzero()
+    del uniform, pad
+    flat = x.reshape(n_cls, -1)
+    strides = (ins[1] * ins[2], ins[2], 1)
+    top_v, top_c = top_v.reshape(top_v.shape[0], -1).double(), top_c.reshape(top_c.shape[0], -1)
+    for s in range(0, todo.shape[0], chunk):
+        o = todo[s:s + chunk]
+        corners, weights = [], []
+        for dx in (0, 1):
+            for dy in (0, 1):
+                for dz in (0, 1):
+                    idx, w = 0, 1.0
+                    for a, d in enumerate((dx, dy, dz)):
+                        lo, hi, lam = axes[a]
+                        idx = idx + (hi if d else lo)[o[:, a]] * strides[a]
+                        w = w * (lam if d else 1 - lam)[o[:, a]]
+                    corners.append(idx)
+                    weights.append(w)
+        f, w = torch.stack(corners, 1), torch.stack(weights, 1)  # (m, 8) flat corner index, weight (float64)
+        cand = top_c[0][f]  # (m, 8): the corners' arg-max classes
+        vals = (flat[cand[:, :, None], f[:, None, :]].double() * w[:, None, :]).sum(2)  # (m, 8) per candidate
+        best = vals.max(1).values
+        label = torch.where(vals == best[:, None], cand, n_cls).min(1).values  # the lower class on ties
+        others = top_c[:, f]  # (3, m, 8): each corner's top classes
+        outside = (others[:, :, :, None] != cand[None, :, None, :]).all(3)
+        bound_i = torch.where(outside, top_v[:, f], -torch.inf).amax(0).maximum(top_v[-1][f])
+        unsure = ~(best > (bound_i * w).sum(1))
+        if unsure.any():  # every class for these voxels
+            u = unsure.nonzero()[:, 0]
+            full = (flat[:, f[u]].double() * w[u][None]).sum(2)  # (classes, m')
+            label[u] = full.argmax(0)
+        seg[o[:, 0], o[:, 1], o[:, 2]] = label.to(torch.int16)
+    return seg
+
+
 def segmentation_from_logits(logits, properties: dict, configuration_manager, plans_manager, label_manager,
                              classes_per_chunk: int = EXPORT_CLASSES_PER_CHUNK):
     """nnU-Net's ``convert_predicted_logits_to_segmentation_with_correct_shape`` for a segmentation alone of a softmax
-    model, in bounded memory: the logits go back to the original grid (the configuration's
-    ``resampling_fn_probabilities``, nnU-Net's spacings) ``classes_per_chunk`` classes at a time, and only the running
-    maximum and its class are kept (the argmax of the logits is nnU-Net's segmentation: softmax keeps the order; ties
+    model, in bounded memory: with nnU-Net's torch resampling (``--resample torch``: trilinear, no separate z axis)
+    the argmax of the resampled logits is computed without resampling every class (:func:`argmax_of_trilinear`);
+    otherwise the logits go back to the original grid (the configuration's ``resampling_fn_probabilities``, nnU-Net's
+    spacings) ``classes_per_chunk`` classes at a time, and only the running maximum and its class are kept (the argmax of the logits is nnU-Net's segmentation: softmax keeps the order; ties
     go to the lower class as in argmax). nnU-Net's own holds every class at the original resolution (a 62-class model
     on a 458 x 379 x 224 CT: 10.7 GB peak). Then nnU-Net's steps: the crop reverted, the transpose undone.
     Returns the segmentation (numpy, uint8 or uint16)."""
     from acvl_utils.cropping_and_padding.bounding_boxes import insert_crop_into_image
+    from nnunetv2.configuration import ANISO_THRESHOLD
+    from nnunetv2.preprocessing.resampling.default_resampling import determine_do_sep_z_and_axis
     shape = properties["shape_after_cropping_and_before_resampling"]
     spacing = [properties["spacing"][i] for i in plans_manager.transpose_forward]
     current = configuration_manager.spacing if len(configuration_manager.spacing) == len(shape) else \
         [spacing[0], *configuration_manager.spacing]
-    best = seg = None
-    for c0 in range(0, logits.shape[0], classes_per_chunk):
+    config = configuration_manager.configuration
+    kw = config.get("resampling_fn_probabilities_kwargs") or {}
+    if config.get("resampling_fn_probabilities") == "resample_torch_fornnunet" and len(shape) == 3 and \
+            not kw.get("is_seg") and kw.get("mode", "linear") == "linear" and \
+            not determine_do_sep_z_and_axis(kw.get("force_separate_z"), current, spacing,
+                                            kw.get("separate_z_anisotropy_threshold", ANISO_THRESHOLD))[0]:
+        data = torch.from_numpy(logits) if isinstance(logits, np.ndarray) else logits
+        seg, best = argmax_of_trilinear(data.to(kw.get("device", "cpu")), [int(s) for s in shape]), None
+    else:
+        best = seg = None
+    for c0 in range(0, logits.shape[0] if seg is None else 0, classes_per_chunk):
         r = torch.as_tensor(configuration_manager.resampling_fn_probabilities(
             logits[c0:c0 + classes_per_chunk], shape, current, spacing))
         m, a = r.amax(0), r.argmax(0)

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from nnpp import NnppError
-from nnpp.predictor import nnppPredictor
+from nnpp.predictor import argmax_of_trilinear, nnppPredictor
 
 
 class Recording(nn.Module):
@@ -214,10 +214,15 @@ def test_out_of_memory_while_summing_the_mirrors_redoes_only_what_is_missing(mon
     assert_same_logits(ours.float(), ref)
 
 
-def test_segmentation_export_a_few_classes_at_a_time_is_nnunets(tiny_dataset):
-    """segmentation_from_logits (3 classes at a time, running argmax) gives exactly the mask of nnU-Net's
+@pytest.mark.parametrize("spacing", [[4.0, 0.7, 0.7], [1.3, 0.8, 0.75]])
+def test_segmentation_export_a_few_classes_at_a_time_is_nnunets(tiny_dataset, monkeypatch, spacing):
+    """segmentation_from_logits (3 classes at a time, running argmax; with torch resampling and no separate z axis
+    the sparse trilinear argmax) gives exactly the mask of nnU-Net's
     convert_predicted_logits_to_segmentation_with_correct_shape for an 11-class model: anisotropic spacing (nnU-Net's
-    separate z), a crop to revert, the plans' scipy resampling and nnU-Net's torch resampling."""
+    separate z) or not, a crop to revert, the plans' scipy resampling and nnU-Net's torch resampling."""
+    import nnpp.predictor as P
+    sparse = []
+    monkeypatch.setattr(P, "argmax_of_trilinear", lambda *a, **k: sparse.append(1) or argmax_of_trilinear(*a, **k))
     import json
     import os
 
@@ -231,7 +236,7 @@ def test_segmentation_export_a_few_classes_at_a_time_is_nnunets(tiny_dataset):
     labels = {"background": 0, **{f"c{i}": i for i in range(1, 11)}}
     lm = pm.get_label_manager({"labels": labels})
     cm = pm.get_configuration("3d_fullres")
-    props = {"spacing": [4.0, 0.7, 0.7], "shape_after_cropping_and_before_resampling": [9, 40, 36],
+    props = {"spacing": spacing, "shape_after_cropping_and_before_resampling": [9, 40, 36],
              "shape_before_cropping": [12, 44, 40], "bbox_used_for_cropping": [[1, 10], [2, 42], [3, 39]]}
     logits = torch.randn(11, 8, 11, 10, generator=torch.Generator().manual_seed(0)) * 3
     holder = SimpleNamespace(configuration_manager=cm)
@@ -243,20 +248,47 @@ def test_segmentation_export_a_few_classes_at_a_time_is_nnunets(tiny_dataset):
         ours = segmentation_from_logits(logits.clone(), props, holder.configuration_manager, pm, lm, classes_per_chunk=3)
         assert ours.dtype == ref.dtype and ours.shape == ref.shape == (12, 44, 40)
         assert len(np.unique(ours)) > 5 and np.array_equal(ours, ref), resampling
+    assert sparse == ([] if spacing[0] == 4.0 else [1])  # separate z: the chunked path
 
 
-@pytest.mark.parametrize("classes, patch, case, amp, expected", [
-    (3, (128, 128, 128), (200, 300, 300), "O0", 8),  # 25 MB a copy: 8 copies fit the 256 MiB floor
-    (105, (128, 128, 128), (128, 128, 128), "O0", 1),  # 881 MB a copy: one extra copy is over 256 MiB
+@pytest.mark.parametrize("kind", ["smooth", "noise", "down"])
+def test_argmax_of_trilinear_is_the_argmax_of_torchs_trilinear(kind):
+    """The sparse trilinear argmax equals the argmax of every class interpolated by F.interpolate: smooth logits (most
+    cells uniform), pure noise (near ties everywhere: the all-classes fallback), and a shrinking axis."""
+    g = torch.Generator().manual_seed(0)
+    if kind == "noise":
+        x, out = torch.randn(7, 9, 10, 11, generator=g), (20, 31, 17)
+    else:
+        ins, out = ((20, 17, 23), (61, 40, 50)) if kind == "smooth" else ((30, 20, 10), (15, 41, 10))
+        coarse = torch.randn(12, *[max(2, s // 6) for s in ins], generator=g) * 4
+        x = torch.nn.functional.interpolate(coarse[None], ins, mode="trilinear")[0] + \
+            0.05 * torch.randn(12, *ins, generator=g)
+    ref = torch.nn.functional.interpolate(x[None], out, mode="trilinear")[0].argmax(0)
+    ours = argmax_of_trilinear(x, out, chunk=500)
+    assert ours.shape == ref.shape and torch.equal(ours.long(), ref)
+
+
+@pytest.mark.parametrize("classes, patch, case, amp, activations, expected", [
+    (3, (128, 128, 128), (200, 300, 300), "O0", 0, 8),  # 25 MB of logits a copy: 7 more fit the 512 MiB floor
+    (105, (128, 128, 128), (128, 128, 128), "O0", 0, 1),  # 881 MB a copy: one extra copy is over 512 MiB
     # fp16: 440 MB a copy; the case's fp16 accumulator is 8.1 GB, 10% = 810 MB: one extra copy (n = 2), not two
-    (105, (128, 128, 128), (220, 380, 460), "O1", 2),
-    (105, (512, 512), (300, 512, 512), "O0", 8),  # 2D: 110 MB a copy, 8 copies + 2 tiles' sum - 2 = 8 x 110 MB
-])                                                  # <= 10% of 16.5 GB
-def test_default_batch_is_bounded_by_the_logits_it_would_hold(classes, patch, case, amp, expected):
-    """The default tta_batch per case (nnpp_predict without --tta_batch): the copies whose logits, beyond nnU-Net's
-    three tile-sized ones, fit max(256 MiB, 10% of the case's fp16 logits accumulator). Figures by hand above."""
+    (105, (128, 128, 128), (220, 380, 460), "O1", 0, 2),
+    # ... unless the activations of a second sample (here 200 M elements, 400 MB in fp16) do not fit beside it
+    (105, (128, 128, 128), (220, 380, 460), "O1", 200_000_000, 1),
+    (105, (512, 512), (300, 512, 512), "O0", 0, 8),  # 2D: 110 MB a copy, 8 copies + 2 tiles' sum - 2 = 8 x 110 MB
+    # the README demo's UNet++ (nnU-Net's count 9,050,112 elements = 36.2 MB fp32; logits 0.88 MB): 7 x 37.1 MB
+    (3, (32, 48, 48), (48, 96, 96), "O0", 9_050_112, 8),
+    (3, (128, 128, 128), (200, 300, 300), "O0", 1_830_100_992, 1),  # Task03's UNet++: 7.3 GB a copy in fp32
+])
+def test_default_batch_is_bounded_by_the_memory_it_would_add(classes, patch, case, amp, activations, expected):
+    """The default tta_batch per case (nnpp_predict without --tta_batch): the copies whose logits beyond nnU-Net's
+    three tile-sized ones, plus the activations beyond one sample's, fit max(512 MiB, 10% of the case's fp16 logits
+    accumulator). Figures by hand above."""
     from nnpp import device as dev
-    pred = make(nnppPredictor, Recording(len(patch)), patch, (0, 1, 2)[:len(patch)],
+    net = Recording(len(patch))
+    if activations:
+        net.compute_conv_feature_map_size = lambda size: activations if tuple(size) == patch else None
+    pred = make(nnppPredictor, net, patch, (0, 1, 2)[:len(patch)],
                 amp=dev.make_amp(amp, torch.device("cpu")) if amp == "O0" else SimpleNamespace(mode=amp))
     pred.label_manager = SimpleNamespace(num_segmentation_heads=classes)
     assert pred.auto_tta_batch(case) == expected
