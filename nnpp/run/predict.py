@@ -29,9 +29,9 @@ Ours:
   --trt_cache DIR       TensorRT engine cache folder (engines built once, then loaded; default: no cache)
   --ort_threads N       ONNX Runtime intra-op threads (default 0 = ONNX Runtime's choice, one per physical core)
   --tta_batch N         at most N tiles x mirrored copies per network call (default: chosen per case, at most 8 =
-                        one 3D tile's 8 mirrors, two 2D tiles' 4 each, or 8 tiles without mirroring; fewer when
-                        classes x patch make the logits of more copies exceed 10% of the case's logits or 256 MiB
-                        beyond nnU-Net's own, e.g. 1 for 105 classes x 128^3 in fp32); 1 = nnU-Net's one per call
+                        one 3D tile's 8 mirrors, two 2D tiles' 4 each, or 8 tiles without mirroring; fewer when the
+                        logits and activations of more copies exceed 10% of the case's logits or 512 MiB beyond
+                        nnU-Net's own, e.g. 1 for 105 classes x 128^3 or Task03's UNet++); 1 = nnU-Net's one per call
   --resample torch|plans  logits back to the original grid with nnU-Net's resample_torch_fornnunet (default) or
                         the plans' own function (nnU-Net's scipy resampling for its default plans)
   --amp MODE            torch precision: auto (default; nnU-Net's choice: fp16 autocast on cuda and npu, fp32 on
