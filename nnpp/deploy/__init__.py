@@ -5,5 +5,9 @@
 * :mod:`nnpp.deploy.ort`: ONNX Runtime sessions and the ``nn.Module`` adapter nnU-Net's predictor runs
   (``nnpp_predict --onnx``).
 
-onnx / onnxruntime / onnxscript are the ``[onnx]`` extra; importing this package does not need them.
+* :mod:`nnpp.deploy.quantize`: fp16 / int8 exports (ONNX Runtime's QDQ, or NNCF's OpenVINO IR with
+  ``--quantizer nncf``), their Dice guard and fp32 vs reduced latency.
+
+onnx / onnxruntime / onnxscript are the ``[onnx]`` extra, openvino / nncf the ``[openvino]`` extra; importing this
+package does not need them.
 """
