@@ -155,6 +155,10 @@ def main(argv=None):
     p.add_argument("--unlabeled", type=int, default=0, help="N unlabeled cases (see above; 0: none)")
     p.add_argument("--labeled", type=int, default=4, help="with --unlabeled: labeled training cases (the rest of "
                    "--cases validate)")
+    p.add_argument("--unlabeled_fraction", type=float, default=None,
+                   help="nnpp_distill --unlabeled_fraction for the unl_* rows (default: nnpp_distill's)")
+    p.add_argument("--variant", default=None, help="students under results/METHOD@VARIANT (another --student_epochs "
+                   "or --unlabeled_fraction in the same WORK, whose teacher and data are reused)")
     p.add_argument("-device", default="cpu")
     p.add_argument("--out", default=None)
     p.add_argument("--table_only", action="store_true",
@@ -220,7 +224,7 @@ def main(argv=None):
     plans = write_student_plans(pre, "nnUNetPlans", a.configuration, DEFAULT_R, DEFAULT_STUDENT)
     for seed in a.seeds:
         for method in a.methods:
-            results = os.path.join(work, "results", method, f"seed{seed}")
+            results = os.path.join(work, "results", method + (f"@{a.variant}" if a.variant else ""), f"seed{seed}")
             trainer = NO_KD_TRAINERS[DEFAULT_STUDENT] if method == "none" else STUDENT_TRAINERS[DEFAULT_STUDENT]
             fold = os.path.join(results, name, f"{trainer}__{plans}__{a.configuration}", "fold_0")
             summary = os.path.join(fold, "validation", "summary.json")
@@ -235,6 +239,8 @@ def main(argv=None):
                     cmd = ["nnpp.run.distill", *common, "-t", teacher, *METHODS[method]]
                     if method in UNLABELED_METHODS:
                         cmd += ["--unlabeled", unlabeled]
+                        if a.unlabeled_fraction is not None:
+                            cmd += ["--unlabeled_fraction", str(a.unlabeled_fraction)]
                 wall = run(cmd + ["--epochs", str(a.student_epochs), "--seed", str(seed), *budget],
                            env_for(results), os.path.join(work, "logs", f"{method}_seed{seed}.log"))
                 with open(os.path.join(results, "wall_s.json"), "w") as f:  # read back by --table_only
