@@ -196,7 +196,7 @@ def run_torchrun(flags: list, env: dict, images: str) -> dict:
     if p.returncode != 0:
         sys.exit(f"bench_resample: torchrun nnpp_predict failed:\n{p.stdout[-2000:]}\n{p.stderr[-3000:]}")
     threads = {int(r): int(t) for r, t in re.findall(r"\[nnpp_predict\] rank (\d+): torch (\d+) CPU thread", p.stdout)}
-    why = re.search(r"\[nnpp_predict\] rank 0: .*\((.*)\)", p.stdout)
+    why = re.search(r"\[nnpp_predict\] rank 0: .* per case \((.+)\)\s*$", p.stdout, re.MULTILINE)
     total = re.search(r"all 2 processes done: (\d+) case\(s\) in ([\d.]+) s, ([\d.]+) cases/min", p.stdout)
     splits = [SPLIT.search(line) for line in p.stdout.splitlines() if "time per case over" in line]
     splits = [s for s in splits if s]
