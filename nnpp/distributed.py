@@ -149,37 +149,41 @@ def rank0_choice(value):
 def rank0_runs(fn, folder: str, what: str, poll_s: float = 2.0):
     """``fn()`` on rank 0 only, its (JSON-serialisable) result on every rank; ``fn()`` itself outside DDP. For long
     work (pseudo-labelling a thousand scans) the other ranks do not wait in a collective, which would time out after
-    the process group's timeout: they poll for a result file rank 0 writes into ``folder`` (which every rank must
-    see, as the data folder), named by a token broadcast first. When ``fn`` raises on rank 0, the others raise one
-    line naming ``what``. The file is removed after every rank has read it."""
+    the process group's timeout: they poll for a result file rank 0 writes into ``folder`` (every rank must see it:
+    checked first, as for the results folder), named by a token broadcast first. When ``fn`` raises on rank 0 (or
+    its result cannot be written), the others raise one line naming ``what``. Every rank passes a barrier after
+    reading, then rank 0 removes the file (also on failure)."""
     import json
     import time
     rank, n = world()
     if n == 1:
         return fn()
+    check_shared_folder(folder, "data folder")
     token = rank0_choice(uuid.uuid4().hex)
-    os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, f".nnpp_rank0_{token}.json")
+    error = None
     if rank == 0:
         try:
-            result = {"value": fn()}
+            payload = json.dumps({"value": fn()})
         except BaseException as e:
-            result = {"error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
-            raise
-        finally:
-            with open(path + ".tmp", "w") as f:
-                json.dump(result, f)
-            os.replace(path + ".tmp", path)
+            error = e
+            payload = json.dumps({"error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"})
+        with open(path + ".tmp", "w") as f:
+            f.write(payload)
+        os.replace(path + ".tmp", path)
+        result = json.loads(payload)
     else:
         while not os.path.exists(path):
             time.sleep(poll_s)
         with open(path) as f:
             result = json.load(f)
-        if "error" in result:
-            raise NnppError(f"rank 0 failed while {what} ({result['error']}); see rank 0's output")
-    dist.barrier()
+    dist.barrier()  # every rank has read the file
     if rank == 0:
         os.remove(path)
+        if error is not None:
+            raise error
+    if "error" in result:
+        raise NnppError(f"rank 0 failed while {what} ({result['error']}); see rank 0's output")
     return result["value"]
 
 

@@ -7,7 +7,7 @@ window (its slicers, Gaussian, fp16 accumulation, padding, the OOM fallback of `
 and changes only how the network is called:
 
 * **batched mirroring**: the mirrored copies of a tile, and of several tiles where ``tta_batch`` allows, go through
-  the network as one batch of at most ``tta_batch`` (tiles x mirrors; default 8 = one 3D tile's 8 copies, two 2D
+  the network as one batch of at most ``tta_batch`` (tiles x mirrors; at most 8 = one 3D tile's 8 copies, two 2D
   tiles' 4). Mirrors are averaged in nnU-Net's order (identity first, then ``itertools.combinations``), so the
   logits equal nnU-Net's up to float error (batched convolutions sum in another order). ``tta_batch`` bounds the
   batch for memory: ``1`` is nnU-Net's one-copy-per-call; the default (None) chooses it per case from the classes,
@@ -93,7 +93,7 @@ class nnppPredictor(nnUNetPredictor):
         axes = [m + 2 for m in mirror_axes]
         return [()] + [c for i in range(len(axes)) for c in itertools.combinations(axes, i + 1)]
 
-    def auto_tta_batch(self, case_shape) -> int:
+    def auto_tta_batch(self, case_shape, accumulator_here: bool = True) -> int:
         """Copies per network call for a case of ``case_shape`` (the padded spatial shape the sliding window runs
         on): the most (<= the cap) whose extra memory stays within a budget beyond nnU-Net's own tile working set.
 
@@ -103,21 +103,26 @@ class nnppPredictor(nnUNetPredictor):
         call: ``(n + k - 2)`` logits and ``(n - 1)`` activations more. Activations are the network's own
         ``compute_conv_feature_map_size(patch)`` (nnU-Net's planning count, an upper bound at inference; 0 for
         networks without it, e.g. ONNX Runtime adapters). The surplus must fit ``max(TTA_MEMORY_FLOOR,
-        TTA_MEMORY_FRACTION x the case's fp16 logits accumulator)``: the accumulator is part of nnU-Net's own peak.
+        TTA_MEMORY_FRACTION x the case's fp16 logits accumulator)``: the accumulator is part of nnU-Net's own peak
+        (only the floor when ``accumulator_here`` is False: the accumulator lives elsewhere, e.g. on the host).
         Elements are 2 bytes under fp16/bf16 autocast (logits summed in fp16 / fp32), else 4. Examples (measured
         peaks in benchmarks/RESULTS.md): the demo (3 classes, 8-64 features, 32x48x48, fp32): 8; Task03's UNet++
-        (32-320 features, 128^3): 1 (7 GB of activations a copy in fp32); 105 classes on a 220x380x460 case: 1."""
+        (32-320 features, 128^3): 1 (7 GB of activations a copy in fp32); the same with 105 classes on a
+        220x380x460 case in fp16 on a GPU: 1."""
         patch = [int(p) for p in self.configuration_manager.patch_size]
         mirrors = len(self.mirror_combinations(len(patch) + 2))
         half = self.amp.mode in ("O1", "bf16") if self.amp is not None else self.device.type == "cuda"
         size = 2 if half else 4
         classes = self.label_manager.num_segmentation_heads
         logits = classes * int(np.prod(patch)) * (2 if half and (self.amp is None or self.amp.mode == "O1") else 4)
+        net = getattr(self.network, "module", self.network)  # DDP (the trainer's final validation) and compile
+        net = getattr(net, "_orig_mod", net)
         try:
-            activations = int(self.network.compute_conv_feature_map_size(patch)) * size
-        except (AttributeError, TypeError, ValueError):
+            activations = int(net.compute_conv_feature_map_size(patch)) * size
+        except (AttributeError, TypeError, ValueError, AssertionError, NotImplementedError):
             activations = 0
-        budget = max(TTA_MEMORY_FLOOR, TTA_MEMORY_FRACTION * classes * int(np.prod(case_shape)) * 2)
+        budget = max(TTA_MEMORY_FLOOR, TTA_MEMORY_FRACTION * classes * int(np.prod(case_shape)) * 2
+                     if accumulator_here else 0)
         n = self.tta_cap
         while n > 1 and (n + max(1, n // mirrors) - 2) * logits + (n - 1) * activations > budget:
             n -= 1
@@ -165,13 +170,14 @@ class nnppPredictor(nnUNetPredictor):
                 offset = 0
                 for m, t, e in segments:
                     part = out[offset:offset + e - t]
-                    if combos[m]:  # tile by tile: one flipped tile in memory at a time
+                    if combos[m]:  # tile by tile: one flipped tile in memory at a time, counted as it is added
                         for i in range(e - t):
                             prediction[t + i] += torch.flip(part[i], [a - 1 for a in combos[m]])
+                            done += 1
                     else:
                         prediction[t:e] += part
+                        done += e - t
                     offset += e - t
-                    done += e - t
                 del out, part
             except RuntimeError as e:  # torch.OutOfMemoryError is a RuntimeError
                 if n == 1 or not dev.is_out_of_memory(e):
@@ -196,12 +202,13 @@ class nnppPredictor(nnUNetPredictor):
         (``tta_batch`` chosen for this case by :meth:`auto_tta_batch` unless the user set it)."""
         predicted_logits = n_predictions = prediction = gaussian = workon = None
         results_device = self.device if do_on_device else torch.device("cpu")
-        self.tta_batch = self.auto_tta_batch(data.shape[1:]) if self.tta_auto else self.tta_cap
+        self.tta_batch = self.auto_tta_batch(data.shape[1:], results_device == self.device) if self.tta_auto \
+            else self.tta_cap
         if self.tta_auto and self.tta_batch < self.tta_cap and self._tta_said != self.tta_batch:
             self._tta_said = self.tta_batch
             print(f"[nnpp] {self.label_manager.num_segmentation_heads} classes x "
                   f"{'x'.join(map(str, self.configuration_manager.patch_size))} patch: {self.tta_batch} tile "
-                  f"cop{'y' if self.tta_batch == 1 else 'ies'} per network call (more would hold over 10% more than nnU-Net; --tta_batch N overrides)")
+                  f"cop{'y' if self.tta_batch == 1 else 'ies'} per network call (more would add over max(512 MiB, 10% of the case's logits) to nnU-Net's tile memory; --tta_batch N overrides)")
         tiles_per_group = max(1, self.tta_batch // len(self.mirror_combinations(len(self.configuration_manager.patch_size) + 2)))
         groups = [slicers[i:i + tiles_per_group] for i in range(0, len(slicers), tiles_per_group)]
 
@@ -488,27 +495,28 @@ EXPORT_CLASSES_PER_CHUNK = 8
 def _trilinear_axis(n_in: int, n_out: int, device):
     """torch's trilinear source indices and weight along one axis (align_corners=False, sizes given): source
     ``(o + 0.5) * n_in / n_out - 0.5`` clamped at 0, lower index, upper index (clamped at the edge), upper weight."""
-    src = ((torch.arange(n_out, dtype=torch.float64, device=device) + 0.5) * (n_in / n_out) - 0.5).clamp_min(0)
+    src = ((torch.arange(n_out, dtype=torch.float64) + 0.5) * (n_in / n_out) - 0.5).clamp_min(0)
     i0 = src.floor().long().clamp_max(n_in - 1)
-    return i0, (i0 + 1).clamp_max(n_in - 1), (src - i0).clamp(0, 1)
+    return i0.to(device), (i0 + 1).clamp_max(n_in - 1).to(device), (src - i0).clamp(0, 1).to(device)
 
 
-def argmax_of_trilinear(logits: torch.Tensor, shape, chunk: int = 2 ** 20) -> torch.Tensor:
+def argmax_of_trilinear(logits: torch.Tensor, shape, chunk: int = 2 ** 19) -> torch.Tensor:
     """``F.interpolate(logits[None].float(), shape, mode="trilinear")[0].argmax(0)`` (nnU-Net's
-    ``resample_torch_fornnunet`` of logits, then the argmax) without the classes x output-voxels array, exactly.
+    ``resample_torch_fornnunet`` of logits, then the argmax) without the classes x output-voxels array; the same
+    classes up to float rounding at near-ties.
 
     Trilinear interpolation is a convex combination of a cell's 8 corner voxels, so where the 8 corners have the
     same arg-max class the interpolated arg-max is that class: most output voxels are a gather of the input's
     arg-max. Only voxels in cells whose corners disagree are interpolated, and only for the corners' arg-max
-    classes (in float64); the result is kept where it beats an upper bound of every other class there (per corner,
-    the largest logit of a class outside those, from each input voxel's top 3), else all classes are interpolated
-    for that voxel. Returns int16 labels of ``shape``. Ties (equal interpolated logits) go to the lower class as in
-    argmax; float rounding can decide differently from torch's float32 at near-ties."""
+    classes (in float64 where the device has it, else float32); the result is kept where it beats an upper bound
+    of every other class there (per corner, the largest logit of a class outside those, from each input voxel's
+    top 3), else all classes are interpolated for that voxel. The logits stay in their dtype (fp16 logits are not
+    copied to fp32). Returns int16 labels of ``shape``. Ties go to the lower class as in argmax."""
     dev_ = logits.device
-    x = logits.float() if logits.dtype != torch.float32 else logits
-    n_cls, ins = x.shape[0], tuple(x.shape[1:])
-    top_v, top_c = torch.topk(x, min(3, n_cls), dim=0)
-    arg = top_c[0].to(torch.int16)
+    wide = torch.float64 if dev_.type in ("cpu", "cuda") else torch.float32  # npu / mps: no float64 kernels
+    n_cls, ins = logits.shape[0], tuple(logits.shape[1:])
+    arg = logits.argmax(0)  # the lower class on ties (topk's order among equal values is not defined)
+    top_v, top_c = torch.topk(logits, min(3, n_cls), dim=0)
     axes = [_trilinear_axis(n, o, dev_) for n, o in zip(ins, shape)]
     # cells (corner i0 along each axis, upper corner clamped) whose 8 corners share the arg-max
     pad = torch.nn.functional.pad(arg[None, None].float(), (0, 1, 0, 1, 0, 1), mode="replicate")[0, 0]
@@ -517,41 +525,60 @@ def argmax_of_trilinear(logits: torch.Tensor, shape, chunk: int = 2 ** 20) -> to
         for dy in (0, 1):
             for dz in (0, 1):
                 uniform &= pad[dx:dx + ins[0], dy:dy + ins[1], dz:dz + ins[2]] == pad[:ins[0], :ins[1], :ins[2]]
+    del pad
     ix, iy, iz = (a[0] for a in axes)
-    grid = (ix[:, None, None], iy[None, :, None], iz[None, None, :])
-    seg = arg[grid]
-    todo = (~uniform[grid]).nonzero()
-    del uniform, pad
-    flat = x.reshape(n_cls, -1)
+    seg = arg.to(torch.int16)[ix[:, None, None], iy[None, :, None], iz[None, None, :]]
+    flat, arg = logits.reshape(n_cls, -1), arg.reshape(-1)
+    top_v, top_c = top_v.reshape(top_v.shape[0], -1), top_c.reshape(top_c.shape[0], -1).to(torch.int16)
     strides = (ins[1] * ins[2], ins[2], 1)
-    top_v, top_c = top_v.reshape(top_v.shape[0], -1).double(), top_c.reshape(top_c.shape[0], -1)
-    for s in range(0, todo.shape[0], chunk):
-        o = todo[s:s + chunk]
-        corners, weights = [], []
-        for dx in (0, 1):
-            for dy in (0, 1):
-                for dz in (0, 1):
-                    idx, w = 0, 1.0
-                    for a, d in enumerate((dx, dy, dz)):
-                        lo, hi, lam = axes[a]
-                        idx = idx + (hi if d else lo)[o[:, a]] * strides[a]
-                        w = w * (lam if d else 1 - lam)[o[:, a]]
-                    corners.append(idx)
-                    weights.append(w)
-        f, w = torch.stack(corners, 1), torch.stack(weights, 1)  # (m, 8) flat corner index, weight (float64)
-        cand = top_c[0][f]  # (m, 8): the corners' arg-max classes
-        vals = (flat[cand[:, :, None], f[:, None, :]].double() * w[:, None, :]).sum(2)  # (m, 8) per candidate
-        best = vals.max(1).values
-        label = torch.where(vals == best[:, None], cand, n_cls).min(1).values  # the lower class on ties
-        others = top_c[:, f]  # (3, m, 8): each corner's top classes
-        outside = (others[:, :, :, None] != cand[None, :, None, :]).all(3)
-        bound_i = torch.where(outside, top_v[:, f], -torch.inf).amax(0).maximum(top_v[-1][f])
-        unsure = ~(best > (bound_i * w).sum(1))
-        if unsure.any():  # every class for these voxels
-            u = unsure.nonzero()[:, 0]
-            full = (flat[:, f[u]].double() * w[u][None]).sum(2)  # (classes, m')
-            label[u] = full.argmax(0)
-        seg[o[:, 0], o[:, 1], o[:, 2]] = label.to(torch.int16)
+    rows = max(1, chunk // (len(iy) * len(iz)))
+    for x0 in range(0, len(ix), rows):  # slabs along the first output axis: the voxel list stays small
+        todo = (~uniform[ix[x0:x0 + rows][:, None, None], iy[None, :, None], iz[None, None, :]]).nonzero()
+        todo[:, 0] += x0
+        for s in range(0, todo.shape[0], chunk):
+            o = todo[s:s + chunk]
+            corners, weights = [], []
+            for dx in (0, 1):
+                for dy in (0, 1):
+                    for dz in (0, 1):
+                        idx, w = 0, 1.0
+                        for a, d in enumerate((dx, dy, dz)):
+                            lo, hi, lam = axes[a]
+                            idx = idx + (hi if d else lo)[o[:, a]] * strides[a]
+                            w = w * (lam if d else 1 - lam)[o[:, a]]
+                        corners.append(idx)
+                        weights.append(w)
+            f, w = torch.stack(corners, 1), torch.stack(weights, 1).to(wide)  # (m, 8) flat corner index, weight
+            cand = arg[f]  # (m, 8): the corners' arg-max classes
+            vals = (flat[cand[:, :, None], f[:, None, :]].to(wide) * w[:, None, :]).sum(2)  # (m, 8) per candidate
+            best = vals.max(1).values
+            label = torch.where(vals == best[:, None], cand, n_cls).min(1).values  # the lower class on ties
+            outside = (top_c[:, f][..., None] != cand.to(torch.int16)[None, :, None, :]).all(3)  # (3, m, 8)
+            bound = torch.where(outside, top_v[:, f].to(wide), -torch.inf).amax(0).maximum(top_v[-1][f].to(wide))
+            unsure = (~(best > (bound * w).sum(1))).nonzero()[:, 0]
+            per = max(1, 2 ** 22 // (8 * n_cls))  # 32 MB of float64 at a time
+            for u0 in range(0, len(unsure), per):  # every class for these voxels, a few at a time
+                u = unsure[u0:u0 + per]
+                label[u] = (flat[:, f[u]].to(wide) * w[u][None]).sum(2).argmax(0)
+            seg[o[:, 0], o[:, 1], o[:, 2]] = label.to(torch.int16)
+    return seg
+
+
+def _running_argmax(logits, shape, current, spacing, configuration_manager, classes_per_chunk: int) -> torch.Tensor:
+    """The argmax of the logits resampled by the configuration's function, ``classes_per_chunk`` classes at a time:
+    the running maximum and its class (ties to the lower class, as argmax)."""
+    best = seg = None
+    for c0 in range(0, logits.shape[0], classes_per_chunk):
+        r = torch.as_tensor(configuration_manager.resampling_fn_probabilities(
+            logits[c0:c0 + classes_per_chunk], shape, current, spacing))
+        m, a = r.amax(0), r.argmax(0)
+        del r
+        if best is None:
+            best, seg = m, a.to(torch.int16)
+        else:
+            better = m > best
+            best = torch.where(better, m, best)
+            seg = torch.where(better, a.to(torch.int16) + c0, seg)
     return seg
 
 
@@ -579,21 +606,9 @@ def segmentation_from_logits(logits, properties: dict, configuration_manager, pl
             not determine_do_sep_z_and_axis(kw.get("force_separate_z"), current, spacing,
                                             kw.get("separate_z_anisotropy_threshold", ANISO_THRESHOLD))[0]:
         data = torch.from_numpy(logits) if isinstance(logits, np.ndarray) else logits
-        seg, best = argmax_of_trilinear(data.to(kw.get("device", "cpu")), [int(s) for s in shape]), None
+        seg = argmax_of_trilinear(data.to(kw.get("device", "cpu")), [int(s) for s in shape])
     else:
-        best = seg = None
-    for c0 in range(0, logits.shape[0] if seg is None else 0, classes_per_chunk):
-        r = torch.as_tensor(configuration_manager.resampling_fn_probabilities(
-            logits[c0:c0 + classes_per_chunk], shape, current, spacing))
-        m, a = r.amax(0), r.argmax(0)
-        del r
-        if best is None:
-            best, seg = m, a.to(torch.int16)
-        else:
-            better = m > best
-            best = torch.where(better, m, best)
-            seg = torch.where(better, a.to(torch.int16) + c0, seg)
-    del best
+        seg = _running_argmax(logits, shape, current, spacing, configuration_manager, classes_per_chunk)
     dtype = np.uint8 if len(label_manager.foreground_labels) < 255 else np.uint16
     out = insert_crop_into_image(np.zeros(properties["shape_before_cropping"], dtype=dtype),
                                  seg.cpu().numpy().astype(dtype), properties["bbox_used_for_cropping"])

@@ -194,19 +194,23 @@ def test_each_chunks_logits_are_freed_before_the_next_call():
     assert_same_logits(ours.float(), ref)
 
 
-def test_out_of_memory_while_summing_the_mirrors_redoes_only_what_is_missing(monkeypatch):
+@pytest.mark.parametrize("dims", [3, 2])
+def test_out_of_memory_while_summing_the_mirrors_redoes_only_what_is_missing(monkeypatch, dims):
     """Out of memory after the network call (flipping a chunk's logits back) also halves the batch; copies already
-    added are not added twice (the logits stay nnU-Net's)."""
-    net, patch, axes = Recording(3), (8, 16, 16), (0, 1, 2)
-    img = image((1, 8, 16, 24))
+    added are not added twice (the logits stay nnU-Net's). 2D: two tiles per mirror in a chunk of 8, the error
+    between the two tiles of one mirror."""
+    net, patch, axes = (Recording(3), (8, 16, 16), (0, 1, 2)) if dims == 3 else (Recording(2), (16, 16), (0, 1))
+    img = image((1, 8, 16, 24) if dims == 3 else (1, 2, 16, 24))
     ref, _ = nnunet_reference(net, patch, axes, img)
     flip, calls = torch.flip, {"n": 0}
 
-    def flaky_flip(t, dims):
+    def flaky_flip(t, axes_):
         calls["n"] += 1
-        if calls["n"] == 12:  # in the first chunk's sum: its identity copy and a few mirrors are already added
+        # 3D: in the first chunk's sum, its identity copy and a few mirrors already added; 2D: the first mirror's
+        # second tile (its first one already added)
+        if calls["n"] == (12 if dims == 3 else 5):
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
-        return flip(t, dims)
+        return flip(t, axes_)
     monkeypatch.setattr(torch, "flip", flaky_flip)
     pred = make(nnppPredictor, net, patch, axes)
     ours = pred.predict_sliding_window_return_logits(img)
@@ -251,19 +255,25 @@ def test_segmentation_export_a_few_classes_at_a_time_is_nnunets(tiny_dataset, mo
     assert sparse == ([] if spacing[0] == 4.0 else [1])  # separate z: the chunked path
 
 
-@pytest.mark.parametrize("kind", ["smooth", "noise", "down"])
+@pytest.mark.parametrize("kind", ["smooth", "noise", "down", "fp16 ties"])
 def test_argmax_of_trilinear_is_the_argmax_of_torchs_trilinear(kind):
     """The sparse trilinear argmax equals the argmax of every class interpolated by F.interpolate: smooth logits (most
-    cells uniform), pure noise (near ties everywhere: the all-classes fallback), and a shrinking axis."""
+    cells uniform), pure noise (near ties everywhere: the all-classes fallback), a shrinking axis, and fp16 logits
+    with exact ties and an unchanged axis (ties to the lower class; compared with float64 interpolation, where
+    float32's rounding does not split exact ties)."""
     g = torch.Generator().manual_seed(0)
     if kind == "noise":
         x, out = torch.randn(7, 9, 10, 11, generator=g), (20, 31, 17)
+    elif kind == "fp16 ties":
+        coarse = torch.randn(6, 2, 2, 3, generator=g) * 8
+        x, out = torch.nn.functional.interpolate(coarse[None], (10, 12, 14), mode="trilinear")[0].round().half(), \
+            (10, 36, 14)
     else:
         ins, out = ((20, 17, 23), (61, 40, 50)) if kind == "smooth" else ((30, 20, 10), (15, 41, 10))
         coarse = torch.randn(12, *[max(2, s // 6) for s in ins], generator=g) * 4
         x = torch.nn.functional.interpolate(coarse[None], ins, mode="trilinear")[0] + \
             0.05 * torch.randn(12, *ins, generator=g)
-    ref = torch.nn.functional.interpolate(x[None], out, mode="trilinear")[0].argmax(0)
+    ref = torch.nn.functional.interpolate(x[None].double(), out, mode="trilinear")[0].argmax(0)
     ours = argmax_of_trilinear(x, out, chunk=500)
     assert ours.shape == ref.shape and torch.equal(ours.long(), ref)
 
@@ -298,13 +308,13 @@ def test_default_batch_is_chosen_per_case_and_said_once(capsys):
     """Without --tta_batch the predictor sizes the batch from the case it runs on; an explicit one is kept."""
     net, patch, axes = Recording(3), (8, 16, 16), (0, 1, 2)
     pred = make(nnppPredictor, net, patch, axes)
-    pred.auto_tta_batch = lambda shape: 2  # as a 100-class model would get
+    pred.auto_tta_batch = lambda shape, here=True: 2  # as a 100-class model would get
     img = image((1, 12, 24, 24))
     for _ in range(2):
         pred.predict_sliding_window_return_logits(img)
     assert [b for b, *_ in net.calls] == [2] * 32 * 2 and capsys.readouterr().out.count("2 tile copies per network call") == 1
     net.calls.clear()
     pred = make(nnppPredictor, net, patch, axes, tta_batch=8)
-    pred.auto_tta_batch = lambda shape: 2
+    pred.auto_tta_batch = lambda shape, here=True: 2
     pred.predict_sliding_window_return_logits(img)
     assert [b for b, *_ in net.calls] == [8] * 8
