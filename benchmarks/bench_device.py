@@ -15,7 +15,7 @@ Rows (``--parts``, all by default):
   the issue 22 case 220 x 380 x 460) with a ``--classes``-class (default 105) UNet++ of the Task03 plan (random
   weights, fixed seed), mirroring on, fp16 autocast, logits on the device: seconds per case, peak device memory,
   voxels whose argmax agrees.
-* ``resample``: nnpp's segmentation export of those logits (8 classes at a time) with nnU-Net's
+* ``resample``: nnpp's segmentation export of those logits (the sparse trilinear argmax) with nnU-Net's
   ``resample_torch_fornnunet`` on the device (``nnpp_predict --resample torch``) to a grid 2x finer on every axis,
   seconds and peak device memory.
 
@@ -184,7 +184,7 @@ def agreement(ref, logits) -> dict:
 
 
 def export_on_device(pred, logits, device, volume: list, classes: int) -> dict:
-    """nnpp's export of a segmentation (:func:`nnpp.predictor.segmentation_from_logits`, 8 classes at a time) with
+    """nnpp's export of a segmentation (:func:`nnpp.predictor.segmentation_from_logits`: the sparse trilinear argmax) with
     nnU-Net's torch resampling on ``device`` (``nnpp_predict --resample torch``), from the network's grid (spacing 1)
     to a grid twice as fine on every axis (spacing 0.5: 8x the voxels), as a model planned at a coarse spacing
     predicts a fine CT."""

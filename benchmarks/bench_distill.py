@@ -104,7 +104,7 @@ def bench_plans(config: str, kind: str, r: int, drop_stages: int, case_shape: li
 
 #: the predictors a case goes through: (JSON key, predictor class, mirroring). "nnunet": nnU-Net's own
 #: ``nnUNetPredictor`` (what nnUNetv2_predict runs; one batch-1 network call per tile); "nnpp" and "nnpp_tta":
-#: ``nnpp.predictor.nnppPredictor`` (what nnpp_predict runs: tiles x mirrored copies batched, tta_batch 8),
+#: ``nnpp.predictor.nnppPredictor`` (what nnpp_predict runs: tiles x mirrored copies batched; the default tta_batch, chosen per case),
 #: without and with test-time mirroring (nnpp_predict's default is with)
 PREDICTORS = (("nnunet", "nnUNetPredictor", False), ("nnpp", "nnppPredictor", False),
               ("nnpp_tta", "nnppPredictor", True))

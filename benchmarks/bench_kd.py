@@ -242,7 +242,7 @@ def main(argv=None):
                         if a.unlabeled_fraction is not None:
                             cmd += ["--unlabeled_fraction", str(a.unlabeled_fraction)]
                 wall = run(cmd + ["--epochs", str(a.student_epochs), "--seed", str(seed), *budget],
-                           env_for(results), os.path.join(work, "logs", f"{method}_seed{seed}.log"))
+                           env_for(results), os.path.join(work, "logs", f"{method}{'@' + a.variant if a.variant else ''}_seed{seed}.log"))
                 with open(os.path.join(results, "wall_s.json"), "w") as f:  # read back by --table_only
                     json.dump(wall, f)
             wall_file = os.path.join(results, "wall_s.json")

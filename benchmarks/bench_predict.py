@@ -7,7 +7,7 @@ Variants (``--variants``, comma-separated), all on the same network (built as nn
 fold's first ``--cases`` validation cases (raw images), mirroring on:
 
 * ``nnunet``: nnU-Net's ``nnUNetPredictor`` itself, ``predict_from_files_sequential`` (the "before");
-* ``nnpp``: ``nnppPredictor`` (tta_batch 8) through ``predict_cases`` sequentially, as ``nnpp_predict -npp 0 -nps 0``;
+* ``nnpp``: ``nnppPredictor`` (tta_batch pinned to 8; nnpp_predict's default chooses per case, 8 for such models) through ``predict_cases`` sequentially, as ``nnpp_predict -npp 0 -nps 0``;
 * ``nnpp_tb16``: the same with tta_batch 16 (two 3D tiles per call); ``nnpp_bf16``: the same in bf16 autocast;
 * ``ort_fp32`` / ``ort_int8`` / ``ov_fp32`` / ``ov_int8``: the nnpp_export folders given by ``--onnx_fp32`` /
   ``--onnx_int8`` (e.g. ``nnpp_export ... --precision int8``) with ONNX Runtime's CPU provider or OpenVINO, in the

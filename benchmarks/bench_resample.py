@@ -1,6 +1,7 @@
 """Prediction at real size, side by side on the same model and case (issue 22): nnU-Net's own predictor vs
 ``nnpp_predict --resample plans`` (the plans' scipy resampling) and ``--resample torch`` (nnU-Net's torch one);
-nnpp's export keeps a few classes at a time (``nnpp.predictor.segmentation_from_logits``).
+nnpp's export never holds every class at the original grid (``nnpp.predictor.segmentation_from_logits``: the
+sparse trilinear argmax with torch resampling, a few classes at a time with the plans' function).
 
     python benchmarks/bench_resample.py --model_folder RESULTS/Dataset950_TSExampleCT/TRAINER__nnUNetPlans__2d -f all \\
         --real_size --workdir /tmp/resample --out benchmarks/results/resample_cpu.json

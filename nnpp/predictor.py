@@ -622,7 +622,7 @@ def export_case(logits, properties: dict, configuration_manager, plans_manager, 
     with ``os.replace`` (atomic on one file system), the segmentation last: nnU-Net's ``--continue_prediction``
     looks for the segmentation (and the .npz), so a process killed mid-export leaves no finished-looking case.
     ``threads``: torch threads of the export (resampling); None = nnU-Net's default. A segmentation alone of a softmax
-    model is made by :func:`segmentation_from_logits` (a few classes at a time; same mask) and written with the
+    model is made by :func:`segmentation_from_logits` (never every class at the original grid; same mask) and written with the
     plans' reader/writer. Returns the seconds it took."""
     from nnunetv2.configuration import default_num_processes
     from nnunetv2.inference.export_prediction import export_prediction_from_logits

@@ -343,6 +343,21 @@ def _latency(model: TrainedModel, fold, path: str, qpath: str, precision: str, n
             "threads": "the runtime's default", "machine": machine_info()}
 
 
+def check_quantizer(precision: str, quantizer: str) -> None:
+    """One line for a precision / quantizer nnpp cannot make, or a quantizer whose packages are missing (NNCF needs
+    openvino and nncf: the [openvino] extra)."""
+    if precision not in PRECISIONS:
+        raise NnppError(f"--precision {precision}: choose one of {', '.join(PRECISIONS)}")
+    if quantizer not in QUANTIZERS:
+        raise NnppError(f"--quantizer {quantizer}: choose one of {', '.join(QUANTIZERS)}")
+    if quantizer == "nncf":
+        if precision != "int8":
+            raise NnppError(f"--quantizer nncf makes int8 models for OpenVINO: use it with --precision int8 (not "
+                            f"{precision})")
+        require("openvino", extra="openvino")
+        require("nncf", extra="openvino")
+
+
 def export_model(model: TrainedModel, out: str, depth: int | None = None, opset: int = DEFAULT_OPSET,
                  exporter: str = "dynamo", tol: float = DEFAULT_TOL, source: dict | None = None, log=print,
                  overwrite: bool = False, precision: str = "fp32", max_dice_drop: float = DEFAULT_MAX_DICE_DROP,
@@ -358,15 +373,8 @@ def export_model(model: TrainedModel, out: str, depth: int | None = None, opset:
     place only when all folds pass; a failed export leaves ``out`` as it was. Returns the metadata."""
     ort = require("onnxruntime")
     onnx = require("onnx")
-    if precision not in PRECISIONS:
-        raise NnppError(f"--precision {precision}: choose one of {', '.join(PRECISIONS)}")
-    if quantizer not in QUANTIZERS:
-        raise NnppError(f"--quantizer {quantizer}: choose one of {', '.join(QUANTIZERS)}")
+    check_quantizer(precision, quantizer)
     nncf = quantizer == "nncf"
-    if nncf and precision != "int8":
-        raise NnppError(f"--quantizer nncf makes int8 models for OpenVINO: use it with --precision int8 (not {precision})")
-    if nncf:
-        ov, nncf_module = require("openvino", extra="openvino"), require("nncf", extra="openvino")
     replace = check_output_folder(out, model, overwrite, precision, depth, quantizer)
     patch = model.patch_size
     parent = os.path.dirname(os.path.abspath(out)) or "."
@@ -430,7 +438,8 @@ def export_model(model: TrainedModel, out: str, depth: int | None = None, opset:
             "quantizer": quantizer if precision == "int8" else None,
             "runtime": "openvino" if nncf else "onnxruntime",
             "versions": {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": ort.__version__,
-                         **({"openvino": ov.__version__, "nncf": nncf_module.__version__} if nncf else {})},
+                         **({"openvino": require("openvino").__version__, "nncf": require("nncf").__version__}
+                            if nncf else {})},
             "folds": folds,
         }
         _write_json(model.plans, os.path.join(tmp, "plans.json"))

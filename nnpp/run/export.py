@@ -38,7 +38,7 @@ import argparse
 import sys
 
 from nnpp.paths import setup_paths
-from nnpp.cli import dataset_name, entry_point, non_negative_float, positive_float, positive_int
+from nnpp.cli import dataset_name, entry_point, non_negative_float, non_negative_int, positive_float, positive_int
 from nnpp import DEFAULT_TRAINER, NnppError
 
 
@@ -53,7 +53,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("-tr", default=DEFAULT_TRAINER, help=f"trainer of the model folder (default {DEFAULT_TRAINER})")
     p.add_argument("-p", default="nnUNetPlans", help="plans identifier (default nnUNetPlans)")
     p.add_argument("-chk", default="checkpoint_final.pth", help="checkpoint file name (default checkpoint_final.pth)")
-    p.add_argument("-o", default=None, help="output folder (default MODEL_FOLDER/onnx[_depthK][_fp16|_int8])")
+    p.add_argument("-o", default=None, help="output folder (default MODEL_FOLDER/onnx[_depthK][_fp16|_int8|_int8_nncf])")
     p.add_argument("--precision", choices=PRECISIONS, default="fp32",
                    help="fp32 (default), fp16 (GPU providers) or int8 (static quantization); fp16/int8 with the Dice guard")
     p.add_argument("--quantizer", choices=QUANTIZERS, default="ort",
@@ -62,7 +62,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--nncf_preset", choices=("performance", "mixed"), default=None,
                    help="--quantizer nncf: NNCF's quantization preset (default performance; mixed: asymmetric "
                    "activations, slower, for models the guard refuses under performance)")
-    p.add_argument("--latency_runs", type=int, default=DEFAULT_LATENCY_RUNS,
+    p.add_argument("--latency_runs", type=non_negative_int, default=DEFAULT_LATENCY_RUNS,
                    help=f"fp16/int8: timed passes per model for the fp32 vs reduced latency on this machine (default "
                    f"{DEFAULT_LATENCY_RUNS}; 0: not measured)")
     p.add_argument("--max_dice_drop", type=non_negative_float, default=DEFAULT_MAX_DICE_DROP,
@@ -87,17 +87,11 @@ def parser() -> argparse.ArgumentParser:
 @entry_point("nnpp_export")
 def main(argv=None):
     args = parser().parse_args(sys.argv[1:] if argv is None else argv)
+    from nnpp.deploy.export import check_quantizer
     from nnpp.deploy.ort import require
-    if args.quantizer == "nncf":
-        if args.precision != "int8":
-            raise NnppError(f"--quantizer nncf makes int8 models for OpenVINO: add --precision int8 (not "
-                            f"{args.precision})")
-        for module in ("openvino", "nncf"):
-            require(module, extra="openvino")
+    check_quantizer(args.precision, args.quantizer)  # before loading the model
     if args.nncf_preset and args.quantizer != "nncf":
         raise NnppError("--nncf_preset is NNCF's: use it with --precision int8 --quantizer nncf")
-    if args.latency_runs < 0:
-        raise NnppError(f"--latency_runs must be >= 0 (0: not measured), got {args.latency_runs}")
     setup_paths(required=("nnUNet_results", "nnUNet_preprocessed") if args.precision != "fp32" else ("nnUNet_results",))
 
     from nnunetv2.utilities.file_path_utilities import get_output_folder
