@@ -117,6 +117,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def bare_module(net: torch.nn.Module) -> torch.nn.Module:
+    """``net`` itself, its DistributedDataParallel and torch.compile wrappers removed (what checkpoints store)."""
+    net = net.module if isinstance(net, torch.nn.parallel.DistributedDataParallel) else net
+    return getattr(net, "_orig_mod", net)
+
+
 def world() -> tuple[int, int]:
     """(rank, world size) of this process; (0, 1) outside a process group."""
     if dist.is_available() and dist.is_initialized():

@@ -115,10 +115,9 @@ class nnppPredictor(nnUNetPredictor):
         size = 2 if half else 4
         classes = self.label_manager.num_segmentation_heads
         logits = classes * int(np.prod(patch)) * (2 if half and (self.amp is None or self.amp.mode == "O1") else 4)
-        net = getattr(self.network, "module", self.network)  # DDP (the trainer's final validation) and compile
-        net = getattr(net, "_orig_mod", net)
+        from nnpp.distributed import bare_module  # DDP (the trainer's final validation) and compile unwrapped
         try:
-            activations = int(net.compute_conv_feature_map_size(patch)) * size
+            activations = int(bare_module(self.network).compute_conv_feature_map_size(patch)) * size
         except (AttributeError, TypeError, ValueError, AssertionError, NotImplementedError):
             activations = 0
         budget = max(TTA_MEMORY_FLOOR, TTA_MEMORY_FRACTION * classes * int(np.prod(case_shape)) * 2

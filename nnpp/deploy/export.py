@@ -343,9 +343,11 @@ def _latency(model: TrainedModel, fold, path: str, qpath: str, precision: str, n
             "threads": "the runtime's default", "machine": machine_info()}
 
 
-def check_quantizer(precision: str, quantizer: str) -> None:
-    """One line for a precision / quantizer nnpp cannot make, or a quantizer whose packages are missing (NNCF needs
-    openvino and nncf: the [openvino] extra)."""
+def check_quantizer(precision: str, quantizer: str, nncf_preset: str | None = None) -> None:
+    """One line for a precision / quantizer / NNCF preset nnpp cannot make, or a quantizer whose packages are missing
+    (NNCF needs openvino and nncf: the [openvino] extra)."""
+    if nncf_preset and quantizer != "nncf":
+        raise NnppError("--nncf_preset is NNCF's: use it with --precision int8 --quantizer nncf")
     if precision not in PRECISIONS:
         raise NnppError(f"--precision {precision}: choose one of {', '.join(PRECISIONS)}")
     if quantizer not in QUANTIZERS:
@@ -373,7 +375,7 @@ def export_model(model: TrainedModel, out: str, depth: int | None = None, opset:
     place only when all folds pass; a failed export leaves ``out`` as it was. Returns the metadata."""
     ort = require("onnxruntime")
     onnx = require("onnx")
-    check_quantizer(precision, quantizer)
+    check_quantizer(precision, quantizer, nncf_preset)
     nncf = quantizer == "nncf"
     replace = check_output_folder(out, model, overwrite, precision, depth, quantizer)
     patch = model.patch_size

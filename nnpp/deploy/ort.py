@@ -228,7 +228,6 @@ def load_onnx_folder(folder: str, provider: str = "cpu", threads: int = 0, folds
                 raise NnppError(f"{p} is not the file nnpp_export wrote (SHA-256 differs from {METADATA_FILE}); "
                                 f"re-export it")
         if ir:
-            require("openvino", extra="openvino")
             sessions[f] = OpenVinoSession(path, threads)
         else:
             sessions[f] = make_session(path, provider, threads, trt_cache, device_id)

@@ -39,7 +39,7 @@ import sys
 
 from nnpp.paths import setup_paths
 from nnpp.cli import dataset_name, entry_point, non_negative_float, non_negative_int, positive_float, positive_int
-from nnpp import DEFAULT_TRAINER, NnppError
+from nnpp import DEFAULT_TRAINER
 
 
 def parser() -> argparse.ArgumentParser:
@@ -89,9 +89,7 @@ def main(argv=None):
     args = parser().parse_args(sys.argv[1:] if argv is None else argv)
     from nnpp.deploy.export import check_quantizer
     from nnpp.deploy.ort import require
-    check_quantizer(args.precision, args.quantizer)  # before loading the model
-    if args.nncf_preset and args.quantizer != "nncf":
-        raise NnppError("--nncf_preset is NNCF's: use it with --precision int8 --quantizer nncf")
+    check_quantizer(args.precision, args.quantizer, args.nncf_preset)  # before loading the model
     setup_paths(required=("nnUNet_results", "nnUNet_preprocessed") if args.precision != "fp32" else ("nnUNet_results",))
 
     from nnunetv2.utilities.file_path_utilities import get_output_folder

@@ -87,7 +87,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--ort_threads", type=non_negative_int, default=0, help="ONNX Runtime intra-op threads (0 = auto)")
     p.add_argument("--tta_batch", type=positive_int, default=None,
                    help=f"tiles x mirrors per network call (default: chosen per case, up to {DEFAULT_TTA_BATCH}, so "
-                        f"the logits held stay within 1.1x nnU-Net's; 1 = nnU-Net's one per call)")
+                        f"the logits and activations held stay within 1.1x nnU-Net's; 1 = nnU-Net's one per call)")
     p.add_argument("--resample", default=DEFAULT_RESAMPLE, choices=RESAMPLE_CHOICES,
                    help="how the logits go back to each case's original grid: torch (default: nnU-Net's "
                    "resample_torch_fornnunet, on the device when exports run in this process (-nps 0), on the CPU in "
@@ -143,7 +143,7 @@ def main(argv=None):
     print(f"[nnpp_predict] rank {env.rank if env.enabled else 0}: " + (f"torch {args.threads} CPU thread(s), " if
           device.type == "cpu" else "") + f"ONNX Runtime threads {args.ort_threads or 'auto'}, -npp {args.npp} "
           f"-nps {args.nps}, export {args.export_threads} thread(s) per case ({args.threads_why})", flush=True)
-    most = args.tta_batch or f"{predictor.tta_cap} (fewer for many classes)"
+    most = args.tta_batch or f"{predictor.tta_cap} (fewer for large models or many classes)"
     tta = (f"mirroring on, up to {most} tiles x mirrors per network call" if not args.disable_tta else
            f"mirroring off, up to {most} tiles per network call")
     if args.onnx is not None:

@@ -42,7 +42,7 @@ from nnpp import NnppError
 from nnpp import device as dev
 from nnpp.checkpoints import atomic_torch_save, check_checkpoint_file
 from nnpp.device import compile_supported, ddp_device_ids, make_amp
-from nnpp.distributed import all_reduce_sum, split_global_batch, world
+from nnpp.distributed import all_reduce_sum, bare_module, split_global_batch, world
 from nnpp.nets.plans import PLAIN_UNET_CLASS, UNETPP_CLASS
 from nnpp.nets.unetpp import checkpoint_mode
 
@@ -114,8 +114,7 @@ class nnUNetPlusPlusTrainer(nnUNetTrainer):
     @property
     def bare_network(self) -> nn.Module:
         """The network itself, DDP and torch.compile wrappers removed (what checkpoints store)."""
-        net = self.network.module if isinstance(self.network, DDP) else self.network
-        return getattr(net, "_orig_mod", net)
+        return bare_module(self.network)
 
     def run_settings(self) -> dict:
         """What a ``--c`` must reuse, saved in every checkpoint under ``nnpp_run_settings``. Keys are the argparse
