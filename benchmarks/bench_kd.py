@@ -27,6 +27,17 @@ predicted once), ``unl_soft`` (online soft KD on the unlabeled patches) and ``un
     python benchmarks/bench_kd.py --work /tmp/kd_unl --cases 10 --labeled 4 --unlabeled 32 \
         --methods none soft unl_hard unl_soft --seeds 0 1 2
 
+``--task ts_example_ct`` (issue 23.4, real data): the shared real CT (``../shared/datasets/ts_example_ct.py``: spleen,
+liver, stomach, aorta, 3 mm) cut into ``--chunks`` z-slabs, planned as ``bench_convergence.py --task ts_example_ct``
+(``SmallUNetPlanner``, base 8 features, 2d, the planner's batch). Slabs ``--train_slabs`` are the labeled training
+cases, ``--val_slabs`` the held-out validation cases (fold 0), and every other slab is written WITHOUT its labels to
+``WORK/unlabeled`` (the transfer set: other anatomy levels of the same patient, never a validation slab). With
+``--unseen`` every model is also scored on a second patient (TotalSegmentator's DICOM example CT, another scanner),
+predicted by ``nnpp_predict`` and scored by nnU-Net's metrics::
+
+    python benchmarks/bench_kd.py --work /tmp/kd_ts --task ts_example_ct --unseen --teacher_epochs 40 \
+        --student_epochs 40 --iters 40 --methods none soft unl_hard unl_both --seeds 0 1 2
+
 Every run's fold-0 validation Dice per label is read from its ``summary.json``. A finished run (its summary.json
 exists) is not run again, so the benchmark can be run in pieces. The JSON (``--out``, default
 ``WORK/bench_kd.json``) and the printed table give per method the mean and standard deviation of the Dice per
@@ -80,9 +91,55 @@ def make_task(root: str, task_id: int, n_cases: int, seed: int, shape=(32, 96, 9
                           "kd")
 
 
-def dice_of(summary: str) -> dict:
+def dice_of(summary: str, names: dict | None = None) -> dict:
+    """{label name: Dice} of an nnU-Net ``summary.json`` (``names``: label value -> name; default the synthetic's)."""
     from nnpp.cli import read_dice
-    return {LABELS.get(k, k): v for k, v in read_dice(summary).items()}
+    names = names or LABELS
+    return {names.get(k, k): v for k, v in read_dice(summary).items()}
+
+
+def prepare_ts(work: str, chunks: int, train: list, val: list) -> str:
+    """The real CT in ``chunks`` slabs through bench_convergence's preparation (issue 21's plans), fold 0 = ``train``
+    vs ``val`` slabs. Returns the dataset name."""
+    from bench_convergence import TS_BUILDER, TS_ID, prepare_ts as prepare_ts_dataset
+    bad = [c for c in train + val if not 0 <= c < chunks]
+    if bad or set(train) & set(val):
+        raise SystemExit(f"bench_kd: --train_slabs {train} / --val_slabs {val}: each slab once, in 0..{chunks - 1}")
+    name = prepare_ts_dataset(work, chunks, TS_BUILDER)
+    assert name == f"Dataset{TS_ID}_TSExampleCT", name
+    with open(os.path.join(os.environ["nnUNet_preprocessed"], name, "splits_final.json"), "w") as f:
+        json.dump([{"train": [f"ts_example_{c:02d}" for c in train],
+                    "val": [f"ts_example_{c:02d}" for c in val]}], f, indent=1)
+    return name
+
+
+def write_unlabeled_slabs(folder: str, name: str, slabs: list) -> None:
+    """The images of ``slabs`` (never their labels) as ``unl_slabNN_0000.nii.gz`` in ``folder``, written once."""
+    import shutil
+    if os.path.isdir(folder):
+        return
+    images = os.path.join(os.environ["nnUNet_raw"], name, "imagesTr")
+    os.makedirs(folder + ".partial", exist_ok=True)
+    for c in slabs:
+        shutil.copy(os.path.join(images, f"ts_example_{c:02d}_0000.nii.gz"),
+                    os.path.join(folder + ".partial", f"unl_slab{c:02d}_0000.nii.gz"))
+    os.replace(folder + ".partial", folder)
+
+
+def score_unseen(work: str, model: str, fold_dir: str, env: dict, names: dict, log: str) -> dict:
+    """``model``'s Dice per label on the second patient (``WORK/unseen``): nnpp_predict (torch, mirroring, fp32 on
+    the CPU) into ``fold_dir/unseen``, nnU-Net's ``compute_metrics_on_folder_simple`` against its labels."""
+    from nnunetv2.evaluation.evaluate_predictions import compute_metrics_on_folder_simple
+    out = os.path.join(fold_dir, "unseen")
+    summary = os.path.join(out, "summary.json")
+    if not os.path.isfile(summary):
+        trainer, plans, configuration = os.path.basename(model).split("__")
+        run(["nnpp.run.predict", "-i", os.path.join(work, "unseen", "imagesTs"), "-o", out, "-d", "950", "-c",
+             configuration, "-tr", trainer, "-p", plans, "-f", "0", "-device", "cpu", "--amp", "O0",
+             "--disable_progress_bar"], env, log)
+        compute_metrics_on_folder_simple(os.path.join(work, "unseen", "labelsTs"), out,
+                                         [int(v) for v in names if int(v)], summary, num_processes=1)
+    return dice_of(summary, names)
 
 
 def run(cmd: list, env: dict, log: str) -> float:
@@ -140,7 +197,18 @@ def summarise(result: dict) -> dict:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--work", required=True, help="working folder (nnU-Net folders, runs, logs, JSON)")
-    p.add_argument("--task_id", type=int, default=905)
+    p.add_argument("--task", choices=("synthetic", "ts_example_ct"), default="synthetic",
+                   help="synthetic: make_task's generator; ts_example_ct: the shared real CT in z-slabs (see above)")
+    p.add_argument("--task_id", type=int, default=905, help="synthetic: the dataset id")
+    p.add_argument("--chunks", type=int, default=16, help="ts_example_ct: z-slabs of the CT (cases)")
+    p.add_argument("--train_slabs", type=int, nargs="+", default=[2, 6, 10, 14],
+                   help="ts_example_ct: labeled training slabs (the organs lie in slabs 8-15 of 16)")
+    p.add_argument("--val_slabs", type=int, nargs="+", default=[11, 13, 15],
+                   help="ts_example_ct: validation slabs; all others are the unlabeled transfer set")
+    p.add_argument("--unlabeled_slabs", type=int, nargs="+", default=None,
+                   help="ts_example_ct: the unlabeled slabs (default: every slab neither trained on nor validated; "
+                        "others go to WORK/unlabeled_sNN-NN.. and need a --variant)")
+    p.add_argument("--unseen", action="store_true", help="ts_example_ct: score every model on a second patient too")
     p.add_argument("--cases", type=int, default=20)
     p.add_argument("--lesion_radius", type=int, default=6)
     p.add_argument("--configuration", default="2d")
@@ -150,7 +218,7 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=16,
                    help="batch size set in the plans with change_bs (nnU-Net's 2d planner gives this small task 128)")
     p.add_argument("--val_iters", type=int, default=10)
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2], help="student seeds (none: the teacher only)")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     p.add_argument("--unlabeled", type=int, default=0, help="N unlabeled cases (see above; 0: none)")
     p.add_argument("--labeled", type=int, default=4, help="with --unlabeled: labeled training cases (the rest of "
@@ -174,9 +242,28 @@ def main(argv=None):
     os.environ.update(dirs, nnUNet_results=os.path.join(work, "results", "teacher"))
     os.environ.setdefault("nnUNet_n_proc_DA", "0")
     os.environ.setdefault("nnUNet_compile", "false")
-    name = f"Dataset{a.task_id:03d}_KDBench"
+    ts = a.task == "ts_example_ct"
+    unlabeled = os.path.join(work, "unlabeled")
+    if ts:
+        rest = sorted(set(range(a.chunks)) - set(a.train_slabs) - set(a.val_slabs))
+        slabs = sorted(a.unlabeled_slabs or rest)
+        if set(slabs) - set(rest):
+            p.error(f"--unlabeled_slabs {slabs}: only slabs neither trained on nor validated ({rest})")
+        if slabs != rest:
+            if not a.variant:
+                p.error("--unlabeled_slabs other than the default: name the runs with --variant")
+            unlabeled += "_s" + "-".join(f"{c:02d}" for c in slabs)
+        a.task_id, a.unlabeled = 950, len(slabs)
+    name = f"Dataset{a.task_id:03d}_" + ("TSExampleCT" if ts else "KDBench")
     pre = os.path.join(dirs["nnUNet_preprocessed"], name)
-    if not os.path.isfile(os.path.join(pre, "nnUNetPlans.json")):
+    if ts and not os.path.isfile(os.path.join(pre, "splits_final.json")):
+        prepare_ts(work, a.chunks, a.train_slabs, a.val_slabs)
+    if ts:
+        write_unlabeled_slabs(unlabeled, name, slabs)
+    if ts and a.unseen:
+        from bench_convergence import TS_BUILDER, prepare_unseen
+        prepare_unseen(work, TS_BUILDER, json.load(open(os.path.join(pre, "dataset.json")))["labels"])
+    if not ts and not os.path.isfile(os.path.join(pre, "nnUNetPlans.json")):
         from nnpp.data.synthetic import prepare_dataset
         msd = make_task(os.path.join(work, "msd"), a.task_id, a.cases, seed=0, lesion_radius=a.lesion_radius)
         name = prepare_dataset(msd, a.task_id, configurations=(a.configuration,), num_processes=1)
@@ -184,19 +271,21 @@ def main(argv=None):
         change_batch_size(os.path.join(pre, "nnUNetPlans.json"), a.batch, a.configuration)
         if a.unlabeled:
             write_split(pre, a.labeled)
-    unlabeled = os.path.join(work, "unlabeled")
     stamp = os.path.join(work, "task.json")  # what WORK's data was made with: a rerun with other numbers is refused
     made = {"cases": a.cases, "labeled": a.labeled if a.unlabeled else None, "unlabeled": a.unlabeled,
-            "lesion_radius": a.lesion_radius, "task_id": a.task_id}
-    if os.path.isfile(stamp) and json.load(open(stamp)) != made:
+            "lesion_radius": a.lesion_radius, "task_id": a.task_id} if not ts else \
+        {"task": a.task, "chunks": a.chunks, "train_slabs": a.train_slabs, "val_slabs": a.val_slabs}
+    if os.path.isfile(stamp) and json.load(open(stamp)) != made:  # written once, atomically (runs side by side)
         raise SystemExit(f"bench_kd: {work} holds a task made with {json.load(open(stamp))}, not {made}: use "
                          f"another --work")
-    if a.unlabeled and not os.path.isdir(unlabeled):
+    if a.unlabeled and not ts and not os.path.isdir(unlabeled):
         write_unlabeled(unlabeled + ".partial", os.path.join(work, "msd_unlabeled"), a.task_id + 1, a.unlabeled,
                         a.lesion_radius)
         os.replace(unlabeled + ".partial", unlabeled)
-    with open(stamp, "w") as f:
-        json.dump(made, f)
+    if not os.path.isfile(stamp):
+        with open(f"{stamp}.tmp{os.getpid()}", "w") as f:
+            json.dump(made, f)
+        os.replace(f"{stamp}.tmp{os.getpid()}", stamp)
     if any(m in UNLABELED_METHODS for m in a.methods) and not a.unlabeled:
         p.error("methods unl_* need --unlabeled N")
     out = a.out or os.path.join(work, "bench_kd.json")
@@ -216,7 +305,17 @@ def main(argv=None):
         print(f"[bench_kd] teacher: UNet++, {a.teacher_epochs} epochs x {a.iters} iterations", flush=True)
         run(["nnpp.run.train", *common, "-tr", "nnUNetPlusPlusTrainer", "--epochs", str(a.teacher_epochs),
              "--seed", "0", *budget], env_for(teacher_results), os.path.join(work, "logs", "teacher.log"))
-    result["teacher"] = {"folder": teacher, "dice": dice_of(summary)}
+    names = {str(v): k for k, v in json.load(open(os.path.join(pre, "dataset.json")))["labels"].items()}
+
+    def scores(summary: str, model: str, env: dict, log: str) -> dict:
+        """Validation Dice per label, and with --unseen the second patient's as 'unseen <label>'."""
+        dice = dice_of(summary, names)
+        if ts and a.unseen:
+            unseen = score_unseen(work, model, os.path.dirname(os.path.dirname(summary)), env, names, log)
+            dice.update({f"unseen {k}": v for k, v in unseen.items()})
+        return dice
+    result["teacher"] = {"folder": teacher, "dice": scores(summary, teacher, env_for(teacher_results),
+                                                           os.path.join(work, "logs", "teacher_unseen.log"))}
     print(f"[bench_kd] teacher Dice {result['teacher']['dice']}", flush=True)
 
     from nnpp.distill.student import write_student_plans
@@ -247,7 +346,10 @@ def main(argv=None):
                     json.dump(wall, f)
             wall_file = os.path.join(results, "wall_s.json")
             wall = json.load(open(wall_file)) if os.path.isfile(wall_file) else None
-            result["runs"].setdefault(method, {})[str(seed)] = {"folder": fold, "dice": dice_of(summary),
+            tag = f"{method}{'@' + a.variant if a.variant else ''}_seed{seed}"
+            dice = scores(summary, os.path.dirname(fold), env_for(results), os.path.join(work, "logs",
+                                                                                         f"{tag}_unseen.log"))
+            result["runs"].setdefault(method, {})[str(seed)] = {"folder": fold, "dice": dice,
                                                                 "wall_s": wall}
             result["summary"] = summarise(result)
             tmp = f"{out}.tmp{os.getpid()}"
@@ -262,7 +364,7 @@ def main(argv=None):
     print("|---|" + "---|---|" * len(labels) + "---|")
     print("| teacher (UNet++) | " + " | ".join(f"{result['teacher']['dice'][lab]:.4f} | " for lab in labels)
           + " | |")
-    for method, labs in result["summary"].items():
+    for method, labs in result.get("summary", {}).items():
         cells = []
         for lab in labels:
             row = labs[lab]
