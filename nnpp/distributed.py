@@ -152,45 +152,54 @@ def rank0_choice(value):
     return box[0]
 
 
-def rank0_runs(fn, folder: str, what: str, poll_s: float = 2.0):
-    """``fn()`` on rank 0 only, its (JSON-serialisable) result on every rank; ``fn()`` itself outside DDP. For long
-    work (pseudo-labelling a thousand scans) the other ranks do not wait in a collective, which would time out after
-    the process group's timeout: they poll for a result file rank 0 writes into ``folder`` (every rank must see it:
-    checked first, as for the results folder), named by a token broadcast first. When ``fn`` raises on rank 0 (or
-    its result cannot be written), the others raise one line naming ``what``. Every rank passes a barrier after
-    reading, then rank 0 removes the file (also on failure)."""
+def ranks_run(fn, folder: str, what: str, poll_s: float = 2.0) -> list:
+    """``fn(rank, world_size)`` on every rank (each its share of long work, e.g. pseudo-labelling a thousand scans);
+    the list of every rank's (JSON-serialisable) result, on every rank; ``[fn(0, 1)]`` outside DDP. The ranks do not
+    wait for each other in a collective, which would time out after the process group's timeout: each writes a
+    result file into ``folder`` (every rank must see it: checked first, as for the results folder), named by a
+    token broadcast first, and polls for the others'. When ``fn`` raises on a rank, that rank raises its own
+    error and every other rank one line naming the rank and ``what``. Every rank passes a barrier after reading,
+    then rank 0 removes the files (also on failure)."""
     import json
     import time
     rank, n = world()
     if n == 1:
-        return fn()
+        return [fn(0, 1)]
     check_shared_folder(folder, "data folder")
     token = rank0_choice(uuid.uuid4().hex)
-    path = os.path.join(folder, f".nnpp_rank0_{token}.json")
+    paths = [os.path.join(folder, f".nnpp_rank{r}_{token}.json") for r in range(n)]
     error = None
-    if rank == 0:
-        try:
-            payload = json.dumps({"value": fn()})
-        except BaseException as e:
-            error = e
-            payload = json.dumps({"error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"})
-        with open(path + ".tmp", "w") as f:
-            f.write(payload)
-        os.replace(path + ".tmp", path)
-        result = json.loads(payload)
-    else:
+    try:
+        payload = json.dumps({"value": fn(rank, n)})
+    except BaseException as e:
+        error = e
+        payload = json.dumps({"error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"})
+    with open(paths[rank] + ".tmp", "w") as f:
+        f.write(payload)
+    os.replace(paths[rank] + ".tmp", paths[rank])
+    results = []
+    for path in paths:
         while not os.path.exists(path):
             time.sleep(poll_s)
         with open(path) as f:
-            result = json.load(f)
-    dist.barrier()  # every rank has read the file
+            results.append(json.load(f))
+    dist.barrier()  # every rank has read every file
     if rank == 0:
-        os.remove(path)
-        if error is not None:
-            raise error
-    if "error" in result:
-        raise NnppError(f"rank 0 failed while {what} ({result['error']}); see rank 0's output")
-    return result["value"]
+        for path in paths:
+            os.remove(path)
+    if error is not None:
+        raise error
+    failed = next((r for r, res in enumerate(results) if "error" in res), None)
+    if failed is not None:
+        raise NnppError(f"rank {failed} failed while {what} ({results[failed]['error']}); see rank {failed}'s "
+                        f"output")
+    return [res["value"] for res in results]
+
+
+def rank0_runs(fn, folder: str, what: str, poll_s: float = 2.0):
+    """``fn()`` on rank 0 only, its result on every rank (:func:`ranks_run` with nothing to do on the others: they
+    poll for rank 0's result file, so rank 0's work may outlast the process group's timeout)."""
+    return ranks_run(lambda rank, n: fn() if rank == 0 else None, folder, what, poll_s)[0]
 
 
 def check_shared_folder(path: str, what: str = "results folder") -> None:

@@ -101,3 +101,25 @@ def rank0_runs(rank: int, world: int, port: int, folder: str, out: str, fail: bo
         result = str(e)
     with open(os.path.join(out, f"r{rank}.json"), "w") as f:
         json.dump(result, f)
+
+
+def ranks_run(rank: int, world: int, port: int, folder: str, out: str, fail_rank: int) -> None:
+    """nnpp.distributed.ranks_run: every rank its share, rank 1's outlasting the process group's timeout (3 s);
+    ``fail_rank`` (-1: none) raises."""
+    _join(rank, world, port)
+    import time
+
+    from nnpp import NnppError, distributed
+
+    def work(k, n):
+        time.sleep(6 if k == 1 else 0)
+        if k == fail_rank:
+            raise NnppError("case b is unreadable")
+        return ["a", "b", "c"][k::n]
+    distributed.init(distributed.dist_env(), "gloo", timeout_s=3)
+    try:
+        result = distributed.ranks_run(work, folder, "pseudo-labelling", poll_s=0.2)
+    except NnppError as e:
+        result = str(e)
+    with open(os.path.join(out, f"r{rank}.json"), "w") as f:
+        json.dump(result, f)

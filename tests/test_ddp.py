@@ -314,3 +314,25 @@ def test_rank0_work_longer_than_the_group_timeout(tmp_path):
             assert results[1].startswith("rank 0 failed while preparing (NnppError: unlabeled case u1 is the "
                                          "validation case v1)")
         assert os.listdir(tmp_path / "data") == []  # the result file is gone in both cases
+
+
+def test_every_rank_its_share_longer_than_the_group_timeout(tmp_path):
+    """ranks_run (pseudo-labelling split across ranks): each rank's result reaches every rank although rank 1 works
+    past the process group's timeout; a failing rank raises its own error and the others one line naming it."""
+    import json
+
+    import torch.multiprocessing as mp
+
+    import ddp_worker
+    for fail_rank in (-1, 1):
+        out = tmp_path / str(fail_rank)
+        out.mkdir()
+        mp.spawn(ddp_worker.ranks_run, args=(2, free_port(), str(tmp_path / "data"), str(out), fail_rank), nprocs=2)
+        results = {r: json.loads((out / f"r{r}.json").read_text()) for r in (0, 1)}
+        if fail_rank < 0:
+            assert results == {0: [["a", "c"], ["b"]], 1: [["a", "c"], ["b"]]}
+        else:
+            assert results[1] == "case b is unreadable"
+            assert results[0] == "rank 1 failed while pseudo-labelling (NnppError: case b is unreadable); see rank " \
+                                 "1's output"
+        assert os.listdir(tmp_path / "data") == []

@@ -135,6 +135,32 @@ def test_hard_mode_runs_no_teacher(monkeypatch):
     assert trainer.losses_seen == [pytest.approx(np.mean([_ce(s[0], 1), _ce(s[1], 0)]), rel=1e-5)]  # seg on both
 
 
+def test_pseudo_labels_split_by_rank_whatever_is_done(monkeypatch, tmp_path):
+    """Under torchrun each rank predicts sorted(cases)[rank::world]: the same split on every rank although another
+    rank may already have written some of its files (a rank computing its list from what exists would skip or
+    repeat cases); files already there are kept; a rank with nothing left builds no predictor."""
+    import nnpp.predictor as P
+    built = []
+
+    class FakePredictor:
+        def predict_cases(self, files, outs, overwrite):
+            for f, o in zip(files, outs):
+                with open(o + ".nii.gz", "w") as fh:
+                    fh.write(f[0])
+    monkeypatch.setattr(P, "make_predictor", lambda *a, **k: built.append(1) or FakePredictor())
+    monkeypatch.setattr(P, "init_torch", lambda *a, **k: None)
+    cases = {c: [f"{c}_0000.nii.gz"] for c in ("e", "a", "d", "b", "c")}
+    out = tmp_path / "pseudo"
+    out.mkdir()
+    (out / "c.nii.gz").write_text("kept")  # done by an earlier, killed run
+    args = ("teacher", [0], cases, str(out), torch.device("cpu"), "checkpoint_final.pth", ".nii.gz")
+    assert U.pseudo_label(*args, part=(1, 2)) == ["b", "d"]  # rank 1 first: a c e are rank 0's
+    assert U.pseudo_label(*args, part=(0, 2)) == ["a", "e"]  # c is kept
+    assert (out / "c.nii.gz").read_text() == "kept" and (out / "e.nii.gz").read_text() == "e_0000.nii.gz"
+    assert sorted(os.listdir(out)) == [f"{c}.nii.gz" for c in "abcde"] and len(built) == 2
+    assert U.pseudo_label(*args, part=(0, 2)) == [] and len(built) == 2
+
+
 # ------------------------------------------------------------------------------------------------- end to end
 def _tree(folder):
     """{relative path: (size, mtime_ns)} of every file under ``folder``."""

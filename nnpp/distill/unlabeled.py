@@ -113,19 +113,23 @@ def pseudo_folder(preprocessed_dataset_dir: str, teacher_folder: str, folds: lis
 
 
 def pseudo_label(teacher_folder: str, folds: list, cases: dict, out_dir: str, device, checkpoint_name: str,
-                 file_ending: str) -> None:
+                 file_ending: str, part: tuple = (0, 1)) -> list:
     """The teacher (``teacher_folder`` with ``folds``: nnU-Net's fold ensemble, mirroring on, nnpp's predictor)
-    predicts every case into ``out_dir/CASE + file_ending``; cases already there are kept (nnU-Net's
-    ``--continue_prediction``)."""
-    from nnpp.predictor import inference_amp, init_torch, make_predictor
+    predicts cases into ``out_dir/CASE + file_ending``: share ``part = (k, n)`` of them, ``sorted(cases)[k::n]``
+    (under torchrun: k = rank, n = world size; the same split on every rank whatever is already done); cases
+    already there are kept (nnU-Net's ``--continue_prediction``). Returns the cases predicted now."""
     os.makedirs(out_dir, exist_ok=True)
-    predictor = make_predictor(device, amp=inference_amp("auto", device), progress=False)
-    init_torch(predictor, teacher_folder, folds, checkpoint_name)
-    todo = [c for c in sorted(cases) if not os.path.isfile(os.path.join(out_dir, c + file_ending))]
+    k, n = part
+    todo = [c for c in sorted(cases)[k::n] if not os.path.isfile(os.path.join(out_dir, c + file_ending))]
     if todo:
-        print(f"[nnpp_distill] pseudo-labels: the teacher predicts {len(todo)} unlabeled case(s) into {out_dir}",
-              flush=True)
+        from nnpp.predictor import inference_amp, init_torch, make_predictor
+        predictor = make_predictor(device, amp=inference_amp("auto", device), progress=False)
+        init_torch(predictor, teacher_folder, folds, checkpoint_name)
+        who = f" (rank {k} of {n}, on {device})" if n > 1 else ""
+        print(f"[nnpp_distill] pseudo-labels: the teacher predicts {len(todo)} unlabeled case(s) into {out_dir}"
+              f"{who}", flush=True)
         predictor.predict_cases([cases[c] for c in todo], [os.path.join(out_dir, c) for c in todo], overwrite=True)
+    return todo
 
 
 # ------------------------------------------------------------------------------------------------ preprocessing

@@ -182,14 +182,14 @@ def setup(trainer, args) -> None:
 
 def prepare_unlabeled(trainer, config: dict, student_val: list) -> str:
     """The unlabeled cases of ``config["unlabeled"]``, checked against the student's validation cases, pseudo-
-    labelled by the teacher (``--pseudo hard|both``) and preprocessed with the student's plans (by rank 0; the other
-    ranks poll for its folder, so pseudo-labelling may outlast the process group's timeout). Returns the
-    preprocessed folder."""
+    labelled by the teacher (``--pseudo hard|both``; under torchrun every rank predicts its share on its device) and
+    preprocessed with the student's plans (by rank 0). The ranks wait for each other by polling files, so
+    pseudo-labelling may outlast the process group's timeout. Returns the preprocessed folder."""
     from nnunetv2.paths import nnUNet_raw
     from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
 
     from nnpp.distill import unlabeled as U
-    from nnpp.distributed import rank0_runs, world
+    from nnpp.distributed import rank0_runs, ranks_run, world
     dataset_json, pm = trainer.dataset_json, trainer.plans_manager
     ending = dataset_json["file_ending"]
     # the batch check before any long work (nnU-Net sets trainer.batch_size in initialize; --dbs splits it)
@@ -207,14 +207,16 @@ def prepare_unlabeled(trainer, config: dict, student_val: list) -> str:
     base = trainer.preprocessed_dataset_folder_base
     pseudo_dir = U.pseudo_folder(base, config["t"][0], config["tf"], config["tchk"]) if hard else None
 
-    def rank0_work():
-        U.check_leaks(cases, student_val, os.path.join(str(nnUNet_raw), name), dataset_json,
-                      pm.image_reader_writer_class, cache=os.path.join(base, "nnpp_unlabeled", "digests.json"))
-        if hard:
-            U.pseudo_label(config["t"][0], config["tf"], cases, pseudo_dir, trainer.device, config["tchk"], ending)
-        return U.prepare(cases, base, pm, trainer.configuration_manager, trainer.configuration_name, dataset_json,
-                         pseudo_dir)
-    return rank0_runs(rank0_work, os.path.join(base, "nnpp_unlabeled"), "checking and preparing the unlabeled cases")
+    folder = os.path.join(base, "nnpp_unlabeled")
+    rank0_runs(lambda: U.check_leaks(cases, student_val, os.path.join(str(nnUNet_raw), name), dataset_json,
+                                     pm.image_reader_writer_class, cache=os.path.join(folder, "digests.json")),
+               folder, "checking the unlabeled cases")
+    if hard:
+        ranks_run(lambda rank, n: U.pseudo_label(config["t"][0], config["tf"], cases, pseudo_dir, trainer.device,
+                                                 config["tchk"], ending, part=(rank, n)),
+                  folder, "pseudo-labelling the unlabeled cases")
+    return rank0_runs(lambda: U.prepare(cases, base, pm, trainer.configuration_manager, trainer.configuration_name,
+                                        dataset_json, pseudo_dir), folder, "preparing the unlabeled cases")
 
 
 def validation_cases(summary_path: str, file_ending: str) -> set:
