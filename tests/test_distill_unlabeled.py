@@ -153,12 +153,54 @@ def test_pseudo_labels_split_by_rank_whatever_is_done(monkeypatch, tmp_path):
     out = tmp_path / "pseudo"
     out.mkdir()
     (out / "c.nii.gz").write_text("kept")  # done by an earlier, killed run
-    args = ("teacher", [0], cases, str(out), torch.device("cpu"), "checkpoint_final.pth", ".nii.gz")
+    args = (["teacher"], [0], cases, str(out), torch.device("cpu"), "checkpoint_final.pth", ".nii.gz")
     assert U.pseudo_label(*args, part=(1, 2)) == ["b", "d"]  # rank 1 first: a c e are rank 0's
     assert U.pseudo_label(*args, part=(0, 2)) == ["a", "e"]  # c is kept
     assert (out / "c.nii.gz").read_text() == "kept" and (out / "e.nii.gz").read_text() == "e_0000.nii.gz"
     assert sorted(os.listdir(out)) == [f"{c}.nii.gz" for c in "abcde"] and len(built) == 2
     assert U.pseudo_label(*args, part=(0, 2)) == [] and len(built) == 2
+
+
+def test_pseudo_labels_of_several_teacher_folders_average_their_probabilities(monkeypatch, tmp_path):
+    """Several -t folders: per case every folder's probabilities (as nnU-Net's predictor saves them), merged by their
+    mean (not a vote, not logits) into one mask; the per-folder files are gone afterwards. Probabilities by hand:
+    voxel 0: A 0.9 / B 0.45 for background -> mean 0.675 -> 0 (B alone says 1); voxel 1: A 0.49 / B 0.2 -> 1
+    (A alone says 1 too); voxel 2: A 0.4 / B 0.7 -> 0.55 -> 0 (a tie of votes, the mean decides)."""
+    import nibabel as nib
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    import nnpp.predictor as P
+    background = {"A": [0.9, 0.49, 0.4], "B": [0.45, 0.2, 0.7]}
+    plans = PlansManager({"image_reader_writer": "NibabelIO", "plans_name": "p", "configurations": {}})
+
+    class FakePredictor:
+        plans_manager, dataset_json = plans, {"labels": {"background": 0, "organ": 1}, "file_ending": ".nii.gz"}
+
+        def __init__(self):
+            self.name = None
+
+        def predict_cases(self, files, outs, save_probabilities, overwrite):
+            assert save_probabilities and len(outs) == 1
+            bg = np.array(background[self.name], dtype=np.float32).reshape(1, 1, 3)
+            assert os.path.isdir(os.path.dirname(outs[0]))  # as nnpp's predictor needs
+            np.savez_compressed(outs[0] + ".npz", probabilities=np.stack([bg, 1 - bg]))
+            import pickle
+            with open(outs[0] + ".pkl", "wb") as f:
+                pickle.dump({"nibabel_stuff": {"original_affine": np.eye(4)}}, f)
+    monkeypatch.setattr(P, "make_predictor", lambda *a, **k: FakePredictor())
+    monkeypatch.setattr(P, "init_torch", lambda predictor, folder, *a: setattr(predictor, "name", folder))
+    out = tmp_path / "pseudo"
+    done = U.pseudo_label(["A", "B"], [0], {"scan": ["scan_0000.nii.gz"]}, str(out), torch.device("cpu"),
+                          "checkpoint_final.pth", ".nii.gz")
+    assert done == ["scan"] and os.listdir(out) == ["scan.nii.gz"]  # the per-folder probabilities are gone
+    mask = np.asarray(nib.load(out / "scan.nii.gz").dataobj).transpose(2, 1, 0)  # NibabelIO's axis order
+    assert mask.ravel().tolist() == [0, 1, 0]
+    # the folder is keyed by every teacher folder: another set of folders labels again
+    for t in "AB":
+        (tmp_path / t / "fold_0").mkdir(parents=True)
+        (tmp_path / t / "fold_0" / "checkpoint_final.pth").write_bytes(b"weights")
+    keys = [U.pseudo_folder("pre", [str(tmp_path / t) for t in ts], [0], "checkpoint_final.pth") for ts in ("AB", "A")]
+    assert keys[0] != keys[1]
 
 
 # ------------------------------------------------------------------------------------------------- end to end

@@ -3,8 +3,9 @@
 * :func:`find_cases`: raw images in nnU-Net's naming (``CASE_0000.nii.gz``, the dataset's file ending and channels).
 * :func:`check_leaks`: an unlabeled case that is one of the student's validation cases (same id, or the same image
   content: the voxels and spacing read by the dataset's reader) is refused, naming it.
-* :func:`pseudo_label`: the teacher model folder (its folds as nnU-Net's ensemble) predicts every unlabeled case once
-  with nnpp's predictor (batched mirroring); the masks are the hard pseudo-labels (``--pseudo hard|both``).
+* :func:`pseudo_label`: the teacher model folders (their folds as nnU-Net's ensemble; several folders merged as
+  ``nnUNetv2_ensemble`` merges them) predict every unlabeled case once with nnpp's predictor (batched mirroring);
+  the masks are the hard pseudo-labels (``--pseudo hard|both``).
 * :func:`prepare`: nnU-Net's preprocessor with the student's plans writes the unlabeled cases (with their pseudo-
   labels, or with no label) into a folder of their own, ``PREPROCESSED/DATASET/nnpp_unlabeled/<name>/``, never
   into the labeled data. A manifest (the raw files' sizes and times, the configuration, the pseudo-labels') lets a
@@ -104,31 +105,62 @@ def check_leaks(cases: dict, student_val: list, raw_dataset_dir: str, dataset_js
 
 
 # ------------------------------------------------------------------------------------------------ pseudo-labels
-def pseudo_folder(preprocessed_dataset_dir: str, teacher_folder: str, folds: list, checkpoint_name: str) -> str:
-    """``PREPROCESSED/DATASET/nnpp_unlabeled/pseudo_<digest>``: one folder per teacher folder, folds and checkpoint
-    files (their sizes and times), so a retrained teacher labels again and an unchanged one is reused."""
-    stamps = [_file_stamp(os.path.join(teacher_folder, f"fold_{f}", checkpoint_name)) for f in folds]
-    key = hashlib.sha1(json.dumps([teacher_folder, list(folds), stamps]).encode()).hexdigest()[:12]
+def pseudo_folder(preprocessed_dataset_dir: str, teacher_folders: list, folds: list, checkpoint_name: str) -> str:
+    """``PREPROCESSED/DATASET/nnpp_unlabeled/pseudo_<digest>``: one folder per set of teacher folders, folds and
+    checkpoint files (their sizes and times), so a retrained teacher labels again and an unchanged one is reused."""
+    digests = []
+    for folder in teacher_folders:
+        stamps = [_file_stamp(os.path.join(folder, f"fold_{f}", checkpoint_name)) for f in folds]
+        digests.append([folder, list(folds), stamps])
+    key = hashlib.sha1(json.dumps(digests[0] if len(digests) == 1 else digests).encode()).hexdigest()[:12]
     return os.path.join(preprocessed_dataset_dir, "nnpp_unlabeled", f"pseudo_{key}")
 
 
-def pseudo_label(teacher_folder: str, folds: list, cases: dict, out_dir: str, device, checkpoint_name: str,
+def pseudo_label(teacher_folders: list, folds: list, cases: dict, out_dir: str, device, checkpoint_name: str,
                  file_ending: str, part: tuple = (0, 1)) -> list:
-    """The teacher (``teacher_folder`` with ``folds``: nnU-Net's fold ensemble, mirroring on, nnpp's predictor)
-    predicts cases into ``out_dir/CASE + file_ending``: share ``part = (k, n)`` of them, ``sorted(cases)[k::n]``
-    (under torchrun: k = rank, n = world size; the same split on every rank whatever is already done); cases
-    already there are kept (nnU-Net's ``--continue_prediction``). Returns the cases predicted now."""
+    """The teacher ensemble predicts cases into ``out_dir/CASE + file_ending``: each model folder of
+    ``teacher_folders`` with ``folds`` (nnU-Net's fold ensemble, mirroring on, nnpp's predictor); several folders
+    (different plans or trainers) are merged per case as ``nnUNetv2_ensemble`` does, by nnU-Net's ``merge_files``
+    (the mean of the folders' probabilities, then the label manager's segmentation), each folder's probabilities
+    removed once the case is written. Share ``part = (k, n)`` of the cases, ``sorted(cases)[k::n]`` (under
+    torchrun: k = rank, n = world size; the same split on every rank whatever is already done); cases already
+    there are kept (nnU-Net's ``--continue_prediction``). Returns the cases predicted now."""
     os.makedirs(out_dir, exist_ok=True)
     k, n = part
     todo = [c for c in sorted(cases)[k::n] if not os.path.isfile(os.path.join(out_dir, c + file_ending))]
-    if todo:
-        from nnpp.predictor import inference_amp, init_torch, make_predictor
-        predictor = make_predictor(device, amp=inference_amp("auto", device), progress=False)
-        init_torch(predictor, teacher_folder, folds, checkpoint_name)
-        who = f" (rank {k} of {n}, on {device})" if n > 1 else ""
-        print(f"[nnpp_distill] pseudo-labels: the teacher predicts {len(todo)} unlabeled case(s) into {out_dir}"
-              f"{who}", flush=True)
-        predictor.predict_cases([cases[c] for c in todo], [os.path.join(out_dir, c) for c in todo], overwrite=True)
+    if not todo:
+        return todo
+    from nnpp.predictor import inference_amp, init_torch, make_predictor
+    predictors = []
+    for folder in teacher_folders:
+        predictors.append(make_predictor(device, amp=inference_amp("auto", device), progress=False))
+        init_torch(predictors[-1], folder, folds, checkpoint_name)
+    who = f" (rank {k} of {n}, on {device})" if n > 1 else ""
+    teachers = f"an ensemble of {len(predictors)} teacher folders" if len(predictors) > 1 else "the teacher"
+    print(f"[nnpp_distill] pseudo-labels: {teachers} predicts {len(todo)} unlabeled case(s) into {out_dir}{who}",
+          flush=True)
+    if len(predictors) == 1:
+        predictors[0].predict_cases([cases[c] for c in todo], [os.path.join(out_dir, c) for c in todo], overwrite=True)
+        return todo
+    from nnunetv2.ensembling.ensemble import merge_files
+    pm, dataset_json = predictors[0].plans_manager, predictors[0].dataset_json
+    work = os.path.join(out_dir, f".ensemble_{k}_{os.getpid()}")
+    for i in range(len(predictors)):
+        os.makedirs(os.path.join(work, str(i)), exist_ok=True)  # nnpp's predictor writes beside existing outputs
+    try:
+        for c in todo:
+            parts = [os.path.join(work, str(i), c) for i in range(len(predictors))]
+            for predictor, part_out in zip(predictors, parts):
+                predictor.predict_cases([cases[c]], [part_out], save_probabilities=True, overwrite=True)
+            merge_files([f + ".npz" for f in parts], os.path.join(work, c), file_ending, pm.image_reader_writer_class(),
+                        pm.get_label_manager(dataset_json))
+            os.replace(os.path.join(work, c + file_ending), os.path.join(out_dir, c + file_ending))
+            for f in parts:
+                for ext in (".npz", ".pkl", file_ending):
+                    if os.path.exists(f + ext):
+                        os.remove(f + ext)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     return todo
 
 

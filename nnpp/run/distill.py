@@ -200,19 +200,16 @@ def prepare_unlabeled(trainer, config: dict, student_val: list) -> str:
                          determine_num_input_channels(pm, trainer.configuration_manager, dataset_json))
     name = os.path.basename(trainer.preprocessed_dataset_folder_base.rstrip(os.sep))
     hard = config["pseudo"] in ("hard", "both")
-    if hard and len(set(config["t"])) > 1:
-        raise NnppError("--pseudo hard|both: pseudo-labels come from one teacher model folder (its folds are "
-                        "ensembled); several -t folders are an ensemble nnpp cannot predict as one yet: use "
-                        "--pseudo soft, or one -t")
+    teachers = list(dict.fromkeys(config["t"]))  # every -t folder once, in order
     base = trainer.preprocessed_dataset_folder_base
-    pseudo_dir = U.pseudo_folder(base, config["t"][0], config["tf"], config["tchk"]) if hard else None
+    pseudo_dir = U.pseudo_folder(base, teachers, config["tf"], config["tchk"]) if hard else None
 
     folder = os.path.join(base, "nnpp_unlabeled")
     rank0_runs(lambda: U.check_leaks(cases, student_val, os.path.join(str(nnUNet_raw), name), dataset_json,
                                      pm.image_reader_writer_class, cache=os.path.join(folder, "digests.json")),
                folder, "checking the unlabeled cases")
     if hard:
-        ranks_run(lambda rank, n: U.pseudo_label(config["t"][0], config["tf"], cases, pseudo_dir, trainer.device,
+        ranks_run(lambda rank, n: U.pseudo_label(teachers, config["tf"], cases, pseudo_dir, trainer.device,
                                                  config["tchk"], ending, part=(rank, n)),
                   folder, "pseudo-labelling the unlabeled cases")
     return rank0_runs(lambda: U.prepare(cases, base, pm, trainer.configuration_manager, trainer.configuration_name,
