@@ -119,22 +119,27 @@ def write_unlabeled_slabs(folder: str, name: str, slabs: list) -> None:
     if os.path.isdir(folder):
         return
     images = os.path.join(os.environ["nnUNet_raw"], name, "imagesTr")
-    os.makedirs(folder + ".partial", exist_ok=True)
+    partial = f"{folder}.partial{os.getpid()}"  # runs started side by side each write their own
+    os.makedirs(partial, exist_ok=True)
     for c in slabs:
         shutil.copy(os.path.join(images, f"ts_example_{c:02d}_0000.nii.gz"),
-                    os.path.join(folder + ".partial", f"unl_slab{c:02d}_0000.nii.gz"))
-    os.replace(folder + ".partial", folder)
+                    os.path.join(partial, f"unl_slab{c:02d}_0000.nii.gz"))
+    try:
+        os.replace(partial, folder)
+    except OSError:  # another run's folder got there first: the same files
+        shutil.rmtree(partial)
 
 
 def score_unseen(work: str, model: str, fold_dir: str, env: dict, names: dict, log: str) -> dict:
     """``model``'s Dice per label on the second patient (``WORK/unseen``): nnpp_predict (torch, mirroring, fp32 on
     the CPU) into ``fold_dir/unseen``, nnU-Net's ``compute_metrics_on_folder_simple`` against its labels."""
+    from bench_convergence import TS_ID
     from nnunetv2.evaluation.evaluate_predictions import compute_metrics_on_folder_simple
     out = os.path.join(fold_dir, "unseen")
     summary = os.path.join(out, "summary.json")
     if not os.path.isfile(summary):
         trainer, plans, configuration = os.path.basename(model).split("__")
-        run(["nnpp.run.predict", "-i", os.path.join(work, "unseen", "imagesTs"), "-o", out, "-d", "950", "-c",
+        run(["nnpp.run.predict", "-i", os.path.join(work, "unseen", "imagesTs"), "-o", out, "-d", str(TS_ID), "-c",
              configuration, "-tr", trainer, "-p", plans, "-f", "0", "-device", "cpu", "--amp", "O0",
              "--disable_progress_bar"], env, log)
         compute_metrics_on_folder_simple(os.path.join(work, "unseen", "labelsTs"), out,
@@ -323,7 +328,8 @@ def main(argv=None):
     plans = write_student_plans(pre, "nnUNetPlans", a.configuration, DEFAULT_R, DEFAULT_STUDENT)
     for seed in a.seeds:
         for method in a.methods:
-            results = os.path.join(work, "results", method + (f"@{a.variant}" if a.variant else ""), f"seed{seed}")
+            run_name = method + (f"@{a.variant}" if a.variant else "")  # results/RUN_NAME/seedS, logs/RUN_NAME_seedS*
+            results = os.path.join(work, "results", run_name, f"seed{seed}")
             trainer = NO_KD_TRAINERS[DEFAULT_STUDENT] if method == "none" else STUDENT_TRAINERS[DEFAULT_STUDENT]
             fold = os.path.join(results, name, f"{trainer}__{plans}__{a.configuration}", "fold_0")
             summary = os.path.join(fold, "validation", "summary.json")
@@ -341,14 +347,13 @@ def main(argv=None):
                         if a.unlabeled_fraction is not None:
                             cmd += ["--unlabeled_fraction", str(a.unlabeled_fraction)]
                 wall = run(cmd + ["--epochs", str(a.student_epochs), "--seed", str(seed), *budget],
-                           env_for(results), os.path.join(work, "logs", f"{method}{'@' + a.variant if a.variant else ''}_seed{seed}.log"))
+                           env_for(results), os.path.join(work, "logs", f"{run_name}_seed{seed}.log"))
                 with open(os.path.join(results, "wall_s.json"), "w") as f:  # read back by --table_only
                     json.dump(wall, f)
             wall_file = os.path.join(results, "wall_s.json")
             wall = json.load(open(wall_file)) if os.path.isfile(wall_file) else None
-            tag = f"{method}{'@' + a.variant if a.variant else ''}_seed{seed}"
-            dice = scores(summary, os.path.dirname(fold), env_for(results), os.path.join(work, "logs",
-                                                                                         f"{tag}_unseen.log"))
+            dice = scores(summary, os.path.dirname(fold), env_for(results),
+                          os.path.join(work, "logs", f"{run_name}_seed{seed}_unseen.log"))
             result["runs"].setdefault(method, {})[str(seed)] = {"folder": fold, "dice": dice,
                                                                 "wall_s": wall}
             result["summary"] = summarise(result)

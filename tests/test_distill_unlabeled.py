@@ -165,12 +165,13 @@ def test_pseudo_labels_of_several_teacher_folders_average_their_probabilities(mo
     """Several -t folders: per case every folder's probabilities (as nnU-Net's predictor saves them), merged by their
     mean (not a vote, not logits) into one mask; the per-folder files are gone afterwards. Probabilities by hand:
     voxel 0: A 0.9 / B 0.45 for background -> mean 0.675 -> 0 (B alone says 1); voxel 1: A 0.49 / B 0.2 -> 1
-    (A alone says 1 too); voxel 2: A 0.4 / B 0.7 -> 0.55 -> 0 (a tie of votes, the mean decides)."""
+    (A alone says 1 too); voxel 2: A 0.4 / B 0.7 -> 0.55 -> 0 and voxel 3: A 0.2 / B 0.6 -> 0.4 -> 1 (ties of
+    votes that the mean decides both ways; a vote, or the more confident folder, gives 0 and 0)."""
     import nibabel as nib
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
     import nnpp.predictor as P
-    background = {"A": [0.9, 0.49, 0.4], "B": [0.45, 0.2, 0.7]}
+    background = {"A": [0.9, 0.49, 0.4, 0.2], "B": [0.45, 0.2, 0.7, 0.6]}
     plans = PlansManager({"image_reader_writer": "NibabelIO", "plans_name": "p", "configurations": {}})
 
     class FakePredictor:
@@ -181,7 +182,7 @@ def test_pseudo_labels_of_several_teacher_folders_average_their_probabilities(mo
 
         def predict_cases(self, files, outs, save_probabilities, overwrite):
             assert save_probabilities and len(outs) == 1
-            bg = np.array(background[self.name], dtype=np.float32).reshape(1, 1, 3)
+            bg = np.array(background[self.name], dtype=np.float32).reshape(1, 1, 4)
             assert os.path.isdir(os.path.dirname(outs[0]))  # as nnpp's predictor needs
             np.savez_compressed(outs[0] + ".npz", probabilities=np.stack([bg, 1 - bg]))
             import pickle
@@ -194,7 +195,7 @@ def test_pseudo_labels_of_several_teacher_folders_average_their_probabilities(mo
                           "checkpoint_final.pth", ".nii.gz")
     assert done == ["scan"] and os.listdir(out) == ["scan.nii.gz"]  # the per-folder probabilities are gone
     mask = np.asarray(nib.load(out / "scan.nii.gz").dataobj).transpose(2, 1, 0)  # NibabelIO's axis order
-    assert mask.ravel().tolist() == [0, 1, 0]
+    assert mask.ravel().tolist() == [0, 1, 0, 1]
     # the folder is keyed by every teacher folder: another set of folders labels again
     for t in "AB":
         (tmp_path / t / "fold_0").mkdir(parents=True)

@@ -112,7 +112,8 @@ def pseudo_folder(preprocessed_dataset_dir: str, teacher_folders: list, folds: l
     for folder in teacher_folders:
         stamps = [_file_stamp(os.path.join(folder, f"fold_{f}", checkpoint_name)) for f in folds]
         digests.append([folder, list(folds), stamps])
-    key = hashlib.sha1(json.dumps(digests[0] if len(digests) == 1 else digests).encode()).hexdigest()[:12]
+    # several folders: their mean does not depend on the order of -t, nor does the key
+    key = hashlib.sha1(json.dumps(digests[0] if len(digests) == 1 else sorted(digests)).encode()).hexdigest()[:12]
     return os.path.join(preprocessed_dataset_dir, "nnpp_unlabeled", f"pseudo_{key}")
 
 
