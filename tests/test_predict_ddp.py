@@ -91,6 +91,33 @@ def test_two_processes_same_masks_and_continue_skips(trained_model, tiny_dataset
     assert log.read_text().startswith(f"rank 1 of 2, case {bad}\nTraceback")
 
 
+def test_leftover_export_folders_of_live_processes_are_kept(tmp_path, monkeypatch):
+    """A run clears the temp folders a killed run left for its cases, but not those of a process still writing
+    (two distillations pseudo-labelling with one teacher share the output folder): export_case names its folder by
+    pid and host, and only a dead owner's (or a nameless) folder counts as left over."""
+    import socket
+    import subprocess
+
+    import nnunetv2.inference.export_prediction as nnunet_export
+
+    from nnpp.predictor import _owner_alive, export_case
+    seen = []
+
+    def export(logits, props, cm, pm, dataset_json, ofile, save_probabilities=False, threads=8):
+        seen.append(os.path.basename(os.path.dirname(ofile)))  # the temp folder, while it is written
+        for ext in (".npz", ".pkl", dataset_json["file_ending"]):
+            open(ofile + ext, "w").write(ext)
+    monkeypatch.setattr(nnunet_export, "export_prediction_from_logits", export)
+    export_case(None, {}, None, None, {"file_ending": ".nii.gz"}, str(tmp_path / "case_001"), True)
+    assert seen[0].startswith(".case_001.partial.") and _owner_alive(seen[0])  # this process: alive
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    host = socket.gethostname()
+    assert not _owner_alive(f".case_001.partial.ab_c1.pid{dead.pid}@{host}")
+    assert _owner_alive(f".case_001.partial.ab_c1.pid{dead.pid}@another-node.{host}")  # that node clears its own
+    assert not _owner_alive(".case_001.partial.killed")  # a folder without an owner's name: left over
+
+
 def test_killed_export_leaves_no_finished_looking_case(tmp_path, monkeypatch):
     """nnU-Net writes the segmentation straight to its final name: a process killed while writing leaves a file
     that --continue_prediction (an isfile test) takes as finished. nnpp's export_case writes beside and renames."""
