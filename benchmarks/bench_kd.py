@@ -259,6 +259,22 @@ def main(argv=None):
                 p.error("--unlabeled_slabs other than the default: name the runs with --variant")
             unlabeled += "_s" + "-".join(f"{c:02d}" for c in slabs)
         a.task_id, a.unlabeled = 950, len(slabs)
+    # what WORK's data is made with, claimed before any data is written (os.link: exactly one of the runs started side
+    # by side creates it, complete); a run with other numbers is refused
+    stamp = os.path.join(work, "task.json")
+    made = {"cases": a.cases, "labeled": a.labeled if a.unlabeled else None, "unlabeled": a.unlabeled,
+            "lesion_radius": a.lesion_radius, "task_id": a.task_id} if not ts else \
+        {"task": a.task, "chunks": a.chunks, "train_slabs": a.train_slabs, "val_slabs": a.val_slabs}
+    with open(f"{stamp}.tmp{os.getpid()}", "w") as f:
+        json.dump(made, f)
+    try:
+        os.link(f"{stamp}.tmp{os.getpid()}", stamp)
+    except FileExistsError:
+        if json.load(open(stamp)) != made:
+            raise SystemExit(f"bench_kd: {work} holds a task made with {json.load(open(stamp))}, not {made}: use "
+                             f"another --work")
+    finally:
+        os.remove(f"{stamp}.tmp{os.getpid()}")
     name = f"Dataset{a.task_id:03d}_" + ("TSExampleCT" if ts else "KDBench")
     pre = os.path.join(dirs["nnUNet_preprocessed"], name)
     if ts and not os.path.isfile(os.path.join(pre, "splits_final.json")):
@@ -276,21 +292,10 @@ def main(argv=None):
         change_batch_size(os.path.join(pre, "nnUNetPlans.json"), a.batch, a.configuration)
         if a.unlabeled:
             write_split(pre, a.labeled)
-    stamp = os.path.join(work, "task.json")  # what WORK's data was made with: a rerun with other numbers is refused
-    made = {"cases": a.cases, "labeled": a.labeled if a.unlabeled else None, "unlabeled": a.unlabeled,
-            "lesion_radius": a.lesion_radius, "task_id": a.task_id} if not ts else \
-        {"task": a.task, "chunks": a.chunks, "train_slabs": a.train_slabs, "val_slabs": a.val_slabs}
-    if os.path.isfile(stamp) and json.load(open(stamp)) != made:  # written once, atomically (runs side by side)
-        raise SystemExit(f"bench_kd: {work} holds a task made with {json.load(open(stamp))}, not {made}: use "
-                         f"another --work")
     if a.unlabeled and not ts and not os.path.isdir(unlabeled):
         write_unlabeled(unlabeled + ".partial", os.path.join(work, "msd_unlabeled"), a.task_id + 1, a.unlabeled,
                         a.lesion_radius)
         os.replace(unlabeled + ".partial", unlabeled)
-    if not os.path.isfile(stamp):
-        with open(f"{stamp}.tmp{os.getpid()}", "w") as f:
-            json.dump(made, f)
-        os.replace(f"{stamp}.tmp{os.getpid()}", stamp)
     if any(m in UNLABELED_METHODS for m in a.methods) and not a.unlabeled:
         p.error("methods unl_* need --unlabeled N")
     out = a.out or os.path.join(work, "bench_kd.json")

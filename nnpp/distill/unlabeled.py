@@ -145,7 +145,12 @@ def pseudo_label(teacher_folders: list, folds: list, cases: dict, out_dir: str, 
         return todo
     from nnunetv2.ensembling.ensemble import merge_files
     pm, dataset_json = predictors[0].plans_manager, predictors[0].dataset_json
-    work = os.path.join(out_dir, f".ensemble_{k}_{os.getpid()}")
+    from nnpp.predictor import _owner_alive
+    for d in os.listdir(out_dir):  # what a killed ensemble left (not a live one's: runs may share the folder)
+        if d.startswith(".ensemble.") and not _owner_alive(d):
+            shutil.rmtree(os.path.join(out_dir, d), ignore_errors=True)
+    import socket
+    work = os.path.join(out_dir, f".ensemble.{k}.pid{os.getpid()}@{socket.gethostname()}")
     for i in range(len(predictors)):
         os.makedirs(os.path.join(work, str(i)), exist_ok=True)  # nnpp's predictor writes beside existing outputs
     try:
