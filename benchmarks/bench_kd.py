@@ -132,12 +132,14 @@ def write_unlabeled_slabs(folder: str, name: str, slabs: list) -> None:
 
 def score_unseen(work: str, model: str, fold_dir: str, env: dict, names: dict, log: str) -> dict:
     """``model``'s Dice per label on the second patient (``WORK/unseen``): nnpp_predict (torch, mirroring, fp32 on
-    the CPU) into ``fold_dir/unseen``, nnU-Net's ``compute_metrics_on_folder_simple`` against its labels."""
+    the CPU) into ``fold_dir/unseen``, nnU-Net's ``compute_metrics_on_folder_simple`` against its labels; kept
+    until the model's checkpoint is newer."""
     from bench_convergence import TS_ID
     from nnunetv2.evaluation.evaluate_predictions import compute_metrics_on_folder_simple
     out = os.path.join(fold_dir, "unseen")
     summary = os.path.join(out, "summary.json")
-    if not os.path.isfile(summary):
+    if not os.path.isfile(summary) or os.path.getmtime(summary) < os.path.getmtime(
+            os.path.join(fold_dir, "checkpoint_final.pth")):
         trainer, plans, configuration = os.path.basename(model).split("__")
         run(["nnpp.run.predict", "-i", os.path.join(work, "unseen", "imagesTs"), "-o", out, "-d", str(TS_ID), "-c",
              configuration, "-tr", trainer, "-p", plans, "-f", "0", "-device", "cpu", "--amp", "O0",
