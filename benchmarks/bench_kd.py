@@ -267,16 +267,26 @@ def main(argv=None):
     made = {"cases": a.cases, "labeled": a.labeled if a.unlabeled else None, "unlabeled": a.unlabeled,
             "lesion_radius": a.lesion_radius, "task_id": a.task_id} if not ts else \
         {"task": a.task, "chunks": a.chunks, "train_slabs": a.train_slabs, "val_slabs": a.val_slabs}
-    with open(f"{stamp}.tmp{os.getpid()}", "w") as f:
+    if any(m in UNLABELED_METHODS for m in a.methods) and not a.unlabeled:
+        p.error("methods unl_* need --unlabeled N")
+    import tempfile
+    fd, tmp = tempfile.mkstemp(dir=work, prefix=".task.json.")
+    with os.fdopen(fd, "w") as f:
         json.dump(made, f)
     try:
-        os.link(f"{stamp}.tmp{os.getpid()}", stamp)
+        try:
+            os.link(tmp, stamp)
+        except FileExistsError:
+            raise
+        except OSError:  # a file system without hard links: exclusive create instead
+            with open(stamp, "x") as f:
+                json.dump(made, f)
     except FileExistsError:
         if json.load(open(stamp)) != made:
             raise SystemExit(f"bench_kd: {work} holds a task made with {json.load(open(stamp))}, not {made}: use "
                              f"another --work")
     finally:
-        os.remove(f"{stamp}.tmp{os.getpid()}")
+        os.remove(tmp)
     name = f"Dataset{a.task_id:03d}_" + ("TSExampleCT" if ts else "KDBench")
     pre = os.path.join(dirs["nnUNet_preprocessed"], name)
     if ts and not os.path.isfile(os.path.join(pre, "splits_final.json")):
@@ -298,8 +308,6 @@ def main(argv=None):
         write_unlabeled(unlabeled + ".partial", os.path.join(work, "msd_unlabeled"), a.task_id + 1, a.unlabeled,
                         a.lesion_radius)
         os.replace(unlabeled + ".partial", unlabeled)
-    if any(m in UNLABELED_METHODS for m in a.methods) and not a.unlabeled:
-        p.error("methods unl_* need --unlabeled N")
     out = a.out or os.path.join(work, "bench_kd.json")
     result = {"settings": vars(a), "runs": {}}
     budget = ["-device", a.device, "--iters", str(a.iters), "--val_iters", str(a.val_iters)]

@@ -14,6 +14,46 @@ DATASET_ID_RE = re.compile(r"(?:Dataset|Task)?0*(\d{1,3})(?:_\w+)?")
 
 
 
+OWNER_RE = re.compile(r"\.owner(\d+)-([0-9a-f]{8})$")  # the end of a temp folder's name: its owner
+
+
+def owner_space() -> str:
+    """8 hex digits naming where this process's pid means something: the host name and, on Linux, the pid namespace
+    (containers that share a host name but not their pids stay apart)."""
+    import hashlib
+    import socket
+    try:
+        namespace = str(os.stat("/proc/self/ns/pid").st_ino)
+    except OSError:
+        namespace = ""
+    return hashlib.sha1(f"{socket.gethostname()}:{namespace}".encode()).hexdigest()[:8]
+
+
+def owner_suffix() -> str:
+    """The end of a temp folder's name that names this process as its owner (``.ownerPID-SPACE``; see
+    :func:`owner_alive`). Use as ``tempfile.mkdtemp(prefix=..., suffix=owner_suffix(), dir=...)``."""
+    return f".owner{os.getpid()}-{owner_space()}"
+
+
+def owner_alive(name: str) -> bool:
+    """Whether the owner named at the end of a temp folder's ``name`` may still be writing it: a live process here
+    (same host and pid namespace), any process elsewhere (that machine clears its own: a shared folder), or any
+    process where this cannot be asked (Windows). Only a dead owner's folder, or one that names no owner (older
+    nnpp), is left over from a killed run; two runs sharing a folder never delete each other's work."""
+    m = OWNER_RE.search(name)
+    if m is None:
+        return False
+    if m.group(2) != owner_space() or os.name == "nt":
+        return True
+    try:
+        os.kill(int(m.group(1)), 0)
+    except ProcessLookupError:
+        return False
+    except (OSError, OverflowError):  # PermissionError: alive, another user's
+        return True
+    return True
+
+
 def parse_dataset_id(text: str) -> int:
     """``3``, ``003``, ``Dataset003_Liver`` or the v1/MSD forms ``Task003_Liver``, ``Task03_Liver`` -> 3."""
     m = DATASET_ID_RE.fullmatch(str(text).strip())

@@ -28,7 +28,6 @@ import itertools
 import multiprocessing
 import os
 import shutil
-import socket
 import tempfile
 import time
 from queue import Queue
@@ -43,6 +42,7 @@ from tqdm import tqdm
 
 from nnpp import NnppError
 from nnpp import device as dev
+from nnpp.files import owner_alive, owner_suffix
 
 DEFAULT_TTA_BATCH = 8  # the most tiles x mirrored copies per network call (one 3D tile's 8 copies)
 TTA_MEMORY_FLOOR = 512 * 2 ** 20  # bytes beyond nnU-Net's tile working set the auto choice always allows
@@ -301,7 +301,7 @@ class nnppPredictor(nnUNetPredictor):
         for o in outputs:  # temp folders a killed run left for this part's cases (not those of a live process)
             parent = os.path.dirname(os.path.abspath(o))
             for d in os.listdir(parent):
-                if d.startswith(f".{os.path.basename(o)}.partial.") and not _owner_alive(d):
+                if d.startswith(f".{os.path.basename(o)}.partial.") and not owner_alive(d):
                     shutil.rmtree(os.path.join(parent, d), ignore_errors=True)
         overlapped = num_processes_preprocessing > 0
 
@@ -615,26 +615,6 @@ def segmentation_from_logits(logits, properties: dict, configuration_manager, pl
     return out.transpose(plans_manager.transpose_backward)
 
 
-def _owner_alive(partial_dir: str) -> bool:
-    """Whether the process that made an :func:`export_case` temp folder (``.CASE.partial.RANDOM.pidPID@HOST``) may
-    still be writing it: a live process of this host, or any process of another host (a shared output folder: that
-    node clears its own). Only a dead owner's (or a nameless, older) folder is left over from a killed run; two runs
-    sharing an output folder (two distillations pseudo-labelling with one teacher) never delete each other's."""
-    import re
-    m = re.search(r"\.pid(\d+)@(.+)$", partial_dir)
-    if m is None:
-        return False
-    if m.group(2) != socket.gethostname():
-        return True
-    try:
-        os.kill(int(m.group(1)), 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, another user's
-        return True
-    return True
-
-
 def export_case(logits, properties: dict, configuration_manager, plans_manager, dataset_json: dict,
                 output_file_truncated: str, save_probabilities: bool = False, threads: int | None = None) -> float:
     """nnU-Net's ``export_prediction_from_logits`` (resampling to the original geometry, segmentation, and with
@@ -648,7 +628,7 @@ def export_case(logits, properties: dict, configuration_manager, plans_manager, 
     from nnunetv2.inference.export_prediction import export_prediction_from_logits
     t0 = time.perf_counter()
     folder, name = os.path.split(os.path.abspath(output_file_truncated))
-    tmp = tempfile.mkdtemp(prefix=f".{name}.partial.", suffix=f".pid{os.getpid()}@{socket.gethostname()}", dir=folder)
+    tmp = tempfile.mkdtemp(prefix=f".{name}.partial.", suffix=owner_suffix(), dir=folder)  # files.owner_alive
     old_threads = torch.get_num_threads()
     try:
         label_manager = None if save_probabilities else plans_manager.get_label_manager(dataset_json)

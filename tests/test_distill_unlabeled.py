@@ -191,12 +191,12 @@ def test_pseudo_labels_of_several_teacher_folders_average_their_probabilities(mo
     monkeypatch.setattr(P, "make_predictor", lambda *a, **k: FakePredictor())
     monkeypatch.setattr(P, "init_torch", lambda predictor, folder, *a: setattr(predictor, "name", folder))
     out = tmp_path / "pseudo"
-    (out / ".ensemble.0.pid999999999@elsewhere").mkdir(parents=True)  # another node's, maybe running: kept
+    (out / ".ensemble.0.owner999999999-00000000").mkdir(parents=True)  # another node's, maybe running: kept
     (out / ".ensemble.0.killed").mkdir()  # a killed run's: removed
     done = U.pseudo_label(["A", "B"], [0], {"scan": ["scan_0000.nii.gz"]}, str(out), torch.device("cpu"),
                           "checkpoint_final.pth", ".nii.gz")
     assert done == ["scan"]  # the per-folder probabilities are gone, the other node's folder is not
-    assert sorted(os.listdir(out)) == [".ensemble.0.pid999999999@elsewhere", "scan.nii.gz"]
+    assert sorted(os.listdir(out)) == [".ensemble.0.owner999999999-00000000", "scan.nii.gz"]
     mask = np.asarray(nib.load(out / "scan.nii.gz").dataobj).transpose(2, 1, 0)  # NibabelIO's axis order
     assert mask.ravel().tolist() == [0, 1, 0, 1]
     # the folder is keyed by every teacher folder: another set of folders labels again

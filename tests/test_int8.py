@@ -120,15 +120,21 @@ def test_output_folder_is_per_precision_and_stale_temp_folders_go(tmp_path):
     with pytest.raises(NnppError, match="holds a fp32 export of this model .*not int8"):
         check_output_folder(str(out), model, overwrite=True, precision="int8")
 
-    host = socket.gethostname().replace("_", "-")
+    from nnpp.deploy.export import _temp_folder
+    from nnpp.files import owner_space
+    space = owner_space()
+    other = "0" * 8 if space != "0" * 8 else "1" * 8  # another host, or a container with its own pids
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    names = {"dead": f"{TMP_PREFIX}{host}_{int(dead.stdout)}_ab_c", "old": f"{TMP_PREFIX}old_{host}_{int(dead.stdout)}_x",
-             "alive": f"{TMP_PREFIX}{host}_{os.getppid()}_xy", "other": f"{TMP_PREFIX}otherhost_{int(dead.stdout)}_z"}
+    dead = int(dead.stdout)
+    names = {"dead": f"{TMP_PREFIX}ab_c.owner{dead}-{space}", "old": f"{TMP_PREFIX}old_x.owner{dead}-{space}",
+             "nameless": f"{TMP_PREFIX}{socket.gethostname()}_{dead}_x",  # older nnpp's: no owner to ask
+             "alive": f"{TMP_PREFIX}xy.owner{os.getppid()}-{space}", "other": f"{TMP_PREFIX}z.owner{dead}-{other}"}
     for n in names.values():
         (tmp_path / n).mkdir()
+    mine = _temp_folder(str(tmp_path))  # this process's own, while it works
     removed = remove_stale_temp_folders(str(tmp_path))
-    assert sorted(removed) == sorted(str(tmp_path / names[k]) for k in ("dead", "old"))
-    assert (tmp_path / names["alive"]).exists() and (tmp_path / names["other"]).exists()
+    assert sorted(removed) == sorted(str(tmp_path / names[k]) for k in ("dead", "old", "nameless"))
+    assert (tmp_path / names["alive"]).exists() and (tmp_path / names["other"]).exists() and os.path.isdir(mine)
 
 
 def test_guard_refuses_when_no_label_can_be_scored(trained_model, tiny_dataset, tmp_path, monkeypatch, capsys):

@@ -54,6 +54,9 @@ def test_two_processes_same_masks_and_continue_skips(trained_model, tiny_dataset
         os.remove(tmp_path / "two" / f)  # cases' [RANK::2]), now split one per rank
     stale = tmp_path / "two" / f".{sorted(two)[0][:-len('.nii.gz')]}.partial.killed"  # what a SIGKILL leaves
     stale.mkdir()
+    from nnpp.files import owner_suffix
+    live = tmp_path / "two" / f".{sorted(two)[0][:-len('.nii.gz')]}.partial.x{owner_suffix()}"  # another run's, live
+    live.mkdir()
     # ... here without OMP_NUM_THREADS: torchrun gives each worker OMP_NUM_THREADS=1, which nnpp tells from a
     # user's choice; each rank takes its share of the cores (the first run above: the user's 1, said so)
     assert "rank 1: torch 1 CPU thread(s)" in p.stdout and "(OMP_NUM_THREADS=1)" in p.stdout
@@ -71,7 +74,7 @@ def test_two_processes_same_masks_and_continue_skips(trained_model, tiny_dataset
     assert f"({usable_cores()} cores / 2 local rank(s))" in p.stdout
     kept = [f for i, f in enumerate(sorted(two)) if i not in (0, 2)]
     assert {f: os.stat(tmp_path / "two" / f).st_mtime_ns for f in kept} == {f: stamps[f] for f in kept}
-    assert masks(tmp_path / "two").keys() == one.keys() and not stale.exists()
+    assert masks(tmp_path / "two").keys() == one.keys() and not stale.exists() and live.exists()
 
     # a rank that fails names the case in one line and leaves its traceback in a log file beside the outputs
     images = tmp_path / "images"
@@ -92,15 +95,14 @@ def test_two_processes_same_masks_and_continue_skips(trained_model, tiny_dataset
 
 
 def test_leftover_export_folders_of_live_processes_are_kept(tmp_path, monkeypatch):
-    """A run clears the temp folders a killed run left for its cases, but not those of a process still writing
-    (two distillations pseudo-labelling with one teacher share the output folder): export_case names its folder by
-    pid and host, and only a dead owner's (or a nameless) folder counts as left over."""
-    import socket
+    """export_case names its temp folder's owner (pid and where that pid counts: host and pid namespace), and
+    nnpp.files.owner_alive tells a killed run's folder (dead owner, or none named) from a live one's."""
     import subprocess
 
     import nnunetv2.inference.export_prediction as nnunet_export
 
-    from nnpp.predictor import _owner_alive, export_case
+    from nnpp.files import owner_alive, owner_space
+    from nnpp.predictor import export_case
     seen = []
 
     def export(logits, props, cm, pm, dataset_json, ofile, save_probabilities=False, threads=8):
@@ -109,13 +111,16 @@ def test_leftover_export_folders_of_live_processes_are_kept(tmp_path, monkeypatc
             open(ofile + ext, "w").write(ext)
     monkeypatch.setattr(nnunet_export, "export_prediction_from_logits", export)
     export_case(None, {}, None, None, {"file_ending": ".nii.gz"}, str(tmp_path / "case_001"), True)
-    assert seen[0].startswith(".case_001.partial.") and _owner_alive(seen[0])  # this process: alive
+    assert seen[0].startswith(".case_001.partial.") and owner_alive(seen[0])  # this process: alive
     dead = subprocess.Popen(["true"])
     dead.wait()
-    host = socket.gethostname()
-    assert not _owner_alive(f".case_001.partial.ab_c1.pid{dead.pid}@{host}")
-    assert _owner_alive(f".case_001.partial.ab_c1.pid{dead.pid}@another-node.{host}")  # that node clears its own
-    assert not _owner_alive(".case_001.partial.killed")  # a folder without an owner's name: left over
+    space = owner_space()
+    assert not owner_alive(f".case_001.partial.ab_c1.owner{dead.pid}-{space}")
+    other = "0" * 8 if space != "0" * 8 else "1" * 8
+    assert owner_alive(f".case_001.partial.ab_c1.owner{dead.pid}-{other}")  # another host clears its own
+    assert not owner_alive(".case_001.partial.killed")  # no owner named: left over
+    assert not owner_alive(f".x.owner5-{space}.partial.ab.owner{dead.pid}-{space}")  # the last owner counts
+    assert owner_alive(f".c.partial.a.owner99999999999-{space}") is True  # not a pid here: kept, no OverflowError
 
 
 def test_killed_export_leaves_no_finished_looking_case(tmp_path, monkeypatch):

@@ -46,7 +46,7 @@ DEFAULT_LATENCY_RUNS = 5  # timed forward passes per model (after 2 warm-up pass
 DEFAULT_MAX_DICE_DROP = 0.01
 DEFAULT_CALIB_TILES = 32
 DEFAULT_GUARD_CASES = 8  # validation cases the Dice guard scores (the first in sorted order)
-TMP_PREFIX = ".nnpp_export_"  # temp folders beside the output: .nnpp_export_HOST_PID_*
+TMP_PREFIX = ".nnpp_export_"  # temp folders beside the output: .nnpp_export_[old_]RANDOM.ownerPID-SPACE
 
 
 def default_output_folder(model_folder: str, depth: int | None = None, precision: str = "fp32",
@@ -64,36 +64,24 @@ def guard_report_path(out: str) -> str:
 
 
 def remove_stale_temp_folders(parent: str) -> list:
-    """Temp folders of exports on this host whose process is gone (killed: no cleanup ran); returns their paths.
-    Folders of running exports (their process alive) and of other hosts are left alone."""
-    import re
-    import socket
-    removed, host = [], socket.gethostname().replace("_", "-")
-    pattern = re.compile(re.escape(TMP_PREFIX) + r"(?:old_)?(?P<host>[^_]+)_(?P<pid>\d+)_")
+    """Temp folders of exports whose process is gone (killed: no cleanup ran; :func:`nnpp.files.owner_alive`);
+    returns their paths. Folders of running exports and of other hosts are left alone."""
+    from nnpp.files import owner_alive
     try:
         entries = os.listdir(parent)
     except OSError:
-        return removed
-    for d in entries:
-        m = pattern.match(d)
-        if not m or m["host"] != host or int(m["pid"]) == os.getpid():
-            continue
-        try:
-            os.kill(int(m["pid"]), 0)
-            continue  # alive
-        except ProcessLookupError:
-            pass
-        except PermissionError:
-            continue  # alive, another user's
-        shutil.rmtree(os.path.join(parent, d), ignore_errors=True)
-        removed.append(os.path.join(parent, d))
+        return []
+    removed = [os.path.join(parent, d) for d in entries if d.startswith(TMP_PREFIX) and not owner_alive(d)]
+    for d in removed:
+        shutil.rmtree(d, ignore_errors=True)
     return removed
 
 
 def _temp_folder(parent: str, kind: str = "") -> str:
-    import socket
-    return tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{kind}{socket.gethostname().replace('_', '-')}_{os.getpid()}_",
-                            dir=parent)
+    from nnpp.files import owner_suffix
+    return tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{kind}", suffix=owner_suffix(), dir=parent)
+
+
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
 
 

@@ -145,12 +145,11 @@ def pseudo_label(teacher_folders: list, folds: list, cases: dict, out_dir: str, 
         return todo
     from nnunetv2.ensembling.ensemble import merge_files
     pm, dataset_json = predictors[0].plans_manager, predictors[0].dataset_json
-    from nnpp.predictor import _owner_alive
+    from nnpp.files import owner_alive, owner_suffix
     for d in os.listdir(out_dir):  # what a killed ensemble left (not a live one's: runs may share the folder)
-        if d.startswith(".ensemble.") and not _owner_alive(d):
+        if d.startswith(".ensemble.") and not owner_alive(d):
             shutil.rmtree(os.path.join(out_dir, d), ignore_errors=True)
-    import socket
-    work = os.path.join(out_dir, f".ensemble.{k}.pid{os.getpid()}@{socket.gethostname()}")
+    work = os.path.join(out_dir, f".ensemble.{k}{owner_suffix()}")
     for i in range(len(predictors)):
         os.makedirs(os.path.join(work, str(i)), exist_ok=True)  # nnpp's predictor writes beside existing outputs
     try:
