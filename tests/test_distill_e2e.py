@@ -92,12 +92,30 @@ def test_distill_one_process_continue_and_predict(tiny_dataset, teacher, tmp_pat
 
 @pytest.mark.slow
 def test_distill_two_processes(tiny_dataset, teacher, tmp_path):
+    """torchrun, 2 ranks, with unlabeled cases (--pseudo both): each rank pseudo-labels its share of them, rank 0
+    preprocesses them, and the run trains on the mixed batches."""
+    import glob
     ds = tiny_dataset
     env = nnunet_env(ds, nnUNet_results=str(tmp_path / "results"), OMP_NUM_THREADS="1")
+    pre = os.path.join(ds["nnUNet_preprocessed"], ds["name"])
+    train = json.loads(open(os.path.join(pre, "splits_final.json")).read())[0]["train"]
+    unl = tmp_path / "unlabeled"
+    unl.mkdir()
+    for i, case in enumerate(train[:2]):  # training images under new ids: unlabeled scans of the same kind
+        shutil.copy(os.path.join(ds["nnUNet_raw"], ds["name"], "imagesTr", f"{case}_0000.nii.gz"),
+                    unl / f"ddpscan{i}_0000.nii.gz")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
-           "-m", "nnpp.run.distill", str(ds["id"]), "3d_fullres", "0", "-t", teacher, "--kd", "soft", "cwd", *SHORT]
+           "-m", "nnpp.run.distill", str(ds["id"]), "3d_fullres", "0", "-t", teacher, "--kd", "soft", "cwd",
+           "--unlabeled", str(unl), "--pseudo", "both", *SHORT]
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, output_tail(p)
+    said = sorted(line.rsplit("(", 1)[1] for line in p.stdout.splitlines()
+                  if "pseudo-labels: the teacher predicts 1 unlabeled case(s)" in line)
+    assert said == ["rank 0 of 2, on cpu)", "rank 1 of 2, on cpu)"], output_tail(p)  # one case each, on its rank
+    assert sorted(os.path.basename(f) for f in glob.glob(os.path.join(pre, "nnpp_unlabeled", "pseudo_*",
+                                                                      "ddpscan*.nii.gz"))) == \
+        ["ddpscan0.nii.gz", "ddpscan1.nii.gz"]
+    assert not glob.glob(os.path.join(pre, "nnpp_unlabeled", ".nnpp_rank*"))  # the ranks' result files are gone
     fold = tmp_path / "results" / ds["name"] / STUDENT_DDP / "fold_0"  # never over a 1-device run
     assert not (tmp_path / "results" / ds["name"] / STUDENT).exists()
     assert "2 rank(s)" in p.stdout and p.stdout.count("[nnpp_distill] validation Dice") == 1  # rank 0 reports
