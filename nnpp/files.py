@@ -11,9 +11,6 @@ import re
 from nnpp import NnppError
 
 DATASET_ID_RE = re.compile(r"(?:Dataset|Task)?0*(\d{1,3})(?:_\w+)?")
-
-
-
 OWNER_RE = re.compile(r"\.owner(\d+)-([0-9a-f]{8})$")  # the end of a temp folder's name: its owner
 
 

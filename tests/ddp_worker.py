@@ -82,44 +82,44 @@ def amp_auto(rank: int, world: int, port: int, out: str) -> None:
         f.write(f"{chosen} {own}")
 
 
+def _record_polled(rank: int, world: int, port: int, out: str, call) -> None:
+    """``call(distributed)`` under a gloo group whose timeout (3 s) the work outlasts; its result, or the NnppError's
+    line, written to ``out/r{rank}.json``."""
+    _join(rank, world, port)
+    from nnpp import NnppError, distributed
+    distributed.init(distributed.dist_env(), "gloo", timeout_s=3)
+    try:
+        result = call(distributed)
+    except NnppError as e:
+        result = str(e)
+    with open(os.path.join(out, f"r{rank}.json"), "w") as f:
+        json.dump(result, f)
+
+
 def rank0_runs(rank: int, world: int, port: int, folder: str, out: str, fail: bool) -> None:
     """nnpp.distributed.rank0_runs with rank 0's work outlasting the process group's timeout (3 s)."""
-    _join(rank, world, port)
     import time
 
-    from nnpp import NnppError, distributed
+    from nnpp import NnppError
 
     def work():
         time.sleep(6)
         if fail:
             raise NnppError("unlabeled case u1 is the validation case v1")
         return {"folder": "prepared"}
-    distributed.init(distributed.dist_env(), "gloo", timeout_s=3)
-    try:
-        result = distributed.rank0_runs(work, folder, "preparing", poll_s=0.2)
-    except NnppError as e:
-        result = str(e)
-    with open(os.path.join(out, f"r{rank}.json"), "w") as f:
-        json.dump(result, f)
+    _record_polled(rank, world, port, out, lambda d: d.rank0_runs(work, folder, "preparing", poll_s=0.2))
 
 
 def ranks_run(rank: int, world: int, port: int, folder: str, out: str, fail_rank: int) -> None:
     """nnpp.distributed.ranks_run: every rank its share, rank 1's outlasting the process group's timeout (3 s);
     ``fail_rank`` (-1: none) raises."""
-    _join(rank, world, port)
     import time
 
-    from nnpp import NnppError, distributed
+    from nnpp import NnppError
 
     def work(k, n):
         time.sleep(6 if k == 1 else 0)
         if k == fail_rank:
             raise NnppError("case b is unreadable")
         return ["a", "b", "c"][k::n]
-    distributed.init(distributed.dist_env(), "gloo", timeout_s=3)
-    try:
-        result = distributed.ranks_run(work, folder, "pseudo-labelling", poll_s=0.2)
-    except NnppError as e:
-        result = str(e)
-    with open(os.path.join(out, f"r{rank}.json"), "w") as f:
-        json.dump(result, f)
+    _record_polled(rank, world, port, out, lambda d: d.ranks_run(work, folder, "pseudo-labelling", poll_s=0.2))
