@@ -1,4 +1,4 @@
-"""Learning curves: does nnpp's UNet++ learn as fast as nnU-Net's U-Net per iteration? (issue 17)
+"""Learning curves: does nnpp's UNet++ learn as fast as nnU-Net's U-Net per iteration, per deep-supervision weighting?
 
     python benchmarks/bench_convergence.py --workdir /tmp/conv                       # all networks, 3 seeds
     python benchmarks/bench_convergence.py --networks unet unetpp --seeds 0 1 2 --points 100 200 400 800
@@ -11,23 +11,23 @@ augmentation in the main process (``nnUNet_n_proc_DA=0``, so batches are seeded 
 largest point (one poly-LR schedule); at every point nnU-Net's own validation (sliding-window predictor, export,
 ``compute_metrics_on_folder``) runs on the held-out fold-0 cases, and its per-structure Dice is kept.
 
-Real data (``--task ts_example_ct``, issue 21): the shared real CT of ``../shared/datasets/ts_example_ct.py`` (spleen,
+Real data (``--task ts_example_ct``): the shared real CT of ``../shared/datasets/ts_example_ct.py`` (spleen,
 liver, stomach, aorta; ``--chunks K`` cuts it into z-slabs so ``--fold`` can hold some out) planned with
 ``SmallUNetPlanner(950, base_features=8, max_patch=(32, 96, 96))``, 2d, the planner's batch; the final model of every
 run is also scored per head (pruned depth k, mean of all heads) on the fold's validation cases and, with
 ``--unseen``, on a second patient (TotalSegmentator's DICOM example CT). ``--table_only`` rebuilds the tables.
 
-Networks (``--networks``; the UNet++ variants keep the network; issue 17's weightings train every head, as then):
+Networks (``--networks``; the UNet++ variants keep the network; the ``--ds_weights`` rows train every head):
   unet               nnU-Net's PlainConvUNet, nnUNetTrainer
   unet_nnpp          the same U-Net with nnpp's trainer (nnUNetTrainerNoKD: nnU-Net's multi-resolution deep supervision)
-  unetpp_trained     ``--shallow_heads trained``: every head's loss trains the network (nnpp before issue 21)
+  unetpp_trained     ``--shallow_heads trained``: every head's loss trains the network (nnpp's earlier default)
   unetpp_last        deep supervision off: X^{0,L}'s loss alone (benchmark hook)
   unetpp_msds        nnU-Net's multi-resolution deep supervision on UNet++'s U-Net path added (benchmark hook)
-  unetpp             nnpp's UNet++ with ``--ds_weights equal`` (1/L per head: nnpp's behaviour before issue 17)
+  unetpp             nnpp's UNet++ with ``--ds_weights equal`` (1/L per head: nnpp's first default)
   unetpp_descending  ``--ds_weights descending`` (nnU-Net's halving from X^{0,L} down; X^{0,L} gets ~1/2)
   unetpp_decay       ``--ds_weights decay`` (equal at the start, only X^{0,L} at the end)
   unetpp_sum         equal weights of 1 each (loss and gradients x L: the loss-scale / effective-LR question)
-  unetpp_default     nnUNetPlusPlusTrainer as it is now, no flag (since issue 21: shallow heads as probes)
+  unetpp_default     nnUNetPlusPlusTrainer as it is now, no flag (shallow heads as probes)
 
 Speed (``--speed_iters``): one separate process times full iterations (batch from nnU-Net's loader with in-process
 augmentation + train step) of the U-Net and UNet++ alternately, side by side, so both see the same load; the
@@ -46,10 +46,12 @@ import subprocess
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # benchmarks/common.py (puts the checkout first)
+from common import (RESULTS, TS_BUILDER, load_builder, machine, machine_line, md_table, mean_sd,  # noqa: E402
+                    nnunet_env, print_result, result_of, run_for_result, timed_in_turns, write_json, write_text)
+
 from nnpp.cli import entry_point  # noqa: E402  (nnpp.cli imports no nnunetv2: its paths are set later)
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 DATASET_ID = 917
 UNETPP = "nnUNetPlusPlusTrainer"
 #: network -> (trainer, nnpp_train flags, hook variant)
@@ -65,20 +67,8 @@ NETWORKS = {
     "unetpp_last": (UNETPP, ["--amp", "O0"], "last"),
     "unetpp_msds": (UNETPP, ["--amp", "O0"], "msds"),
 }
-#: the real-CT task (--task ts_example_ct): shared builder, dataset id, plans of issue 21
+#: the real-CT task (--task ts_example_ct, the shared builder common.TS_BUILDER): its dataset id
 TS_ID = 950
-TS_BUILDER = os.path.join(os.path.dirname(HERE), "..", "shared", "datasets", "ts_example_ct.py")
-
-
-def machine() -> dict:
-    """CPU model, cores, torch, torch's CPU capability, native bf16, load (nnpp.device.machine_info)."""
-    from nnpp.device import machine_info
-    return machine_info()
-
-
-def machine_line(m: dict) -> str:
-    bf16 = "" if "bf16" in m["cpu_capability"] else f", native bf16: {'yes' if m['native_bf16'] else 'no'}"
-    return f"{m['cpu']}, {m['cores']} cores, torch {m['torch']}, CPU capability {m['cpu_capability']}{bf16}"
 
 
 # ------------------------------------------------------------------------------------------------------- data
@@ -96,20 +86,9 @@ def prepare(work: str, cases: int, size: int, batch: int, base: int) -> str:
     return name
 
 
-def load_builder(path: str):
-    """The shared real-dataset builder (``../shared/datasets/ts_example_ct.py``) as a module."""
-    import importlib.util
-    if not os.path.isfile(path):
-        raise SystemExit(f"bench_convergence: no dataset builder at {path}; pass --builder PATH/ts_example_ct.py")
-    spec = importlib.util.spec_from_file_location("ts_example_ct", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def prepare_ts(work: str, chunks: int, builder: str) -> str:
     """The real CT of the shared builder (TotalSegmentator's example CT, spleen/liver/stomach/aorta, ``chunks`` z-slabs)
-    planned as issue 21 did: ``SmallUNetPlanner(950, base_features=8, max_patch=(32, 96, 96))``, 2d preprocessed."""
+    planned small: ``SmallUNetPlanner(950, base_features=8, max_patch=(32, 96, 96))``, 2d preprocessed."""
     from nnpp.data.synthetic import plan_and_preprocess
     subprocess.run([sys.executable, builder, os.environ["nnUNet_raw"], "--id", str(TS_ID), "--chunks", str(chunks)],
                    check=True)
@@ -123,8 +102,11 @@ def prepare_unseen(work: str, builder: str, labels: dict) -> str:
     import tarfile
 
     import SimpleITK as sitk
+
+    from nnpp.data.align import check_ct_labels, labels_onto_image
     out = os.path.join(work, "unseen")
-    if os.path.isfile(os.path.join(out, "labelsTs", "dicom_patient.nii.gz")):
+    if os.path.isfile(os.path.join(out, "labelsTs", "dicom_patient.nii.gz")) and os.path.isfile(
+            os.path.join(out, "aligned")):
         return out
     mod = load_builder(builder)
     tar_path, ref = mod.sdist(None), f"totalsegmentator-{mod.VERSION}/tests/reference_files"
@@ -138,32 +120,27 @@ def prepare_unseen(work: str, builder: str, labels: dict) -> str:
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(reader.GetGDCMSeriesFileNames(os.path.join(src, ref, "example_ct_dicom")))
     image = reader.Execute()
-    seg = sitk.ReadImage(os.path.join(src, ref, "example_seg_dicom.nii.gz"))
-    if seg.GetSize() != image.GetSize():
-        raise SystemExit(f"bench_convergence: unseen patient: segmentation {seg.GetSize()} != image {image.GetSize()}")
+    seg = labels_onto_image(sitk.ReadImage(os.path.join(src, ref, "example_seg_dicom.nii.gz")), image)
     seg_arr = sitk.GetArrayFromImage(seg)
     lab = seg_arr * 0
     for name, value in labels.items():
         ids = [k for k, n in names.items() if n == name]
         if value and ids:
             lab[seg_arr == ids[0]] = value
+    try:
+        means = check_ct_labels(sitk.GetArrayFromImage(image), lab, labels, "unseen patient's labels")
+    except ValueError as e:
+        raise SystemExit(f"bench_convergence: {e}")
+    print("unseen patient, mean HU inside each label:", {n: round(m) for n, m in means.items()}, flush=True)
     lab_img = sitk.GetImageFromArray(lab.astype("uint8"))
-    lab_img.CopyInformation(image)
+    lab_img.CopyInformation(image)  # lab was resampled into image's grid above
     for sub in ("imagesTs", "labelsTs"):
         os.makedirs(os.path.join(out, sub), exist_ok=True)
     sitk.WriteImage(sitk.Cast(image, sitk.sitkInt16), os.path.join(out, "imagesTs", "dicom_patient_0000.nii.gz"))
     sitk.WriteImage(lab_img, os.path.join(out, "labelsTs", "dicom_patient.nii.gz"))
+    with open(os.path.join(out, "aligned"), "w") as f:  # labels resampled by world coordinates (older folders: not)
+        json.dump({"mean_hu": means}, f)
     return out
-
-
-def nnunet_env(work: str, results: str | None = None, threads: int = 1) -> dict:
-    env = dict(os.environ, nnUNet_raw=os.path.join(work, "nnUNet_raw"),
-               nnUNet_preprocessed=os.path.join(work, "nnUNet_preprocessed"),
-               nnUNet_results=results or os.path.join(work, "nnUNet_results"), nnUNet_n_proc_DA="0",
-               nnUNet_def_n_proc="1", OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-    for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
-        os.makedirs(env[var], exist_ok=True)
-    return env
 
 
 # ---------------------------------------------------------------------------------------------------- one run
@@ -198,8 +175,8 @@ def evaluate_modes(trainer, sets: dict, out_root: str) -> dict:
     from nnunetv2.imageio.reader_writer_registry import determine_reader_writer_from_dataset_json
 
     from nnpp import device as dev
-    from nnpp.cli import label_names, read_dice
-    from nnpp.predictor import nnppPredictor
+    from nnpp.dice import label_names, read_dice
+    from nnpp.predictor.tiles import nnppPredictor
 
     net = getattr(trainer, "bare_network", None) or getattr(trainer.network, "_orig_mod", trainer.network)
     net = copy.deepcopy(net).float().eval()
@@ -236,7 +213,7 @@ def evaluate_modes(trainer, sets: dict, out_root: str) -> dict:
 
 
 def install_multiscale_ds(trainer) -> None:
-    """Diagnostic (issue 21): nnU-Net's multi-resolution deep supervision on UNet++'s U-Net path. Extra 1x1 heads on
+    """Diagnostic: nnU-Net's multi-resolution deep supervision on UNet++'s U-Net path. Extra 1x1 heads on
     X^{i,L-i} (i = 1..L-1, the nodes a U-Net decoder has) see nnU-Net's downsampled targets (weights 1/2^i, as
     nnU-Net's), beside the top-row full-resolution heads (descending weights); all weights normalised together."""
     import torch
@@ -288,7 +265,7 @@ def run_one(network: str, seed: int, points: list[int], iters_per_epoch: int, da
     at every point. Runs inside a worker process whose environment names the nnU-Net folders."""
     import torch
 
-    from nnpp.cli import label_names, read_dice
+    from nnpp.dice import label_names, read_dice
     from nnpp.run import train
 
     trainer_name, flags, hook = NETWORKS[network]
@@ -359,7 +336,7 @@ def measure_speed(networks: list[str], iters: int, block: int = 5, dataset_id: i
 
     from nnpp.run import train
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    trainers, loaders, times = {}, {}, {}
+    trainers, loaders = {}, {}
     for net in networks:
         trainer_name, flags, _ = NETWORKS[net]
         t = train.make_trainer(str(dataset_id), "2d", fold, trainer_name, device=torch.device("cpu"))
@@ -368,37 +345,27 @@ def measure_speed(networks: list[str], iters: int, block: int = 5, dataset_id: i
         t.initialize()
         t.network.train()
         loaders[net], _ = t.get_dataloaders()
-        trainers[net], times[net] = t, []
+        trainers[net] = t
         for _ in range(3):  # warm-up
             t.train_step(next(loaders[net]))
     block = max(1, min(block, iters))
-    for _ in range(max(1, iters // block)):
-        for net in networks:
-            t0 = time.perf_counter()
-            for _ in range(block):
-                trainers[net].train_step(next(loaders[net]))
-            times[net].append((time.perf_counter() - t0) / block)
-    return {net: statistics.median(v) for net, v in times.items()}
+
+    def run_block(net):
+        for _ in range(block):
+            trainers[net].train_step(next(loaders[net]))
+    times = timed_in_turns({net: (lambda net=net: run_block(net)) for net in networks}, max(1, iters // block))
+    return {net: statistics.median(v) / block for net, v in times.items()}
 
 
 # --------------------------------------------------------------------------------------------------- reporting
-def stats(values: list[float]) -> tuple[float, float]:
-    vals = [v for v in values if not math.isnan(v)]
-    if not vals:
-        return math.nan, math.nan
-    mean = sum(vals) / len(vals)
-    sd = math.sqrt(sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)) if len(vals) > 1 else 0.0
-    return mean, sd
-
-
 def stat_row(dices: list[dict], structures: list[str]) -> dict:
     """{structure or 'mean': [mean, sd, n]} over runs' {structure: Dice}; 'mean' is each run's mean over the
     structures (NaN structures left out, as nnU-Net's foreground_mean), then mean +- sd over the runs."""
     row = {}
     for s in structures + ["mean"]:
-        vals = [stats([d.get(x, math.nan) for x in structures])[0] if s == "mean" else d.get(s, math.nan)
+        vals = [mean_sd([d.get(x, math.nan) for x in structures])[0] if s == "mean" else d.get(s, math.nan)
                 for d in dices]
-        row[s] = [*stats(vals), len(vals)]
+        row[s] = [*mean_sd(vals), len(vals)]
     return row
 
 
@@ -450,8 +417,8 @@ def fmt(cell) -> str:
     return "—" if math.isnan(mean) else f"{mean:.3f} ± {sd:.3f}"
 
 
-def cells(row: dict, cols: list[str]) -> str:
-    return " | ".join(fmt(row[c]) for c in cols)
+def cells(row: dict, cols: list[str]) -> list[str]:
+    return [fmt(row[c]) for c in cols]
 
 
 def markdown(result: dict) -> str:
@@ -461,34 +428,27 @@ def markdown(result: dict) -> str:
     lines = [f"Machine: {machine_line(result['machine'])}. Task: {result['task']}. Seeds per network: {seeds}. "
              f"fp32; validation Dice of nnU-Net's own validation on the fold-0 cases, mean ± sd over seeds; each run "
              f"trained once to {max(result['points'])} iterations (one poly-LR schedule), validated on the way.", "",
-             "| network | iterations | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols)]
-    for net, curve in curves.items():
-        for point, row in curve.items():
-            lines.append(f"| {net} | {point} | {cells(row, cols)} |")
+             *md_table(["network", "iterations", *cols], ([net, point, *cells(row, cols)]
+                                                          for net, curve in curves.items() for point, row in curve.items()))]
     speed = result.get("seconds_per_iteration")
     if speed:
         lines += ["", "Seconds per iteration (batch + train step, measured side by side in one process, "
                   f"{result['threads']} thread(s)): " + ", ".join(f"{k} {v:.3f} s" for k, v in speed.items()),
                   "", "Equal wall time (the U-Net's time to each of its points; each network shows the snapshot it "
                   "had reached by then, — if none):", "",
-                  "| wall time (s) | network | iterations reached | snapshot | " + " | ".join(cols) + " |",
-                  "|---|---|---|---|" + "---|" * len(cols)]
-        for net, rows in result["equal_wall_time"].items():
-            for point, r in rows.items():
-                dice = cells(r["dice"], cols) if r["dice"] else " | ".join("—" for _ in cols)
-                lines.append(f"| {r['seconds']:.0f} | {net} | {r['iterations']:.0f} | {r['snapshot'] or '—'} | "
-                             f"{dice} |")
+                  *md_table(["wall time (s)", "network", "iterations reached", "snapshot", *cols],
+                            ([f"{r['seconds']:.0f}", net, f"{r['iterations']:.0f}", r["snapshot"] or "—",
+                              *(cells(r["dice"], cols) if r["dice"] else ["—"] * len(cols))]
+                             for net, rows in result["equal_wall_time"].items() for r in rows.values()))]
     final = result.get("final_models")
     if final:
         lines += ["", "Final models (mean ± sd over seeds; nnpp's predictor, fp32, mirroring): `val` = the fold's "
                   "validation cases, `unseen` = a second patient (TotalSegmentator's DICOM example CT: another "
                   "scanner, 0.98 x 0.98 x 2 mm); modes: `full` = X^{0,L} as nnU-Net predicts, `depthK` = pruned to "
                   "X^{0,K}, `mean` = mean of all heads' probabilities (the UNet++ paper's accurate mode).", "",
-                  "| network | set | mode | " + " | ".join(cols) + " |", "|---|---|---|" + "---|" * len(cols)]
-        for net, sets in final.items():
-            for set_name, modes in sets.items():
-                for mode, row in modes.items():
-                    lines.append(f"| {net} | {set_name} | {mode} | {cells(row, cols)} |")
+                  *md_table(["network", "set", "mode", *cols],
+                            ([net, set_name, mode, *cells(row, cols)] for net, sets in final.items()
+                             for set_name, modes in sets.items() for mode, row in modes.items()))]
     seconds = result.get("train_seconds")
     if seconds:
         lines += ["", "Training wall time per run to the last point (s, mean ± sd; runs two at a time, 1 thread each, "
@@ -522,13 +482,6 @@ def plot(result: dict, path: str) -> None:
     plt.close(fig)
 
 
-def write_atomic(path: str, text: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 # -------------------------------------------------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -556,7 +509,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--unseen", action="store_true", help="ts_example_ct: also score a second, unseen patient (the "
                    "DICOM CT of TotalSegmentator's reference files, another scanner and resolution)")
     p.add_argument("--table_only", action="store_true", help="no new runs: tables and plot from the finished runs")
-    p.add_argument("--out", default=os.path.join(HERE, "results", "convergence.json"))
+    p.add_argument("--out", default=os.path.join(RESULTS, "convergence.json"))
     p.add_argument("--worker", nargs=2, metavar=("NETWORK", "SEED"), help=argparse.SUPPRESS)
     p.add_argument("--speed_worker", action="store_true", help=argparse.SUPPRESS)
     return p
@@ -583,16 +536,16 @@ def main(argv=None) -> dict | None:
     if a.worker:  # child: environment set by the parent
         result = run_one(a.worker[0], int(a.worker[1]), a.points, a.iters_per_epoch, TS_ID if ts else DATASET_ID,
                          a.fold, unseen)
-        print("RESULT " + json.dumps(result), flush=True)
+        print_result(result)
         return None
     if a.speed_worker:
-        print("RESULT " + json.dumps(measure_speed(["unet", "unetpp"], a.speed_iters,
-                                                   dataset_id=TS_ID if ts else DATASET_ID, fold=a.fold)), flush=True)
+        print_result(measure_speed(["unet", "unetpp"], a.speed_iters, dataset_id=TS_ID if ts else DATASET_ID,
+                                   fold=a.fold))
         return None
 
     check_args(a)
     os.makedirs(os.path.join(work, "runs"), exist_ok=True)
-    os.environ.update(nnunet_env(work, threads=a.threads))
+    os.environ.update(nnunet_env(work, threads=a.threads, serial=True))
     if ts:
         task = {"dataset": "ts_example_ct (TotalSegmentator's example CT, 3 mm)", "chunks": a.chunks, "fold": a.fold,
                 "plans": "SmallUNetPlanner base 8, max patch 96 x 96, 2d"}
@@ -602,7 +555,7 @@ def main(argv=None) -> dict | None:
     if not os.path.isfile(marker) or json.load(open(marker)) != task:
         # nnunetv2 is first imported here, after its paths are set
         prepare_ts(work, a.chunks, a.builder) if ts else prepare(work, a.cases, a.size, a.batch, a.base)
-        write_atomic(marker, json.dumps(task))
+        write_json(marker, task, indent=None)
     if unseen:
         labels = json.load(open(os.path.join(os.environ["nnUNet_raw"], f"Dataset{TS_ID}_TSExampleCT", "dataset.json")))
         prepare_unseen(work, a.builder, labels["labels"])
@@ -617,7 +570,7 @@ def main(argv=None) -> dict | None:
         while jobs and len(running) < a.parallel:
             n, s = jobs.pop(0)
             log = open(os.path.join(work, "runs", f"{n}_s{s}.log"), "w")
-            env = nnunet_env(work, os.path.join(work, "results", f"{n}_s{s}"), a.threads)
+            env = nnunet_env(work, os.path.join(work, "results", f"{n}_s{s}"), threads=a.threads, serial=True)
             proc = subprocess.Popen(["nice", "-n", "10", *base_cmd, "--worker", n, str(s)], stdout=log,
                                     stderr=subprocess.STDOUT, env=env, text=True)
             running.append((n, s, proc, log))
@@ -630,21 +583,18 @@ def main(argv=None) -> dict | None:
             running.remove(job)
             log.close()
             with open(log.name) as f:
-                found = [x for x in f.read().splitlines() if x.startswith("RESULT ")]
-            if proc.returncode != 0 or not found:
+                found = result_of(f.read())
+            if proc.returncode != 0 or found is None:
                 print(f"[bench_convergence] {n} seed {s} FAILED (rc {proc.returncode}); see {log.name}", flush=True)
                 continue
-            write_atomic(os.path.join(work, "runs", f"{n}_s{s}.json"), found[-1][7:])
+            write_json(os.path.join(work, "runs", f"{n}_s{s}.json"), found, indent=None)
             print(f"[bench_convergence] finished {n} seed {s}", flush=True)
 
     speed_file = os.path.join(work, "speed.json")
     if a.speed_iters and not os.path.isfile(speed_file) and not a.table_only:
-        proc = subprocess.run(["nice", "-n", "10", *base_cmd, "--speed_worker", "--speed_iters", str(a.speed_iters)],
-                              capture_output=True, text=True, env=nnunet_env(work, threads=a.threads))
-        found = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
-        if proc.returncode != 0 or not found:
-            sys.exit(f"bench_convergence: speed measurement failed:\n{proc.stderr[-2000:]}")
-        write_atomic(speed_file, found[-1][7:])
+        write_json(speed_file, run_for_result(
+            ["nice", "-n", "10", *base_cmd, "--speed_worker", "--speed_iters", str(a.speed_iters)],
+            "speed measurement", nnunet_env(work, threads=a.threads, serial=True)), indent=None)
     speed = json.load(open(speed_file)) if os.path.isfile(speed_file) else {}
     speed = {n: speed.get(n, speed.get("unetpp" if n.startswith("unetpp") else "unet")) for n in a.networks if speed}
 
@@ -661,13 +611,12 @@ def main(argv=None) -> dict | None:
               "structures": structures, "curves": curves, "seconds_per_iteration": speed,
               "equal_wall_time": at_equal_time(curves, speed) if speed else {},
               "final_models": aggregate_eval(runs, structures),
-              "train_seconds": {n: stats([r["train_seconds"][str(max(a.points))] for r in runs if r["network"] == n
+              "train_seconds": {n: mean_sd([r["train_seconds"][str(max(a.points))] for r in runs if r["network"] == n
                                           and str(max(a.points)) in r.get("train_seconds", {})]) for n in curves},
               "runs": runs}
-    os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
-    write_atomic(a.out, json.dumps(result, indent=1))
+    write_json(a.out, result, indent=1)
     stem = os.path.splitext(a.out)[0]
-    write_atomic(stem + ".md", markdown(result))
+    write_text(stem + ".md", markdown(result))
     plot(result, stem + ".png")
     print(markdown(result))
     return result

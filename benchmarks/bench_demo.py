@@ -11,11 +11,12 @@ device layer) is the same for every row.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import subprocess
 import sys
 import tempfile
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # benchmarks/common.py
+from common import RESULTS, md_table, print_result, run_for_result, write_json  # noqa: E402
 
 
 def one(amp: str, epochs: int, iters: int, workdir: str) -> dict:
@@ -31,12 +32,12 @@ def main():
     p.add_argument("--amp", nargs="+", default=["O0", "bf16"])
     p.add_argument("--epochs", type=int, default=6)
     p.add_argument("--iters", type=int, default=40)
-    p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "demo.json"))
+    p.add_argument("--out", default=os.path.join(RESULTS, "demo.json"))
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: one mode, print JSON
     p.add_argument("--workdir", default=None, help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.one:
-        print("RESULT " + json.dumps(one(a.one, a.epochs, a.iters, a.workdir)))
+        print_result(one(a.one, a.epochs, a.iters, a.workdir))
         return
 
     rows = []
@@ -46,23 +47,14 @@ def main():
                   flush=True)
             cmd = [sys.executable, __file__, "--one", amp, "--epochs", str(a.epochs), "--iters", str(a.iters),
                    "--workdir", os.path.join(tmp, amp)]
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
-            if proc.returncode != 0 or not line:
-                sys.exit(f"bench_demo: --amp {amp} failed:\n{proc.stderr[-2000:]}")
-            rows.append(json.loads(line[0][7:]))
-    os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
-    tmp_out = a.out + ".tmp"
-    with open(tmp_out, "w") as f:
-        json.dump({"epochs": a.epochs, "iters": a.iters, "host_cpus": os.cpu_count(), "runs": rows}, f, indent=2)
-    os.replace(tmp_out, a.out)
+            rows.append(run_for_result(cmd, f"--amp {amp}"))
+    write_json(a.out, {"epochs": a.epochs, "iters": a.iters, "host_cpus": os.cpu_count(), "runs": rows})
 
     labels = list(rows[0]["dice"])
-    print("| AMP | wall time (s) | training FPS (img/s) | " + " | ".join(f"{k} Dice" for k in labels) + " |")
-    print("|---|---|---|" + "---|" * len(labels))
-    for r in rows:
-        print(f"| {r['amp']} | {r['seconds']:.0f} | {r['train_fps']:.2f} | "
-              + " | ".join(f"{r['dice'][k]:.4f}" if r["dice"][k] is not None else "n/a" for k in labels) + " |")
+    print("\n".join(md_table(
+        ["AMP", "wall time (s)", "training FPS (img/s)", *(f"{k} Dice" for k in labels)],
+        ([r["amp"], f"{r['seconds']:.0f}", f"{r['train_fps']:.2f}",
+          *(f"{r['dice'][k]:.4f}" if r["dice"][k] is not None else "n/a" for k in labels)] for r in rows))))
     print(f"JSON: {a.out}")
 
 

@@ -12,7 +12,7 @@ Rows (``--parts``, all by default):
   in one process and under torchrun with one rank (the DDP path: nccl/hccl): images/s, step time, the share of it
   spent waiting for data, peak device memory.
 * ``predict``: nnU-Net's ``nnUNetPredictor`` vs ``nnppPredictor`` on a volume of real size (``--volume``, default
-  the issue 22 case 220 x 380 x 460) with a ``--classes``-class (default 105) UNet++ of the Task03 plan (random
+  a full-size CT's 220 x 380 x 460) with a ``--classes``-class (default 105) UNet++ of the Task03 plan (random
   weights, fixed seed), mirroring on, fp16 autocast, logits on the device: seconds per case, peak device memory,
   voxels whose argmax agrees.
 * ``resample``: nnpp's segmentation export of those logits (the sparse trilinear argmax) with nnU-Net's
@@ -24,7 +24,6 @@ Rows (``--parts``, all by default):
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import os
 import shutil
@@ -32,28 +31,20 @@ import subprocess
 import sys
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))
-sys.path.insert(0, HERE)
-from common import synthetic_plans  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # benchmarks/common.py
+from common import (CONFIGS, RESULTS, arch_kwargs, latest_fps_perf, machine, md_table, nnunet_env,  # noqa: E402
+                    seed_all, synthetic_plans, torchrun, write_json)
 DATASET_ID, DATASET_NAME = 991, "Dataset991_DeviceSynth"
 PLANS, CONFIG = "nnppUNetPlusPlusPlans", "3d_task03"
-TASK03 = dict(features=[32, 64, 128, 256, 320, 320], strides=[[1, 1, 1]] + [[2, 2, 2]] * 5,
-              patch=[128, 128, 128], batch=2)
-
-
-def env_for(root: str) -> dict:
-    return dict(os.environ, nnUNet_raw=os.path.join(root, "raw"),
-                nnUNet_preprocessed=os.path.join(root, "preprocessed"), nnUNet_results=os.path.join(root, "results"))
+TASK03 = CONFIGS["task03"]  # Task03_Liver's 3d_fullres plan: 6 stages, 32..320 features, 128^3 patch, batch 2
 
 
 def prepare(root: str, n_cases: int, size_scale: float) -> None:
     """Synthetic liver CTs (nnpp.data.synthetic, ~``size_scale`` x the test size), nnU-Net's conversion, fingerprint,
     UNet++ planning and preprocessing, then configuration ``3d_task03`` = 3d_fullres with Task03's architecture,
     patch and batch (same preprocessed data)."""
-    os.environ.update(env_for(root))
+    os.environ.update(nnunet_env(root, short=True, make=False))
     from nnpp.data import synthetic
-    from nnpp.nets import plans as nets_plans
     msd = synthetic.make_msd_task(os.path.join(root, "msd"), task_id=DATASET_ID, name="DeviceSynth",
                                   n_train=n_cases, n_test=0, seed=0, size_scale=size_scale)
     synthetic.prepare_dataset(msd, DATASET_ID, planner="UNetPlusPlusPlanner")
@@ -62,7 +53,7 @@ def prepare(root: str, n_cases: int, size_scale: float) -> None:
         plans = json.load(f)
     base = plans["configurations"]["3d_fullres"]
     kwargs = dict(base["architecture"]["arch_kwargs"])
-    kwargs.update({k: v for k, v in nets_plans.arch_kwargs(TASK03["features"], TASK03["strides"]).items()
+    kwargs.update({k: v for k, v in arch_kwargs(TASK03).items()
                    if k in ("n_stages", "features_per_stage", "kernel_sizes", "strides", "n_conv_per_stage",
                             "n_conv_per_stage_decoder")})
     plans["configurations"][CONFIG] = {
@@ -75,29 +66,28 @@ def prepare(root: str, n_cases: int, size_scale: float) -> None:
     print(f"prepared {root}: {n_cases} cases, plans {PLANS} configuration {CONFIG}")
 
 
-def run_train(root: str, device: str, amps: list, warmup: int, steps: int, torchrun: bool, config: str,
+def run_train(root: str, device: str, amps: list, warmup: int, steps: int, with_torchrun: bool, config: str,
               compile_: bool = False) -> list:
     rows = []
-    env = env_for(root)
+    env = nnunet_env(root, short=True, make=False)
     env.setdefault("nnUNet_n_proc_DA", str(max(2, min(12, (os.cpu_count() or 2) - 2))))
     env["nnUNet_compile"] = "t" if compile_ else "f"  # nnU-Net compiles by default on cuda (minutes per run)
     for amp in amps:
-        for ddp in ([False, True] if torchrun else [False]):
+        for ddp in ([False, True] if with_torchrun else [False]):
             if ddp and amp != amps[0]:
                 continue
-            cmd = ([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=1", "--master_port=29533"]
-                   if ddp else [sys.executable]) + ["-m", "nnpp.run.train", str(DATASET_ID), config, "0", "-p", PLANS,
-                                                   "-device", device, "--amp", amp, "--other_use", "fps",
-                                                   "--warmup", str(warmup), "--steps", str(steps)]
+            args = [str(DATASET_ID), config, "0", "-p", PLANS, "-device", device, "--amp", amp, "--other_use", "fps",
+                    "--warmup", str(warmup), "--steps", str(steps)]
+            cmd = torchrun(1, "nnpp.run.train", *args, port=29533) if ddp else \
+                [sys.executable, "-m", "nnpp.run.train", *args]
             t0 = time.perf_counter()
-            proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+            proc = subprocess.run(cmd, env=env, capture_output=True, text=True)  # a failure is a row of the table
             wall = time.perf_counter() - t0
-            perf = sorted(glob.glob(os.path.join(root, "results", "nnpp_perf", "fps", "**", "perf.json"),
-                                    recursive=True), key=os.path.getmtime)
-            row = {"part": "train", "config": config, "amp": amp, "compiled": compile_, "launch": "torchrun 1 rank" if ddp else "1 process",
-                   "rc": proc.returncode, "wall_s": wall}
+            perf = latest_fps_perf(env["nnUNet_results"])
+            row = {"part": "train", "config": config, "amp": amp, "compiled": compile_,
+                   "launch": "torchrun 1 rank" if ddp else "1 process", "rc": proc.returncode, "wall_s": wall}
             if proc.returncode == 0 and perf:
-                with open(perf[-1]) as f:
+                with open(perf) as f:
                     row.update(json.load(f))
             else:
                 row["error"] = (proc.stdout + proc.stderr)[-3000:]
@@ -108,13 +98,9 @@ def run_train(root: str, device: str, amps: list, warmup: int, steps: int, torch
 
 
 def task03_unetpp(classes: int, device):
-    import torch
-
     from nnpp.nets import plans as nets_plans
-    torch.manual_seed(0)
-    net = nets_plans.build_network(nets_plans.UNETPP_CLASS,
-                                   nets_plans.arch_kwargs(TASK03["features"], TASK03["strides"]), 1, classes,
-                                   deep_supervision=False)
+    seed_all(0)
+    net = nets_plans.build_network(nets_plans.UNETPP_CLASS, arch_kwargs(TASK03), 1, classes, deep_supervision=False)
     return net.to(device).eval()
 
 
@@ -125,15 +111,16 @@ def run_predict(device_name: str, classes: int, volume: list, resample: bool, pa
 
     from nnpp import device as dev
     from nnpp.nets import plans as nets_plans
-    from nnpp.predictor import inference_amp, nnppPredictor
+    from nnpp.predictor.build import inference_amp
+    from nnpp.predictor.tiles import nnppPredictor
 
     device = dev.resolve_device(device_name)
     dev.configure_backends(device)
     net = task03_unetpp(classes, device)
     pm, cm, dataset_json = synthetic_plans(
-        nets_plans.UNETPP_CLASS, nets_plans.arch_kwargs(TASK03["features"], TASK03["strides"]),
+        nets_plans.UNETPP_CLASS, arch_kwargs(TASK03),
         nets_plans.REQUIRES_IMPORT, patch, volume, {"background": 0, **{f"c{i}": i for i in range(1, classes)}})
-    torch.manual_seed(1)
+    seed_all(1)
     data = torch.randn(1, *volume)
     rows, ref = [], None
     runs = ([] if no_nnunet else [("nnUNetPredictor", 1)]) + [("nnppPredictor", tb) for tb in tta_batches]
@@ -191,7 +178,7 @@ def export_on_device(pred, logits, device, volume: list, classes: int) -> dict:
     import numpy as np
 
     from nnpp import device as dev
-    from nnpp.predictor import segmentation_from_logits, use_torch_resampling
+    from nnpp.predictor.resample import segmentation_from_logits, use_torch_resampling
     use_torch_resampling(pred, device)
     target = [2 * v for v in volume]
     props = {"shape_after_cropping_and_before_resampling": target, "shape_before_cropping": target,
@@ -208,28 +195,28 @@ def export_on_device(pred, logits, device, volume: list, classes: int) -> dict:
             "labels_present": int(len(np.unique(seg[::4, ::4, ::4])))}
 
 
-def table(rows: list, machine: dict) -> str:
-    out = [f"Device: {machine.get('device')}; torch {machine.get('torch')}", ""]
+def table(rows: list, info: dict) -> str:
+    out = [f"Device: {info.get('device')}; torch {info.get('torch')}", ""]
     train = [r for r in rows if r["part"] == "train"]
+
+    def train_cells(r):
+        if r.get("rc") != 0 or "images_per_s_total" not in r:
+            return [r["launch"], r["config"], r["amp"], f"failed (rc {r['rc']})", "", "", ""]
+        return [f"{r['launch']}{', compiled' if r.get('compiled') else ''}",
+                f"{r['config']}, {'x'.join(map(str, r['patch_size']))} x {r['batch_per_rank']}", r["amp"],
+                f"{r['images_per_s_total']:.2f}", f"{r['step_s_median']:.3f}",
+                f"{100 * r.get('data_wait_share', 0):.0f}%", f"{r.get('peak_memory_MiB', 0):.0f}"]
     if train:
-        out += ["| nnpp_train --other_use fps (UNet++) | config, patch x batch | AMP | images/s | median step s "
-                "| data wait | peak device MiB |", "|---|---|---|---|---|---|---|"]
-        for r in train:
-            if r.get("rc") == 0 and "images_per_s_total" in r:
-                out.append(f"| {r['launch']}{', compiled' if r.get('compiled') else ''} | {r['config']}, {'x'.join(map(str, r['patch_size']))} x {r['batch_per_rank']} "
-                           f"| {r['amp']} | {r['images_per_s_total']:.2f} "
-                           f"| {r['step_s_median']:.3f} | {100 * r.get('data_wait_share', 0):.0f}% "
-                           f"| {r.get('peak_memory_MiB', 0):.0f} |")
-            else:
-                out.append(f"| {r['launch']} | {r['config']} | {r['amp']} | failed (rc {r['rc']}) | | | |")
+        out += md_table(["nnpp_train --other_use fps (UNet++)", "config, patch x batch", "AMP", "images/s",
+                         "median step s", "data wait", "peak device MiB"], map(train_cells, train))
         out.append("")
     pred = [r for r in rows if r["part"] == "predict"]
     if pred:
-        out += ["| predictor (fp16, mirroring, logits on device) | classes | volume | s/case | peak device GiB |",
-                "|---|---|---|---|---|"]
-        for r in pred:
-            out.append(f"| {r['predictor']} (tta_batch {r['tta_batch']}) | {r['classes']} "
-                       f"| {'x'.join(map(str, r['volume']))} | {r['s_per_case']:.1f} | {r['peak_device_GiB']:.1f} |")
+        out += md_table(["predictor (fp16, mirroring, logits on device)", "classes", "volume", "s/case",
+                         "peak device GiB"],
+                        ([f"{r['predictor']} (tta_batch {r['tta_batch']})", r["classes"],
+                          "x".join(map(str, r["volume"])), f"{r['s_per_case']:.1f}", f"{r['peak_device_GiB']:.1f}"]
+                         for r in pred))
         for r in pred:
             if "masks_equal_to_nnunet" in r:
                 clear = r["masks_equal_where_clear"]
@@ -267,22 +254,17 @@ def main(argv=None):
     p.add_argument("--tta_batches", type=lambda v: None if v == "auto" else int(v), nargs="+", default=[None],
                    help="nnppPredictor rows, one per --tta_batch (auto: nnpp_predict's default, chosen per case)")
     p.add_argument("--no_nnunet", action="store_true", help="no nnUNetPredictor row")
-    p.add_argument("--out", default="benchmarks/results/device.json")
+    p.add_argument("--out", default=os.path.join(RESULTS, "device.json"))
     a = p.parse_args(argv)
     if a.prepare:
         prepare(os.path.abspath(a.prepare), a.cases, a.size_scale)
         return
-    import torch
-
     from nnpp import device as dev
-    machine = {"device": dev.device_name(dev.resolve_device(a.device)), "torch": torch.__version__,
-               **dev.machine_info()}
+    info = machine(device=dev.device_name(dev.resolve_device(a.device)))
     rows = []
-    os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
 
     def save():
-        with open(a.out, "w") as f:
-            json.dump({"machine": machine, "rows": rows}, f, indent=1)
+        write_json(a.out, {"machine": info, "rows": rows}, indent=1)
     if "predict" in a.parts:
         rows += run_predict(a.device, a.classes, a.volume, not a.no_resample, a.patch, a.tta_batches, a.no_nnunet)
         save()
@@ -292,7 +274,7 @@ def main(argv=None):
         rows += run_train(os.path.abspath(a.data), a.device, a.amps, a.warmup, a.steps, not a.no_torchrun, a.config,
                           a.compile)
         save()
-    print(table(rows, machine))
+    print(table(rows, info))
 
 
 if __name__ == "__main__":

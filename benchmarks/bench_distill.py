@@ -27,15 +27,14 @@ The JSON (``--out``) names the machine: CPU model, cores, torch, CPU capability 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_network import CONFIGS, arch_kwargs  # noqa: E402
-from common import synthetic_plans  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # benchmarks/common.py
+from common import (CONFIGS, RESULTS, add_step_args, arch_kwargs, machine, md_table, seed_all,  # noqa: E402
+                    synthetic_plans, timed_in_turns, write_json)
 
 NETWORKS = {"unetpp": "nnpp.nets.unetpp.UNetPlusPlus",
             "unet": "dynamic_network_architectures.architectures.unet.PlainConvUNet"}
@@ -68,19 +67,6 @@ def build(kind: str, config: str, r: int, device, deep_supervision: bool, drop_s
     from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
     return get_network_from_plans(NETWORKS[kind], student_kwargs(config, r, drop_stages), REQ, 1, 3, allow_init=True,
                                   deep_supervision=deep_supervision).to(device)
-
-
-def timed(fn, device, warmup: int, steps: int) -> float:
-    from nnpp import device as dev
-    times = []
-    for i in range(warmup + steps):
-        dev.synchronize(device)
-        t0 = time.perf_counter()
-        fn()
-        dev.synchronize(device)
-        if i >= warmup:
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def flops_per_patch(net, x) -> int:
@@ -116,7 +102,7 @@ def make_predictor(net, config: str, kind: str, r: int, drop_stages: int, case_s
     model folder would be loaded by nnUNetv2_predict (or nnpp_predict)."""
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
-    from nnpp.predictor import nnppPredictor
+    from nnpp.predictor.tiles import nnppPredictor
     pm, cm, dataset_json = bench_plans(config, kind, r, drop_stages, case_shape)
     cls = nnppPredictor if which == "nnppPredictor" else nnUNetPredictor
     predictor = cls(tile_step_size=0.5, use_gaussian=True, use_mirroring=mirroring,
@@ -125,13 +111,6 @@ def make_predictor(net, config: str, kind: str, r: int, drop_stages: int, case_s
     predictor.manual_initialization(net, pm, cm, [net.state_dict()], dataset_json, "nnUNetTrainer",
                                     (0, 1, 2) if mirroring else None)
     return predictor
-
-
-def machine() -> dict:
-    import torch
-
-    from nnpp import device as dev
-    return {**dev.machine_info(), "threads": torch.get_num_threads()}
 
 
 def sizes(config: str, device_name: str, amp_mode: str, warmup: int, steps: int, case_shape: list,
@@ -148,15 +127,13 @@ def sizes(config: str, device_name: str, amp_mode: str, warmup: int, steps: int,
     x = torch.randn(1, 1, *CONFIGS[config]["patch"], device=device)
     nets = [build(kind, config, r, device, False, drop).eval() for _, kind, r, drop in CANDIDATES]
     rows = [{"network": name, "kind": kind, "r": r, "stages_dropped": drop,
-             "parameters": sum(p.numel() for p in net.parameters()), "flops_per_patch": flops_per_patch(net, x),
-             "patch_ms": []} for (name, kind, r, drop), net in zip(CANDIDATES, nets)]
+             "parameters": sum(p.numel() for p in net.parameters()), "flops_per_patch": flops_per_patch(net, x)}
+            for (name, kind, r, drop), net in zip(CANDIDATES, nets)]
     with torch.no_grad(), amp.autocast():
-        for net in nets:
-            for _ in range(warmup):
-                net(x)
-        for _ in range(steps):
-            for row, net in zip(rows, nets):
-                row["patch_ms"].append(1000 * timed(lambda: net(x), device, 0, 1))
+        times = timed_in_turns({i: (lambda net=net: net(x)) for i, net in enumerate(nets)}, steps, warmup,
+                               sync=lambda: dev.synchronize(device))
+    for i, row in enumerate(rows):
+        row["patch_ms"] = [1000 * t for t in times[i]]
     image = np.random.default_rng(0).normal(size=(1, *case_shape)).astype(np.float32)
     for key, which, mirroring in PREDICTORS:
         predictors = [make_predictor(net, config, kind, r, drop, case_shape, device, which, mirroring)
@@ -211,7 +188,7 @@ def kd_steps(config: str, device_name: str, amp_mode: str, warmup: int, steps: i
     device = dev.resolve_device(device_name)
     amp = dev.make_amp(amp_mode, device)
     dev.configure_backends(device)
-    torch.manual_seed(0)
+    seed_all(0)
     net = build(student, config, r, device, True)
     teachers = [Teacher(build("unetpp", config, 1, device, False)) for _ in range(3)]
     opt = torch.optim.SGD(net.parameters(), lr=1e-3, momentum=0.99, nesterov=True)
@@ -242,17 +219,12 @@ def kd_steps(config: str, device_name: str, amp_mode: str, warmup: int, steps: i
         amp.backward_and_step(loss, opt)
 
     configs = (0, 1, 3)
-    times = {n: [] for n in configs}
-    for i in range(warmup + steps):
-        for n in configs:
-            dev.synchronize(device)
-            t0 = time.perf_counter()
-            step(n)
-            dev.synchronize(device)
-            if i >= warmup:
-                times[n].append(time.perf_counter() - t0)
+
+    def progress(i, times):
         print(f"  round {i + 1}/{warmup + steps}: " + ", ".join(f"{n} teacher(s) {times[n][-1]:.2f} s"
                                                                for n in configs if times[n]), flush=True)
+    times = timed_in_turns({n: (lambda n=n: step(n)) for n in configs}, steps, warmup,
+                           sync=lambda: dev.synchronize(device), after_round=progress)
     rows = [{"teachers": n, "student": f"{student} r={r}", "step_s": statistics.median(times[n]),
              "step_s_min": min(times[n]), "steps_s": times[n], "device": str(device), "amp": amp.mode}
             for n in configs]
@@ -263,26 +235,19 @@ def kd_steps(config: str, device_name: str, amp_mode: str, warmup: int, steps: i
 
 
 def size_table(rows: list) -> str:
-    head = "".join(f" s/case {key} | x teacher | x U-Net teacher |" for key, _, _ in PREDICTORS)
-    lines = ["| network | parameters | x teacher | GFLOP/patch | x teacher | x U-Net teacher | ms/patch | x teacher |"
-             + head, "|---|" + "---|" * (7 + 3 * len(PREDICTORS))]
-    for r in rows:
-        lines.append(f"| {r['network']} | {r['parameters']:,} | {r['param_ratio_vs_teacher']:.3f} | "
-                     f"{r['flops_per_patch'] / 1e9:.2f} | {r['flops_ratio_vs_teacher']:.3f} | "
-                     f"{r['flops_ratio_vs_unet_teacher']:.3f} | {r['latency_ms']:.0f} | "
-                     f"{r['latency_ratio_vs_teacher']:.2f} |" + "".join(
-                         f" {r[f'case_latency_s_{key}']:.2f} | {r[f'case_ratio_{key}_vs_teacher']:.2f} | "
-                         f"{r[f'case_ratio_{key}_vs_unet_teacher']:.2f} |" for key, _, _ in PREDICTORS))
-    return "\n".join(lines)
+    head = ["network", "parameters", "x teacher", "GFLOP/patch", "x teacher", "x U-Net teacher", "ms/patch",
+            "x teacher"] + [c for key, _, _ in PREDICTORS for c in (f"s/case {key}", "x teacher", "x U-Net teacher")]
+    return "\n".join(md_table(head, ([
+        r["network"], f"{r['parameters']:,}", f"{r['param_ratio_vs_teacher']:.3f}", f"{r['flops_per_patch'] / 1e9:.2f}",
+        f"{r['flops_ratio_vs_teacher']:.3f}", f"{r['flops_ratio_vs_unet_teacher']:.3f}", f"{r['latency_ms']:.0f}",
+        f"{r['latency_ratio_vs_teacher']:.2f}", *(c for key, _, _ in PREDICTORS for c in (
+            f"{r[f'case_latency_s_{key}']:.2f}", f"{r[f'case_ratio_{key}_vs_teacher']:.2f}",
+            f"{r[f'case_ratio_{key}_vs_unet_teacher']:.2f}"))] for r in rows)))
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", default="cpu-small", choices=sorted(CONFIGS))
-    p.add_argument("-device", default="cpu")
-    p.add_argument("--amp", default="O0")
-    p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--steps", type=int, default=4)
+    add_step_args(p, warmup=1, steps=4)
     p.add_argument("--part", default="all", choices=("all", "sizes", "kd"),
                    help="sizes: parameters/FLOPs/latency of the students; kd: the KD step; all: both")
     p.add_argument("--case_shape", type=int, nargs=3, default=[48, 96, 96],
@@ -290,10 +255,11 @@ def main(argv=None):
     p.add_argument("--case_rounds", type=int, default=2, help="per-case predictions per network (interleaved)")
     p.add_argument("--out", default=None, help="JSON file (default benchmarks/results/distill_CONFIG_DEVICE_AMP.json)")
     a = p.parse_args(argv)
+    import torch
     result = {"config": a.config, "cfg": CONFIGS[a.config], "device": a.device, "amp": a.amp, "warmup": a.warmup,
-              "steps": a.steps, "machine": machine()}
-    out = a.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                                f"distill_{a.config}_{a.device}_{a.amp}{'' if a.part == 'all' else '_' + a.part}.json")
+              "steps": a.steps, "machine": machine(threads=torch.get_num_threads())}
+    part = "" if a.part == "all" else "_" + a.part
+    out = a.out or os.path.join(RESULTS, f"distill_{a.config}_{a.device}_{a.amp}{part}.json")
     print(f"[bench_distill] config {a.config}, {a.device}, AMP {a.amp}; {result['machine']}", flush=True)
     if a.part in ("all", "sizes"):
         result["case_shape"] = a.case_shape
@@ -302,19 +268,14 @@ def main(argv=None):
         print("[bench_distill] KD step: no KD vs 1 and 3 teachers, interleaved in this process", flush=True)
         result["kd_step"] = kd_steps(a.config, a.device, a.amp, a.warmup, a.steps)
     result["machine"]["load_average_after"] = os.getloadavg()
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    tmp = f"{out}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(result, f, indent=2)
-    os.replace(tmp, out)
-    print(f"\nwritten {out}\n")
+    print(f"\nwritten {write_json(out, result)}\n")
     if "sizes" in result:
         print(size_table(result["sizes"]))
     if "kd_step" in result:
-        print("\n| KD teachers | student | step (median s) | x no KD | step (best s) | x no KD |\n|---|---|---|---|---|---|")
-        for r in result["kd_step"]:
-            print(f"| {r['teachers']} | {r['student']} | {r['step_s']:.3f} | {r['step_ratio']:.2f} | "
-                  f"{r['step_s_min']:.3f} | {r['step_ratio_min']:.2f} |")
+        print("\n" + "\n".join(md_table(
+            ["KD teachers", "student", "step (median s)", "x no KD", "step (best s)", "x no KD"],
+            ([r["teachers"], r["student"], f"{r['step_s']:.3f}", f"{r['step_ratio']:.2f}", f"{r['step_s_min']:.3f}",
+              f"{r['step_ratio_min']:.2f}"] for r in result["kd_step"]))))
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 """Does KD beat no KD? The same student trained with each KD method and without KD, for the same budget and several
-seeds, against a longer-trained UNet++ teacher, on a synthetic task whose labels the teacher learns (issue 14.3).
+seeds, against a longer-trained UNet++ teacher, on a synthetic task whose labels the teacher learns.
 
     python benchmarks/bench_kd.py --work /tmp/bench_kd                       # the full table (hours on 2 CPU cores)
     python benchmarks/bench_kd.py --work /tmp/kd_smoke --cases 6 --teacher_epochs 1 --student_epochs 1 --iters 2 \
@@ -16,18 +16,18 @@ Runs, each a separate nnpp command in a results tree of its own (``WORK/results/
 * the teacher: ``nnpp_train -tr nnUNetPlusPlusTrainer --epochs TEACHER_EPOCHS --seed 0``;
 * per seed and method: ``nnpp_distill -t TEACHER --kd ... --seed S --epochs STUDENT_EPOCHS`` with nnpp_distill's
   default student, or for ``none`` the same student without KD (``nnpp_train -tr nnUNetTrainerNoKD -p
-  nnUNetPlans_kd_unet_r2``). Methods: ``none``, ``soft``, ``soft+cwd``, ``cwd+feat`` (``--kd cwd --cwd-feat``),
+  nnUNetPlans_kd_unet_r2``). Methods: ``none``, ``soft``, ``soft+cwd``, ``cwd+feat`` (``--kd cwd --cwd_feat``),
   ``at``, ``sp``, ``mgd``.
 
-``--unlabeled N`` (issue 23): the labeled cases are split by hand, ``--labeled K`` for training (teacher and
-students) and the rest for validation (``splits_final.json`` fold 0), and N more cases of the same generator (another
+``--unlabeled N`` (unlabeled scans as the transfer set): the labeled cases are split by hand, ``--labeled K`` for
+training (teacher and students) and the rest for validation (``splits_final.json`` fold 0), and N more cases of the same generator (another
 seed) are written without labels to ``WORK/unlabeled``; the methods ``unl_hard`` (the teacher's pseudo-labels,
 predicted once), ``unl_soft`` (online soft KD on the unlabeled patches) and ``unl_both`` train on them too::
 
     python benchmarks/bench_kd.py --work /tmp/kd_unl --cases 10 --labeled 4 --unlabeled 32 \
         --methods none soft unl_hard unl_soft --seeds 0 1 2
 
-``--task ts_example_ct`` (issue 23.4, real data): the shared real CT (``../shared/datasets/ts_example_ct.py``: spleen,
+``--task ts_example_ct`` (real data): the shared real CT (``../shared/datasets/ts_example_ct.py``: spleen,
 liver, stomach, aorta, 3 mm) cut into ``--chunks`` z-slabs, planned as ``bench_convergence.py --task ts_example_ct``
 (``SmallUNetPlanner``, base 8 features, 2d, the planner's batch). Slabs ``--train_slabs`` are the labeled training
 cases, ``--val_slabs`` the held-out validation cases (fold 0), and every other slab is written WITHOUT its labels to
@@ -50,12 +50,14 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
-import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # benchmarks/common.py
+from common import md_row, md_table, nnunet_dirs, write_json  # noqa: E402
+from common import run_logged as run  # noqa: E402  (python -m CMD with its log; a failure stops the benchmark)
 
 METHODS = {"none": None, "soft": ["--kd", "soft"], "soft+cwd": ["--kd", "soft", "cwd"],
-           "cwd+feat": ["--kd", "cwd", "--cwd-feat"], "at": ["--kd", "at"], "sp": ["--kd", "sp"],
+           "cwd+feat": ["--kd", "cwd", "--cwd_feat"], "at": ["--kd", "at"], "sp": ["--kd", "sp"],
            "mgd": ["--kd", "mgd"],
            # with --unlabeled N: the unlabeled cases as the transfer set (nnpp_distill --unlabeled WORK/unlabeled)
            "unl_hard": ["--pseudo", "hard"], "unl_soft": ["--kd", "soft", "--pseudo", "soft"],
@@ -93,13 +95,13 @@ def make_task(root: str, task_id: int, n_cases: int, seed: int, shape=(32, 96, 9
 
 def dice_of(summary: str, names: dict | None = None) -> dict:
     """{label name: Dice} of an nnU-Net ``summary.json`` (``names``: label value -> name; default the synthetic's)."""
-    from nnpp.cli import read_dice
+    from nnpp.dice import read_dice
     names = names or LABELS
     return {names.get(k, k): v for k, v in read_dice(summary).items()}
 
 
 def prepare_ts(work: str, chunks: int, train: list, val: list) -> str:
-    """The real CT in ``chunks`` slabs through bench_convergence's preparation (issue 21's plans), fold 0 = ``train``
+    """The real CT in ``chunks`` slabs through bench_convergence's preparation (its real-CT plans), fold 0 = ``train``
     vs ``val`` slabs. Returns the dataset name."""
     from bench_convergence import TS_BUILDER, TS_ID, prepare_ts as prepare_ts_dataset
     bad = [c for c in train + val if not 0 <= c < chunks]
@@ -133,13 +135,14 @@ def write_unlabeled_slabs(folder: str, name: str, slabs: list) -> None:
 def score_unseen(work: str, model: str, fold_dir: str, env: dict, names: dict, log: str) -> dict:
     """``model``'s Dice per label on the second patient (``WORK/unseen``): nnpp_predict (torch, mirroring, fp32 on
     the CPU) into ``fold_dir/unseen``, nnU-Net's ``compute_metrics_on_folder_simple`` against its labels; kept
-    until the model's checkpoint is newer."""
+    until the model's checkpoint or the patient's labels are newer."""
     from bench_convergence import TS_ID
     from nnunetv2.evaluation.evaluate_predictions import compute_metrics_on_folder_simple
     out = os.path.join(fold_dir, "unseen")
     summary = os.path.join(out, "summary.json")
-    if not os.path.isfile(summary) or os.path.getmtime(summary) < os.path.getmtime(
-            os.path.join(fold_dir, "checkpoint_final.pth")):
+    sources = (os.path.join(fold_dir, "checkpoint_final.pth"), os.path.join(work, "unseen", "labelsTs",
+                                                                         "dicom_patient.nii.gz"))
+    if not os.path.isfile(summary) or os.path.getmtime(summary) < max(map(os.path.getmtime, sources)):
         trainer, plans, configuration = os.path.basename(model).split("__")
         run(["nnpp.run.predict", "-i", os.path.join(work, "unseen", "imagesTs"), "-o", out, "-d", str(TS_ID), "-c",
              configuration, "-tr", trainer, "-p", plans, "-f", "0", "-device", "cpu", "--amp", "O0",
@@ -147,16 +150,6 @@ def score_unseen(work: str, model: str, fold_dir: str, env: dict, names: dict, l
         compute_metrics_on_folder_simple(os.path.join(work, "unseen", "labelsTs"), out,
                                          [int(v) for v in names if int(v)], summary, num_processes=1)
     return dice_of(summary, names)
-
-
-def run(cmd: list, env: dict, log: str) -> float:
-    t0 = time.time()
-    with open(log, "w") as f:
-        p = subprocess.run([sys.executable, "-m", *cmd], env=env, stdout=f, stderr=subprocess.STDOUT)
-    print(f"  {' '.join(cmd[:4])} ... rc {p.returncode}, {time.time() - t0:.0f} s (log {log})", flush=True)
-    if p.returncode:
-        raise SystemExit(f"bench_kd: failed: {' '.join(cmd)} (see {log})")
-    return time.time() - t0
 
 
 def write_unlabeled(folder: str, task_root: str, task_id: int, n: int, lesion_radius: int) -> None:
@@ -242,11 +235,9 @@ def main(argv=None):
     a = p.parse_args(argv)
 
     work = os.path.abspath(a.work)
-    dirs = {k: os.path.join(work, k) for k in ("nnUNet_raw", "nnUNet_preprocessed")}
-    for d in dirs.values():
-        os.makedirs(d, exist_ok=True)
+    dirs = nnunet_dirs(work, results=os.path.join(work, "results", "teacher"))
     os.makedirs(os.path.join(work, "logs"), exist_ok=True)
-    os.environ.update(dirs, nnUNet_results=os.path.join(work, "results", "teacher"))
+    os.environ.update(dirs)
     os.environ.setdefault("nnUNet_n_proc_DA", "0")
     os.environ.setdefault("nnUNet_compile", "false")
     ts = a.task == "ts_example_ct"
@@ -363,8 +354,7 @@ def main(argv=None):
                             cmd += ["--unlabeled_fraction", str(a.unlabeled_fraction)]
                 wall = run(cmd + ["--epochs", str(a.student_epochs), "--seed", str(seed), *budget],
                            env_for(results), os.path.join(work, "logs", f"{run_name}_seed{seed}.log"))
-                with open(os.path.join(results, "wall_s.json"), "w") as f:  # read back by --table_only
-                    json.dump(wall, f)
+                write_json(os.path.join(results, "wall_s.json"), wall, indent=None)  # read back by --table_only
             wall_file = os.path.join(results, "wall_s.json")
             wall = json.load(open(wall_file)) if os.path.isfile(wall_file) else None
             dice = scores(summary, os.path.dirname(fold), env_for(results),
@@ -372,28 +362,22 @@ def main(argv=None):
             result["runs"].setdefault(method, {})[str(seed)] = {"folder": fold, "dice": dice,
                                                                 "wall_s": wall}
             result["summary"] = summarise(result)
-            tmp = f"{out}.tmp{os.getpid()}"
-            with open(tmp, "w") as f:
-                json.dump(result, f, indent=2)
-            os.replace(tmp, out)
+            write_json(out, result)
 
     labels = list(result["teacher"]["dice"])
     print(f"\nwritten {out}\n")
-    print("| method | " + " | ".join(f"{lab} Dice (mean ± sd) | {lab} gap closed" for lab in labels)
-          + " | wall s per run |")
-    print("|---|" + "---|---|" * len(labels) + "---|")
-    print("| teacher (UNet++) | " + " | ".join(f"{result['teacher']['dice'][lab]:.4f} | " for lab in labels)
-          + " | |")
+    print("\n".join(md_table(
+        ["method", *(c for lab in labels for c in (f"{lab} Dice (mean ± sd)", f"{lab} gap closed")), "wall s per run"],
+        [["teacher (UNet++)", *(c for lab in labels for c in (f"{result['teacher']['dice'][lab]:.4f}", "")), ""]])))
     for method, labs in result.get("summary", {}).items():
         cells = []
         for lab in labels:
             row = labs[lab]
             gap = row.get("gap_closed")
-            cells.append(f"{row['mean']:.4f} ± {row['sd']:.4f} (n={row['n']}) | "
-                         + ("" if gap is None else f"{100 * gap:.0f}%" + (" *" if row.get("beyond_1sd") else "")))
+            cells += [f"{row['mean']:.4f} ± {row['sd']:.4f} (n={row['n']})",
+                      "" if gap is None else f"{100 * gap:.0f}%" + (" *" if row.get("beyond_1sd") else "")]
         walls = [r["wall_s"] for r in result["runs"][method].values() if r.get("wall_s")]
-        print(f"| {method} | " + " | ".join(cells) + f" | {statistics.mean(walls):.0f} |" if walls else
-              f"| {method} | " + " | ".join(cells) + " | |")
+        print(md_row(method, *cells, f"{statistics.mean(walls):.0f}" if walls else ""))
     print("\n* = the difference to no KD exceeds one standard deviation of the no-KD runs")
 
 

@@ -1,11 +1,11 @@
 """UNet++ vs nnU-Net's PlainConvUNet for the same plans: forward+backward step time, peak memory, parameters;
-and UNet++ as-is vs each speed/memory option alone vs all together (issue 9).
+and UNet++ as-is vs each speed/memory option (channels_last_3d, bf16, checkpointed nodes) alone vs all together.
 
     python benchmarks/bench_network.py                          # small CPU config (default)
     python benchmarks/bench_network.py --config task03 -device cuda --amp O1
-    python benchmarks/bench_network.py --config issue9 --variants --threads 2   # as-is vs each option vs all
-    python benchmarks/bench_network.py --config issue9 --variants --rounds 2 --only "UNet++ channels_last_3d" \
-        "UNet++ channels_last_3d, stock InstanceNorm3d"                           # two rows, interleaved
+    python benchmarks/bench_network.py --config cpu-deep --variants --threads 2   # as-is vs each option vs all
+    python benchmarks/bench_network.py --config cpu-deep --variants --rounds 2 --only "UNet++ channels_last_3d" \
+        "UNet++ channels_last_3d, stock InstanceNorm3d"                             # two rows, interleaved
 
 Variants (``--variants``): PlainConvUNet and UNet++ as-is (fp32, contiguous, no checkpointing), then UNet++ with
 channels_last_3d (network and batch), bf16 autocast, both (nnpp's CPU default on a CPU with native bf16),
@@ -21,36 +21,30 @@ Memory at Task03's plan (128^3 x 2) is reported as the count only (no forward at
 
 Each (network, config) is measured in a fresh subprocess, so the CPU's peak RSS (which cannot be reset) and
 allocator state belong to one network only. Writes JSON (``--out``) and prints a markdown table.
-Configs: ``cpu-small`` (3D, 5 stages, 16..128 features, 32x64x64 patch, batch 2), ``issue9`` (the issue's small
-CPU configuration: 6 stages, base 8 (8..256), 64^3, batch 2) and ``task03`` (nnU-Net's Task03_Liver 3d_fullres
-plan: 6 stages, 32..320 features, 128^3 patch, batch 2).
+Configs (benchmarks/common.py): ``cpu-small`` (3D, 5 stages, 16..128 features, 32x64x64 patch, batch 2),
+``cpu-deep`` (the deeper small CPU configuration: 6 stages, base 8 (8..256), 64^3, batch 2; an earlier name of it is
+still read: common.CONFIG_ALIASES) and ``task03`` (nnU-Net's Task03_Liver 3d_fullres plan: 6 stages, 32..320
+features, 128^3 patch, batch 2).
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
-import subprocess
 import sys
-import time
 
-from nnpp.nets import plans
-from nnpp.nets.plans import PLAIN_UNET_CLASS, UNETPP_CLASS
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # benchmarks/common.py
+from common import (CONFIGS, RESULTS, add_step_args, arch_kwargs, md_table, print_result,  # noqa: E402
+                    run_for_result, timed_in_turns, write_json)
 
-CONFIGS = {
-    "cpu-small": dict(n_stages=5, features=[16, 32, 64, 128, 128], patch=[32, 64, 64], batch=2,
-                      strides=[[1, 1, 1], [1, 2, 2], [2, 2, 2], [2, 2, 2], [2, 2, 2]]),
-    "issue9": dict(n_stages=6, features=[8, 16, 32, 64, 128, 256], patch=[64, 64, 64], batch=2,
-                   strides=[[1, 1, 1]] + [[2, 2, 2]] * 5),
-    "task03": dict(n_stages=6, features=[32, 64, 128, 256, 320, 320], patch=[128, 128, 128], batch=2,
-                   strides=[[1, 1, 1]] + [[2, 2, 2]] * 5),
-}
+from nnpp.nets import plans  # noqa: E402
+from nnpp.nets.plans import PLAIN_UNET_CLASS, UNETPP_CLASS  # noqa: E402
+
 NETWORKS = {"UNetPlusPlus": UNETPP_CLASS, "PlainConvUNet": PLAIN_UNET_CLASS}
 #: --variants: name -> (network, amp, channels_last_3d, checkpoint_nodes[, "stock_norm"]); amp None = the --amp
 #: flag; "stock_norm": torch's nn.InstanceNorm3d in place of UNet++'s layout-preserving one (nnpp.nets.norms), which
-#: turns a channels_last_3d activation contiguous at every norm (the layout flips of issue 16.5; fp32 only: bf16
-#: activations take torch's path either way)
+#: turns a channels_last_3d activation contiguous at every norm (a layout flip at every norm and back at the next
+#: conv; fp32 only: bf16 activations take torch's path either way)
 VARIANTS = {
     "PlainConvUNet": ("PlainConvUNet", None, False, None),
     "UNet++ as-is": ("UNetPlusPlus", None, False, "none"),
@@ -80,10 +74,6 @@ def plan_variants(names, amp_flag: str, device_type: str, native_bf16: bool, emu
         else:
             run.append(name)
     return run, skipped
-
-
-def arch_kwargs(cfg: dict) -> dict:
-    return plans.arch_kwargs(cfg["features"], cfg["strides"])
 
 
 def measure(network: str, config: str, device_name: str, amp_mode: str, warmup: int, steps: int,
@@ -131,12 +121,7 @@ def measure(network: str, config: str, device_name: str, amp_mode: str, warmup: 
         step()
     dev.synchronize(device)
     dev.reset_peak_memory(device)
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        step()
-        dev.synchronize(device)
-        times.append(time.perf_counter() - t0)
+    times = timed_in_turns({"step": step}, steps, sync=lambda: dev.synchronize(device))["step"]
     return {"variant": variant or network, "channels_last_3d": channels_last, "checkpoint_nodes": checkpoint_nodes,
             "saved_activation_MiB": saved / 2 ** 20, "feature_map_count": count,
             "network": network, "config": config, "device": dev.device_name(device), "amp": amp.mode,
@@ -169,14 +154,10 @@ def param_counts(config: str) -> dict:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", default="cpu-small", choices=CONFIGS)
-    p.add_argument("-device", default="cpu")
-    p.add_argument("--amp", default="O0")
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--steps", type=int, default=5)
+    add_step_args(p, warmup=2, steps=5)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: all cores)")
     p.add_argument("--out", default=None, help="JSON file (default benchmarks/results/network_<config>_<device>.json)")
-    p.add_argument("--variants", action="store_true", help="UNet++ as-is vs each option vs all (issue 9)")
+    p.add_argument("--variants", action="store_true", help="UNet++ as-is vs each speed/memory option vs all")
     p.add_argument("--only", nargs="+", default=None, metavar="VARIANT",
                    help="--variants: measure only these (names as in the table)")
     p.add_argument("--rounds", type=int, default=1,
@@ -197,7 +178,7 @@ def main():
                         stock_norm="stock_norm" in extra)
         else:
             r = measure(a.one, a.config, a.device, a.amp, a.warmup, a.steps)
-        print("RESULT " + json.dumps(r))
+        print_result(r)
         return
 
     from nnpp import device as dev
@@ -221,11 +202,7 @@ def main():
                    a.amp, "--warmup", "0" if short else str(a.warmup), "--steps", "1" if short else str(a.steps),
                    "--threads", str(a.threads)]
             print(f"[bench_network] round {rnd + 1}: {name} ...", file=sys.stderr, flush=True)
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
-            if proc.returncode != 0 or not line:
-                sys.exit(f"bench_network: {name} failed:\n{proc.stderr[-2000:]}")
-            per_name[name].append(json.loads(line[0][7:]))
+            per_name[name].append(run_for_result(cmd, name))
     rows = []
     for name in names:
         runs = per_name[name]
@@ -237,37 +214,28 @@ def main():
               "task03_params": param_counts("task03"), "task03_feature_map_counts": task03_counts(),
               "host_cpus": os.cpu_count(), "threads": a.threads or os.cpu_count()}
     suffix = "_variants" if a.variants else ""
-    out = a.out or os.path.join(os.path.dirname(__file__), "results",
-                                f"network_{a.config}_{a.device}_{a.amp}{suffix}.json")
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    tmp = out + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(result, f, indent=2)
-    os.replace(tmp, out)
+    out = write_json(a.out or os.path.join(RESULTS, f"network_{a.config}_{a.device}_{a.amp}{suffix}.json"), result)
 
     if a.variants:
         print(f"CPU: {result['cpu_capability']}, {result['threads']} thread(s), {result['rounds']} round(s)")
         base = next((r for r in rows if r["variant"] == "UNet++ as-is"), rows[0])
         ref = "as-is" if base["variant"] == "UNet++ as-is" else base["variant"]
-        print(f"| variant | AMP | step (median s) | x {ref} | saved for backward (MiB) | x {ref} | count x batch "
-              "(M elements) |")
-        print("|---|---|---|---|---|---|---|")
-        for r in rows:
-            print(f"| {r['variant']} | {r['amp']} | {r['step_s_median']:.3f} | "
-                  f"{r['step_s_median'] / base['step_s_median']:.2f} | {r['saved_activation_MiB']:.0f} | "
-                  f"{r['saved_activation_MiB'] / base['saved_activation_MiB']:.2f} | "
-                  f"{r['feature_map_count'] / 1e6:.1f} |")
+        print("\n".join(md_table(
+            ["variant", "AMP", "step (median s)", f"x {ref}", "saved for backward (MiB)", f"x {ref}",
+             "count x batch (M elements)"],
+            ([r["variant"], r["amp"], f"{r['step_s_median']:.3f}", f"{r['step_s_median'] / base['step_s_median']:.2f}",
+              f"{r['saved_activation_MiB']:.0f}", f"{r['saved_activation_MiB'] / base['saved_activation_MiB']:.2f}",
+              f"{r['feature_map_count'] / 1e6:.1f}"] for r in rows))))
         print("Task03 plan, 128^3 x 2, feature-map count (M elements; nnU-Net's 8 GB reference: 560 M): "
               + ", ".join(f"{k} {v / 1e6:.0f}" for k, v in result["task03_feature_map_counts"].items()))
         print(f"JSON: {out}")
         return
 
-    print("| network | config | device | AMP | batch x patch | params | step (median s) | peak memory (MiB) |")
-    print("|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['network']} | {r['config']} | {r['device']} | {r['amp']} | {r['batch']} x "
-              f"{'x'.join(map(str, r['patch']))} | {r['params'] / 1e6:.2f} M | {r['step_s_median']:.3f} | "
-              f"{r['peak_memory_MiB']:.0f} ({r['peak_memory_kind']}) |")
+    print("\n".join(md_table(
+        ["network", "config", "device", "AMP", "batch x patch", "params", "step (median s)", "peak memory (MiB)"],
+        ([r["network"], r["config"], r["device"], r["amp"], f"{r['batch']} x {'x'.join(map(str, r['patch']))}",
+          f"{r['params'] / 1e6:.2f} M", f"{r['step_s_median']:.3f}",
+          f"{r['peak_memory_MiB']:.0f} ({r['peak_memory_kind']})"] for r in rows))))
     print("Task03-like 3D plan (6 stages, 32..320 features) parameters: "
           + ", ".join(f"{k} {v / 1e6:.2f} M" for k, v in result["task03_params"].items()))
     print(f"JSON: {out}")

@@ -3,7 +3,7 @@
 back at the next conv). Paired in one process: both networks (same weights) step alternately, A B A B ..., so a
 loaded machine's drift hits both alike; reports the median step of each and the median of the per-pair ratios.
 
-    OMP_NUM_THREADS=2 python benchmarks/bench_norm_layout.py --config issue9 --patch 48 --pairs 8 --amp O0 bf16
+    OMP_NUM_THREADS=2 python benchmarks/bench_norm_layout.py --config cpu-deep --patch 48 --pairs 8 --amp O0 bf16
 
 Writes JSON (``--out``, default benchmarks/results/norm_layout_<config>.json) with the CPU named
 (``nnpp.device.cpu_capability``) and the load average before and after.
@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import statistics
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_network import CONFIGS, arch_kwargs  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # benchmarks/common.py
+from common import CONFIGS, RESULTS, add_config_arg, arch_kwargs, seed_all, write_json  # noqa: E402
 
 
 def main():
@@ -31,7 +30,7 @@ def main():
     from nnpp.nets.plans import UNETPP_CLASS
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", default="issue9", choices=CONFIGS)
+    add_config_arg(p, "cpu-deep")
     p.add_argument("--patch", type=int, default=None, help="cubic patch edge (default: the config's patch)")
     p.add_argument("--pairs", type=int, default=8)
     p.add_argument("--amp", nargs="+", default=["O0", "bf16"])
@@ -42,7 +41,7 @@ def main():
     cfg = CONFIGS[a.config]
     patch = [a.patch] * 3 if a.patch else cfg["patch"]
     cl = torch.channels_last_3d
-    torch.manual_seed(0)
+    seed_all(0)
     ours = plans.build_network(UNETPP_CLASS, arch_kwargs(cfg), 1, 3).to(memory_format=cl)
     stock = copy.deepcopy(ours)
     for m in stock.modules():
@@ -83,12 +82,7 @@ def main():
               f"{row['stock_over_ours_median_ratio']:.2f}x", flush=True)
     result["loadavg_before_after"] = [load0, os.getloadavg()]
     print(f"CPU: {result['cpu_capability']}; load average before {load0[0]:.1f}, after {os.getloadavg()[0]:.1f}")
-    out = a.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"norm_layout_{a.config}.json")
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    with open(out + ".tmp", "w") as f:
-        json.dump(result, f, indent=2)
-    os.replace(out + ".tmp", out)
-    print(f"JSON: {out}")
+    print(f"JSON: {write_json(a.out or os.path.join(RESULTS, f'norm_layout_{a.config}.json'), result)}")
 
 
 if __name__ == "__main__":

@@ -36,8 +36,9 @@ import statistics
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import machine_line, stage_val_cases  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # benchmarks/common.py
+from common import (RESULTS, dice_per_label, machine_line, mask_agreement, md_row, md_table,  # noqa: E402
+                    predictor_threads, read_masks, stage_val_cases, timed_in_turns, write_json)
 
 
 def main(argv=None):
@@ -58,22 +59,16 @@ def main(argv=None):
     p.add_argument("--case_rounds", type=int, default=1, help="per-case rounds (backends in turns; median)")
     p.add_argument("--disable_tta", action="store_true", help="no test-time mirroring in the per-case runs")
     p.add_argument("--machine", default=None, help="machine description for the table (default: CPU model)")
-    p.add_argument("--out", default="benchmarks/results/onnx_cpu.json")
+    p.add_argument("--out", default=os.path.join(RESULTS, "onnx_cpu.json"))
     args = p.parse_args(argv)
 
-    # nnU-Net's predictor caps torch's threads at nnUNet_def_n_proc (read at import): same threads everywhere
-    os.environ["nnUNet_def_n_proc"] = str(args.threads)
-    import numpy as np
-    import SimpleITK as sitk
+    predictor_threads(args.threads)  # the same threads for every backend, nnU-Net's predictor included
     import torch
-    torch.set_num_threads(args.threads)
-    from nnunetv2.evaluation.evaluate_predictions import compute_metrics_on_folder
-    from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
 
     from nnpp.deploy.export import export_model
     from nnpp.model_folder import load_trained_model, set_depth
-    from nnpp.deploy.ort import OpenVinoSession, make_session
-    from nnpp.predictor import init_onnx, init_torch, make_predictor
+    from nnpp.deploy.ort import OpenVinoSession, init_onnx, make_session
+    from nnpp.predictor.build import init_torch, make_predictor
 
     backends = args.backends.split(",")
     if any(b in backends for b in ("openvino", "ov_int8", "ov_nncf")):
@@ -152,15 +147,7 @@ def main(argv=None):
                         def fwd(sess=sess, feed=feed):
                             sess.run(None, feed)
                     fwds[b, n] = fwd
-            patch_times = {key: [] for key in fwds}
-            for key, fwd in fwds.items():
-                for _ in range(args.warmup):
-                    fwd()
-            for _ in range(args.patches):
-                for key, fwd in fwds.items():
-                    t = time.perf_counter()
-                    fwd()
-                    patch_times[key].append(time.perf_counter() - t)
+            patch_times = timed_in_turns(fwds, args.patches, args.warmup)
             fwds = sess = fwd = None
             for b in backends:
                 res["backends"][b] = {"patch_s_median": statistics.median(patch_times[b, 1]),
@@ -187,11 +174,8 @@ def main(argv=None):
                     res["backends"][b]["case_runs"].append({"case_s": case_s, "split": split})
                     pred = None
                     if r == 0:
-                        metrics = compute_metrics_on_folder(labels, out, None, SimpleITKIO(), ending, fg,
-                                                            num_processes=1, chill=True)
-                        res["backends"][b]["dice"] = {str(lab): metrics["mean"][lab]["Dice"] for lab in fg}
-                        masks[b] = [sitk.GetArrayFromImage(sitk.ReadImage(os.path.join(out, f)))
-                                    for f in sorted(os.listdir(out)) if f.endswith(ending)]
+                        res["backends"][b]["dice"] = dice_per_label(labels, out, ending, fg)
+                        masks[b] = read_masks(out, cases, ending)
             for b in backends:
                 v = res["backends"][b]
                 v["case_s"] = statistics.median(c["case_s"] for c in v["case_runs"])
@@ -201,8 +185,7 @@ def main(argv=None):
                       f"{v['split']['network_s']:.2f})  Dice {v['dice']}", flush=True)
             for b in backends:
                 if b != "torch" and "torch" in masks:
-                    res["backends"][b]["mask_agreement_vs_torch"] = float(np.mean(np.concatenate(
-                        [(m == t).ravel() for m, t in zip(masks[b], masks["torch"])])))
+                    res["backends"][b]["mask_agreement_vs_torch"] = mask_agreement(masks[b], masks["torch"])
             rows.append(res)
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -218,11 +201,7 @@ def main(argv=None):
                      if "openvino" in args.backends else None, "python": sys.version.split()[0]},
         "rows": rows,
     }
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    tmp = args.out + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(result, f, indent=2)
-    os.replace(tmp, args.out)
+    write_json(args.out, result)
     print(table(result))
 
 
@@ -232,10 +211,9 @@ FP32_OF = {"ort_int8": "ort", "ov_int8": "openvino", "ov_nncf": "openvino"}  # t
 def table(r: dict) -> str:
     first = next(iter(r["rows"][0]["backends"].values()), None) if r["rows"] else None
     labels = list(first["dice"]) if first else []
-    head = ("| depth | backend | per patch (ms) | speed-up | vs fp32 | batch " + str(r.get("batch_b", "")) +
-            " (ms) | vs fp32 | per case (s) | speed-up | vs fp32 | "
-            + " | ".join(f"Dice {lab}" for lab in labels) + " | mask = torch |")
-    lines = [head, "|" + "---|" * (10 + len(labels) + 1)]
+    lines = md_table(["depth", "backend", "per patch (ms)", "speed-up", "vs fp32", f"batch {r.get('batch_b', '')} (ms)",
+                      "vs fp32", "per case (s)", "speed-up", "vs fp32", *(f"Dice {lab}" for lab in labels),
+                      "mask = torch"])
     for row in r["rows"]:
         t = row["backends"].get("torch")
         for b, v in row["backends"].items():
@@ -248,9 +226,8 @@ def table(r: dict) -> str:
             fb = f"{f32['patch_b_s_median'] / pb:.2f}x" if f32 and pb else ""
             pbs = f"{pb * 1e3:.1f}" if pb else ""
             agree = f"{100 * v['mask_agreement_vs_torch']:.3f}%" if "mask_agreement_vs_torch" in v else ""
-            lines.append(f"| {row['tag']} | {b} | {v['patch_s_median'] * 1e3:.1f} | {sp} | {fp} | {pbs} | {fb} | "
-                         f"{v['case_s']:.2f} | "
-                         f"{sc} | {fc} | " + " | ".join(f"{v['dice'][lab]:.4f}" for lab in labels) + f" | {agree} |")
+            lines.append(md_row(row["tag"], b, f"{v['patch_s_median'] * 1e3:.1f}", sp, fp, pbs, fb,
+                                f"{v['case_s']:.2f}", sc, fc, *(f"{v['dice'][lab]:.4f}" for lab in labels), agree))
     return "\n".join(lines)
 
 

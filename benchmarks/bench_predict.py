@@ -22,15 +22,15 @@ Writes ``--out`` (JSON) and prints a markdown table (median over rounds).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import statistics
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import machine_line, stage_val_cases  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # benchmarks/common.py
+from common import (RESULTS, dice_per_label, machine, machine_line, mask_agreement, md_row, md_table,  # noqa: E402
+                    predictor_threads, read_masks, stage_val_cases, write_json)
 
 
 def load_average() -> float:
@@ -47,21 +47,17 @@ def main(argv=None):
     p.add_argument("--variants", default="nnunet,nnpp,nnpp_tb16,nnpp_bf16")
     p.add_argument("--onnx_fp32", default=None, help="nnpp_export folder (fp32) for the ort_fp32 / ov_fp32 variants")
     p.add_argument("--onnx_int8", default=None, help="nnpp_export --precision int8 folder for ort_int8 / ov_int8")
-    p.add_argument("--out", default="benchmarks/results/predict_cpu.json")
+    p.add_argument("--out", default=os.path.join(RESULTS, "predict_cpu.json"))
     args = p.parse_args(argv)
 
-    os.environ["nnUNet_def_n_proc"] = str(args.threads)  # nnU-Net caps torch's threads at this during prediction
-    import numpy as np
-    import SimpleITK as sitk
+    predictor_threads(args.threads)
     import torch
-    torch.set_num_threads(args.threads)
-    from nnunetv2.evaluation.evaluate_predictions import compute_metrics_on_folder
-    from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
     from nnpp import device as dev
     from nnpp.model_folder import load_trained_model
-    from nnpp.predictor import init_onnx, init_torch, make_predictor
+    from nnpp.deploy.ort import init_onnx
+    from nnpp.predictor.build import init_torch, make_predictor
 
     folder = os.path.abspath(args.model_folder)
     model = load_trained_model(folder, [args.f])
@@ -120,10 +116,8 @@ def main(argv=None):
                     run["read_preprocess_s"] = sum(x["read_preprocess_s"] for x in records) / len(cases)
                     run["export_s"] = sum(x["export_s"] for x in records) / len(cases)
                 if r == 0:
-                    m = compute_metrics_on_folder(os.path.join(raw, "labelsTr"), out, None, SimpleITKIO(), ending, fg,
-                                                  num_processes=1, chill=True)
-                    run["dice"] = {str(lab): m["mean"][lab]["Dice"] for lab in fg}
-                    masks[v] = [sitk.GetArrayFromImage(sitk.ReadImage(os.path.join(out, c + ending))) for c in cases]
+                    run["dice"] = dice_per_label(os.path.join(raw, "labelsTr"), out, ending, fg)
+                    masks[v] = read_masks(out, cases, ending)
                 runs[v].append(run)
                 print(f"[bench_predict] round {r} {v:10s} case {run['case_s']:7.2f} s  network {run['network_s']:7.2f} s"
                       f"  load {load0:.2f}->{run['load_after']:.2f}", flush=True)
@@ -135,19 +129,16 @@ def main(argv=None):
         row = {k: statistics.median(x[k] for x in rs) for k in rs[0] if k.endswith("_s")}
         row["dice"] = rs[0]["dice"]
         if v != variants[0]:
-            row[f"mask_agreement_vs_{variants[0]}"] = float(np.mean(np.concatenate(
-                [(a == b).ravel() for a, b in zip(masks[v], masks[variants[0]])])))
+            row[f"mask_agreement_vs_{variants[0]}"] = mask_agreement(masks[v], masks[variants[0]])
         row["runs"] = rs
         rows[v] = row
+    m = machine()
     result = {
-        "machine": f"{machine_line()}, CPU only (no GPU)", **dev.machine_info(), "threads": args.threads, "model_folder": folder,
+        "machine": f"{machine_line(m)}, CPU only (no GPU)", **m, "threads": args.threads, "model_folder": folder,
         "fold": args.f, "cases": cases, "patch_size": model.patch_size, "rounds": args.rounds,
         "versions": {"torch": torch.__version__, "python": sys.version.split()[0]}, "rows": rows,
     }
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out + ".tmp", "w") as f:
-        json.dump(result, f, indent=2)
-    os.replace(args.out + ".tmp", args.out)
+    write_json(args.out, result)
     print(table(result))
 
 
@@ -159,16 +150,15 @@ def table(r: dict) -> str:
              f"{r['threads']} threads, median of {r['rounds']} interleaved rounds, load average "
              f"{min(x['load_before'] for v in r['rows'].values() for x in v['runs']):.1f}-"
              f"{max(x['load_after'] for v in r['rows'].values() for x in v['runs']):.1f}",
-             "| variant | per case (s) | speed-up | network (s) | read+preprocess (s) | resample+export (s) | "
-             + " | ".join(f"Dice {lab}" for lab in labels) + f" | mask = {first}'s |",
-             "|" + "---|" * (7 + len(labels))]
+             *md_table(["variant", "per case (s)", "speed-up", "network (s)", "read+preprocess (s)",
+                        "resample+export (s)", *(f"Dice {lab}" for lab in labels), f"mask = {first}'s"])]
     for v, row in r["rows"].items():
         sp = f"{base['case_s'] / row['case_s']:.2f}x" if base else ""
         f = lambda k: f"{row[k]:.2f}" if k in row else "-"  # noqa: E731
         key = f"mask_agreement_vs_{first}"
         agree = f"{100 * row[key]:.4f}%" if key in row else ""
-        lines.append(f"| {v} | {row['case_s']:.2f} | {sp} | {f('network_s')} | {f('read_preprocess_s')} | "
-                     f"{f('export_s')} | " + " | ".join(f"{row['dice'][lab]:.4f}" for lab in labels) + f" | {agree} |")
+        lines.append(md_row(v, f"{row['case_s']:.2f}", sp, f("network_s"), f("read_preprocess_s"), f("export_s"),
+                            *(f"{row['dice'][lab]:.4f}" for lab in labels), agree))
     return "\n".join(lines)
 
 

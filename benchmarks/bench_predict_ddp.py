@@ -16,12 +16,11 @@ import os
 import re
 import shutil
 import statistics
-import subprocess
 import sys
-import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import machine_line, stage_val_cases  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # benchmarks/common.py
+from common import (RESULTS, machine, machine_line, md_table, model_id, read_masks, run_checked,  # noqa: E402
+                    stage_val_cases, torchrun, write_json)
 
 
 def main(argv=None):
@@ -32,18 +31,13 @@ def main(argv=None):
     p.add_argument("--cases", type=int, default=4)
     p.add_argument("--rounds", type=int, default=1)
     p.add_argument("--threads", type=int, default=os.cpu_count() or 2, help="threads shared out among the processes")
-    p.add_argument("--out", default="benchmarks/results/predict_ddp_cpu.json")
+    p.add_argument("--out", default=os.path.join(RESULTS, "predict_ddp_cpu.json"))
     args = p.parse_args(argv)
 
     import numpy as np
-    import SimpleITK as sitk
-
-    from nnpp import device as dev
-    from nnpp.distributed import free_port
 
     folder = os.path.abspath(args.model_folder)
-    name = os.path.basename(os.path.dirname(folder))
-    trainer, plans, config = os.path.basename(folder).split("__")
+    name, trainer, plans, config = model_id(folder)
     ending = json.load(open(os.path.join(folder, "dataset.json")))["file_ending"]
     work, inputs, cases = stage_val_cases(name, args.f, args.cases, ending, "bench_predict_ddp_")
     runs = {n: [] for n in args.n}
@@ -53,16 +47,11 @@ def main(argv=None):
             for n in args.n:
                 out = os.path.join(work, f"n{n}_{r}")
                 env = dict(os.environ, OMP_NUM_THREADS=str(max(1, args.threads // n)))
-                cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={n}",
-                       f"--master_port={free_port()}", "-m", "nnpp.run.predict", "-i", inputs, "-o", out,
-                       "-d", name, "-c", config, "-tr", trainer, "-p", plans, "-f", args.f, "-device", "cpu",
-                       "-npp", "0", "-nps", "0", "--disable_progress_bar"]
+                cmd = torchrun(n, "nnpp.run.predict", "-i", inputs, "-o", out, "-d", name, "-c", config, "-tr", trainer,
+                               "-p", plans, "-f", args.f, "-device", "cpu", "-npp", "0", "-nps", "0",
+                               "--disable_progress_bar")
                 load0 = os.getloadavg()[0]
-                t0 = time.perf_counter()
-                proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-                wall = time.perf_counter() - t0
-                if proc.returncode != 0:
-                    raise SystemExit(f"[bench_predict_ddp] {n} process(es) failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
+                proc, wall = run_checked(cmd, f"{n} process(es)", env)
                 # N > 1: rank 0's total line; N = 1 (WORLD_SIZE 1 is the one-process path): its summary line
                 m = re.search(r"(\d+) case\(s\) in ([\d.]+) s(?:, |: )([\d.]+) cases/min", proc.stdout)
                 run = {"wall_s": wall, "cases_per_min_rank0": float(m.group(3)) if m else None,
@@ -70,7 +59,7 @@ def main(argv=None):
                        "load_after": os.getloadavg()[0], "threads_per_process": max(1, args.threads // n)}
                 runs[n].append(run)
                 if n not in masks:
-                    masks[n] = [sitk.GetArrayFromImage(sitk.ReadImage(os.path.join(out, c + ending))) for c in cases]
+                    masks[n] = read_masks(out, cases, ending)
                 print(f"[bench_predict_ddp] round {r} N={n}: {run['cases_per_min_rank0']} cases/min (rank 0), "
                       f"{wall:.1f} s wall incl. start-up, load {load0:.1f}->{run['load_after']:.1f}", flush=True)
     finally:
@@ -80,18 +69,16 @@ def main(argv=None):
                      "cases_per_min_wall": statistics.median(x["cases_per_min_wall"] for x in rs),
                      "masks_equal_to_N%d" % base: bool(all(np.array_equal(a, b) for a, b in zip(masks[n], masks[base]))),
                      "runs": rs} for n, rs in runs.items()}
-    result = {"machine": f"{machine_line()}, CPU only (no GPU)", **dev.machine_info(),
+    m = machine()
+    result = {"machine": f"{machine_line(m)}, CPU only (no GPU)", **m,
               "model_folder": folder, "cases": cases, "threads_total": args.threads, "rows": rows}
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out + ".tmp", "w") as f:
-        json.dump(result, f, indent=2)
-    os.replace(args.out + ".tmp", args.out)
+    write_json(args.out, result)
     print(f"{result['machine']}; CPU capability {result['cpu_capability']}, native bf16 {result['native_bf16']}; "
           f"{len(cases)} cases, {args.threads} threads shared out")
-    print("| processes | cases/min (rank 0) | cases/min (wall, incl. start-up) | masks = N=%d |\n|---|---|---|---|" % base)
-    for n, row in rows.items():
-        print(f"| {n} | {row['cases_per_min_rank0']:.2f} | {row['cases_per_min_wall']:.2f} | "
-              f"{row['masks_equal_to_N%d' % base]} |")
+    print("\n".join(md_table(
+        ["processes", "cases/min (rank 0)", "cases/min (wall, incl. start-up)", f"masks = N={base}"],
+        ([n, f"{row['cases_per_min_rank0']:.2f}", f"{row['cases_per_min_wall']:.2f}", row[f"masks_equal_to_N{base}"]]
+         for n, row in rows.items()))))
 
 
 if __name__ == "__main__":

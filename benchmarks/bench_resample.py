@@ -1,4 +1,4 @@
-"""Prediction at real size, side by side on the same model and case (issue 22): nnU-Net's own predictor vs
+"""Prediction at real size, side by side on the same model and case: nnU-Net's own predictor vs
 ``nnpp_predict --resample plans`` (the plans' scipy resampling) and ``--resample torch`` (nnU-Net's torch one);
 nnpp's export never holds every class at the original grid (``nnpp.predictor.segmentation_from_logits``: the
 sparse trilinear argmax with torch resampling, a few classes at a time with the plans' function).
@@ -39,11 +39,11 @@ import re
 import statistics
 import subprocess
 import sys
-import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))
-BUILDER = os.path.join(os.path.dirname(HERE), "..", "shared", "datasets", "ts_example_ct.py")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # benchmarks/common.py
+from common import (RESULTS, TS_BUILDER, load_builder, machine, machine_line, md_row, md_table,  # noqa: E402
+                    model_id, nnunet_dirs, run_checked, torchrun, write_json, write_text)
+
 SPLIT = re.compile(r"time per case over \d+ case\(s\): read\+preprocess ([\d.]+) s, network ([\d.]+) s, "
                    r"resample\+export ([\d.]+) s")
 
@@ -68,16 +68,13 @@ sys.exit(rc)
 
 def real_size_case(work: str, builder: str, spacing=(0.8, 0.8, 1.5)) -> str:
     """The shared builder's CT resampled to ``spacing`` (x, y, z mm) as ``work/images/ts_real_size_0000.nii.gz``."""
-    import importlib.util
     import tarfile
 
     import SimpleITK as sitk
     out = os.path.join(work, "images", "ts_real_size_0000.nii.gz")
     if os.path.isfile(out):
         return out
-    spec = importlib.util.spec_from_file_location("ts_example_ct", builder)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_builder(builder)
     member = f"totalsegmentator-{mod.VERSION}/tests/reference_files/example_ct.nii.gz"
     with tarfile.open(mod.sdist(None)) as tar:
         tar.extract(member, os.path.join(mod.CACHE, "src"), filter="data")
@@ -92,9 +89,7 @@ def real_size_case(work: str, builder: str, spacing=(0.8, 0.8, 1.5)) -> str:
 
 def make_model(work: str, builder: str, classes: int, dataset_id: int = 952) -> str:
     """The ``--make_model`` recipe (module docstring); returns the model folder (reused when it exists)."""
-    import json as _json
-    env = {"nnUNet_raw": os.path.join(work, "raw"), "nnUNet_preprocessed": os.path.join(work, "preprocessed"),
-           "nnUNet_results": os.path.join(work, "results")}
+    env = nnunet_dirs(work, short=True, make=False)
     os.environ.update(env)
     name = f"Dataset{dataset_id:03d}_TSExampleCT"
     model = os.path.join(env["nnUNet_results"], name, "nnUNetPlusPlusTrainer__nnppUNetPlusPlusPlans__3d_fullres")
@@ -104,22 +99,22 @@ def make_model(work: str, builder: str, classes: int, dataset_id: int = 952) -> 
         subprocess.run([sys.executable, builder, env["nnUNet_raw"], "--all", "--id", str(dataset_id)], check=True)
         path = os.path.join(env["nnUNet_raw"], name, "dataset.json")
         with open(path) as f:
-            ds = _json.load(f)
+            ds = json.load(f)
         for i in range(len(ds["labels"]), classes):
             ds["labels"][f"unused_{i}"] = i
         with open(path, "w") as f:
-            _json.dump(ds, f, indent=1)
+            json.dump(ds, f, indent=1)
     from nnpp.data.synthetic import plan_and_preprocess
     plan_and_preprocess(dataset_id, ("3d_fullres",), 2, "SmallUNetPlusPlusPlanner", base_features=8,
                         max_patch=(128, 128, 128))
 
     def set_patch(path, patch=None):
         with open(path) as f:
-            plans = _json.load(f)
+            plans = json.load(f)
         planned = plans["configurations"]["3d_fullres"]["patch_size"]
         plans["configurations"]["3d_fullres"]["patch_size"] = patch or planned
         with open(path, "w") as f:
-            _json.dump(plans, f, indent=1)
+            json.dump(plans, f, indent=1)
         return planned
     planned = set_patch(os.path.join(env["nnUNet_preprocessed"], name, "nnppUNetPlusPlusPlans.json"), [64, 64, 64])
     subprocess.run([sys.executable, "-m", "nnpp.run.train", str(dataset_id), "3d_fullres", "all", "-p",
@@ -139,33 +134,28 @@ def run(model_folder: str, fold: str, images: str, out: str, mode: str, threads:
     own nnUNetPredictor (predict_from_files_sequential: everything in the process, its scipy export), whose time is
     not split."""
     from nnpp.training.nnunet_ext import EXT_TRAINER_PATH
-    parts = os.path.normpath(model_folder).split(os.sep)
-    trainer, plans, config = parts[-1].split("__")
-    env = dict(os.environ, nnUNet_results=os.sep.join(parts[:-2]), OMP_NUM_THREADS=str(threads),
-               nnUNet_def_n_proc=str(threads), nnUNet_extTrainer=EXT_TRAINER_PATH)
+    dataset, trainer, plans, config = model_id(model_folder)
+    env = dict(os.environ, nnUNet_results=os.path.dirname(os.path.dirname(os.path.abspath(model_folder))),
+               OMP_NUM_THREADS=str(threads), nnUNet_def_n_proc=str(threads), nnUNet_extTrainer=EXT_TRAINER_PATH)
     if mode == "nnunet":
-        t0 = time.perf_counter()
-        p = subprocess.run([sys.executable, "-c", NNUNET_CHILD, model_folder, fold, images, out], env=env,
-                           capture_output=True, text=True)
-        if p.returncode != 0:
-            sys.exit(f"bench_resample: nnU-Net's predictor failed:\n{p.stderr[-3000:]}")
-        rss = re.search(r"PEAK_RSS_KB (\d+)", p.stdout)
-        return {"mode": mode, "wall_s": time.perf_counter() - t0, "read_preprocess_s": None, "network_s": None,
-                "resample_export_s": None, "peak_rss_gb": int(rss[1]) / 2 ** 20, "load": os.getloadavg()[0]}
-    flags = ["-i", images, "-o", out, "-d", parts[-2], "-c", config, "-p", plans, "-tr", trainer, "-f", fold,
+        p, wall = run_checked([sys.executable, "-c", NNUNET_CHILD, model_folder, fold, images, out],
+                              "nnU-Net's predictor", env)
+        return {"mode": mode, "wall_s": wall, "read_preprocess_s": None, "network_s": None,
+                "resample_export_s": None, "peak_rss_gb": peak_rss_gb(p.stdout), "load": os.getloadavg()[0]}
+    flags = ["-i", images, "-o", out, "-d", dataset, "-c", config, "-p", plans, "-tr", trainer, "-f", fold,
              "-device", "cpu", "-npp", "0", "-nps", "0", "--disable_progress_bar"]
     if mode == "torchrun2":
         return run_torchrun(flags, env, images)
-    cmd = [sys.executable, "-c", CHILD, *flags, "--resample", mode]
-    t0 = time.perf_counter()
-    p = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    wall = time.perf_counter() - t0
-    if p.returncode != 0:
-        sys.exit(f"bench_resample: nnpp_predict --resample {mode} failed:\n{p.stdout[-2000:]}\n{p.stderr[-3000:]}")
+    p, wall = run_checked([sys.executable, "-c", CHILD, *flags, "--resample", mode],
+                          f"nnpp_predict --resample {mode}", env)
     split = SPLIT.search(p.stdout)
-    rss = re.search(r"PEAK_RSS_KB (\d+)", p.stdout)
     return {"mode": mode, "wall_s": wall, "read_preprocess_s": float(split[1]), "network_s": float(split[2]),
-            "resample_export_s": float(split[3]), "peak_rss_gb": int(rss[1]) / 2 ** 20, "load": os.getloadavg()[0]}
+            "resample_export_s": float(split[3]), "peak_rss_gb": peak_rss_gb(p.stdout), "load": os.getloadavg()[0]}
+
+
+def peak_rss_gb(output: str) -> float:
+    """The peak RSS a child printed (``PEAK_RSS_KB n``), in GB."""
+    return int(re.search(r"PEAK_RSS_KB (\d+)", output)[1]) / 2 ** 20
 
 
 TORCHRUN_WRAPPER = """import resource, subprocess, sys
@@ -189,13 +179,8 @@ def run_torchrun(flags: list, env: dict, images: str) -> dict:
     flags = list(flags)
     flags[flags.index("-i") + 1] = two
     env = {k: v for k, v in env.items() if k != "OMP_NUM_THREADS"}
-    cmd = [sys.executable, "-c", TORCHRUN_WRAPPER, sys.executable, "-m", "torch.distributed.run", "--nproc_per_node",
-           "2", "-m", "nnpp.run.predict", *flags]
-    t0 = time.perf_counter()
-    p = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    wall = time.perf_counter() - t0
-    if p.returncode != 0:
-        sys.exit(f"bench_resample: torchrun nnpp_predict failed:\n{p.stdout[-2000:]}\n{p.stderr[-3000:]}")
+    p, wall = run_checked([sys.executable, "-c", TORCHRUN_WRAPPER, *torchrun(2, "nnpp.run.predict", *flags, port=None)],
+                          "torchrun nnpp_predict", env)
     threads = {int(r): int(t) for r, t in re.findall(r"\[nnpp_predict\] rank (\d+): torch (\d+) CPU thread", p.stdout)}
     why = re.search(r"\[nnpp_predict\] rank 0: .* per case \((.+)\)\s*$", p.stdout, re.MULTILINE)
     total = re.search(r"all 2 processes done: (\d+) case\(s\) in ([\d.]+) s, ([\d.]+) cases/min", p.stdout)
@@ -205,7 +190,7 @@ def run_torchrun(flags: list, env: dict, images: str) -> dict:
     return {"mode": "torchrun2", "wall_s": wall, "cases": int(total[1]), "ranks_s": float(total[2]),
             "cases_per_min": float(total[3]), "threads_per_rank": threads, "threads_why": why[1] if why else None,
             "read_preprocess_s": mean(1), "network_s": mean(2), "resample_export_s": mean(3),
-            "peak_rss_gb": int(re.search(r"PEAK_RSS_KB (\d+)", p.stdout)[1]) / 2 ** 20, "load": os.getloadavg()[0]}
+            "peak_rss_gb": peak_rss_gb(p.stdout), "load": os.getloadavg()[0]}
 
 
 def main(argv=None):
@@ -217,13 +202,13 @@ def main(argv=None):
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--image", help="a case to predict (CASE_0000.nii.gz)")
     src.add_argument("--real_size", action="store_true", help="the shared real CT at 0.8 x 0.8 x 1.5 mm")
-    p.add_argument("--builder", default=BUILDER)
+    p.add_argument("--builder", default=TS_BUILDER)
     p.add_argument("--workdir", default="bench_resample_work")
     p.add_argument("--rounds", type=int, default=1)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--modes", nargs="+", default=["nnunet", "plans", "torch"],
                    choices=["nnunet", "plans", "torch", "torchrun2"])
-    p.add_argument("--out", default=os.path.join(HERE, "results", "resample_cpu.json"))
+    p.add_argument("--out", default=os.path.join(RESULTS, "resample_cpu.json"))
     a = p.parse_args(argv)
     work = os.path.abspath(a.workdir)
     if a.make_model:
@@ -233,8 +218,6 @@ def main(argv=None):
         p.error("give --model_folder or --make_model CLASSES")
     import numpy as np
     import SimpleITK as sitk
-
-    from nnpp.device import machine_info
     if a.real_size:
         image = real_size_case(work, a.builder)
     else:
@@ -268,37 +251,31 @@ def main(argv=None):
         if summary[mode]["network_s"] is not None:
             case = summary[mode]["read_preprocess_s"] + summary[mode]["network_s"] + summary[mode]["resample_export_s"]
             summary[mode]["resample_export_share"] = summary[mode]["resample_export_s"] / case
-    result = {"machine": machine_info(), "model_folder": os.path.abspath(a.model_folder), "fold": a.f,
+    result = {"machine": machine(), "model_folder": os.path.abspath(a.model_folder), "fold": a.f,
               "image": image, "image_size": list(shape), "classes_in_masks": int(len(labels)), "threads": a.threads,
               "mask_agreement": agreement, "summary": summary, "runs": runs}
-    m = result["machine"]
-    lines = [f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}, CPU capability {m['cpu_capability']}, "
-             f"native bf16: {'yes' if m['native_bf16'] else 'no'}; {a.threads} threads; case {os.path.basename(image)} "
+    lines = [f"Machine: {machine_line(result['machine'])}; {a.threads} threads; case {os.path.basename(image)} "
              f"{'x'.join(map(str, shape))} voxels; median of {a.rounds} run(s) each, fresh processes, -npp 0 -nps 0.",
-             "", "| predictor | case (s) | read+preprocess | network | resample+export | share of case | peak RSS (GB) |",
-             "|---|---|---|---|---|---|---|"]
+             "", *md_table(["predictor", "case (s)", "read+preprocess", "network", "resample+export", "share of case",
+                            "peak RSS (GB)", "vs nnU-Net: time, RSS"])]
     base = summary.get("nnunet")
-    lines[-2] = lines[-2].replace("| peak RSS (GB) |", "| peak RSS (GB) | vs nnU-Net: time, RSS |")
-    lines[-1] += "---|"
     for mode, s in summary.items():
         ratio = (f"{base['wall_s'] / s['wall_s']:.2f}x faster, {s['peak_rss_gb'] / base['peak_rss_gb']:.2f}x"
                  if base and mode not in ("nnunet", "torchrun2") else "")
         if s["network_s"] is None:
-            lines.append(f"| nnU-Net's nnUNetPredictor | {s['wall_s']:.1f} | | | | | {s['peak_rss_gb']:.2f} | |")
+            lines.append(md_row("nnU-Net's nnUNetPredictor", f"{s['wall_s']:.1f}", "", "", "", "",
+                                f"{s['peak_rss_gb']:.2f}", ""))
             continue
         name = (f"torchrun 2 ranks, 2 cases ({', '.join(f'rank {r}: {t} thread(s)' for r, t in sorted(s['threads_per_rank'].items()))}; "
                 f"{s['cases_per_min']:.2f} cases/min vs {60 / summary['torch']['wall_s'] if 'torch' in summary else float('nan'):.2f} "
                 f"for one process's wall time)" if mode == "torchrun2" else f"nnpp_predict --resample {mode}")
-        lines.append(f"| {name} | {s['wall_s']:.1f} | {s['read_preprocess_s']:.1f} | "
-                     f"{s['network_s']:.1f} | {s['resample_export_s']:.1f} | {100 * s['resample_export_share']:.0f}% | "
-                     f"{s['peak_rss_gb']:.2f} | {ratio} |")
+        lines.append(md_row(name, f"{s['wall_s']:.1f}", f"{s['read_preprocess_s']:.1f}", f"{s['network_s']:.1f}",
+                            f"{s['resample_export_s']:.1f}", f"{100 * s['resample_export_share']:.0f}%",
+                            f"{s['peak_rss_gb']:.2f}", ratio))
     lines += ["", "Masks vs " + first + ": " + ", ".join(f"{m} {100 * v:.4f}%" for m, v in agreement.items())
               + f" of voxels equal ({len(labels)} labels present in {first}'s)."]
-    os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
-    with open(a.out, "w") as f:
-        json.dump(result, f, indent=1)
-    with open(os.path.splitext(a.out)[0] + ".md", "w") as f:
-        f.write("\n".join(lines) + "\n")
+    write_json(a.out, result, indent=1)
+    write_text(os.path.splitext(a.out)[0] + ".md", "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

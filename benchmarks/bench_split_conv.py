@@ -1,8 +1,8 @@
-"""Issue 9's third checkpointing alternative, tried and measured: split each nested node's first conv per input
-(X^{i,0..j-1} and the upsampled X^{i+1,j-1}) and sum the partial convolutions, so the concatenation buffer is never
-built (no recomputation). Same parameters as the node's conv (its weight sliced along the input channels).
+"""A memory saving without recomputation, tried and measured beside checkpointing: split each nested node's first conv
+per input (X^{i,0..j-1} and the upsampled X^{i+1,j-1}) and sum the partial convolutions, so the concatenation buffer
+is never built. Same parameters as the node's conv (its weight sliced along the input channels).
 
-    python benchmarks/bench_split_conv.py --threads 2      # issue9 config: as-is vs split vs ckpt node, one process
+    python benchmarks/bench_split_conv.py --threads 2      # cpu-deep config: as-is vs split vs ckpt node, one process
 
 Not a mode of ``nnpp.nets.unetpp`` (it measured worse than ``checkpoint_nodes="node"``: benchmarks/RESULTS.md);
 this script patches the decoder's node function for the measurement only. Writes JSON and prints a table.
@@ -10,7 +10,6 @@ this script patches the decoder's node function for the measurement only. Writes
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -19,8 +18,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(__file__))
-from bench_network import CONFIGS, arch_kwargs  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # benchmarks/common.py
+from common import CONFIGS, RESULTS, add_config_arg, arch_kwargs, md_table, seed_all, write_json  # noqa: E402
 
 from nnpp.nets import plans  # noqa: E402
 from nnpp.nets.plans import UNETPP_CLASS  # noqa: E402
@@ -51,16 +50,16 @@ def split_node(self, i: int, j: int, below: torch.Tensor, *same_row: torch.Tenso
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", default="issue9", choices=CONFIGS)
+    add_config_arg(p, "cpu-deep")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--rounds", type=int, default=2, help="variants are measured in turn, this many rounds")
-    p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "split_conv.json"))
+    p.add_argument("--out", default=os.path.join(RESULTS, "split_conv.json"))
     a = p.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
     cfg = CONFIGS[a.config]
-    torch.manual_seed(0)
+    seed_all(0)
     nets = {}
     for name, mode in (("as-is", "none"), ("split first conv", "none"), ("ckpt node", "node")):
         net = plans.build_network(UNETPP_CLASS, dict(arch_kwargs(cfg), checkpoint_nodes=mode), 1, 3)
@@ -90,17 +89,14 @@ def main():
         rows.append({"variant": name, "step_s_median": statistics.median(times[name]),
                      "saved_activation_MiB": saved_activation_bytes(net, x) / 2 ** 20})
     result = {"config": a.config, "threads": a.threads or os.cpu_count(), "max_output_difference": diff, "runs": rows}
-    os.makedirs(os.path.dirname(a.out), exist_ok=True)
-    with open(a.out + ".tmp", "w") as f:
-        json.dump(result, f, indent=2)
-    os.replace(a.out + ".tmp", a.out)
+    write_json(a.out, result)
     base = rows[0]
     print(f"max |as-is - split| over the outputs: {diff:.2e}")
-    print("| variant | step (median s) | x as-is | saved for backward (MiB) | x as-is |")
-    print("|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['variant']} | {r['step_s_median']:.3f} | {r['step_s_median'] / base['step_s_median']:.2f} | "
-              f"{r['saved_activation_MiB']:.0f} | {r['saved_activation_MiB'] / base['saved_activation_MiB']:.2f} |")
+    print("\n".join(md_table(
+        ["variant", "step (median s)", "x as-is", "saved for backward (MiB)", "x as-is"],
+        ([r["variant"], f"{r['step_s_median']:.3f}", f"{r['step_s_median'] / base['step_s_median']:.2f}",
+          f"{r['saved_activation_MiB']:.0f}", f"{r['saved_activation_MiB'] / base['saved_activation_MiB']:.2f}"]
+         for r in rows))))
     print(f"JSON: {a.out}")
 
 

@@ -7,6 +7,7 @@ import zipfile
 import torch
 
 from nnpp import NnppError
+from nnpp.file_safety import replace_atomically
 
 
 def check_checkpoint_file(path: str) -> None:
@@ -38,20 +39,8 @@ def load_checkpoint(path: str) -> dict:
 
 
 def atomic_torch_save(obj, filename: str) -> None:
-    """torch.save to a fresh temp file beside ``filename``, fsync, rename, fsync of the folder: a reader sees the
-    old file or the whole new one, never a part; a crash leaves at most a ``.tmp<pid>`` that nothing promotes."""
-    tmp = f"{filename}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, filename)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    fd = os.open(os.path.dirname(os.path.abspath(filename)), os.O_RDONLY)
-    try:  # the rename itself reaches the disk
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    """torch.save to a fresh temp file beside ``filename``, fsync, rename, fsync of the folder
+    (:func:`nnpp.file_safety.replace_atomically`): a reader sees the old file or the whole new one, never a part; a
+    crash leaves at most a ``.tmp<pid>`` that nothing promotes."""
+    with replace_atomically(filename, "wb", durable=True) as f:
+        torch.save(obj, f)

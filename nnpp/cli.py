@@ -1,5 +1,6 @@
-"""What every command-line tool of nnpp shares: folds, argument types and the error boundary (one line, exit 2);
-dataset ids, JSON files and Dice (:mod:`nnpp.files`, the library's) are re-exported for the commands."""
+"""What nnpp's command-line entry points share: argument types (numbers, folds, options with former spellings) and
+the error boundary (one line, exit 2). Library code never imports this module; dataset ids, JSON files and Dice
+live in the library (:mod:`nnpp.dataset_ids`, :mod:`nnpp.file_safety`, :mod:`nnpp.dice`)."""
 from __future__ import annotations
 
 import argparse
@@ -8,8 +9,8 @@ import os
 import sys
 
 from nnpp import NnppError
-from nnpp.files import (DATASET_ID_RE, dataset_name, dice_text, format_dice, label_names,  # noqa: F401
-                        load_json_file, parse_dataset_id, read_dice)
+from nnpp.file_safety import load_json_file
+
 
 def _number(kind: type, minimum: float, strict: bool, what: str):
     """An argparse ``type``: ``kind(text)`` that is > ``minimum`` (``strict``) or >= it, else one usage error."""
@@ -58,3 +59,14 @@ def entry_point(prog: str):
                 sys.exit(2)
         return main
     return wrap
+
+
+def add_option(container, name: str, *hidden: str, **kwargs) -> argparse.Action:
+    """``container.add_argument(name, **kwargs)`` (a parser or an argument group), plus each of ``hidden`` (a former
+    spelling, e.g. ``--mgd-ratio`` of ``--mgd_ratio``) as an alias with the same dest, action, type and default that
+    --help does not show. Long options are spelled nnU-Net's way, with underscores; the aliases keep old command
+    lines working. Not for required options."""
+    action = container.add_argument(name, **kwargs)
+    for alias in hidden:
+        container.add_argument(alias, **{**kwargs, "dest": action.dest, "help": argparse.SUPPRESS})
+    return action

@@ -20,6 +20,7 @@ from torch import nn
 
 from nnpp import NnppError
 from nnpp.checkpoints import load_checkpoint
+from nnpp.saved_settings import setting_of
 
 
 #: every trainer nnpp defines -> the module that defines it (imported on first use, so this bottom module imports
@@ -61,8 +62,8 @@ def _json_normal(obj):
 
 
 def load_model_json(path: str, what: str) -> dict:
-    """A model folder's JSON file (nnpp.files.load_json_file with model-folder hints)."""
-    from nnpp.files import load_json_file
+    """A model folder's JSON file (nnpp.file_safety.load_json_file with model-folder hints)."""
+    from nnpp.file_safety import load_json_file
     return load_json_file(path, what, missing_hint="is this an nnU-Net model folder (TRAINER__PLANS__CONFIG with "
                           "plans.json, dataset.json, fold_F/)?", fix="restore it from the training run")
 
@@ -219,15 +220,15 @@ def load_trained_model(folder: str, folds, checkpoint_name: str = "checkpoint_fi
 
 def pruning_warning(model: TrainedModel, depth: int | None, full_depth: int | None) -> str | None:
     """A warning when ``model`` is pruned below full depth but was trained with its shallow heads as probes
-    (``nnpp_train --shallow_heads probe``, the default since issue 21): their loss did not train the network, and
-    pruned Dice measured on a real CT was near 0 (benchmarks/RESULTS.md)."""
+    (``nnpp_train --shallow_heads probe``, the default; a run that recorded none trained them): their loss did not
+    train the network, and pruned Dice measured on a real CT was near 0 (benchmarks/RESULTS.md)."""
     if not depth or not full_depth or depth >= full_depth:
         return None
-    if not any(s.get("shallow_heads") == "probe" for s in model.extra.get("run_settings", [])):
+    if not any(setting_of(s, "shallow_heads") == "probe" for s in model.extra.get("run_settings", [])):
         return None
     return (f"WARNING: depth {depth} < {full_depth}: this model's heads X^{{0,1..{full_depth - 1}}} were trained as "
             f"probes (nnpp_train --shallow_heads probe, the default), so the pruned network is likely poor; to prune, "
-            f"train with --shallow_heads trained (README, 'Deep supervision of UNet++')")
+            f"train with --shallow_heads trained (documentation/training.md, 'Deep supervision of UNet++')")
 
 
 def set_depth(network: nn.Module, depth: int | None) -> nn.Module:

@@ -35,8 +35,8 @@ def setup_paths(raw: str | None = None, preprocessed: str | None = None, results
     missing = [k for k in required if not resolved[k]]
     if missing:
         hints = ", ".join(f"{k} (or {'/'.join(V1_FALLBACKS[k])})" if V1_FALLBACKS[k] else k for k in missing)
-        raise NnppError(f"nnU-Net path variable(s) not set: {hints}; export them or pass the matching "
-                        f"--raw/--preprocessed/--results flag")
+        raise NnppError(f"nnU-Net path variable(s) not set: {hints}; export them, or pass "
+                        f"--preprocessed/--results where the command has them")
     for k, v in resolved.items():
         if v:
             os.environ[k] = v

@@ -7,7 +7,7 @@ import torch
 
 def run(rank: int, world: int, port: int, dataset: str, preprocessed: str, results: str, out: str,
         steps: int = 2) -> None:
-    """A UNet++ student with --kd soft cwd --cwd-feat under DDP: a few steps on each rank's own batches, then each
+    """A UNet++ student with --kd soft cwd --cwd_feat under DDP: a few steps on each rank's own batches, then each
     rank saves its KD modules (before and after) and its student weights to ``out/rank{rank}.pt``."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank), nnUNet_results=results)
@@ -17,7 +17,7 @@ def run(rank: int, world: int, port: int, dataset: str, preprocessed: str, resul
     from nnpp import distributed
     from nnpp.distill.student import write_student_plans
     from nnpp.distill.teachers import Teacher
-    from nnpp.distill.trainer import KD_DEFAULTS
+    from nnpp.distill.settings import KD_DEFAULTS
     from nnpp.run.train import make_trainer
     from nnpp.training import nnUNetPlusPlusTrainer
 

@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 from nnpp import NnppError
-from nnpp.predictor import argmax_of_trilinear, nnppPredictor
+from nnpp.predictor.resample import argmax_of_trilinear
+from nnpp.predictor.tiles import nnppPredictor
 
 
 class Recording(nn.Module):
@@ -224,7 +225,7 @@ def test_segmentation_export_a_few_classes_at_a_time_is_nnunets(tiny_dataset, mo
     the sparse trilinear argmax) gives exactly the mask of nnU-Net's
     convert_predicted_logits_to_segmentation_with_correct_shape for an 11-class model: anisotropic spacing (nnU-Net's
     separate z) or not, a crop to revert, the plans' scipy resampling and nnU-Net's torch resampling."""
-    import nnpp.predictor as P
+    import nnpp.predictor.resample as P
     sparse = []
     monkeypatch.setattr(P, "argmax_of_trilinear", lambda *a, **k: sparse.append(1) or argmax_of_trilinear(*a, **k))
     import json
@@ -234,7 +235,7 @@ def test_segmentation_export_a_few_classes_at_a_time_is_nnunets(tiny_dataset, mo
     from nnunetv2.inference.export_prediction import convert_predicted_logits_to_segmentation_with_correct_shape
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-    from nnpp.predictor import segmentation_from_logits, use_torch_resampling
+    from nnpp.predictor.resample import segmentation_from_logits, use_torch_resampling
     plans = json.load(open(os.path.join(tiny_dataset["nnUNet_preprocessed"], tiny_dataset["name"], "nnUNetPlans.json")))
     pm = PlansManager(plans)
     labels = {"background": 0, **{f"c{i}": i for i in range(1, 11)}}

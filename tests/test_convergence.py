@@ -1,4 +1,4 @@
-"""Issue 17: nnpp_train --seed, the UNet++ deep-supervision weightings (--ds_weights), and a smoke run of
+"""nnpp_train --seed, the UNet++ deep-supervision weightings (--ds_weights, --shallow_heads), and a smoke run of
 benchmarks/bench_convergence.py (tiny: one network, one seed, a few iterations)."""
 import json
 import os
@@ -62,19 +62,19 @@ def test_ds_weights_modes_reach_the_loss(tiny_dataset, tmp_path, monkeypatch):
     from nnpp.run import train
     from nnpp.training.nnUNetPlusPlusTrainer import DS_WEIGHTS
     from nnpp.training.nnUNetPlusPlusTrainer import SHALLOW_HEADS
-    assert train.DS_WEIGHTS == DS_WEIGHTS and train.SHALLOW_HEADS == SHALLOW_HEADS  # the parser's copies
+    assert train.DS_WEIGHTS == DS_WEIGHTS and train.SHALLOW_HEADS == SHALLOW_HEADS  # one home: nnpp.saved_settings
     losses = {}
     for mode in DS_WEIGHTS:
         t = _initial_state(tiny_dataset, tmp_path / mode, "--ds_weights", mode)["trainer"]
         losses[mode] = np.array(t.deep_supervision_weights())
         assert t.ds_weights == mode and losses[mode].sum() == pytest.approx(1) and (losses[mode] > 0).all()
-        # issue 21's default shallow_heads=probe: the loss weighs X^{0,L} 1, the probes in the mode's proportions
+        # the default shallow_heads=probe: the loss weighs X^{0,L} 1, the probes in the mode's proportions
         assert t.shallow_heads == "probe" and t.loss.weight_factors == pytest.approx(losses[mode] / losses[mode][0])
         assert t.run_settings().get("ds_weights", "equal") == mode
     assert losses["equal"] == pytest.approx([1 / 3] * 3)
     assert losses["descending"] == pytest.approx([4 / 7, 2 / 7, 1 / 7])  # X^{0,L} first
     assert losses["decay"] == pytest.approx(losses["equal"])  # epoch 0 of decay
-    default = _initial_state(tiny_dataset, tmp_path / "default")["trainer"]  # issue 17's default: descending
+    default = _initial_state(tiny_dataset, tmp_path / "default")["trainer"]  # the default: descending
     assert default.ds_weights == "descending" and default.loss.weight_factors == pytest.approx([1, 1 / 2, 1 / 4])
     assert default.run_settings()["ds_weights"] == "descending" and default.run_settings()["shallow_heads"] == "probe"
     assert default.bare_network.decoder.probe_heads is True

@@ -132,7 +132,7 @@ def test_teacher_outside_a_dataset_folder(tmp_path):
     t = _bare_teacher(tmp_path / "somewhere" / "Tr__P__3d", "0")
     with pytest.raises(NnppError) as e:
         check_leaks([t], root, 0, ["c0"])
-    assert "not inside a DatasetXXX_Name folder" in _one_line(e) and "--allow-val-leak" in str(e.value)
+    assert "not inside a DatasetXXX_Name folder" in _one_line(e) and "--allow_val_leak" in str(e.value)
     leaks = check_leaks([t], root, 0, ["c0"], allow_val_leak=True)  # accepted, and the run is leaky
     assert leaks == [("Tr__P__3d/fold_0", None)]
     assert "training cases are unknown" in describe_leak(*leaks[0])
@@ -151,9 +151,9 @@ def test_distilled_teacher_uses_its_recorded_cases(tmp_path):
     with pytest.raises(NnppError, match=r"was trained on 1 of the student's fold-1 validation cases \(c1\)"):
         check_leaks([t], root, 1, ["c1"])
     # a student whose record lists no cases (distilled before they were recorded, or from teachers of unknown
-    # cases) has unknown training cases: refused, or a leak with --allow-val-leak; never "only its split"
+    # cases) has unknown training cases: refused, or a leak with --allow_val_leak; never "only its split"
     (folder / "fold_1" / "kd_config.json").write_text(json.dumps({"kd": ["soft"]}))
-    with pytest.raises(NnppError, match="kd_config.json lists no training cases.*--allow-val-leak"):
+    with pytest.raises(NnppError, match="kd_config.json lists no training cases.*--allow_val_leak"):
         check_leaks([t], root, 1, ["c1"])
     assert check_leaks([t], root, 1, ["c1"], allow_val_leak=True) == [("nnUNetTrainerKD__P_kd__3d/fold_1", None)]
 

@@ -1,4 +1,4 @@
-"""KD modules under 2-process DDP: the adapters of --cwd-feat are part of the module DDP wraps, so after training
+"""KD modules under 2-process DDP: the adapters of --cwd_feat are part of the module DDP wraps, so after training
 steps on different batches they are equal on both ranks (and have moved)."""
 import os
 

@@ -33,6 +33,7 @@ def test_distill_one_process_continue_and_predict(tiny_dataset, teacher, tmp_pat
     # a copy of the teacher (inside its DatasetXXX folder, as nnU-Net lays it out), removed before --val below
     source, teacher = teacher, str(tmp_path / "teachers" / ds["name"] / os.path.basename(teacher))
     shutil.copytree(source, teacher, ignore=shutil.ignore_patterns("fold_[1-9]"))  # fold 0 only
+    # --cwd-feat: the former dashed spelling of --cwd_feat on purpose (a hidden alias), checked end to end below
     p = run_cli("distill", ds["id"], "3d_fullres", 0, "-t", teacher, "--kd", "soft", "cwd", "--cwd-feat", *SHORT,
                 env=env)
     assert p.returncode == 0, output_tail(p)

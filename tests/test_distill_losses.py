@@ -152,7 +152,7 @@ def test_leak_check_refuses_leaky_and_accepts_leak_free(tmp_path):
     assert check_leaks([_teacher(tmp_path, "0")], root, 0, val0) == []             # same fold: leak-free
     with pytest.raises(NnppError, match=r"fold_1 was trained on 1 of the student's fold-0 validation cases \(c0\)"):
         check_leaks([_teacher(tmp_path, "0"), _teacher(tmp_path, "1")], root, 0, val0)
-    with pytest.raises(NnppError, match="--allow-val-leak"):                        # teacher on 'all'
+    with pytest.raises(NnppError, match="--allow_val_leak"):                        # teacher on 'all'
         check_leaks([_teacher(tmp_path, "all")], root, 0, val0)
     five = [_teacher(tmp_path, str(f)) for f in range(5)]                           # 5-fold ensemble
     leaks = check_leaks(five, root, 0, val0, allow_val_leak=True)
@@ -184,7 +184,7 @@ def kd_trainer(tiny_dataset, tmp_path, monkeypatch):
     """A UNet++ student (r=2) with one random UNet++ teacher built from the dataset's plans; every method on."""
     from nnpp.distill.student import write_student_plans
     from nnpp.distill.teachers import Teacher
-    from nnpp.distill.trainer import KD_DEFAULTS
+    from nnpp.distill.settings import KD_DEFAULTS
     from nnpp.run.train import make_trainer
     from nnpp.training import nnUNetPlusPlusTrainer
 
@@ -213,7 +213,7 @@ def _random_batch(trainer, n=2):
 
 
 def test_every_kd_term_reaches_student_and_kd_modules_only(kd_trainer):
-    from nnpp.distill.trainer import KDStudent
+    from nnpp.distill.kd_network import KDStudent
     net = kd_trainer.network
     assert isinstance(net, KDStudent)
     assert set(net.state_dict()) == set(net.net.state_dict())  # checkpoints hold the student only
@@ -297,7 +297,8 @@ def test_unet_student_pools_the_target_to_each_head(tiny_dataset, tmp_path, monk
     soft-KD target average-pooled to each head's scale, and a training step on a real batch."""
     from nnpp.distill.student import write_student_plans
     from nnpp.distill.teachers import Teacher
-    from nnpp.distill.trainer import KD_DEFAULTS, KDStudent
+    from nnpp.distill.kd_network import KDStudent
+    from nnpp.distill.settings import KD_DEFAULTS
     from nnpp.run.train import make_trainer
     from nnpp.training import nnUNetPlusPlusTrainer
 

@@ -1,6 +1,6 @@
 """Student plans never lose anything: configurations are merged into the student plans file, a configuration the
 user edited (e.g. its batch size with nnpp_change_bs) is kept and used (one line says so) unless
---replace-student-plans, and an unchanged file is not rewritten."""
+--replace_student_plans, and an unchanged file is not rewritten."""
 import json
 import os
 import shutil
@@ -57,7 +57,7 @@ def test_edited_batch_size_is_kept_unless_replaced(pre):
     confs = _read(pre, name)["configurations"]
     assert confs["3d_fullres"]["batch_size"] == derived_bs + 3 and "2d" in confs
     assert len(lines) == 1 and "kept as it is in the file" in lines[0] and "batch_size" in lines[0]
-    assert "--replace-student-plans" in lines[0]
+    assert "--replace_student_plans" in lines[0]
     # distilling the other configuration leaves the edit alone too
     write_student_plans(pre, "nnUNetPlans", "2d", 2, log=lines.append)
     assert _read(pre, name)["configurations"]["3d_fullres"]["batch_size"] == derived_bs + 3

@@ -97,14 +97,14 @@ def test_report_compares_only_the_same_cases(tmp_path, capsys):
 def test_size_report_warns_in_one_line_when_not_cheaper():
     """report_sizes: one line per network with the ratios; one WARNING line per teacher the student is not
     cheaper than (FLOPs or latency per patch >= the teacher's)."""
-    from nnpp.distill.trainer import KDMixin
+    from nnpp.distill.cost import CostReportMixin
     lines = []
     fake = SimpleNamespace(print_to_log_file=lines.append, kd_config={"student": "unetpp", "r": 2},
                            configuration_manager=SimpleNamespace(patch_size=[16, 32, 32]), device="cpu")
     rows = [{"name": "student", "parameters": 250, "flops_per_patch": 2.5e9, "ms_per_patch": 12.0},
             {"name": "teacher A/fold_0", "parameters": 1000, "flops_per_patch": 1e10, "ms_per_patch": 10.0},
             {"name": "teacher B/fold_0", "parameters": 1000, "flops_per_patch": 1e10, "ms_per_patch": 40.0}]
-    KDMixin.report_sizes(fake, rows)
+    CostReportMixin.report_sizes(fake, rows)
     assert lines[0] == "[nnpp_distill] student: 250 parameters, 2.5 GFLOP and 12.0 ms per patch (16, 32, 32) on cpu"
     assert "the student is 0.25x its parameters, 0.25x its FLOPs, 1.20x its latency" in lines[1]
     warnings = [line for line in lines if "WARNING" in line]
@@ -119,7 +119,7 @@ def test_patch_cost_counts_one_patch_and_times_a_batch():
     import torch
 
     from nnpp import device as dev
-    from nnpp.distill.trainer import patch_cost
+    from nnpp.distill.cost import patch_cost
     conv = torch.nn.Conv3d(1, 2, 3, padding=1, bias=False)
     seen = []
     conv.register_forward_hook(lambda m, i, o: seen.append(i[0].shape[0]))

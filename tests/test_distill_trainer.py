@@ -16,7 +16,7 @@ def _make(tiny_dataset, tmp_path, monkeypatch, student="unetpp", **config):
     the dataset's plans, initialised."""
     from nnpp.distill.student import write_student_plans
     from nnpp.distill.teachers import Teacher
-    from nnpp.distill.trainer import KD_DEFAULTS
+    from nnpp.distill.settings import KD_DEFAULTS
     from nnpp.run.distill import STUDENT_TRAINERS
     from nnpp.run.train import make_trainer
     from nnpp.training import nnUNetPlusPlusTrainer
@@ -60,7 +60,7 @@ def test_soft_kd_sums_the_heads_with_the_deep_supervision_weights(tiny_dataset, 
     other head is uniform: KL(p_t || uniform) = sum p log p + log 3. UNet++ heads weigh 1/L each, so
     soft = (L-1)/L * T^2 * KL."""
     tr = _make(tiny_dataset, tmp_path, monkeypatch, kd=["soft"], T=2.0)
-    tr.ds_weights = "equal"  # 1/L per head (nnpp_train --ds_weights equal; the default is descending since issue 17)
+    tr.ds_weights = "equal"  # 1/L per head (nnpp_train --ds_weights equal; the default is descending)
     L = tr.num_heads
     assert L >= 2
     shape = (1, 3, 4, 4, 4)
@@ -133,10 +133,11 @@ def test_region_task_through_the_kd_trainer(tiny_dataset, tmp_path, monkeypatch)
     step's soft term is finite and positive."""
     import json
 
-    from nnpp.distill import trainer as kd_trainer_module
+    from nnpp.distill import kd_step
     from nnpp.distill.student import write_student_plans
     from nnpp.distill.teachers import Teacher
-    from nnpp.distill.trainer import KD_DEFAULTS, nnUNetPlusPlusTrainerKD
+    from nnpp.distill.settings import KD_DEFAULTS
+    from nnpp.distill.trainer import nnUNetPlusPlusTrainerKD
     from nnpp.training import nnUNetPlusPlusTrainer
 
     monkeypatch.setenv("nnUNet_results", str(tmp_path / "results"))
@@ -154,8 +155,8 @@ def test_region_task_through_the_kd_trainer(tiny_dataset, tmp_path, monkeypatch)
                     {**KD_DEFAULTS, "kd": ["soft"], "t": ["x"], "tf": ["0"], "r": 2, "student": "unetpp"})
     tr.initialize()
     seen = []
-    real = kd_trainer_module.ensemble_target
-    monkeypatch.setattr(kd_trainer_module, "ensemble_target",
+    real = kd_step.ensemble_target
+    monkeypatch.setattr(kd_step, "ensemble_target",
                         lambda logits, T, binary: seen.append(binary) or real(logits, T, binary))
     batch = _batch(tr)
     target = batch["target"][0] if isinstance(batch["target"], list) else batch["target"]

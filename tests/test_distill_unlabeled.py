@@ -14,7 +14,8 @@ from conftest import nnunet_env, output_tail, run_cli
 from nnpp import NnppError
 from nnpp import device as dev
 from nnpp.distill import unlabeled as U
-from nnpp.distill.trainer import KD_DEFAULTS, nnUNetPlusPlusTrainerKD
+from nnpp.distill.settings import KD_DEFAULTS
+from nnpp.distill.trainer import nnUNetPlusPlusTrainerKD
 
 SHORT = ("-device", "cpu", "--epochs", "1", "--iters", "2", "--val_iters", "1")
 STUDENT = "nnUNetTrainerKD__nnUNetPlans_kd_unet_r2__3d_fullres"
@@ -139,7 +140,7 @@ def test_pseudo_labels_split_by_rank_whatever_is_done(monkeypatch, tmp_path):
     """Under torchrun each rank predicts sorted(cases)[rank::world]: the same split on every rank although another
     rank may already have written some of its files (a rank computing its list from what exists would skip or
     repeat cases); files already there are kept; a rank with nothing left builds no predictor."""
-    import nnpp.predictor as P
+    import nnpp.predictor.build as P
     built = []
 
     class FakePredictor:
@@ -170,7 +171,7 @@ def test_pseudo_labels_of_several_teacher_folders_average_their_probabilities(mo
     import nibabel as nib
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-    import nnpp.predictor as P
+    import nnpp.predictor.build as P
     background = {"A": [0.9, 0.49, 0.4, 0.2], "B": [0.45, 0.2, 0.7, 0.6]}
     plans = PlansManager({"image_reader_writer": "NibabelIO", "plans_name": "p", "configurations": {}})
 

@@ -108,7 +108,7 @@ def test_output_folder_is_per_precision_and_stale_temp_folders_go(tmp_path):
     from types import SimpleNamespace
 
     from nnpp import NnppError
-    from nnpp.deploy.export import TMP_PREFIX, check_output_folder, default_output_folder, remove_stale_temp_folders
+    from nnpp.deploy.export_folder import TMP_PREFIX, check_output_folder, default_output_folder, remove_stale_temp_folders
     assert default_output_folder("M") == os.path.join("M", "onnx")
     assert default_output_folder("M", 2, "int8") == os.path.join("M", "onnx_depth2_int8")
     model = SimpleNamespace(folder=str(tmp_path / "model"), configuration="3d_fullres")
@@ -120,8 +120,8 @@ def test_output_folder_is_per_precision_and_stale_temp_folders_go(tmp_path):
     with pytest.raises(NnppError, match="holds a fp32 export of this model .*not int8"):
         check_output_folder(str(out), model, overwrite=True, precision="int8")
 
-    from nnpp.deploy.export import _temp_folder
-    from nnpp.files import owner_space
+    from nnpp.deploy.export_folder import _temp_folder
+    from nnpp.file_safety import owner_space
     space = owner_space()
     other = "0" * 8 if space != "0" * 8 else "1" * 8  # another host, or a container with its own pids
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)

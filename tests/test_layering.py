@@ -11,8 +11,9 @@ def _fresh(code: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
 
 
-@pytest.mark.parametrize("module", ["nnpp.distill.losses", "nnpp.nets", "nnpp.device", "nnpp.model_folder",
-                                    "nnpp.checkpoints"])
+@pytest.mark.parametrize("module", ["nnpp.distill.losses", "nnpp.distill.settings", "nnpp.nets", "nnpp.device",
+                                    "nnpp.model_folder", "nnpp.checkpoints", "nnpp.saved_settings", "nnpp.file_safety",
+                                    "nnpp.dataset_ids", "nnpp.dice"])
 def test_low_modules_import_no_nnunet(module):
     p = _fresh(f"import {module}, sys; print(sorted(m for m in sys.modules if m.startswith('nnunetv2')))")
     assert p.returncode == 0, p.stderr
@@ -44,12 +45,33 @@ def test_lookup_finds_every_nnpp_trainer():
 def test_library_imports_no_command_module():
     """Prediction, training, deployment and distillation are library code: importing them loads neither a command
     module (nnpp.run.*) nor the commands' argument/error module (nnpp.cli); benchmarks and trainers build
-    predictors from nnpp.predictor."""
+    predictors from nnpp.predictor, and put an ONNX export into one with nnpp.deploy.ort.init_onnx."""
     mods = ["nnpp.predictor", "nnpp.model_folder", "nnpp.training", "nnpp.deploy.export", "nnpp.deploy.quantize",
-            "nnpp.distill.trainer", "nnpp.distill.teachers", "nnpp.convert.v1_model", "nnpp.files"]
+            "nnpp.deploy.ort", "nnpp.distill.trainer", "nnpp.distill.teachers", "nnpp.convert.v1_model",
+            "nnpp.file_safety", "nnpp.dataset_ids", "nnpp.dice", "nnpp.saved_settings"]
     p = _fresh(f"import {', '.join(mods)}, sys; "
                "print(sorted(m for m in sys.modules if m == 'nnpp.cli' or m.startswith('nnpp.run')))")
     assert p.returncode == 0, p.stderr
     assert p.stdout.strip() == "[]", f"library modules load command modules: {p.stdout}"
     from nnpp import predictor
-    assert all(callable(getattr(predictor, f)) for f in ("make_predictor", "init_torch", "init_onnx", "inference_amp"))
+    from nnpp.deploy import ort
+    assert all(callable(getattr(predictor, f)) for f in ("make_predictor", "init_torch", "inference_amp"))
+    assert callable(ort.init_onnx)
+
+
+def test_predictor_imports_nothing_above_it():
+    """nnpp.predictor sits below deployment, training, distillation and the commands: none of its files imports them,
+    at the top or inside a function (ONNX Runtime sessions go into a predictor from nnpp.deploy.ort, not the other
+    way round)."""
+    import ast
+    import pathlib
+
+    import nnpp.predictor
+    above = ("nnpp.deploy", "nnpp.training", "nnpp.distill", "nnpp.run", "nnpp.cli")
+    found = []
+    for path in sorted(pathlib.Path(nnpp.predictor.__file__).parent.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            found += [f"{path.name}: {n}" for n in names if n.startswith(above)]
+    assert not found, f"nnpp.predictor imports a higher layer: {found}"

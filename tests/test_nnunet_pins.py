@@ -1,4 +1,4 @@
-"""Pins of the nnU-Net internals nnpp's predictor relies on (issue 16.4). nnU-Net has no public hook for them, so
+"""Pins of the nnU-Net internals nnpp's predictor relies on. nnU-Net has no public hook for them, so
 an nnunetv2 upgrade that changes one must fail here, with a message naming nnpp's override, instead of misbehaving.
 
 Checked against nnunetv2 2.8.1 (setup.py states the range)."""
@@ -84,7 +84,8 @@ def test_the_swap_is_undone(monkeypatch):
     import nnunetv2.training.nnUNetTrainer.nnUNetTrainer as trainer_module
 
     from nnpp import device as dev
-    from nnpp.predictor import nnppPredictor, nnunet_validation_uses
+    from nnpp.predictor.build import nnunet_validation_uses
+    from nnpp.predictor.tiles import nnppPredictor
     original = trainer_module.nnUNetPredictor
     with pytest.raises(RuntimeError):
         with nnunet_validation_uses(dev.make_amp("O0", torch.device("cpu")), tta_batch=3):

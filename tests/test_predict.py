@@ -102,7 +102,7 @@ def test_torch_resampling_agrees_with_the_plans_scipy_resampling(trained_model, 
 
 
 def test_depth_prunes_the_predictor_network(trained_model, tiny_dataset, tmp_path, capsys):
-    from nnpp.predictor import init_torch, make_predictor
+    from nnpp.predictor.build import init_torch, make_predictor
     folder = trained_model("nnUNetPlusPlusTrainer", 0)
     pred = make_predictor(torch.device("cpu"), progress=False)
     init_torch(pred, folder, ["0"], depth=1)

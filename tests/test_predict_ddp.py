@@ -54,7 +54,7 @@ def test_two_processes_same_masks_and_continue_skips(trained_model, tiny_dataset
         os.remove(tmp_path / "two" / f)  # cases' [RANK::2]), now split one per rank
     stale = tmp_path / "two" / f".{sorted(two)[0][:-len('.nii.gz')]}.partial.killed"  # what a SIGKILL leaves
     stale.mkdir()
-    from nnpp.files import owner_suffix
+    from nnpp.file_safety import owner_suffix
     live = tmp_path / "two" / f".{sorted(two)[0][:-len('.nii.gz')]}.partial.x{owner_suffix()}"  # another run's, live
     live.mkdir()
     # ... here without OMP_NUM_THREADS: torchrun gives each worker OMP_NUM_THREADS=1, which nnpp tells from a
@@ -96,13 +96,13 @@ def test_two_processes_same_masks_and_continue_skips(trained_model, tiny_dataset
 
 def test_leftover_export_folders_of_live_processes_are_kept(tmp_path, monkeypatch):
     """export_case names its temp folder's owner (pid and where that pid counts: host and pid namespace), and
-    nnpp.files.owner_alive tells a killed run's folder (dead owner, or none named) from a live one's."""
+    nnpp.file_safety.owner_alive tells a killed run's folder (dead owner, or none named) from a live one's."""
     import subprocess
 
     import nnunetv2.inference.export_prediction as nnunet_export
 
-    from nnpp.files import owner_alive, owner_space
-    from nnpp.predictor import export_case
+    from nnpp.file_safety import owner_alive, owner_space
+    from nnpp.predictor.resample import export_case
     seen = []
 
     def export(logits, props, cm, pm, dataset_json, ofile, save_probabilities=False, threads=8):
@@ -128,7 +128,7 @@ def test_killed_export_leaves_no_finished_looking_case(tmp_path, monkeypatch):
     that --continue_prediction (an isfile test) takes as finished. nnpp's export_case writes beside and renames."""
     import nnunetv2.inference.export_prediction as nnunet_export
 
-    from nnpp.predictor import export_case
+    from nnpp.predictor.resample import export_case
 
     def killed_while_writing(logits, props, cm, pm, dataset_json, ofile, save_probabilities=False, threads=8):
         with open(ofile + ".npz", "wb") as f:

@@ -98,17 +98,18 @@ def test_torchrun_rank_gets_its_own_accelerator_for_host_fed_providers(monkeypat
     rank on its own accelerator: LOCAL_RANK is the provider's device_id, not the CPU device's (absent) index."""
     import torch
 
-    from nnpp import predictor as predict
+    from nnpp.deploy.ort import init_onnx
+    from nnpp.predictor.build import make_predictor
     seen = {}
 
     def fake_load(folder, provider, threads, folds, trt_cache, device_id=0):
         seen["device_id"] = device_id
         raise SystemExit(0)  # stop before reading the folder: only the device choice matters here
     monkeypatch.setattr("nnpp.deploy.ort.load_onnx_folder", fake_load)
-    pred = predict.make_predictor(torch.device("cpu"))
+    pred = make_predictor(torch.device("cpu"))
     with pytest.raises(SystemExit):
-        predict.init_onnx(pred, str(tmp_path), provider="cann", device_id=3)
+        init_onnx(pred, str(tmp_path), provider="cann", device_id=3)
     assert seen["device_id"] == 3
     with pytest.raises(SystemExit):
-        predict.init_onnx(pred, str(tmp_path), provider="cann")
+        init_onnx(pred, str(tmp_path), provider="cann")
     assert seen["device_id"] == 0

@@ -1,4 +1,4 @@
-"""Threads that fit the machine (issue 22): every rank takes its share of the cores; torchrun's default of one
+"""Threads that fit the machine: every rank takes its share of the cores; torchrun's default of one
 thread per worker is told apart from a user's OMP_NUM_THREADS=1; nnpp_predict divides ONNX Runtime's threads,
 -npp/-nps and the export threads among the local ranks."""
 import os

@@ -136,7 +136,7 @@ def test_get_dice_result_bad_inputs(v2_root, tmp_path):
     assert p.returncode == 0 and json.loads(p.stdout)["dice"] == {"class 1": 80.0}
 
 
-# ------------------------------------------------------------------------------ hardening (issue 6, point 9)
+# ------------------------------------------- hardening: backups kept, nothing overwritten, v1 pickles, NaN Dice, -d
 def v1_pkl_protocol(path):
     """The protocol byte of a pickle file: protocol >= 2 pickles start with PROTO (0x80) and the protocol."""
     data = pathlib.Path(path).read_bytes()
@@ -261,7 +261,7 @@ def test_get_dice_result_nan_is_null(v2_root):
     assert strict_json(p.stdout)["dice"] == {"liver": 90.0, "cancer": None}
     p = tool("get_dice_result", "-path", v2_root)
     assert p.returncode == 0 and "| 90.00 | nan |" in p.stdout
-    from nnpp.cli import format_dice
+    from nnpp.dice import format_dice
     lines = format_dice(str(summary)).splitlines()
     assert lines[1] == "Dice class 2 (label 2): nan"
     assert lines[2] == "Dice mean foreground: 0.9000"  # nnU-Net's nanmean over classes

@@ -24,8 +24,8 @@ def _batch(trainer):
 
 def test_builds_unetpp_with_all_heads_weighted(trainer):
     """The loss the trainer builds weights the L heads 1, 1/2, 1/4 from X^{0,L} down: nnU-Net's halving, never 0
-    (issue 17's descending 4/7, 2/7, 1/7), scaled so X^{0,L} weighs 1 as the shallow heads are probes (issue 21);
-    nnU-Net's own would be 8/15, 4/15, 2/15 and 0 for a 4th output."""
+    (the default ds_weights, descending: 4/7, 2/7, 1/7), scaled so X^{0,L} weighs 1 as the shallow heads are probes
+    (the default shallow_heads); nnU-Net's own would be 8/15, 4/15, 2/15 and 0 for a 4th output."""
     from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
 
     from nnpp.nets import UNetPlusPlus
@@ -110,7 +110,7 @@ def test_seed_alias_and_unknown_trainer():
 
 
 def test_dataset_id_forms():
-    from nnpp.cli import parse_dataset_id
+    from nnpp.dataset_ids import parse_dataset_id
     for text in ("3", "003", "Dataset003_Liver", "Task003_Liver", "Task03_Liver"):
         assert parse_dataset_id(text) == 3
     with pytest.raises(NnppError, match="not a dataset id"):
@@ -211,7 +211,7 @@ def test_predictor_keeps_logits_on_any_accelerator():
 
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
-    from nnpp.predictor import nnppPredictor
+    from nnpp.predictor.tiles import nnppPredictor
     npu = types.SimpleNamespace(type="npu", index=0)  # torch.device("npu") exists only once torch_npu is imported
     assert nnUNetPredictor(device=npu).perform_everything_on_device is False  # nnU-Net: cuda only
     assert nnppPredictor(device=npu).perform_everything_on_device is True

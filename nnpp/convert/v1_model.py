@@ -75,7 +75,7 @@ def find_v1_dataset_json(folder: V1Folder, explicit: str | None) -> tuple[dict |
     """The v1 dataset.json: ``explicit``, else the v1 raw or preprocessed task folder (v1 environment
     variables, then beside the v1 RESULTS_FOLDER), else (None, None)."""
     if explicit:
-        from nnpp.files import load_json_file
+        from nnpp.file_safety import load_json_file
         return load_json_file(explicit, "dataset.json"), explicit
     if not folder.task:
         return None, None
@@ -92,7 +92,7 @@ def find_v1_dataset_json(folder: V1Folder, explicit: str | None) -> tuple[dict |
             candidates.append(base.joinpath(*sub, folder.task, "dataset.json"))
     for c in candidates:
         if c.is_file():
-            from nnpp.files import load_json_file
+            from nnpp.file_safety import load_json_file
             data = load_json_file(str(c), "v1 dataset.json")
             if "modality" in data or "channel_names" in data:
                 return data, str(c)
@@ -104,7 +104,7 @@ def resolve_dataset_name(text: str, v1_task: str | None) -> str:
     (``Dataset003_Liver``, ``Task003_Liver``) or from the v1 task folder's name."""
     from nnunetv2.utilities.dataset_name_id_conversion import find_candidate_datasets
 
-    from nnpp.files import parse_dataset_id
+    from nnpp.dataset_ids import parse_dataset_id
     dataset_id = parse_dataset_id(text)
     existing = sorted(set(find_candidate_datasets(dataset_id)))
     explicit = re.fullmatch(r"Dataset\d{3}_\w+", text.strip())
@@ -190,7 +190,7 @@ def _prepare_preprocessed_dataset_json(dataset_name: str, ds_json: dict, log) ->
         log(f"note: no v2 raw dataset {dataset_name} in nnUNet_raw; to validate, convert the v1 task with "
             f"nnUNetv2_convert_old_nnUNet_dataset first, then preprocess with these plans")
         return
-    from nnpp.files import load_json_file
+    from nnpp.file_safety import load_json_file
     raw_json = load_json_file(raw, "dataset.json")
     if sorted(raw_json.get("labels", {}).values()) != sorted(ds_json["labels"].values()) or \
             len(raw_json.get("channel_names", {})) != len(ds_json["channel_names"]):
@@ -211,6 +211,39 @@ def convert_v1_model(v1_folder: str, dataset: str, configuration: str | None = N
                      overwrite: bool = False, log=print) -> str:
     """Convert (see module doc); returns the v2 model folder. Needs ``nnUNet_results`` set (nnpp.paths)."""
     src = inspect_v1_folder(v1_folder)
+    configuration, folds = _checked_request(src, configuration, folds)
+    plans_name = plans_name or src.plans_name
+    trainer_name = trainer or V1_UNETPP_TRAINERS[src.trainer]
+    v1_plans = _load_v1_plans(src)
+    jobs = _checkpoints_to_convert(src, folds, checkpoints)
+
+    from nnunetv2.paths import nnUNet_results
+    stage, batch_dice = _v1_stage(v1_plans, configuration, jobs[0][3])
+    dataset_name = resolve_dataset_name(dataset, src.task)
+    ds_json, notes = _v2_dataset_json(src, dataset_json, v1_plans, log)
+    out = os.path.join(nnUNet_results, dataset_name, f"{trainer_name}__{plans_name}__{configuration}")
+    targets = _v2_checkpoint_files(out, jobs, overwrite)
+
+    from nnpp.model_folder import find_trainer_class
+    trainer_class = find_trainer_class(trainer_name)
+    plans_args = dict(stage=stage, configuration=configuration, dataset_name=dataset_name, plans_name=plans_name,
+                      unetpp=True, batch_dice=batch_dice, source=str(src.path))
+    plans, converted = _convert_checkpoints(jobs, v1_plans, plans_args, ds_json, trainer_class, trainer_name, notes)
+    _write_model_folder(out, plans, ds_json, converted, targets, overwrite, log)
+    if to_preprocessed:
+        _copy_plans_to_preprocessed(plans, ds_json, dataset_name, plans_name, overwrite, log)
+        did = int(dataset_name[len("Dataset"):len("Dataset") + 3])
+        log(f"to validate: nnUNetv2_preprocess -d {did} -plans_name {plans_name} -c {configuration}, then "
+            f"nnpp_train {did} {configuration} {folds[0]} -tr {trainer_name} -p {plans_name} --val")
+    for note in plans["nnpp_v1_notes"]:
+        log(f"note: {note}")
+    _check_written_folder(out, configuration, trainer_class, targets)
+    return out
+
+
+def _checked_request(src: V1Folder, configuration: str | None, folds) -> tuple[str, list]:
+    """The configuration (given, or from the v1 folder's place) and the folds (given, or all) to convert; one line
+    when the configuration cannot be told, the v1 trainer is not a UNet++ one nnpp knows, or a fold is missing."""
     configuration = configuration or src.configuration
     if configuration is None:
         raise NnppError(f"cannot tell the configuration from {src.path} (not under .../nnUNet/CONFIG/TaskXXX/); "
@@ -223,13 +256,20 @@ def convert_v1_model(v1_folder: str, dataset: str, configuration: str | None = N
     missing = [f for f in folds if f not in src.folds]
     if missing:
         raise NnppError(f"fold(s) {', '.join(missing)} not in {src.path} (it has fold(s) {', '.join(sorted(src.folds))})")
-    plans_name = plans_name or src.plans_name
-    trainer_name = trainer or V1_UNETPP_TRAINERS[src.trainer]
+    return configuration, folds
 
+
+def _load_v1_plans(src: V1Folder) -> dict:
     v1_plans = load_v1_pickle(str(src.path / "plans.pkl"), "v1 plans")
     if not isinstance(v1_plans, dict):
         raise NnppError(f"{src.path / 'plans.pkl'} holds a {type(v1_plans).__name__}, not v1 plans")
-    jobs = []  # (fold, v1 stem, path, info, checkpoint)
+    return v1_plans
+
+
+def _checkpoints_to_convert(src: V1Folder, folds: list, checkpoints) -> list:
+    """(fold, v1 stem, .model path, its .model.pkl info) of each checkpoint to convert; one line for a checkpoint
+    of another trainer or a fold with none of ``checkpoints``."""
+    jobs = []
     for fold in folds:
         for stem in checkpoints:
             model = src.folds[fold].get(stem)
@@ -244,55 +284,52 @@ def convert_v1_model(v1_folder: str, dataset: str, configuration: str | None = N
             jobs.append((fold, stem, model, info))
         if not any(j[0] == fold for j in jobs):
             raise NnppError(f"fold_{fold} has none of {', '.join(s + '.model' for s in checkpoints)}")
+    return jobs
 
-    import torch
-    from nnunetv2.paths import nnUNet_preprocessed, nnUNet_results
 
-    init = jobs[0][3].get("init") or ()
+def _v1_stage(v1_plans: dict, configuration: str, info: dict) -> tuple:
+    """The v1 plans stage the model was trained on and its batch Dice, from the trainer's init arguments saved in
+    a checkpoint's info (the configuration's defaults where they are missing)."""
+    init = info.get("init") or ()
     stage = pick_stage(v1_plans, configuration, init[5] if len(init) > 5 else None)
     batch_dice = bool(init[4]) if len(init) > 4 else configuration in ("2d", "3d_lowres")
-    dataset_name = resolve_dataset_name(dataset, src.task)
-    v1_dataset, found_at = find_v1_dataset_json(src, dataset_json)
+    return stage, batch_dice
+
+
+def _v2_dataset_json(src: V1Folder, explicit: str | None, v1_plans: dict, log) -> tuple[dict, list]:
+    """The v2 dataset.json (from the v1 one where found) and the notes of the conversion so far."""
+    v1_dataset, found_at = find_v1_dataset_json(src, explicit)
     ds_json, notes = convert_dataset_json(v1_dataset, v1_plans)
     if found_at:
         log(f"labels and channels from {found_at}")
     if (src.path / "postprocessing.json").is_file():
         notes.append(f"v1 post-processing ({src.path / 'postprocessing.json'}) is not carried over: nnU-Net v2 "
                      f"decides it with nnUNetv2_determine_postprocessing after validation")
+    return ds_json, notes
 
-    out = os.path.join(nnUNet_results, dataset_name, f"{trainer_name}__{plans_name}__{configuration}")
+
+def _v2_checkpoint_files(out: str, jobs: list, overwrite: bool) -> list:
+    """The v2 checkpoint file of each job; one line when one exists and ``overwrite`` is off."""
     targets = [os.path.join(out, f"fold_{fold}", CHECKPOINTS[stem]) for fold, stem, _, _ in jobs]
     existing = [t for t in targets if os.path.isfile(t)]
     if existing and not overwrite:
         raise NnppError(f"{existing[0]} exists; pass --overwrite to replace the converted checkpoint(s)")
+    return targets
 
-    from nnpp.model_folder import find_trainer_class
-    trainer_class = find_trainer_class(trainer_name)
-    converted = []
-    plans = None
+
+def _convert_checkpoints(jobs: list, v1_plans: dict, plans_args: dict, ds_json: dict, trainer_class,
+                         trainer_name: str, notes: list) -> tuple[dict, list]:
+    """Each v1 checkpoint as a v2 checkpoint of the network built from the converted plans (``plans_args``: the
+    keywords of :func:`nnpp.convert.v1_plans.convert_plans` but the features, which come from the weights), its
+    weights loaded strictly. Every checkpoint must need the same plans. Returns the plans (with the notes of the
+    conversion, ``nnpp_v1_notes``) and (fold, v1 stem, .model path, v2 checkpoint) of each job."""
+    configuration = plans_args["configuration"]
+    converted, plans = [], None
     for fold, stem, model, info in jobs:
         ckpt = load_v1_checkpoint(str(model))
         state = strip_module_prefix(ckpt["state_dict"])
-        n_stages, n_conv = v1_unetpp_layout(state)
-        sp = v1_plans["plans_per_stage"][stage]
-        if n_stages != len(sp["pool_op_kernel_sizes"]) + 1 or n_conv != int(v1_plans.get("conv_per_stage", 2)):
-            raise NnppError(f"shape mismatch: {model} holds a {n_stages}-stage UNet++ with {n_conv} convs per stage, "
-                            f"the v1 plans stage {stage} a {len(sp['pool_op_kernel_sizes']) + 1}-stage one with "
-                            f"{v1_plans.get('conv_per_stage', 2)}; the plans.pkl belongs to another model")
-        features = v1_stage_features(state, n_stages, n_conv)
-        base = int(v1_plans["base_num_features"])
-        ndim = len(sp["patch_size"])
-        cap = int(v1_plans.get("max_num_features", V1_MAX_FEATURES[ndim]))
-        if features != features_per_stage(base, n_stages, cap):
-            if features == features_per_stage(base, n_stages, max(features)):
-                notes.append(f"the checkpoint caps features at {max(features)} (v1's default maximum is {cap}); "
-                             f"features_per_stage {features} taken from the weights")
-            else:
-                raise NnppError(f"shape mismatch: {model} has stage features {features}, the v1 plans (base {base}, "
-                                f"max {cap}) give {features_per_stage(base, n_stages, cap)}")
-        fold_plans, plan_notes = convert_plans(
-            v1_plans, stage=stage, configuration=configuration, dataset_name=dataset_name, plans_name=plans_name,
-            unetpp=True, features=features, batch_dice=batch_dice, source=str(src.path))
+        n_stages, n_conv, features = _checked_v1_layout(state, v1_plans, plans_args["stage"], model, notes)
+        fold_plans, plan_notes = convert_plans(v1_plans, features=features, **plans_args)
         if plans is not None and fold_plans != plans:
             raise NnppError(f"{model} needs different plans than the first converted checkpoint (features "
                             f"{features}); convert its fold on its own (-f {fold}) into another -p name")
@@ -307,26 +344,58 @@ def convert_v1_model(v1_folder: str, dataset: str, configuration: str | None = N
     plans["nnpp_v1_notes"] = notes
     for _, _, _, checkpoint in converted:
         checkpoint["init_args"]["plans"] = plans
+    return plans, converted
 
+
+def _checked_v1_layout(state: dict, v1_plans: dict, stage: int, model, notes: list) -> tuple[int, int, list]:
+    """(stages, convolutions per stage, features per stage) of the v1 UNet++ weights ``state``, checked against the
+    v1 plans' stage; a feature cap other than v1's default is taken from the weights, with a note."""
+    n_stages, n_conv = v1_unetpp_layout(state)
+    sp = v1_plans["plans_per_stage"][stage]
+    if n_stages != len(sp["pool_op_kernel_sizes"]) + 1 or n_conv != int(v1_plans.get("conv_per_stage", 2)):
+        raise NnppError(f"shape mismatch: {model} holds a {n_stages}-stage UNet++ with {n_conv} convs per stage, "
+                        f"the v1 plans stage {stage} a {len(sp['pool_op_kernel_sizes']) + 1}-stage one with "
+                        f"{v1_plans.get('conv_per_stage', 2)}; the plans.pkl belongs to another model")
+    features = v1_stage_features(state, n_stages, n_conv)
+    base = int(v1_plans["base_num_features"])
+    ndim = len(sp["patch_size"])
+    cap = int(v1_plans.get("max_num_features", V1_MAX_FEATURES[ndim]))
+    if features != features_per_stage(base, n_stages, cap):
+        if features == features_per_stage(base, n_stages, max(features)):
+            notes.append(f"the checkpoint caps features at {max(features)} (v1's default maximum is {cap}); "
+                         f"features_per_stage {features} taken from the weights")
+        else:
+            raise NnppError(f"shape mismatch: {model} has stage features {features}, the v1 plans (base {base}, "
+                            f"max {cap}) give {features_per_stage(base, n_stages, cap)}")
+    return n_stages, n_conv, features
+
+
+def _write_model_folder(out: str, plans: dict, ds_json: dict, converted: list, targets: list, overwrite: bool,
+                        log) -> None:
     _write_json_atomic(plans, os.path.join(out, "plans.json"), overwrite)
     _write_json_atomic(ds_json, os.path.join(out, "dataset.json"), overwrite)
     for (fold, stem, model, checkpoint), target in zip(converted, targets):
         os.makedirs(os.path.dirname(target), exist_ok=True)
         atomic_torch_save(checkpoint, target)
         log(f"fold {fold}: {model.name} (epoch {checkpoint['current_epoch']}) -> {target}")
-    if to_preprocessed:
-        if not nnUNet_preprocessed:
-            raise NnppError("--to_preprocessed needs nnUNet_preprocessed set")
-        target = os.path.join(nnUNet_preprocessed, dataset_name, plans_name + ".json")
-        if _write_json_atomic(plans, target, overwrite):
-            log(f"plans copied to {target}")
-        _prepare_preprocessed_dataset_json(dataset_name, ds_json, log)
-        did = int(dataset_name[len("Dataset"):len("Dataset") + 3])
-        log(f"to validate: nnUNetv2_preprocess -d {did} -plans_name {plans_name} -c {configuration}, then "
-            f"nnpp_train {did} {configuration} {folds[0]} -tr {trainer_name} -p {plans_name} --val")
-    for note in notes:
-        log(f"note: {note}")
-    # read back what was written, the predictor's way
+
+
+def _copy_plans_to_preprocessed(plans: dict, ds_json: dict, dataset_name: str, plans_name: str, overwrite: bool,
+                                log) -> None:
+    """The converted plans (and the raw dataset.json) where nnUNetv2_preprocess reads them."""
+    from nnunetv2.paths import nnUNet_preprocessed
+    if not nnUNet_preprocessed:
+        raise NnppError("--to_preprocessed needs nnUNet_preprocessed set")
+    target = os.path.join(nnUNet_preprocessed, dataset_name, plans_name + ".json")
+    if _write_json_atomic(plans, target, overwrite):
+        log(f"plans copied to {target}")
+    _prepare_preprocessed_dataset_json(dataset_name, ds_json, log)
+
+
+def _check_written_folder(out: str, configuration: str, trainer_class, targets: list) -> None:
+    """Read back what was written, the predictor's way: the network from the written plans.json and dataset.json,
+    every written checkpoint loaded into it strictly."""
+    import torch
     with open(os.path.join(out, "plans.json")) as f:
         plans_back = json.load(f)
     with open(os.path.join(out, "dataset.json")) as f:
@@ -334,4 +403,3 @@ def convert_v1_model(v1_folder: str, dataset: str, configuration: str | None = N
     net = build_network(plans_back, ds_back, configuration, trainer_class)
     for target in targets:
         net.load_state_dict(torch.load(target, map_location="cpu", weights_only=False)["network_weights"], strict=True)
-    return out

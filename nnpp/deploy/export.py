@@ -13,7 +13,8 @@ ONNX Runtime's CUDA provider rejects) or an op outside the standard ONNX domain 
 
 Beside the models: ``plans.json``, ``dataset.json`` (copies from the model folder) and ``nnpp_onnx.json``
 (patch size, channels, classes, mirroring axes, depth, opset, exporter, op set, source checkpoints with their
-SHA-256, each fold's parity figures and the ``.onnx`` files' SHA-256), so inference re-types nothing.
+SHA-256, each fold's parity figures and the ``.onnx`` files' SHA-256), so inference re-types nothing. All of it is
+written into a temp folder and renamed into place once every fold passed (:mod:`nnpp.deploy.export_folder`).
 
 Reduced precision (``precision`` fp16 / int8, :func:`_reduced`): the checked fp32 model is converted / quantized,
 kept only past the Dice guard, and its latency per patch is measured against fp32 on this machine (printed, in the
@@ -27,7 +28,6 @@ import datetime
 import json
 import os
 import shutil
-import tempfile
 import warnings
 
 import numpy as np
@@ -35,6 +35,7 @@ import torch
 
 from nnpp import NnppError
 from nnpp.model_folder import TrainedModel, pruning_warning, set_depth, sha256_file
+from nnpp.deploy.export_folder import check_output_folder, guard_report_path, move_into_place, temp_folder_beside
 from nnpp.deploy.ort import METADATA_FILE, make_session, require
 
 EXPORTERS = ("dynamo", "torchscript")
@@ -46,40 +47,6 @@ DEFAULT_LATENCY_RUNS = 5  # timed forward passes per model (after 2 warm-up pass
 DEFAULT_MAX_DICE_DROP = 0.01
 DEFAULT_CALIB_TILES = 32
 DEFAULT_GUARD_CASES = 8  # validation cases the Dice guard scores (the first in sorted order)
-TMP_PREFIX = ".nnpp_export_"  # temp folders beside the output: .nnpp_export_[old_]RANDOM.ownerPID-SPACE
-
-
-def default_output_folder(model_folder: str, depth: int | None = None, precision: str = "fp32",
-                          quantizer: str = "ort") -> str:
-    """MODEL_FOLDER/onnx[_depthK][_fp16|_int8|_int8_nncf]: every depth, precision and quantizer in a folder of its
-    own."""
-    name = "onnx" + (f"_depth{depth}" if depth else "") + (f"_{precision}" if precision != "fp32" else "") + \
-        ("_nncf" if precision == "int8" and quantizer == "nncf" else "")
-    return os.path.join(model_folder, name)
-
-
-def guard_report_path(out: str) -> str:
-    """Where a refused reduced-precision export writes its scores: beside the output folder, never into it."""
-    return os.path.abspath(out).rstrip(os.sep) + ".guard.json"
-
-
-def remove_stale_temp_folders(parent: str) -> list:
-    """Temp folders of exports whose process is gone (killed: no cleanup ran; :func:`nnpp.files.owner_alive`);
-    returns their paths. Folders of running exports and of other hosts are left alone."""
-    from nnpp.files import owner_alive
-    try:
-        entries = os.listdir(parent)
-    except OSError:
-        return []
-    removed = [os.path.join(parent, d) for d in entries if d.startswith(TMP_PREFIX) and not owner_alive(d)]
-    for d in removed:
-        shutil.rmtree(d, ignore_errors=True)
-    return removed
-
-
-def _temp_folder(parent: str, kind: str = "") -> str:
-    from nnpp.files import owner_suffix
-    return tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{kind}", suffix=owner_suffix(), dir=parent)
 
 
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
@@ -161,69 +128,6 @@ def parity_ok(result: dict, tol: float) -> bool:
 def _write_json(obj, path: str) -> None:
     with open(path, "w") as f:
         json.dump(obj, f, indent=2, sort_keys=False)
-
-
-def check_output_folder(out: str, model: TrainedModel, overwrite: bool = False, precision: str = "fp32",
-                        depth: int | None = None, quantizer: str = "ort") -> bool:
-    """``out`` must be a new or empty folder, or (with ``overwrite``) a previous nnpp export of the same model
-    folder at the same precision, quantizer and depth (its ``nnpp_onnx.json`` says so: an int8 export never
-    silently replaces an fp32 one, nor an NNCF int8 export an ONNX Runtime one). Anything else is one line:
-    nnpp_export never writes into a folder it did not make (pointed at a model folder it would replace that model's plans.json and dataset.json).
-    Returns whether ``out`` holds a previous export to replace."""
-    if not os.path.exists(out):
-        return False
-    if not os.path.isdir(out):
-        raise NnppError(f"-o {out} is a file; give a new or empty folder")
-    entries = os.listdir(out)
-    if not entries:
-        return False
-    meta_path = os.path.join(out, METADATA_FILE)
-    previous = None
-    if os.path.isfile(meta_path):
-        try:
-            with open(meta_path) as f:
-                previous = json.load(f)
-        except (OSError, ValueError):
-            previous = None
-    same = isinstance(previous, dict) and previous.get("format") == "nnpp-onnx" and \
-        previous.get("source", {}).get("model_folder") == os.path.abspath(model.folder) and \
-        previous.get("source", {}).get("configuration") == model.configuration
-    if same and (previous.get("precision", "fp32"), previous.get("pruned") and previous.get("depth") or None) != \
-            (precision, depth if depth and depth != previous.get("full_depth") else None):
-        raise NnppError(f"-o {out} holds a {previous.get('precision', 'fp32')} export of this model (depth "
-                        f"{previous.get('depth')}), not {precision} (depth {depth or previous.get('full_depth')}); "
-                        f"give another folder (the default is one per precision and depth)")
-    if same and precision == "int8" and (previous.get("quantizer") or "ort") != quantizer:
-        raise NnppError(f"-o {out} holds an int8 export of this model by --quantizer {previous.get('quantizer') or 'ort'}, "
-                        f"not {quantizer}; give another folder (the default is one per quantizer)")
-    if same and overwrite:
-        return True
-    if same:
-        raise NnppError(f"-o {out} holds a previous export of this model; add --overwrite to replace it "
-                        f"(or give a new folder)")
-    what = (f"an export of another model ({previous.get('source', {}).get('model_folder')})" if isinstance(previous, dict)
-            else f"{len(entries)} file(s) that are not an nnpp export of this model")
-    raise NnppError(f"-o {out} is not empty: it holds {what}; give a new or empty folder (--overwrite only replaces "
-                    f"a previous export of the same model)")
-
-
-def _move_into_place(tmp: str, out: str, replace: bool) -> None:
-    """``tmp`` becomes ``out`` by rename: a previous export is moved aside first and deleted after, so no file of
-    it (e.g. a fold that is not exported again) is ever left beside the new ones."""
-    if os.path.isdir(out) and not replace:
-        os.rmdir(out)  # empty (checked)
-    if not replace:
-        os.rename(tmp, out)
-        return
-    old = _temp_folder(os.path.dirname(os.path.abspath(out)), "old_")
-    os.rename(out, os.path.join(old, "previous"))
-    try:
-        os.rename(tmp, out)
-    except OSError:
-        os.rename(os.path.join(old, "previous"), out)  # put the previous export back
-        shutil.rmtree(old, ignore_errors=True)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def _reduced(model: TrainedModel, fold, path: str, precision: str, max_dice_drop: float, calib_tiles: int, out: str,
@@ -356,7 +260,7 @@ def export_model(model: TrainedModel, out: str, depth: int | None = None, opset:
     """Export every fold of ``model`` to ``out`` (``fold_F.onnx``, ``plans.json``, ``dataset.json``,
     ``nnpp_onnx.json``), each checked by :func:`check_ops` and :func:`parity` (fails above ``tol``).
     ``out`` must be new or empty, or a previous export of this model with ``overwrite``
-    (:func:`check_output_folder`). ``precision`` int8 / fp16: each fold's checked fp32 model is quantized (ONNX
+    (:func:`nnpp.deploy.export_folder.check_output_folder`). ``precision`` int8 / fp16: each fold's checked fp32 model is quantized (ONNX
     Runtime's static quantization calibrated on ``calib_tiles`` training tiles; ``quantizer`` nncf: NNCF's for
     OpenVINO, written as IR ``fold_F.xml`` + ``.bin``) / converted to fp16, kept only when no label's validation Dice
     drops by more than ``max_dice_drop``, then timed against fp32 (``latency_runs`` runs; :func:`_reduced`). Everything is written to a temporary folder beside ``out`` and renamed into
@@ -364,79 +268,106 @@ def export_model(model: TrainedModel, out: str, depth: int | None = None, opset:
     ort = require("onnxruntime")
     onnx = require("onnx")
     check_quantizer(precision, quantizer, nncf_preset)
-    nncf = quantizer == "nncf"
     replace = check_output_folder(out, model, overwrite, precision, depth, quantizer)
-    patch = model.patch_size
-    parent = os.path.dirname(os.path.abspath(out)) or "."
-    os.makedirs(parent, exist_ok=True)
-    for stale in remove_stale_temp_folders(parent):
-        log(f"[nnpp_export] removed {stale} (left by an export that was killed)")
-    tmp = _temp_folder(parent)
+    tmp = temp_folder_beside(out, log)
     try:
         folds, ops, full_depth = [], set(), None
         for i, fold in enumerate(model.folds):
-            net = model.build_network(i)
-            full_depth = getattr(net, "depth", None) if hasattr(net, "prune_depth") else None
-            set_depth(net, depth)
-            warning = pruning_warning(model, depth, full_depth) if i == 0 else None
-            if warning:
-                log(f"[nnpp_export] {warning}")
-            name = f"fold_{fold}.onnx"
-            path = os.path.join(tmp, name)
-            log(f"[nnpp_export] fold {fold}: exporting ({exporter}, opset {opset}"
-                f"{f', depth {depth}' if depth else ''}) ...")
-            export_network(net, path, model.num_input_channels, patch, opset, exporter)
-            ops |= set(check_ops(path))
-            check = parity(net, path, model.num_input_channels, patch)
-            ok = parity_ok(check, tol)
-            log(f"[nnpp_export] fold {fold}: parity ONNX Runtime vs torch on {'x'.join(map(str, check['input_shape']))}: "
-                f"max abs diff {check['max_abs_diff']:.3g} (max |logit| {check['max_abs_logit']:.3g}, tolerance "
-                f"{tol:g} x max(1, max |logit|)), argmax agreement {100 * check['argmax_agreement']:.4f}% "
-                f"-> {'OK' if ok else 'FAILED'}")
-            if not ok:
-                raise NnppError(f"fold {fold}: ONNX Runtime differs from torch by {check['max_abs_diff']:.3g} "
-                                f"(> {tol:g} x max(1, {check['max_abs_logit']:.3g})); nothing was written to {out}: "
-                                f"try --exporter {'torchscript' if exporter == 'dynamo' else 'dynamo'} or another --opset")
-            entry = {"fold": fold, "file": name, "checkpoint": os.path.abspath(model.checkpoints[i]),
-                     "checkpoint_sha256": model.checkpoint_sha256[i], "parity": check}
+            network, full_depth = _fold_network(model, i, depth, log)
+            path = os.path.join(tmp, f"fold_{fold}.onnx")
+            ops |= _export_fold(network, model, fold, path, depth, opset, exporter, log)
+            entry = {"fold": fold, "file": os.path.basename(path), "checkpoint": os.path.abspath(model.checkpoints[i]),
+                     "checkpoint_sha256": model.checkpoint_sha256[i],
+                     "parity": _checked_parity(network, model, fold, path, tol, exporter, out, log)}
             if precision != "fp32":  # the fp32 model passed parity; the reduced one must pass the Dice guard
-                entry["quantization"] = _reduced(model, fold, path, precision, max_dice_drop, calib_tiles, out, log,
-                                                 guard_cases, quantizer, nncf_preset, latency_runs)
-                entry["latency"] = entry["quantization"].pop("latency")
-                files = entry["quantization"].pop("files")
-                entry["file"] = files[0]
-                if len(files) > 1:  # OpenVINO IR: the .xml and its weights, each checked on load
-                    entry["weights_file"] = files[1]
-                    entry["weights_sha256"] = sha256_file(os.path.join(tmp, files[1]))
-                path = os.path.join(tmp, files[0])
-            entry["sha256"] = sha256_file(path)
+                _take_reduced(entry, tmp, _reduced(model, fold, path, precision, max_dice_drop, calib_tiles, out, log,
+                                                   guard_cases, quantizer, nncf_preset, latency_runs))
+            entry["sha256"] = sha256_file(os.path.join(tmp, entry["file"]))
             folds.append(entry)
-        mirror = model.inference_allowed_mirroring_axes
-        meta = {
-            "format": "nnpp-onnx", "version": 1,
-            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "source": {"model_folder": os.path.abspath(model.folder), "trainer": model.trainer_name,
-                       "configuration": model.configuration, "checkpoint_name": model.checkpoint_name,
-                       **(source or {})},
-            "input_name": INPUT_NAME, "output_name": OUTPUT_NAME,
-            "input_shape": ["batch", model.num_input_channels, *patch], "patch_size": patch,
-            "num_input_channels": model.num_input_channels, "num_classes": model.num_output_channels,
-            "labels": model.dataset_json.get("labels"),
-            "inference_allowed_mirroring_axes": list(mirror) if mirror is not None else None,
-            "depth": depth or full_depth, "full_depth": full_depth, "pruned": bool(depth and depth != full_depth),
-            "opset": opset, "exporter": exporter, "ops": sorted(ops), "parity_tolerance": tol, "precision": precision,
-            "quantizer": quantizer if precision == "int8" else None,
-            "runtime": "openvino" if nncf else "onnxruntime",
-            "versions": {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": ort.__version__,
-                         **({"openvino": require("openvino").__version__, "nncf": require("nncf").__version__}
-                            if nncf else {})},
-            "folds": folds,
-        }
+        meta = _metadata(model, folds, ops, source, depth, full_depth, opset, exporter, tol, precision, quantizer,
+                         _versions(ort, onnx, quantizer == "nncf"))
         _write_json(model.plans, os.path.join(tmp, "plans.json"))
         _write_json(model.dataset_json, os.path.join(tmp, "dataset.json"))
         _write_json(meta, os.path.join(tmp, METADATA_FILE))
         check_output_folder(out, model, overwrite, precision, depth, quantizer)  # unchanged while we exported
-        _move_into_place(tmp, out, replace)
+        move_into_place(tmp, out, replace)
         return meta
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _fold_network(model: TrainedModel, i: int, depth: int | None, log) -> tuple:
+    """The network of the model's ``i``-th fold pruned to ``depth``, and its full depth (None for a network that
+    cannot be pruned); the pruning warning once, with the first fold."""
+    network = model.build_network(i)
+    full_depth = getattr(network, "depth", None) if hasattr(network, "prune_depth") else None
+    set_depth(network, depth)
+    warning = pruning_warning(model, depth, full_depth) if i == 0 else None
+    if warning:
+        log(f"[nnpp_export] {warning}")
+    return network, full_depth
+
+
+def _export_fold(network, model: TrainedModel, fold, path: str, depth: int | None, opset: int, exporter: str,
+                 log) -> set:
+    """``network`` written to ``path`` (:func:`export_network`); returns its op set (:func:`check_ops`)."""
+    log(f"[nnpp_export] fold {fold}: exporting ({exporter}, opset {opset}"
+        f"{f', depth {depth}' if depth else ''}) ...")
+    export_network(network, path, model.num_input_channels, model.patch_size, opset, exporter)
+    return set(check_ops(path))
+
+
+def _checked_parity(network, model: TrainedModel, fold, path: str, tol: float, exporter: str, out: str, log) -> dict:
+    """:func:`parity` of ``path`` against ``network``, logged; one line (nothing written to ``out``) above ``tol``."""
+    check = parity(network, path, model.num_input_channels, model.patch_size)
+    ok = parity_ok(check, tol)
+    log(f"[nnpp_export] fold {fold}: parity ONNX Runtime vs torch on {'x'.join(map(str, check['input_shape']))}: "
+        f"max abs diff {check['max_abs_diff']:.3g} (max |logit| {check['max_abs_logit']:.3g}, tolerance "
+        f"{tol:g} x max(1, max |logit|)), argmax agreement {100 * check['argmax_agreement']:.4f}% "
+        f"-> {'OK' if ok else 'FAILED'}")
+    if not ok:
+        raise NnppError(f"fold {fold}: ONNX Runtime differs from torch by {check['max_abs_diff']:.3g} "
+                        f"(> {tol:g} x max(1, {check['max_abs_logit']:.3g})); nothing was written to {out}: "
+                        f"try --exporter {'torchscript' if exporter == 'dynamo' else 'dynamo'} or another --opset")
+    return check
+
+
+def _take_reduced(entry: dict, tmp: str, quantization: dict) -> None:
+    """The fold's metadata ``entry`` names the reduced model (:func:`_reduced`'s figures) instead of the fp32 one."""
+    entry["quantization"] = quantization
+    entry["latency"] = quantization.pop("latency")
+    files = quantization.pop("files")
+    entry["file"] = files[0]
+    if len(files) > 1:  # OpenVINO IR: the .xml and its weights, each checked on load
+        entry["weights_file"] = files[1]
+        entry["weights_sha256"] = sha256_file(os.path.join(tmp, files[1]))
+
+
+def _versions(ort, onnx, nncf: bool) -> dict:
+    return {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": ort.__version__,
+            **({"openvino": require("openvino").__version__, "nncf": require("nncf").__version__} if nncf else {})}
+
+
+def _metadata(model: TrainedModel, folds: list, ops: set, source: dict | None, depth: int | None,
+              full_depth: int | None, opset: int, exporter: str, tol: float, precision: str, quantizer: str,
+              versions: dict) -> dict:
+    """``nnpp_onnx.json``: what inference reads instead of re-typing it, and how the models were made and checked."""
+    mirror = model.inference_allowed_mirroring_axes
+    return {
+        "format": "nnpp-onnx", "version": 1,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "source": {"model_folder": os.path.abspath(model.folder), "trainer": model.trainer_name,
+                   "configuration": model.configuration, "checkpoint_name": model.checkpoint_name,
+                   **(source or {})},
+        "input_name": INPUT_NAME, "output_name": OUTPUT_NAME,
+        "input_shape": ["batch", model.num_input_channels, *model.patch_size], "patch_size": model.patch_size,
+        "num_input_channels": model.num_input_channels, "num_classes": model.num_output_channels,
+        "labels": model.dataset_json.get("labels"),
+        "inference_allowed_mirroring_axes": list(mirror) if mirror is not None else None,
+        "depth": depth or full_depth, "full_depth": full_depth, "pruned": bool(depth and depth != full_depth),
+        "opset": opset, "exporter": exporter, "ops": sorted(ops), "parity_tolerance": tol, "precision": precision,
+        "quantizer": quantizer if precision == "int8" else None,
+        "runtime": "openvino" if quantizer == "nncf" else "onnxruntime",
+        "versions": versions,
+        "folds": folds,
+    }

@@ -5,7 +5,7 @@ fold, ``self.network.load_state_dict(params)`` before predicting with that fold 
 probabilities). :class:`OrtNetwork` is an ``nn.Module`` without parameters whose ``forward`` runs the active
 fold's ONNX Runtime session and whose ``load_state_dict`` switches the active fold, so the predictor's own code
 does everything else: preprocessing, Gaussian-weighted sliding window, test-time mirroring, fold averaging,
-resampling and export.
+resampling and export. :func:`init_onnx` puts an ``nnpp_export`` folder's sessions into such a predictor.
 """
 from __future__ import annotations
 
@@ -232,3 +232,29 @@ def load_onnx_folder(folder: str, provider: str = "cpu", threads: int = 0, folds
         else:
             sessions[f] = make_session(path, provider, threads, trt_cache, device_id)
     return meta, OrtNetwork(sessions, io_binding=provider in IO_BINDING)
+
+
+def init_onnx(predictor, onnx_folder: str, folds=None, provider: str = "cpu", threads: int = 0,
+              trt_cache: str | None = None, device_id: int | None = None) -> dict:
+    """Initialise ``predictor`` (:func:`nnpp.predictor.build.make_predictor`) with the ONNX Runtime sessions of an
+    nnpp_export folder (its plans.json, dataset.json and mirroring axes; ``folds`` a subset of the exported ones).
+    ``device_id``: the accelerator the provider runs on (default: the predictor's device index; under torchrun the
+    local rank, also for providers whose tiles stay on the host such as cann). Returns the export metadata."""
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    from nnpp.model_folder import load_model_json
+    from nnpp.predictor.build import undo_compile
+    meta, network = load_onnx_folder(onnx_folder, provider, threads, folds, trt_cache,
+                                     device_id=(predictor.device.index or 0) if device_id is None else device_id)
+    plans = load_model_json(os.path.join(onnx_folder, "plans.json"), "plans.json of the ONNX export")
+    dataset_json = load_model_json(os.path.join(onnx_folder, "dataset.json"), "dataset.json of the ONNX export")
+    plans_manager = PlansManager(plans)
+    configuration_manager = plans_manager.get_configuration(meta["source"]["configuration"])
+    if list(configuration_manager.patch_size) != list(meta["patch_size"]):
+        raise NnppError(f"{onnx_folder}: plans.json patch {configuration_manager.patch_size} differs from the "
+                        f"exported models' {meta['patch_size']}; re-export")
+    mirror = meta.get("inference_allowed_mirroring_axes")
+    predictor.manual_initialization(network, plans_manager, configuration_manager, network.parameters_list(),
+                                    dataset_json, meta["source"]["trainer"], tuple(mirror) if mirror is not None else None)
+    undo_compile(predictor, False)
+    return meta

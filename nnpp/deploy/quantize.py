@@ -202,7 +202,7 @@ def score(model, fold, sessions: dict, mirroring: bool = True, max_cases: int | 
     plus ``cases`` and ``agreement`` (share of voxels where the masks of the first two sessions agree). Dice as
     nnU-Net's evaluation counts it (the ignore label's voxels unscored)."""
     from nnpp.deploy.ort import OrtNetwork
-    from nnpp.predictor import nnppPredictor
+    from nnpp.predictor.tiles import nnppPredictor
     label_manager = model.plans_manager.get_label_manager(model.dataset_json)
     if label_manager.has_regions:
         raise NnppError("reduced-precision exports are scored per label (argmax); this model predicts regions "

@@ -5,7 +5,7 @@ plans, so nnU-Net's predictor and ``nnpp_predict`` rebuild the student from ``pl
 
 The file is never silently rewritten: distilling another configuration merges it in, and a configuration already
 in the file that differs from the derived one (e.g. a batch size set with ``nnpp_change_bs``) is kept and used,
-with one line saying so, unless ``--replace-student-plans`` asks to re-derive it.
+with one line saying so, unless ``--replace_student_plans`` asks to re-derive it.
 """
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ import os
 import time
 
 from nnpp import NnppError
+from nnpp.file_safety import write_atomic
 
 STUDENTS = {
     "unetpp": "nnpp.nets.unetpp.UNetPlusPlus",
@@ -117,11 +118,11 @@ def merge_student_plans(existing: dict | None, derived: dict, configuration: str
         shown = ", ".join(diff[:4]) + (f" and {len(diff) - 4} more" if len(diff) > 4 else "")
         if replace:
             plans["configurations"][configuration] = copy.deepcopy(new)
-            note = (f"configuration '{configuration}' re-derived from the source plans (--replace-student-plans; "
+            note = (f"configuration '{configuration}' re-derived from the source plans (--replace_student_plans; "
                     f"it differed in {shown})")
         else:
             note = (f"configuration '{configuration}' kept as it is in the file (differs from what -r/--student "
-                    f"derive in {shown}); --replace-student-plans re-derives it")
+                    f"derive in {shown}); --replace_student_plans re-derives it")
     return plans, note
 
 
@@ -192,15 +193,3 @@ def write_student_plans(preprocessed_dataset_dir: str, source_plans: str, config
             raise NnppError(f"student plans {path}: waited {wait_s:.0f} s for rank 0 to write configuration "
                             f"'{configuration}'; is rank 0 running with the same -p/-r/--student?")
         time.sleep(0.5)
-
-
-def write_atomic(path: str, text: str) -> None:
-    """``text`` into ``path`` through a temp file and a rename: never a half-written file."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from nnpp import NnppError
-from nnpp.files import load_json_file
+from nnpp.file_safety import load_json_file
 from nnpp.distill.losses import Target, ensemble_log_probs, ensemble_log_probs_binary
 
 
@@ -226,7 +226,7 @@ def check_leaks(teachers: list, preprocessed_root: str, student_fold, student_va
                 fix = ("keep nnU-Net's layout ($nnUNet_results/DatasetXXX_Name/TRAINER__PLANS__CONFIG), or "
                        if teacher_dataset(t) is None else "")
                 raise NnppError(f"teacher {t.name}: {why}, so its training cases are unknown and cannot be checked "
-                                f"against the student's validation cases; {fix}pass --allow-val-leak to accept it "
+                                f"against the student's validation cases; {fix}pass --allow_val_leak to accept it "
                                 f"(the run is then marked leaky)")
             leaks.append((t.name, None))
             continue
@@ -240,7 +240,7 @@ def check_leaks(teachers: list, preprocessed_root: str, student_fold, student_va
         raise NnppError(f"teacher {name} was trained on {len(cases)} of the student's fold-{student_fold} validation "
                         f"cases ({shown}): its targets would leak them into the student's validation Dice. Use "
                         f"teachers of fold {student_fold} (-tf {student_fold}, the default), or pass "
-                        f"--allow-val-leak to accept it (the run is then marked leaky)")
+                        f"--allow_val_leak to accept it (the run is then marked leaky)")
     return leaks
 
 

@@ -96,7 +96,7 @@ def check_leaks(cases: dict, student_val: list, raw_dataset_dir: str, dataset_js
     val_digests = {digest(files): case for case, files in zip(sorted(student_val), val_files) if files}
     same = [(case, val_digests[d]) for case, files in sorted(cases.items()) if (d := digest(files)) in val_digests]
     if cache and fresh != known:
-        from nnpp.distill.student import write_atomic
+        from nnpp.file_safety import write_atomic
         os.makedirs(os.path.dirname(cache), exist_ok=True)
         write_atomic(cache, json.dumps(fresh))
     if same:
@@ -131,7 +131,7 @@ def pseudo_label(teacher_folders: list, folds: list, cases: dict, out_dir: str, 
     todo = [c for c in sorted(cases)[k::n] if not os.path.isfile(os.path.join(out_dir, c + file_ending))]
     if not todo:
         return todo
-    from nnpp.predictor import inference_amp, init_torch, make_predictor
+    from nnpp.predictor.build import inference_amp, init_torch, make_predictor
     predictors = []
     for folder in teacher_folders:
         predictors.append(make_predictor(device, amp=inference_amp("auto", device), progress=False))
@@ -145,7 +145,7 @@ def pseudo_label(teacher_folders: list, folds: list, cases: dict, out_dir: str, 
         return todo
     from nnunetv2.ensembling.ensemble import merge_files
     pm, dataset_json = predictors[0].plans_manager, predictors[0].dataset_json
-    from nnpp.files import owner_alive, owner_suffix
+    from nnpp.file_safety import owner_alive, owner_suffix
     for d in os.listdir(out_dir):  # what a killed ensemble left (not a live one's: runs may share the folder)
         if d.startswith(".ensemble.") and not owner_alive(d):
             shutil.rmtree(os.path.join(out_dir, d), ignore_errors=True)

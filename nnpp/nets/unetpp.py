@@ -30,7 +30,7 @@ leave untouched). ``nnpp_convert_v1_model`` sets them to reproduce the official 
 v1's other differences (heads stored deepest first, each node split in two conv groups, ``loc``/``up``
 key names) are storage layouts only: the converter maps them onto these modules.
 
-Memory (see ``compute_conv_feature_map_size`` and README "Memory and speed"):
+Memory (see ``compute_conv_feature_map_size`` and documentation/training.md "Plans sized for UNet++"):
 
 * ``checkpoint_nodes``: activation checkpointing of the nested nodes X^{i,j} (``torch.utils.checkpoint``,
   ``use_reentrant=False``, only while gradients are enabled; no parameters or state_dict keys change).

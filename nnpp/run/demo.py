@@ -15,7 +15,8 @@ import time
 
 from nnpp import NnppError
 from nnpp.device import AMP_CHOICES, DEVICE_CHOICES
-from nnpp.cli import dice_text, entry_point, positive_int
+from nnpp.cli import entry_point, positive_int
+from nnpp.dice import dice_text
 
 MARKER = ".nnpp_demo"
 
@@ -59,7 +60,7 @@ def run(args) -> dict:
     from nnpp.data.synthetic import make_msd_task, prepare_dataset
     from nnpp.planning import UNETPP_PLANS
     from nnpp.run import train
-    from nnpp.cli import label_names, read_dice
+    from nnpp.dice import label_names, read_dice
 
     print(f"[nnpp_demo] 1/3 writing a synthetic Task03_Liver-like MSD task ({args.cases} training cases) "
           f"under {work}", flush=True)
@@ -92,7 +93,7 @@ def run_distill(args, teacher_trainer) -> list:
     """``--distill``: the trained UNet++ (fold 0) as teacher -> nnpp_distill's default student (soft KD), and the
     same student plans trained by the same student's trainer without KD for the same epochs/iterations. Prints
     the three models' validation Dice, parameters and forward latency per patch side by side."""
-    from nnpp.cli import label_names, read_dice
+    from nnpp.dice import label_names, read_dice
     from nnpp.planning import UNETPP_PLANS
     from nnpp.run import distill, train
 
@@ -131,10 +132,10 @@ def run_distill(args, teacher_trainer) -> list:
 
 def _latency_ms(net, trainer) -> float:
     """Forward time per patch of ``net`` (batches of 2 patches, no grad, the run's autocast and memory format; best
-    of 3 after 2 warm-up calls): nnpp.distill.trainer.patch_cost, as nnpp_distill's start-up report measures it."""
+    of 3 after 2 warm-up calls): nnpp.distill.cost.patch_cost, as nnpp_distill's start-up report measures it."""
     import torch
 
-    from nnpp.distill.trainer import patch_cost
+    from nnpp.distill.cost import patch_cost
     patch = (trainer.num_input_channels, *trainer.configuration_manager.patch_size)
     return patch_cost(net, patch, trainer.device, trainer.amp,
                       getattr(trainer, "memory_format", torch.contiguous_format))[1]

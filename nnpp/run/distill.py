@@ -1,8 +1,8 @@
 """nnpp_distill: distil nnU-Net model folders (one teacher or an ensemble) into a small U-Net or UNet++ student.
 
     nnpp_distill DATASET CONFIG FOLD -t TEACHER_MODEL_FOLDER [-t FOLDER2 ...] [-tf FOLD ...] [-tchk CHECKPOINT]
-                 [--kd soft cwd at sp mgd] [-a A] [-T T] [-r R] [--student unet|unetpp] [--allow-val-leak]
-                 [--replace-student-plans] [--da5] [per-method weights/temperatures] [every nnpp_train flag:
+                 [--kd soft cwd at sp mgd] [-a A] [-T T] [-r R] [--student unet|unetpp] [--allow_val_leak]
+                 [--replace_student_plans] [--da5] [per-method weights/temperatures] [every nnpp_train flag:
                  -device --amp --c --val --epochs --iters --val_iters --other_use --dbs ...]
 
 The student is an ordinary nnU-Net model folder,
@@ -19,7 +19,8 @@ import os
 
 from nnpp import NnppError
 from nnpp.run import train
-from nnpp.cli import dataset_name, entry_point, positive_int
+from nnpp.cli import add_option, entry_point, positive_int
+from nnpp.dataset_ids import dataset_name
 
 STUDENT_TRAINERS = {"unetpp": "nnUNetPlusPlusTrainerKD", "unet": "nnUNetTrainerKD"}
 #: multi-process runs: their own trainer names (as nnpp_train's DDP variants), never over a 1-device run
@@ -36,7 +37,7 @@ DEFAULT_STUDENT = "unet"
 
 def build_parser() -> argparse.ArgumentParser:
     """nnpp_train's parser (every flag) plus the distillation group. KD flags default to None: on ``--c`` the
-    run's saved value is used, otherwise the default in ``nnpp.distill.trainer.KD_DEFAULTS``."""
+    run's saved value is used, otherwise the default in ``nnpp.distill.settings.KD_DEFAULTS``."""
     p = train.build_parser()
     p.prog = "nnpp_distill"
     p.description = ("Distil nnU-Net model folders (teachers) into a small UNet++ or U-Net student on cuda, npu, "
@@ -59,24 +60,24 @@ def build_parser() -> argparse.ArgumentParser:
                    f"--c/--val: the run's)")
     g.add_argument("--student", default=None, help="unet (default: nnU-Net's PlainConvUNet) or unetpp (nnpp's UNet++; "
                    "r=2: 0.25x a UNet++ teacher's FLOPs, about 0.5x its time per case); --c/--val: the run's")
-    g.add_argument("--allow-val-leak", dest="allow_val_leak", action="store_true", default=None,
+    add_option(g, "--allow_val_leak", "--allow_val_leak", action="store_true", default=None,
                    help="accept teachers trained on the student's validation cases; the run is marked leaky")
-    g.add_argument("--replace-student-plans", dest="replace_student_plans", action="store_true",
+    add_option(g, "--replace_student_plans", "--replace_student_plans", action="store_true",
                    help="re-derive this configuration in the student plans file even if the file's differs (e.g. a "
                    "batch size set with nnpp_change_bs); by default the file's configuration is kept and used")
     g.add_argument("--da5", action="store_true", default=None, help="nnU-Net's DA5 data augmentation")
-    g.add_argument("--soft-weight", dest="soft_weight", type=float, default=None, help="default 1")
-    g.add_argument("--cwd-weight", dest="cwd_weight", type=float, default=None, help="default 1")
-    g.add_argument("--cwd-tau", dest="cwd_tau", type=float, default=None, help="CWD temperature (default 4)")
-    g.add_argument("--cwd-feat", dest="cwd_feat", action="store_true", default=None,
+    add_option(g, "--soft_weight", "--soft-weight", type=float, default=None, help="default 1")
+    add_option(g, "--cwd_weight", "--cwd-weight", type=float, default=None, help="default 1")
+    add_option(g, "--cwd_tau", "--cwd-tau", type=float, default=None, help="CWD temperature (default 4)")
+    add_option(g, "--cwd_feat", "--cwd-feat", action="store_true", default=None,
                    help="CWD also on the matched encoder stages (through 1x1x1 adapters)")
-    g.add_argument("--at-weight", dest="at_weight", type=float, default=None, help="default 1")
-    g.add_argument("--sp-weight", dest="sp_weight", type=float, default=None, help="default 1")
-    g.add_argument("--sp-pool", dest="sp_pool", type=positive_int, default=None,
+    add_option(g, "--at_weight", "--at-weight", type=float, default=None, help="default 1")
+    add_option(g, "--sp_weight", "--sp-weight", type=float, default=None, help="default 1")
+    add_option(g, "--sp_pool", "--sp-pool", type=positive_int, default=None,
                    help="SP: voxels per axis of the pooled map (default 4)")
-    g.add_argument("--mgd-weight", dest="mgd_weight", type=float, default=None, help="default 1")
-    g.add_argument("--mgd-ratio", dest="mgd_ratio", type=float, default=None, help="MGD mask ratio (default 0.75)")
-    g.add_argument("--mgd-all-stages", dest="mgd_all_stages", action="store_true", default=None,
+    add_option(g, "--mgd_weight", "--mgd-weight", type=float, default=None, help="default 1")
+    add_option(g, "--mgd_ratio", "--mgd-ratio", type=float, default=None, help="MGD mask ratio (default 0.75)")
+    add_option(g, "--mgd_all_stages", "--mgd-all-stages", action="store_true", default=None,
                    help="MGD on every matched encoder stage (default: the deepest matched stage, as the paper)")
     u = p.add_argument_group("unlabeled cases (the transfer set)")
     u.add_argument("--unlabeled", nargs="+", default=None, metavar="FOLDER",
@@ -94,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
 def normalise_args(args) -> None:
     """Checks that need no data, and canonical forms (so that --c compares like with like)."""
     from nnpp.distill.student import STUDENTS
-    from nnpp.distill.trainer import METHODS
+    from nnpp.distill.settings import METHODS
 
     if args.tr != train.DEFAULT_TRAINER:
         raise NnppError(f"-tr {args.tr}: nnpp_distill picks the student's trainer from --student "
@@ -126,12 +127,12 @@ def normalise_args(args) -> None:
             raise NnppError(f"--{name} {value}: must be {rule}")
     for name in ("soft_weight", "cwd_weight", "at_weight", "sp_weight", "mgd_weight"):
         if getattr(args, name) is not None and getattr(args, name) < 0:
-            raise NnppError(f"--{name.replace('_', '-')} {getattr(args, name)}: weights must be >= 0")
+            raise NnppError(f"--{name} {getattr(args, name)}: weights must be >= 0")
 
 
 def kd_config(args, trainer) -> dict:
     """The resolved KD settings: given flags, else (after --c resolution) the run's, else the defaults."""
-    from nnpp.distill.trainer import KD_DEFAULTS
+    from nnpp.distill.settings import KD_DEFAULTS
 
     config = {k: (getattr(args, k) if getattr(args, k) is not None else v) for k, v in KD_DEFAULTS.items()}
     if args.t is None:
@@ -152,7 +153,7 @@ def setup(trainer, args) -> None:
     from nnunetv2.paths import nnUNet_preprocessed
 
     from nnpp.distill.teachers import check_compatible, check_leaks, load_teacher, split_cases
-    from nnpp.distill.trainer import KD_DEFAULTS, KD_IDENTITY
+    from nnpp.distill.settings import KD_DEFAULTS, KD_IDENTITY
 
     if args.val:  # --val validates the student alone: the run's KD settings name the teachers for the report
         final = os.path.join(trainer.output_folder, "checkpoint_final.pth")
@@ -172,7 +173,7 @@ def setup(trainer, args) -> None:
     leaks = check_leaks(teachers, str(nnUNet_preprocessed), trainer.fold, student_val, config["allow_val_leak"])
     if leaks and int(os.environ.get("RANK", 0)) == 0:
         from nnpp.distill.teachers import describe_leak
-        print("[nnpp_distill] WARNING: leaky run (--allow-val-leak): "
+        print("[nnpp_distill] WARNING: leaky run (--allow_val_leak): "
               + "; ".join(describe_leak(n, c) for n, c in leaks)
               + '; kd_config.json records "leaky": true', flush=True)
     trainer.configure_kd(teachers, config, leaks)
@@ -218,7 +219,7 @@ def prepare_unlabeled(trainer, config: dict, student_val: list) -> str:
 
 def validation_cases(summary_path: str, file_ending: str) -> set:
     """The case ids an nnU-Net ``summary.json`` scored (from ``metric_per_case[*].reference_file``)."""
-    from nnpp.cli import load_json_file
+    from nnpp.file_safety import load_json_file
     cases = set()
     for entry in load_json_file(summary_path, "validation summary").get("metric_per_case", []):
         name = os.path.basename(str(entry.get("reference_file", "")))
@@ -230,7 +231,8 @@ def report(trainer) -> None:
     """The student's validation Dice beside each teacher's (their fold's validation/summary.json, if present), a
     teacher's only when it was scored on the same validation cases as the student; otherwise the row says which
     cases each saw."""
-    from nnpp.cli import dice_text, label_names, load_json_file, read_dice
+    from nnpp.dice import dice_text, label_names, read_dice
+    from nnpp.file_safety import load_json_file
 
     names = label_names(trainer.dataset_json)
     ending = trainer.dataset_json.get("file_ending", "")
@@ -272,7 +274,7 @@ def find_student_runs(results_dataset_dir: str, configuration: str, fold, source
     the student plans' ``nnpp_kd`` record)."""
     import glob
 
-    from nnpp.cli import load_json_file
+    from nnpp.file_safety import load_json_file
     found = []
     for student, trainer_name in trainers.items():
         pattern = os.path.join(results_dataset_dir, f"{trainer_name}__{source_plans}_kd_*__{configuration}")

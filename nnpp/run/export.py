@@ -38,7 +38,8 @@ import argparse
 import sys
 
 from nnpp.paths import setup_paths
-from nnpp.cli import dataset_name, entry_point, non_negative_float, non_negative_int, positive_float, positive_int
+from nnpp.cli import entry_point, non_negative_float, non_negative_int, positive_float, positive_int
+from nnpp.dataset_ids import dataset_name
 from nnpp import DEFAULT_TRAINER
 
 
@@ -94,7 +95,8 @@ def main(argv=None):
 
     from nnunetv2.utilities.file_path_utilities import get_output_folder
 
-    from nnpp.deploy.export import default_output_folder, export_model
+    from nnpp.deploy.export import export_model
+    from nnpp.deploy.export_folder import default_output_folder
     from nnpp.model_folder import load_trained_model
     from nnpp.model_folder import find_trainer_class
 

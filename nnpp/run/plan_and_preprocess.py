@@ -23,7 +23,8 @@ import sys
 
 from nnpp import NnppError
 from nnpp.paths import setup_paths
-from nnpp.cli import entry_point, parse_dataset_id, positive_int
+from nnpp.cli import entry_point, positive_int
+from nnpp.dataset_ids import parse_dataset_id
 
 PLANNERS = ("UNetPlusPlusPlanner", "SmallUNetPlusPlusPlanner")
 

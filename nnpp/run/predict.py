@@ -4,7 +4,7 @@ Same flags as nnUNetv2_predict (-i -o -d -c -p -tr -f -chk -step_size --disable_
 --continue_prediction -npp -nps -prev_stage_predictions -num_parts -part_id --disable_progress_bar
 --not_on_device --verbose); -tr defaults to nnUNetPlusPlusTrainer and -device to auto (npu, cuda, mps, cpu).
 
-nnpp builds nnU-Net's predictor (``nnppPredictor(device=...)``, nnpp/predictor.py) itself and initialises it manually: the network comes from the
+nnpp builds nnU-Net's predictor (``nnppPredictor(device=...)``, nnpp/predictor/) itself and initialises it manually: the network comes from the
 checkpoint's trainer class (found by :func:`nnpp.model_folder.find_trainer_class`: nnpp's trainers, nnU-Net's, and
 those under ``nnUNet_extTrainer``) and plans.json + dataset.json, every fold's weights loaded strictly. So
 Ascend NPUs work (nnU-Net's own entry point only accepts cuda/mps/cpu) and nnU-Net's modules stay untouched.
@@ -46,14 +46,16 @@ import time
 
 from nnpp import NnppError
 from nnpp.paths import setup_paths
-from nnpp.cli import dataset_name, entry_point, non_negative_int, positive_int
+from nnpp.cli import entry_point, non_negative_int, positive_int
+from nnpp.dataset_ids import dataset_name
 from nnpp import DEFAULT_TRAINER
 
 
 def parser() -> argparse.ArgumentParser:
     from nnpp.device import AMP_CHOICES, DEVICE_CHOICES
     from nnpp.deploy.ort import PROVIDERS
-    from nnpp.predictor import DEFAULT_RESAMPLE, DEFAULT_TTA_BATCH, RESAMPLE_CHOICES
+    from nnpp.predictor.resample import DEFAULT_RESAMPLE, RESAMPLE_CHOICES
+    from nnpp.predictor.tiles import DEFAULT_TTA_BATCH
     env_int = lambda name, default: int(os.environ.get(name, default))  # noqa: E731 (nnU-Net's nnUNet_npp/nps)
     p = argparse.ArgumentParser(prog="nnpp_predict", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -107,7 +109,8 @@ def main(argv=None):
 
     from nnpp import device as dev
     from nnpp.distributed import dist_env
-    from nnpp.predictor import AMP_TEXT, inference_amp, init_onnx, init_torch, make_predictor
+    from nnpp.deploy.ort import init_onnx
+    from nnpp.predictor.build import AMP_TEXT, inference_amp, init_torch, make_predictor
     env = dist_env()
     if env.enabled:  # torchrun: the ranks split the cases as nnU-Net's -num_parts/-part_id would
         if args.num_parts != 1:
@@ -167,7 +170,7 @@ def main(argv=None):
               f"{tta}")
 
     if args.resample == "torch":  # in-process exports resample on the prediction device, export workers on the CPU
-        from nnpp.predictor import use_torch_resampling
+        from nnpp.predictor.resample import use_torch_resampling
         use_torch_resampling(predictor, device if args.nps == 0 else dev.resolve_device("cpu"),
                              args.export_threads)
     print(f"[nnpp_predict] resampling to the original grid: "

@@ -15,14 +15,11 @@ from nnpp import NnppError
 from nnpp.device import AMP_CHOICES, DEVICE_CHOICES
 from nnpp.nets.unetpp import CHECKPOINT_MODES
 from nnpp.paths import setup_paths
-from nnpp.cli import check_fold, dataset_name, entry_point, load_json_file, positive_int
+from nnpp.cli import check_fold, entry_point, positive_int
+from nnpp.dataset_ids import dataset_name
+from nnpp.file_safety import load_json_file
+from nnpp.saved_settings import DS_WEIGHTS, SHALLOW_HEADS, fill_unrecorded
 from nnpp import DEFAULT_TRAINER  # noqa: F401  (also read as train.DEFAULT_TRAINER)
-
-#: --ds_weights choices: nnpp.training.nnUNetPlusPlusTrainer.DS_WEIGHTS (not imported: nnunetv2 reads its paths at
-#: import time, after the arguments are parsed)
-DS_WEIGHTS = ("equal", "descending", "decay")
-#: --shallow_heads choices: nnpp.training.nnUNetPlusPlusTrainer.SHALLOW_HEADS (same reason)
-SHALLOW_HEADS = ("probe", "trained")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,10 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "preprocess --checkpoint)")
     p.add_argument("--ds_weights", default=None, choices=DS_WEIGHTS,
                    help="UNet++ deep-supervision head weights: equal (1/L each) | descending (nnU-Net's halving from "
-                   "X^{0,L} down; nnpp's default since issue 17) | decay (equal, then the shallower heads fade out "
+                   "X^{0,L} down; nnpp's default) | decay (equal, then the shallower heads fade out "
                    "over training); default: the trainer's. Runs saved without it continue with equal (--c)")
     p.add_argument("--shallow_heads", default=None, choices=SHALLOW_HEADS,
-                   help="how UNet++'s heads X^{0,1..L-1} learn: probe (default since issue 21: their loss trains only "
+                   help="how UNet++'s heads X^{0,1..L-1} learn: probe (default: their loss trains only "
                    "the head, on the node's detached features; the network learns from X^{0,L}'s loss, weight 1) | "
                    "trained (their loss trains the network too: the UNet++ paper's deep supervision). Runs saved "
                    "without it continue with trained (--c)")
@@ -74,8 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save_every", type=positive_int, help="write checkpoint_latest every N epochs (default 50)")
     p.add_argument("--dbs", action="store_true", default=None, help="DDP: the plans batch size is the global batch, split "
                    "across ranks (default: every rank uses the plans batch)")
-    p.add_argument("--local-rank", "--local_rank", dest="local_rank", type=int, default=None,
-                   help=argparse.SUPPRESS)  # passed by python -m torch.distributed.launch
+    p.add_argument("--local_rank", "--local-rank", dest="local_rank", type=int, default=None,
+                   help=argparse.SUPPRESS)  # torch.distributed.launch: --local-rank=N (torch < 2.0: --local_rank=N)
     p.add_argument("--other_use", choices=("fps", "prof"), default=None,
                    help="performance mode instead of training: fps (throughput, perf.json) or prof (torch.profiler "
                    "trace output.prof); results go to $nnUNet_results/nnpp_perf/, never to the real run")
@@ -228,9 +225,8 @@ def _train(args, env, device, setup=None):
         print("WARNING: no checkpoint available to continue from. Starting a new training...", flush=True)
     if resume and args.c:
         saved = saved_run_settings(resume)
-        if saved:  # an nnpp run: no ds_weights saved means equal weights (runs before --ds_weights, and equal ones);
-            saved.setdefault("ds_weights", "equal")  # no shallow_heads: trained (runs before issue 21)
-            saved.setdefault("shallow_heads", "trained")
+        if saved:  # an nnpp run: a setting it did not record is what such runs trained with
+            fill_unrecorded(saved)
         resume_settings(args, saved, resume, device, args.change_settings)
     nnpp_trainer = hasattr(trainer, "configure_amp")
     if nnpp_trainer:
@@ -285,7 +281,7 @@ def _train(args, env, device, setup=None):
 
 def report(trainer) -> None:
     """Per-class Dice from the validation summary.json and the training throughput."""
-    from nnpp.cli import format_dice
+    from nnpp.dice import format_dice
 
     summary = os.path.join(trainer.output_folder, "validation", "summary.json")
     if os.path.isfile(summary):

@@ -5,7 +5,7 @@ import os
 from collections.abc import Callable
 
 from nnpp import NnppError
-from nnpp.files import parse_dataset_id
+from nnpp.dataset_ids import parse_dataset_id
 
 
 def one_dataset(paths: list[str], dataset_dir: Callable[[str], str], root: str,

@@ -9,7 +9,9 @@ import os
 import pathlib
 
 from nnpp import NnppError
-from nnpp.cli import dice_text, entry_point, label_names, load_json_file, read_dice
+from nnpp.cli import entry_point
+from nnpp.dice import dice_text, label_names, read_dice
+from nnpp.file_safety import load_json_file
 from nnpp.tools import one_dataset, require_folder
 
 

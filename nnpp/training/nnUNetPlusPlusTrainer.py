@@ -12,7 +12,7 @@ SGD, checkpoints, ``progress.png``, validation and ``summary.json``):
 * Head weights: nnU-Net's halving from X^{0,L} down (1, 1/2, 1/4, ... normalised: X^{0,L}, the head that predicts,
   gets about half), but every head non-zero, so every head gets a gradient (nnU-Net's own weights would give the
   last output 0, which is why the reference UNet++ port never trained its deeper nodes). Chosen over the UNet++
-  paper's equal 1/L (nnpp's default before issue 17) with benchmarks/bench_convergence; ``ds_weights`` (nnpp_train
+  paper's equal 1/L (nnpp's earlier default) with benchmarks/bench_convergence; ``ds_weights`` (nnpp_train
   ``--ds_weights equal|descending|decay``) selects the others (see :meth:`deep_supervision_weights`).
 * AMP on every device through :mod:`nnpp.device` (nnU-Net autocasts on CUDA only): ``configure_amp``.
 * Memory format from the device layer (channels_last_3d for 3D on the CPU): network and every batch.
@@ -45,12 +45,7 @@ from nnpp.device import compile_supported, ddp_device_ids, make_amp
 from nnpp.distributed import all_reduce_sum, bare_module, split_global_batch, world
 from nnpp.nets.plans import PLAIN_UNET_CLASS, UNETPP_CLASS
 from nnpp.nets.unetpp import checkpoint_mode
-
-
-#: nnpp_train --ds_weights choices (see nnUNetPlusPlusTrainer.deep_supervision_weights)
-DS_WEIGHTS = ("equal", "descending", "decay")
-#: nnpp_train --shallow_heads choices (see nnUNetPlusPlusTrainer.shallow_heads)
-SHALLOW_HEADS = ("probe", "trained")
+from nnpp.saved_settings import DS_WEIGHTS, SHALLOW_HEADS, UNRECORDED, setting_of, settings_to_record
 
 
 class SharedTargetDeepSupervision(DeepSupervisionWrapper):
@@ -71,12 +66,13 @@ class nnUNetPlusPlusTrainer(nnUNetTrainer):
     #: activation checkpointing of UNet++'s nested nodes ("none", "node", "cat_conv1"); None: as the plans say
     checkpoint_nodes: str | None = None
     #: deep-supervision head weights, one of DS_WEIGHTS (nnpp_train --ds_weights; see deep_supervision_weights).
-    #: "descending" since issue 17 (benchmarks/bench_convergence, README "Deep supervision weights"); before: "equal"
+    #: "descending" by benchmarks/bench_convergence (documentation/training.md "Deep supervision weights"); runs that recorded none
+    #: trained with "equal" (nnpp.saved_settings.UNRECORDED)
     ds_weights: str = "descending"
-    #: how the heads X^{0,1..L-1} learn (nnpp_train --shallow_heads): "probe" (default since issue 21) -- their loss
-    #: reaches only the head (a 1x1 conv on the node's detached features), the network learns from X^{0,L}'s loss at
-    #: weight 1; "trained" -- their loss trains the network too (the UNet++ paper's deep supervision; nnpp before
-    #: issue 21; on a real CT it fitted only the liver, see README "Deep supervision of UNet++")
+    #: how the heads X^{0,1..L-1} learn (nnpp_train --shallow_heads): "probe" (the default) -- their loss reaches
+    #: only the head (a 1x1 conv on the node's detached features), the network learns from X^{0,L}'s loss at
+    #: weight 1; "trained" -- their loss trains the network too (the UNet++ paper's deep supervision, and what runs
+    #: that recorded none trained with; on a real CT it fitted only the liver, see documentation/training.md "Deep supervision of UNet++")
     shallow_heads: str = "probe"
     #: the --seed the run was started with (recorded in the run settings; None: not seeded)
     seed: int | None = None
@@ -122,10 +118,8 @@ class nnUNetPlusPlusTrainer(nnUNetTrainer):
         settings = {"epochs": self.num_epochs, "iters": self.num_iterations_per_epoch,
                     "val_iters": self.num_val_iterations_per_epoch, "amp": self.amp.mode,
                     "dbs": bool(self.distribute_batch), "checkpoint": self.activation_checkpointing}
-        if self.uses_ds_weights and self.ds_weights != "equal":  # absent: equal, as every run before --ds_weights
-            settings["ds_weights"] = self.ds_weights
-        if self.uses_ds_weights and self.shallow_heads != "trained":  # absent: trained, every run before issue 21
-            settings["shallow_heads"] = self.shallow_heads
+        if self.uses_ds_weights:  # only what differs from an unrecorded setting's meaning (nnpp.saved_settings)
+            settings.update(settings_to_record({key: getattr(self, key) for key in UNRECORDED}))
         if self.seed is not None:
             settings["seed"] = self.seed
         return settings
@@ -148,13 +142,14 @@ class nnUNetPlusPlusTrainer(nnUNetTrainer):
 
     def restore_run_settings(self, settings: dict) -> None:
         """Continue an nnpp run with what it was trained with (its checkpoint's ``nnpp_run_settings``) where that
-        changes the loss: the head weights (absent = ``equal``, every run before ``--ds_weights``) and how the shallow
-        heads learn (absent = ``trained``, every run before ``--shallow_heads``), not today's defaults. Called by :meth:`load_checkpoint` unless :attr:`settings_resolved`; rebuilds the loss if built."""
+        changes the loss: the head weights and how the shallow heads learn, an unrecorded one read as
+        :data:`nnpp.saved_settings.UNRECORDED` says, not today's defaults. Called by :meth:`load_checkpoint` unless
+        :attr:`settings_resolved`; rebuilds the loss if built."""
         if not self.uses_ds_weights:
             return
         changed = False
-        for key, absent in (("ds_weights", "equal"), ("shallow_heads", "trained")):
-            saved = settings.get(key, absent)
+        for key in UNRECORDED:
+            saved = setting_of(settings, key)
             if saved != getattr(self, key):
                 self.print_to_log_file(f"continuing with the run's own {key} {saved} (saved in its checkpoint; this "
                                        f"trainer's default is {getattr(self, key)})")
@@ -328,7 +323,7 @@ class nnUNetPlusPlusTrainer(nnUNetTrainer):
         """nnU-Net's final validation, with the predictor told what the device layer knows (logits stay on npu
         as on cuda; the run's AMP mode instead of nnU-Net's CUDA-only fp16; batched mirroring bounded by
         ``tta_batch``). See nnpp.predictor."""
-        from nnpp.predictor import nnunet_validation_uses
+        from nnpp.predictor.build import nnunet_validation_uses
         with nnunet_validation_uses(self.amp, self.tta_batch):
             super().perform_actual_validation(save_probabilities)
 

@@ -19,6 +19,7 @@ import time
 
 from nnpp import device as dev
 from nnpp.distributed import all_reduce_sum, world
+from nnpp.file_safety import write_atomic
 
 DEFAULT_WARMUP = {"fps": 10, "prof": 5}
 DEFAULT_STEPS = {"fps": 100, "prof": 5}
@@ -67,9 +68,7 @@ def measure_fps(trainer, warmup: int = DEFAULT_WARMUP["fps"], steps: int = DEFAU
     }
     if rank == 0:
         path = os.path.join(trainer.output_folder, "perf.json")
-        with open(path + ".tmp", "w") as f:
-            json.dump(result, f, indent=2)
-        os.replace(path + ".tmp", path)
+        write_atomic(path, json.dumps(result, indent=2))
         print(f"[nnpp fps] FPS {result['images_per_s_total']:.2f} img/s total ({n_ranks} x "
               f"{per_rank:.2f} img/s/rank), step mean {result['step_s_mean']:.4f} s median "
               f"{result['step_s_median']:.4f} s, data wait {100 * result['data_wait_share']:.1f}%, "
