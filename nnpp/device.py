@@ -376,21 +376,23 @@ class Amp:
         return torch.autocast(device_type=self.device.type, dtype=self.dtype)
 
 
-    def backward_and_step(self, loss: torch.Tensor, optimizer, clip_params=None, max_norm: float = 12.0) -> None:
-        """Backward (loss scaled under O1), gradient-norm clipping of ``clip_params`` on the unscaled gradients
-        when given, optimizer step (skipped by the scaler when gradients overflowed)."""
-        if self.scaler is not None:
-            self.scaler.scale(loss).backward()
-            if clip_params is not None:
-                self.scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(clip_params, max_norm)
-            self.scaler.step(optimizer)
-            self.scaler.update()
-        else:
+    def backward_and_step(self, loss: torch.Tensor, optimizer, clip_groups=None, max_norm: float = 12.0) -> None:
+        """Backward (loss scaled under O1), gradient-norm clipping on the unscaled gradients of each parameter group
+        of ``clip_groups`` (a list of parameter iterables, each clipped to ``max_norm`` on its own) when given,
+        optimizer step (skipped by the scaler when gradients overflowed)."""
+        if self.scaler is None:
             loss.backward()
-            if clip_params is not None:
-                torch.nn.utils.clip_grad_norm_(clip_params, max_norm)
+            for group in clip_groups or ():
+                torch.nn.utils.clip_grad_norm_(group, max_norm)
             optimizer.step()
+            return
+        self.scaler.scale(loss).backward()
+        if clip_groups is not None:
+            self.scaler.unscale_(optimizer)
+            for group in clip_groups:
+                torch.nn.utils.clip_grad_norm_(group, max_norm)
+        self.scaler.step(optimizer)
+        self.scaler.update()
 
 
 def make_amp(mode: str, device: torch.device) -> Amp:

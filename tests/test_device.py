@@ -186,3 +186,19 @@ def test_cpu_capability_names_bf16(monkeypatch):
     assert level and bf16 == "no native bf16"
     monkeypatch.setattr(dev, "cpu_has_native_bf16", lambda: True)
     assert dev.cpu_capability() == f"{level}, native bf16"
+
+
+@pytest.mark.parametrize("mode", ["O0", "O1"])
+def test_each_clip_group_is_clipped_on_its_own(mode):
+    """loss = 3a + 4000b with SGD lr 1: unclipped gradients 3 and 4000. Groups [a], [b] at max norm 12: a keeps its
+    gradient 3 (step to -2), b's is cut to 12 (step to -11); one group [a, b] would have shrunk a's too (norm 4000)."""
+    a, b = torch.nn.Parameter(torch.ones(())), torch.nn.Parameter(torch.ones(()))
+    opt = torch.optim.SGD([a, b], lr=1.0)
+    amp = dev.make_amp(mode, torch.device("cpu"))
+    amp.backward_and_step(3 * a + 4000 * b, opt, [[a], [b]], 12)
+    assert a.item() == pytest.approx(-2.0) and b.item() == pytest.approx(1 - 12, rel=1e-4)
+    a.data.fill_(1.0)
+    b.data.fill_(1.0)
+    opt.zero_grad()
+    amp.backward_and_step(3 * a + 4000 * b, opt, [[a, b]], 12)
+    assert a.item() == pytest.approx(1 - 3 * 12 / 4000.0011, rel=1e-4)

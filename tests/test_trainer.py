@@ -294,3 +294,36 @@ def test_checkpointing_flag_reaches_the_network(tiny_dataset, tmp_path, monkeypa
     t.network = PlainConvUNet(1, 2, [4, 8], torch.nn.Conv3d, 3, [1, 2], 1, 2, 1)
     with pytest.raises(NnppError, match="--checkpoint node: activation checkpointing is a UNet\\+\\+ option"):
         t._configure_network()
+
+
+def test_probe_heads_log_the_network_loss_and_are_clipped_on_their_own(trainer):
+    """Under probe heads (the default) the logged loss is X^{0,L}'s, the loss the network learns from (as with deep
+    supervision off), not the sum with the probes'; the probes X^{0,1..L-1} are a gradient-clipping group of their own
+    (exactly seg_layers[0..L-2]), so their gradients never shrink the network's step; with shallow heads trained, one
+    group, the whole sum logged."""
+    assert trainer.probe_heads
+    batch = _batch(trainer)
+    data, target = trainer._batch_to_device(batch)
+    with torch.no_grad():
+        output = trainer.network(data)
+        terms = trainer.loss.terms(output, target)
+        head0 = trainer.loss.loss(output[0], target)
+    assert len(terms) == 3 and terms[0].item() == pytest.approx(head0.item())
+    trainer.network.eval()  # same output again for train_step: no dropout; batch norm absent in these plans
+    groups = trainer.clip_groups()
+    probes = {id(p) for head in trainer.network.decoder.seg_layers[:2] for p in head.parameters()}
+    assert {id(p) for p in groups[1]} == probes and len(groups) == 2
+    assert {id(p) for p in groups[0]} | probes == {id(p) for p in trainer.network.parameters()}
+    assert not {id(p) for p in groups[0]} & probes
+    out = trainer.train_step(batch)
+    assert out["loss"].item() == pytest.approx(head0.item(), rel=1e-5)
+    trainer.shallow_heads = "trained"
+    trainer._configure_network()
+    trainer.loss = trainer._build_loss()
+    assert len(trainer.clip_groups()) == 1
+    with torch.no_grad():
+        output = trainer.network(data)
+        total = trainer.loss(output, target).item()
+        heads = [trainer.loss.loss(o, target).item() for o in output]
+    assert total == pytest.approx(4 / 7 * heads[0] + 2 / 7 * heads[1] + 1 / 7 * heads[2], rel=1e-5)
+    assert trainer.train_step(batch)["loss"].item() == pytest.approx(total, rel=1e-5)

@@ -240,6 +240,12 @@ def _train(args, env, device, setup=None):
             trainer.ds_weights = args.ds_weights
         if args.shallow_heads is not None:
             trainer.shallow_heads = args.shallow_heads
+        if (args.ds_weights or args.shallow_heads) and not trainer.uses_ds_weights:
+            print(f"[nnpp_train] note: {args.tr} trains with nnU-Net's deep supervision; --ds_weights and "
+                  f"--shallow_heads are UNet++ options and change nothing here", flush=True)
+        elif args.ds_weights and trainer.probe_heads:
+            print(f"[nnpp_train] note: with --shallow_heads probe the network learns from X^{{0,L}}'s loss alone; "
+                  f"--ds_weights {args.ds_weights} only scales each probe head's own step", flush=True)
     elif args.amp not in (None, "auto") or args.dbs or args.other_use or args.pretrained_weights or args.checkpoint \
             or args.ds_weights or args.shallow_heads or args.tta_batch:
         raise NnppError(f"--amp, --dbs, --checkpoint, --ds_weights, --shallow_heads, --tta_batch, --other_use and -pretrained_weights "

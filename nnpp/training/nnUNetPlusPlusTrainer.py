@@ -54,9 +54,14 @@ class SharedTargetDeepSupervision(DeepSupervisionWrapper):
     list (nnU-Net's multi-scale targets), it behaves as nnU-Net's wrapper."""
 
     def forward(self, outputs, target):
+        return sum(self.terms(outputs, target))
+
+    def terms(self, outputs, target) -> list:
+        """The weighted loss of each head with a non-zero weight, in output order (their sum is the loss)."""
         if isinstance(target, torch.Tensor):
             target = [target] * len(outputs)
-        return super().forward(outputs, target)
+        weights = self.weight_factors or (1.0,) * len(outputs)
+        return [w * self.loss(o, t) for w, o, t in zip(weights, outputs, target) if w != 0.0]
 
 
 class nnUNetPlusPlusTrainer(nnUNetTrainer):
@@ -187,7 +192,14 @@ class nnUNetPlusPlusTrainer(nnUNetTrainer):
         with ``shallow_heads="probe"`` the same scaled so X^{0,L} weighs 1 (the network learns from X^{0,L}'s loss
         alone, as with deep supervision off; the probes' weights only scale each head's own step)."""
         w = np.asarray(self.deep_supervision_weights(), dtype=float)
-        return w / w[0] if self.shallow_heads == "probe" else w
+        return w / w[0] if self.probe_heads else w
+
+    @property
+    def probe_heads(self) -> bool:
+        """Whether the shallow heads are probes: ``shallow_heads="probe"`` on a UNet++ whose head weights come from
+        ``ds_weights``. A trainer with its own deep supervision (the U-Net student's nnU-Net weights) has no probes
+        and trains with nnU-Net's loss whatever ``shallow_heads`` says."""
+        return self.uses_ds_weights and self.shallow_heads == "probe"
 
     # nnU-Net has no public hook for what follows: the private methods overridden here and the attribute flips
     # around nnU-Net's own calls (is_ddp in initialize, enable_deep_supervision in _build_loss, self.network in
@@ -236,7 +248,7 @@ class nnUNetPlusPlusTrainer(nnUNetTrainer):
         if self.shallow_heads not in SHALLOW_HEADS:
             raise NnppError(f"shallow_heads must be one of {', '.join(SHALLOW_HEADS)}, got {self.shallow_heads!r}")
         if hasattr(decoder, "probe_heads"):
-            decoder.probe_heads = self.shallow_heads == "probe"
+            decoder.probe_heads = self.probe_heads
         self.memory_format = dev.memory_format(self.device, len(self.configuration_manager.patch_size))
         net.to(memory_format=self.memory_format)
         self.print_to_log_file(f"activation checkpointing: {self.activation_checkpointing}; memory format: "
@@ -294,13 +306,30 @@ class nnUNetPlusPlusTrainer(nnUNetTrainer):
         self.optimizer.zero_grad(set_to_none=True)
         with self.amp.autocast():
             output = self.network(data)
-            loss = self.loss(output, target)
+            if self.enable_deep_supervision and self.probe_heads:
+                terms = self.loss.terms(output, target)
+                loss, logged = sum(terms), terms[0]
+            else:
+                loss = logged = self.loss(output, target)
         self.backward_and_step(loss)
-        return {"loss": loss.detach()}  # stays on the device: read once per epoch (on_train_epoch_end)
+        # logged: the loss the network learns from (X^{0,L}'s alone under probe heads, as with deep supervision
+        # off); stays on the device, read once per epoch (on_train_epoch_end)
+        return {"loss": logged.detach()}
 
     def backward_and_step(self, loss: torch.Tensor) -> None:
-        """nnU-Net's update: backward (through the grad scaler under O1), gradient norm clipped to 12, step."""
-        self.amp.backward_and_step(loss, self.optimizer, self.network.parameters(), 12)
+        """nnU-Net's update: backward (through the grad scaler under O1), gradient norm clipped to 12, step. Under
+        probe heads the probes are clipped on their own, so their gradients never scale the network's step."""
+        self.amp.backward_and_step(loss, self.optimizer, self.clip_groups(), 12)
+
+    def clip_groups(self) -> list:
+        """Parameter groups whose gradient norm is clipped each on its own: the whole network, or under probe heads
+        the network without the probes, and the probe heads X^{0,1..L-1}."""
+        if not (self.enable_deep_supervision and self.probe_heads):
+            return [list(self.network.parameters())]
+        probes = {id(p) for head in self.bare_network.decoder.seg_layers[:self.num_heads - 1]
+                  for p in head.parameters()}
+        params = list(self.network.parameters())
+        return [[p for p in params if id(p) not in probes], [p for p in params if id(p) in probes]]
 
     def validation_step(self, batch: dict) -> dict:
         # nnU-Net's step indexes target[0] with deep supervision on: give it the one target as a list of one
