@@ -54,14 +54,40 @@ def test_mixed_loader_draws_unlabeled_first_then_labeled():
         assert set(keys[:2]) <= set(data.unlabeled_identifiers) and set(keys[2:]) <= {"a", "b"}
 
 
-def test_mixed_loader_oversamples_within_each_group_and_crops_unlabeled_at_random():
+def _nnunet_share(batch_size: int, p: float) -> float:
+    """The share of a batch nnU-Net's own loader forces to foreground (its rule, called on a bare instance)."""
+    from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
+    plain = nnUNetDataLoader.__new__(nnUNetDataLoader)
+    plain.batch_size, plain.oversample_foreground_percent = batch_size, p
+    return sum(plain._oversample_last_XX_percent(j) for j in range(batch_size)) / batch_size
+
+
+@pytest.mark.parametrize("batch_size,n_unlabeled", [(2, 1), (4, 1), (4, 2)])
+def test_mixed_batches_keep_nnunets_share_of_foreground_patches(batch_size, n_unlabeled):
+    """Counted over 4,000 batches: the labeled patches (and the unlabeled ones) of a mixed batch are forced to
+    foreground in nnU-Net's share for that batch size (batch 2: 1 of 2; batch 4: 1 of 4), not per group (a group of
+    one labeled patch would never be forced: round(1 x 0.67) = 1)."""
+    assert _nnunet_share(2, 0.33) == 0.5 and _nnunet_share(4, 0.33) == 0.25  # nnU-Net's rule, by hand
+    loader = U.MixedDataLoader.__new__(U.MixedDataLoader)
+    loader.batch_size, loader.n_unlabeled, loader.oversample_foreground_percent = batch_size, n_unlabeled, 0.33
+    loader._probabilistic = False
+    np.random.seed(0)
+    forced = np.array([[loader._oversample_per_group(j) for j in range(batch_size)] for _ in range(4000)])
+    share = _nnunet_share(batch_size, 0.33)
+    assert forced[:, n_unlabeled:].mean() == pytest.approx(share, abs=0.025)
+    assert forced[:, :n_unlabeled].mean() == pytest.approx(share, abs=0.025)
+
+
+def test_mixed_loader_forces_the_last_patches_of_each_group_and_crops_unlabeled_at_random():
     loader = U.MixedDataLoader.__new__(U.MixedDataLoader)
     loader.batch_size, loader.n_unlabeled, loader.oversample_foreground_percent = 16, 8, 0.33
     loader._probabilistic = False
-    # nnU-Net forces the last round(8 x 0.33) = 3 of 8 patches to foreground: here in each group of 8
-    assert [loader._oversample_per_group(j) for j in range(16)] == ([False] * 5 + [True] * 3) * 2
-    loader.n_unlabeled = 1  # batch 16 = 1 unlabeled (not forced: round(1 x 0.67) = 1) + 15 labeled (5 forced)
-    assert [loader._oversample_per_group(j) for j in range(16)] == [False] * 11 + [True] * 5
+    # nnU-Net forces 16 - round(16 x 0.67) = 5 of 16; each group of 8 gets 2.5: its last 2 always, the 3rd from last
+    # in every other batch
+    np.random.seed(0)
+    batches = np.array([[loader._oversample_per_group(j) for j in range(16)] for _ in range(2000)])
+    assert batches[:, [6, 7, 14, 15]].all() and not batches[:, [0, 1, 2, 3, 4, 8, 9, 10, 11, 12]].any()
+    assert batches[:, 5].mean() == pytest.approx(0.5, abs=0.05) and batches[:, 13].mean() == pytest.approx(0.5, abs=0.05)
     # an unlabeled case without labels (empty class locations): a random patch, also with an ignore label
     loader.need_to_pad, loader.patch_size, loader.has_ignore = np.array([0, 0]), [4, 4], True
     loader.annotated_classes_key = (-1, 0, 1)

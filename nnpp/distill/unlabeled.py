@@ -279,10 +279,10 @@ class MixedDataset:
 
 class MixedDataLoader(nnUNetDataLoader):
     """nnU-Net's loader over a :class:`MixedDataset`: each batch is ``n_unlabeled`` unlabeled patches, then labeled
-    ones (each drawn with replacement, as nnU-Net draws). nnU-Net's foreground oversampling rule applies within each
-    group (the last third of the unlabeled patches and of the labeled ones, by default), so a mixed batch forces as
-    many labeled patches to foreground as nnU-Net would in a batch of that many; an unlabeled case without labels
-    (``--pseudo soft``: no class locations) gets a random patch."""
+    ones (each drawn with replacement, as nnU-Net draws). Each group keeps nnU-Net's share of foreground-forced
+    patches for the whole batch (:meth:`_oversample_per_group`), so the labeled patches are forced as often as
+    nnU-Net forces them in a batch of this size; an unlabeled case without labels (``--pseudo soft``: no class
+    locations) gets a random patch."""
     n_unlabeled = 1
 
     def __init__(self, *args, **kwargs):
@@ -291,11 +291,21 @@ class MixedDataLoader(nnUNetDataLoader):
         self.get_do_oversample = self._oversample_per_group
 
     def _oversample_per_group(self, j: int) -> bool:
+        """Whether batch position ``j`` is forced to foreground. nnU-Net forces the last
+        ``B - round(B (1 - p))`` of a batch of B, a share s of it (B = 2, p = 0.33: 1 of 2). A group of n patches
+        gets s * n on average: its last ``floor(s n)`` patches, and the one before them with probability
+        ``s n - floor(s n)`` (a group of 1 in a batch of 2: forced every other batch on average, where a rule per
+        group, ``round(1 x 0.67) = 1``, would never force it)."""
         if self._probabilistic:
             return self._probabilistic_oversampling(j)
-        i, n = (j, self.n_unlabeled) if j < self.n_unlabeled else (j - self.n_unlabeled,
-                                                                    self.batch_size - self.n_unlabeled)
-        return not i < round(n * (1 - self.oversample_foreground_percent))
+        b = self.batch_size
+        share = (b - round(b * (1 - self.oversample_foreground_percent))) / b
+        i, n = (j, self.n_unlabeled) if j < self.n_unlabeled else (j - self.n_unlabeled, b - self.n_unlabeled)
+        forced = share * n
+        sure = int(np.floor(forced + 1e-9))
+        if i >= n - sure:
+            return True
+        return i == n - sure - 1 and np.random.uniform() < forced - sure
 
     def get_bbox(self, data_shape, force_fg: bool, class_locations, overwrite_class=None, verbose: bool = False):
         if class_locations is not None and len(class_locations) == 0:  # no labels at all: a random patch
