@@ -100,7 +100,8 @@ def main(argv=None):
         for k in depths:
             tag = "full" if k is None or k == full else f"depth{k}"
             onnx_dir = os.path.join(work, f"onnx_{tag}")
-            meta = export_model(model, onnx_dir, depth=None if k == full else k, log=lambda *_: None)
+            meta = export_model(model, onnx_dir, depth=None if k == full else k, log=lambda *_: None,
+                                allow_untrained_depth=True)  # latency of every depth, whatever its training
             onnx_path = os.path.join(onnx_dir, f"fold_{args.f}.onnx")
             net = set_depth(model.build_network(0), None if k == full else k)
             res = {"depth": k, "tag": tag, "parity_max_abs_diff": meta["folds"][0]["parity"]["max_abs_diff"],
@@ -114,7 +115,7 @@ def main(argv=None):
                 qmeta = export_model(model, qdir, depth=None if k == full else k, precision="int8",
                                      quantizer=quantizer, nncf_preset=args.nncf_preset, max_dice_drop=1.0,
                                      calib_tiles=args.calib_tiles, guard_cases=args.guard_cases, latency_runs=0,
-                                     log=lambda *_: None)
+                                     log=lambda *_: None, allow_untrained_depth=True)
                 q = qmeta["folds"][0]["quantization"]
                 res["int8_exports"][quantizer] = {
                     "export_s": time.perf_counter() - t, "settings": {k2: v for k2, v in q.items() if k2 in (
@@ -159,7 +160,8 @@ def main(argv=None):
                 for b in backends:
                     pred = make_predictor(torch.device("cpu"), mirroring=not args.disable_tta, progress=False)
                     if b == "torch":
-                        init_torch(pred, folder, [args.f], depth=None if k == full else k)
+                        init_torch(pred, folder, [args.f], depth=None if k == full else k,
+                                   allow_untrained_depth=True)
                     else:
                         init_onnx(pred, dirs[b], provider="cpu" if b.startswith("ort") else "openvino",
                                   threads=args.threads)

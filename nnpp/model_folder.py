@@ -218,17 +218,28 @@ def load_trained_model(folder: str, folds, checkpoint_name: str = "checkpoint_fi
     return model
 
 
-def pruning_warning(model: TrainedModel, depth: int | None, full_depth: int | None) -> str | None:
-    """A warning when ``model`` is pruned below full depth but was trained with its shallow heads as probes
-    (``nnpp_train --shallow_heads probe``, the default; a run that recorded none trained them): their loss did not
-    train the network, and pruned Dice measured on a real CT was near 0 (benchmarks/RESULTS.md)."""
+#: how a network at the requested depth was obtained (recorded by nnpp_export as ``depth_from``)
+DEPTH_FROM = {"full": "the full network", "trained": "a head trained with the network (--shallow_heads trained)",
+              "untrained": "a probe head the network never learned for (allowed by --allow_untrained_depth)"}
+
+
+def check_depth(model: TrainedModel, depth: int | None, full_depth: int | None, allow_untrained: bool = False,
+                log=print) -> str:
+    """How ``model`` at ``depth`` was obtained (a key of :data:`DEPTH_FROM`). A depth below ``full_depth`` of a model
+    whose shallow heads were probes (``nnpp_train --shallow_heads probe``, the default; a run that recorded none
+    trained them) is refused with one line: the probes' loss never trained the network, and such pruned networks
+    scored near 0 Dice on a real CT (benchmarks/RESULTS.md). ``allow_untrained`` runs it anyway, with a warning."""
     if not depth or not full_depth or depth >= full_depth:
-        return None
+        return "full"
     if not any(setting_of(s, "shallow_heads") == "probe" for s in model.extra.get("run_settings", [])):
-        return None
-    return (f"WARNING: depth {depth} < {full_depth}: this model's heads X^{{0,1..{full_depth - 1}}} were trained as "
-            f"probes (nnpp_train --shallow_heads probe, the default), so the pruned network is likely poor; to prune, "
-            f"train with --shallow_heads trained (documentation/training.md, 'Deep supervision of UNet++')")
+        return "trained"
+    said = (f"depth {depth} < {full_depth}: this model's head X^{{0,{depth}}} was trained as a probe (nnpp_train "
+            f"--shallow_heads probe, the default), the network never learned for it")
+    if not allow_untrained:
+        raise NnppError(f"--{said}; train with --shallow_heads trained to prune, or pass --allow_untrained_depth to "
+                        f"run it anyway")
+    log(f"WARNING: {said}; running it because of --allow_untrained_depth")
+    return "untrained"
 
 
 def set_depth(network: nn.Module, depth: int | None) -> nn.Module:

@@ -120,12 +120,17 @@ def test_export_plain_unet(trained_model, tiny_dataset, tmp_path, monkeypatch, c
 
 def test_pruned_export_matches_net_depth_k(trained_model, tiny_dataset, tmp_path, monkeypatch, capsys):
     folder = trained_model(UNETPP, 0)
+    # the session's model trained its shallow heads as probes: depth 1 is refused, nothing written, unless allowed
     rc, _, err = export(monkeypatch, capsys, folder, tiny_dataset, "-f", "0", "--depth", "1")
-    assert rc == 0, err
+    assert rc == 2 and "was trained as a probe" in err and "--allow_untrained_depth" in err
     out = os.path.join(folder, "onnx_depth1")  # default output folder of a pruned export
+    assert not os.path.exists(out)
+    rc, _, err = export(monkeypatch, capsys, folder, tiny_dataset, "-f", "0", "--depth", "1", "--allow_untrained_depth")
+    assert rc == 0, err
     try:
         meta = json.load(open(os.path.join(out, "nnpp_onnx.json")))
         assert meta["depth"] == 1 and meta["pruned"] and meta["full_depth"] >= 2
+        assert meta["depth_from"] == "untrained"
         net = torch_net(folder)
         x = torch.randn(2, 1, *meta["patch_size"])
         with torch.no_grad():
@@ -288,7 +293,8 @@ def test_parity_check_refuses_a_perturbed_model(trained_model, tiny_dataset, tmp
 def test_predict_onnx_refuses_tampered_export(trained_model, tiny_dataset, tmp_path, monkeypatch, capsys):
     folder = trained_model(UNETPP, 0)
     out = tmp_path / "x"
-    rc, _, err = export(monkeypatch, capsys, folder, tiny_dataset, "-f", "0", "-o", out, "--depth", "2")
+    rc, _, err = export(monkeypatch, capsys, folder, tiny_dataset, "-f", "0", "-o", out, "--depth", "2",
+                        "--allow_untrained_depth")
     assert rc == 0, err
     from nnpp.run import predict
 
@@ -302,6 +308,7 @@ def test_predict_onnx_refuses_tampered_export(trained_model, tiny_dataset, tmp_p
     _one_line(*run("--onnx", out, "--depth", "1"), "--depth is fixed at export")
     _one_line(*run("--onnx", out, "--ort_provider", "cuda") if "CUDAExecutionProvider" not in
               ort.get_available_providers() else (2, "error: --ort_provider cuda skip"), "--ort_provider cuda")
+    _one_line(*run("--onnx", out), "exported at depth 2, whose head was only a probe", "--allow_untrained_depth")
     with open(out / "fold_0.onnx", "r+b") as f:  # one flipped byte
         f.seek(100)
         b = f.read(1)

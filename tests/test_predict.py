@@ -105,10 +105,14 @@ def test_depth_prunes_the_predictor_network(trained_model, tiny_dataset, tmp_pat
     from nnpp.predictor.build import init_torch, make_predictor
     folder = trained_model("nnUNetPlusPlusTrainer", 0)
     pred = make_predictor(torch.device("cpu"), progress=False)
-    init_torch(pred, folder, ["0"], depth=1)
+    # the session's model was trained with the default shallow_heads=probe: its depth 1 never trained, refused
+    # (one line naming the ways out) unless allowed, then said
+    with pytest.raises(NnppError, match=r"--depth 1 < 3: this model's head X\^\{0,1\} was trained as a probe .*"
+                                        r"--shallow_heads trained .* --allow_untrained_depth"):
+        init_torch(pred, folder, ["0"], depth=1)
+    init_torch(pred, folder, ["0"], depth=1, allow_untrained_depth=True)
     assert pred.network.prune_depth == 1
-    # the session's model was trained with the default shallow_heads=probe: pruning it is said to be poor
-    assert "WARNING: depth 1 < 3: this model's heads X^{0,1..2} were trained as probes" in capsys.readouterr().out
+    assert "WARNING: depth 1 < 3: this model's head X^{0,1} was trained as a probe" in capsys.readouterr().out
     init_torch(make_predictor(torch.device("cpu"), progress=False), folder, ["0"], depth=3)  # full depth: no warning
     assert "WARNING" not in capsys.readouterr().out
     x = torch.randn(1, 1, *pred.configuration_manager.patch_size)
@@ -116,7 +120,7 @@ def test_depth_prunes_the_predictor_network(trained_model, tiny_dataset, tmp_pat
         assert torch.equal(pred.network(x), pred.network(x, depth=1))
         assert not torch.allclose(pred.network(x), pred.network(x, depth=pred.network.depth))
     with pytest.raises(NnppError, match=r"--depth 9 is out of range: this UNet\+\+ has depth L = \d"):
-        init_torch(make_predictor(torch.device("cpu")), folder, ["0"], depth=9)
+        init_torch(make_predictor(torch.device("cpu")), folder, ["0"], depth=9, allow_untrained_depth=True)
     with pytest.raises(NnppError, match=r"--depth is a UNet\+\+ option; PlainConvUNet cannot be pruned"):
         init_torch(make_predictor(torch.device("cpu")), trained_model("nnUNetTrainer", 0), ["0"], depth=1)
 
@@ -196,6 +200,10 @@ def test_cli_bad_model_folders(trained_model, tiny_dataset, tmp_path):
     env = nnunet_env(tiny_dataset, nnUNet_results=results_of(folder))
     args = ("-i", images_ts(tiny_dataset), "-o", tmp_path / "o", "-d", tiny_dataset["id"], "-c", "3d_fullres",
             "-f", "0", "-device", "cpu")
+    p = run_cli("predict", *args, "--depth", "1", env=env)  # a probe-trained depth: refused before predicting
+    assert p.returncode == 2 and "Traceback" not in p.stderr, output_tail(p)
+    assert "was trained as a probe" in p.stderr and "--allow_untrained_depth" in p.stderr
+    assert not (tmp_path / "o").exists()
     with open(os.path.join(folder, "fold_0", "checkpoint_final.pth"), "r+b") as f:
         f.truncate(1000)
     p = run_cli("predict", *args, env=env)

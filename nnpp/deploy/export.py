@@ -12,7 +12,7 @@ checked anyway: a training-mode BatchNormalization (what instance norm has been 
 ONNX Runtime's CUDA provider rejects) or an op outside the standard ONNX domain fails the export.
 
 Beside the models: ``plans.json``, ``dataset.json`` (copies from the model folder) and ``nnpp_onnx.json``
-(patch size, channels, classes, mirroring axes, depth, opset, exporter, op set, source checkpoints with their
+(patch size, channels, classes, mirroring axes, depth and how it was obtained, opset, exporter, op set, source checkpoints with their
 SHA-256, each fold's parity figures and the ``.onnx`` files' SHA-256), so inference re-types nothing. All of it is
 written into a temp folder and renamed into place once every fold passed (:mod:`nnpp.deploy.export_folder`).
 
@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from nnpp import NnppError
-from nnpp.model_folder import TrainedModel, pruning_warning, set_depth, sha256_file
+from nnpp.model_folder import TrainedModel, check_depth, set_depth, sha256_file
 from nnpp.deploy.export_folder import check_output_folder, guard_report_path, move_into_place, temp_folder_beside
 from nnpp.deploy.ort import METADATA_FILE, make_session, require
 
@@ -256,14 +256,17 @@ def export_model(model: TrainedModel, out: str, depth: int | None = None, opset:
                  exporter: str = "dynamo", tol: float = DEFAULT_TOL, source: dict | None = None, log=print,
                  overwrite: bool = False, precision: str = "fp32", max_dice_drop: float = DEFAULT_MAX_DICE_DROP,
                  calib_tiles: int = DEFAULT_CALIB_TILES, guard_cases: int = DEFAULT_GUARD_CASES,
-                 quantizer: str = "ort", nncf_preset: str | None = None, latency_runs: int = DEFAULT_LATENCY_RUNS) -> dict:
+                 quantizer: str = "ort", nncf_preset: str | None = None, latency_runs: int = DEFAULT_LATENCY_RUNS,
+                 allow_untrained_depth: bool = False) -> dict:
     """Export every fold of ``model`` to ``out`` (``fold_F.onnx``, ``plans.json``, ``dataset.json``,
     ``nnpp_onnx.json``), each checked by :func:`check_ops` and :func:`parity` (fails above ``tol``).
     ``out`` must be new or empty, or a previous export of this model with ``overwrite``
     (:func:`nnpp.deploy.export_folder.check_output_folder`). ``precision`` int8 / fp16: each fold's checked fp32 model is quantized (ONNX
     Runtime's static quantization calibrated on ``calib_tiles`` training tiles; ``quantizer`` nncf: NNCF's for
     OpenVINO, written as IR ``fold_F.xml`` + ``.bin``) / converted to fp16, kept only when no label's validation Dice
-    drops by more than ``max_dice_drop``, then timed against fp32 (``latency_runs`` runs; :func:`_reduced`). Everything is written to a temporary folder beside ``out`` and renamed into
+    drops by more than ``max_dice_drop``, then timed against fp32 (``latency_runs`` runs; :func:`_reduced`). A depth
+    whose head never trained is refused unless ``allow_untrained_depth`` (:func:`nnpp.model_folder.check_depth`; how
+    the depth was obtained is recorded as ``depth_from``). Everything is written to a temporary folder beside ``out`` and renamed into
     place only when all folds pass; a failed export leaves ``out`` as it was. Returns the metadata."""
     ort = require("onnxruntime")
     onnx = require("onnx")
@@ -271,9 +274,12 @@ def export_model(model: TrainedModel, out: str, depth: int | None = None, opset:
     replace = check_output_folder(out, model, overwrite, precision, depth, quantizer)
     tmp = temp_folder_beside(out, log)
     try:
-        folds, ops, full_depth = [], set(), None
+        folds, ops, full_depth, depth_from = [], set(), None, None
         for i, fold in enumerate(model.folds):
-            network, full_depth = _fold_network(model, i, depth, log)
+            network, full_depth = _fold_network(model, i, depth)
+            if i == 0:
+                depth_from = check_depth(model, depth, full_depth, allow_untrained_depth,
+                                         lambda line: log(f"[nnpp_export] {line}"))
             path = os.path.join(tmp, f"fold_{fold}.onnx")
             ops |= _export_fold(network, model, fold, path, depth, opset, exporter, log)
             entry = {"fold": fold, "file": os.path.basename(path), "checkpoint": os.path.abspath(model.checkpoints[i]),
@@ -285,7 +291,7 @@ def export_model(model: TrainedModel, out: str, depth: int | None = None, opset:
             entry["sha256"] = sha256_file(os.path.join(tmp, entry["file"]))
             folds.append(entry)
         meta = _metadata(model, folds, ops, source, depth, full_depth, opset, exporter, tol, precision, quantizer,
-                         _versions(ort, onnx, quantizer == "nncf"))
+                         _versions(ort, onnx, quantizer == "nncf"), depth_from)
         _write_json(model.plans, os.path.join(tmp, "plans.json"))
         _write_json(model.dataset_json, os.path.join(tmp, "dataset.json"))
         _write_json(meta, os.path.join(tmp, METADATA_FILE))
@@ -296,15 +302,12 @@ def export_model(model: TrainedModel, out: str, depth: int | None = None, opset:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _fold_network(model: TrainedModel, i: int, depth: int | None, log) -> tuple:
+def _fold_network(model: TrainedModel, i: int, depth: int | None) -> tuple:
     """The network of the model's ``i``-th fold pruned to ``depth``, and its full depth (None for a network that
-    cannot be pruned); the pruning warning once, with the first fold."""
+    cannot be pruned)."""
     network = model.build_network(i)
     full_depth = getattr(network, "depth", None) if hasattr(network, "prune_depth") else None
     set_depth(network, depth)
-    warning = pruning_warning(model, depth, full_depth) if i == 0 else None
-    if warning:
-        log(f"[nnpp_export] {warning}")
     return network, full_depth
 
 
@@ -350,7 +353,7 @@ def _versions(ort, onnx, nncf: bool) -> dict:
 
 def _metadata(model: TrainedModel, folds: list, ops: set, source: dict | None, depth: int | None,
               full_depth: int | None, opset: int, exporter: str, tol: float, precision: str, quantizer: str,
-              versions: dict) -> dict:
+              versions: dict, depth_from: str) -> dict:
     """``nnpp_onnx.json``: what inference reads instead of re-typing it, and how the models were made and checked."""
     mirror = model.inference_allowed_mirroring_axes
     return {
@@ -365,6 +368,7 @@ def _metadata(model: TrainedModel, folds: list, ops: set, source: dict | None, d
         "labels": model.dataset_json.get("labels"),
         "inference_allowed_mirroring_axes": list(mirror) if mirror is not None else None,
         "depth": depth or full_depth, "full_depth": full_depth, "pruned": bool(depth and depth != full_depth),
+        "depth_from": depth_from,
         "opset": opset, "exporter": exporter, "ops": sorted(ops), "parity_tolerance": tol, "precision": precision,
         "quantizer": quantizer if precision == "int8" else None,
         "runtime": "openvino" if quantizer == "nncf" else "onnxruntime",

@@ -44,15 +44,15 @@ def undo_compile(predictor, compile_ok: bool) -> None:
 
 
 def init_torch(predictor, model_folder: str, folds, checkpoint_name: str = "checkpoint_final.pth",
-               depth: int | None = None):
+               depth: int | None = None, allow_untrained_depth: bool = False):
     """Initialise ``predictor`` with the torch network of ``model_folder`` (built by the checkpoint's trainer
-    class, every fold loaded strictly, pruned to ``depth``). Returns the :class:`TrainedModel`."""
-    from nnpp.model_folder import load_trained_model, pruning_warning, set_depth
+    class, every fold loaded strictly, pruned to ``depth``; an untrained depth refused unless
+    ``allow_untrained_depth``, see :func:`nnpp.model_folder.check_depth`). Returns the :class:`TrainedModel`."""
+    from nnpp.model_folder import check_depth, load_trained_model, set_depth
     model = load_trained_model(model_folder, folds, checkpoint_name)
     network = set_depth(model.build_network(0), depth)
-    warning = pruning_warning(model, depth, getattr(network, "depth", None))
-    if warning:
-        print(f"[nnpp_predict] {warning}", flush=True)
+    check_depth(model, depth, getattr(network, "depth", None), allow_untrained_depth,
+                lambda line: print(f"[nnpp_predict] {line}", flush=True))
     predictor.manual_initialization(network, model.plans_manager, model.configuration_manager, model.parameters,
                                     model.dataset_json, model.trainer_name, model.inference_allowed_mirroring_axes)
     undo_compile(predictor, dev.compile_supported(predictor.device))

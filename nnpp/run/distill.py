@@ -177,8 +177,23 @@ def setup(trainer, args) -> None:
               + "; ".join(describe_leak(n, c) for n, c in leaks)
               + '; kd_config.json records "leaky": true', flush=True)
     trainer.configure_kd(teachers, config, leaks)
+    if config["unlabeled"] and int(os.environ.get("RANK", 0)) == 0:
+        print(f"[nnpp_distill] {unlabeled_choice(config, args.pseudo is not None)}", flush=True)
     if config["unlabeled"]:
         trainer.unlabeled_dir = prepare_unlabeled(trainer, config, student_val)
+
+
+def unlabeled_choice(config: dict, given: bool) -> str:
+    """The start-up line saying what ``--unlabeled`` trains with: the ``--pseudo`` mode, whether it was asked for
+    or is the default, and which terms every patch then gets."""
+    kd = " + ".join(config["kd"]) or "none"
+    what = {"hard": "unlabeled patches learn the teacher's pseudo-labels through the segmentation loss; no teacher "
+                    "in the step, so no KD terms on any patch",
+            "soft": f"unlabeled patches learn only the online teachers' KD terms ({kd}); labeled ones labels + KD",
+            "both": f"unlabeled patches learn the teacher's pseudo-labels and the online KD terms ({kd}); labeled ones "
+                    f"labels + KD"}[config["pseudo"]]
+    origin = "given" if given else "the default with --unlabeled; --pseudo soft|both keeps online KD terms"
+    return f"--unlabeled: --pseudo {config['pseudo']} ({origin}): {what}"
 
 
 def prepare_unlabeled(trainer, config: dict, student_val: list) -> str:

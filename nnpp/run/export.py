@@ -1,7 +1,7 @@
 """nnpp_export: a trained model folder -> one checked ``.onnx`` per fold + what inference needs.
 
     nnpp_export DATASET CONFIG -f FOLD [FOLD ...] [-tr TRAINER] [-p PLANS] [-chk checkpoint_final.pth]
-                [-o OUT] [--overwrite] [--depth k] [--opset N] [--exporter dynamo|torchscript] [--tol T]
+                [-o OUT] [--overwrite] [--depth k [--allow_untrained_depth]] [--opset N] [--exporter dynamo|torchscript] [--tol T]
                 [--precision fp32|fp16|int8] [--quantizer ort|nncf] [--max_dice_drop D] [--calib_tiles N]
                 [--nncf_preset performance|mixed] [--guard_cases N] [--latency_runs N]
 
@@ -77,6 +77,8 @@ def parser() -> argparse.ArgumentParser:
                    help="replace OUT when it holds a previous export of this model (its nnpp_onnx.json says so)")
     p.add_argument("--depth", type=positive_int, default=None,
                    help="UNet++ pruning depth k (1..L): export X^{0,k}'s sub-network (default: full depth)")
+    p.add_argument("--allow_untrained_depth", action="store_true",
+                   help="export a --depth whose head was only a probe (the network never learned for it)")
     p.add_argument("--opset", type=positive_int, default=DEFAULT_OPSET, help=f"ONNX opset (default {DEFAULT_OPSET})")
     p.add_argument("--exporter", choices=EXPORTERS, default="dynamo",
                    help="torch.onnx exporter: dynamo (default, needs onnxscript) or torchscript (deprecated by torch)")
@@ -111,7 +113,7 @@ def main(argv=None):
                         source={"dataset": name, "plans_identifier": args.p}, overwrite=args.overwrite,
                         precision=args.precision, max_dice_drop=args.max_dice_drop, calib_tiles=args.calib_tiles,
                         guard_cases=args.guard_cases, quantizer=args.quantizer, latency_runs=args.latency_runs,
-                        nncf_preset=args.nncf_preset)
+                        nncf_preset=args.nncf_preset, allow_untrained_depth=args.allow_untrained_depth)
     kind = meta["precision"] + (" OpenVINO IR (NNCF)" if meta.get("runtime") == "openvino" else "")
     print(f"[nnpp_export] wrote {len(meta['folds'])} {kind} model(s) to {out} (patch {'x'.join(map(str, meta['patch_size']))}, "
           f"depth {meta['depth']}, opset {meta['opset']}, ops: {', '.join(meta['ops'])})")

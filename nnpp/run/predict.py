@@ -18,7 +18,8 @@ RANK/WORLD_SIZE into one output folder (each rank on its LOCAL_RANK device, with
 unless OMP_NUM_THREADS was set by the user); rank 0 prints progress and the total cases/min.
 
 Ours:
-  --depth k             UNet++ pruned to depth k (only the nodes X^{0,k} needs run; 1..L)
+  --depth k             UNet++ pruned to depth k (only the nodes X^{0,k} needs run; 1..L); a depth whose head was
+                        only a probe (--shallow_heads probe) is refused unless --allow_untrained_depth
   --onnx FOLDER         run an nnpp_export folder with ONNX Runtime instead of torch (-d/-c/-tr/-p/-chk/--depth
                         are then read from the folder; -f picks exported folds, default all of them)
   --ort_provider P      cpu (default) | cuda (onnxruntime-gpu; tiles stay on the GPU through IO binding) |
@@ -83,6 +84,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--disable_progress_bar", action="store_true")
     p.add_argument("--not_on_device", action="store_true", help="keep the logits on the CPU (large cases on cuda)")
     p.add_argument("--depth", type=positive_int, default=None, help="UNet++ pruning depth k (1..L)")
+    p.add_argument("--allow_untrained_depth", action="store_true",
+                   help="run a --depth whose head was only a probe (the network never learned for it)")
     p.add_argument("--onnx", default=None, metavar="FOLDER", help="an nnpp_export folder: predict with ONNX Runtime")
     p.add_argument("--ort_provider", default="cpu", choices=tuple(PROVIDERS), help="ONNX Runtime provider")
     p.add_argument("--trt_cache", default=None, metavar="DIR", help="TensorRT engine cache folder (--ort_provider tensorrt)")
@@ -156,7 +159,11 @@ def main(argv=None):
                          env.local_rank if env.enabled else None)
         print(f"[nnpp_predict] ONNX Runtime ({args.ort_provider}, threads {args.ort_threads or 'auto'}): "
               f"{args.onnx}, folds {', '.join(str(f['fold']) for f in meta['folds'] if not args.f or str(f['fold']) in args.f)}, "
-              f"depth {meta['depth']}; {tta}")
+              f"depth {meta['depth']} ({meta.get('depth_from') or 'not recorded'}); {tta}")
+        if meta.get("depth_from") == "untrained" and not args.allow_untrained_depth:
+            raise NnppError(f"{args.onnx} was exported at depth {meta['depth']}, whose head was only a probe (the "
+                            f"network never learned for it): re-export a trained depth, or pass "
+                            f"--allow_untrained_depth to run it anyway")
     else:
         from nnunetv2.utilities.file_path_utilities import get_output_folder
 
@@ -164,7 +171,7 @@ def main(argv=None):
         find_trainer_class(args.tr)  # unknown trainer -> clear error before anything is loaded
         folds = args.f or ["0", "1", "2", "3", "4"]
         model_folder = get_output_folder(dataset_name(args.d), args.tr, args.p, args.c)
-        init_torch(predictor, model_folder, folds, args.chk, args.depth)
+        init_torch(predictor, model_folder, folds, args.chk, args.depth, args.allow_untrained_depth)
         print(f"[nnpp_predict] torch on {device}: {model_folder}, folds {', '.join(folds)}"
               f"{f', depth {args.depth}' if args.depth else ''}; precision {AMP_TEXT[amp.mode]} (--amp {args.amp}); "
               f"{tta}")
