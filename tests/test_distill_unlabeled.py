@@ -110,6 +110,7 @@ def _kd_trainer(mode: str, teacher_logits: torch.Tensor):
     t.device, t.memory_format = torch.device("cpu"), torch.contiguous_format
     t.amp = dev.make_amp("O0", t.device)
     t.network = _Net()
+    t.enable_deep_supervision = False  # one output, a plain loss
     t.loss = lambda out, target: torch.nn.functional.cross_entropy(out.flatten(2), target[:, 0].flatten(1).long())
 
     class LM:
@@ -165,7 +166,8 @@ def test_hard_mode_runs_no_teacher(monkeypatch):
 def test_pseudo_labels_split_by_rank_whatever_is_done(monkeypatch, tmp_path):
     """Under torchrun each rank predicts sorted(cases)[rank::world]: the same split on every rank although another
     rank may already have written some of its files (a rank computing its list from what exists would skip or
-    repeat cases); files already there are kept; a rank with nothing left builds no predictor."""
+    repeat cases); files already there are kept (when made from the image as it is: a record beside each); a rank
+    with nothing left builds no predictor."""
     import nnpp.predictor.build as P
     built = []
 
@@ -173,18 +175,26 @@ def test_pseudo_labels_split_by_rank_whatever_is_done(monkeypatch, tmp_path):
         def predict_cases(self, files, outs, overwrite):
             for f, o in zip(files, outs):
                 with open(o + ".nii.gz", "w") as fh:
-                    fh.write(f[0])
+                    fh.write(os.path.basename(f[0]))
     monkeypatch.setattr(P, "make_predictor", lambda *a, **k: built.append(1) or FakePredictor())
     monkeypatch.setattr(P, "init_torch", lambda *a, **k: None)
-    cases = {c: [f"{c}_0000.nii.gz"] for c in ("e", "a", "d", "b", "c")}
+    (tmp_path / "images").mkdir()
+    cases = {}
+    for c in ("e", "a", "d", "b", "c"):
+        (tmp_path / "images" / f"{c}_0000.nii.gz").write_text(f"image {c}")
+        cases[c] = [str(tmp_path / "images" / f"{c}_0000.nii.gz")]
     out = tmp_path / "pseudo"
     out.mkdir()
-    (out / "c.nii.gz").write_text("kept")  # done by an earlier, killed run
+    (out / "c.nii.gz").write_text("kept")  # done by an earlier, killed run, with the record of its image
+    (out / "c.source.json").write_text(json.dumps({"image_sha1": U.image_sha1(cases["c"])}))
+    (out / "a.nii.gz").write_text("no record")  # a pseudo-label without its record: made again
     args = (["teacher"], [0], cases, str(out), torch.device("cpu"), "checkpoint_final.pth", ".nii.gz")
     assert U.pseudo_label(*args, part=(1, 2)) == ["b", "d"]  # rank 1 first: a c e are rank 0's
     assert U.pseudo_label(*args, part=(0, 2)) == ["a", "e"]  # c is kept
     assert (out / "c.nii.gz").read_text() == "kept" and (out / "e.nii.gz").read_text() == "e_0000.nii.gz"
-    assert sorted(os.listdir(out)) == [f"{c}.nii.gz" for c in "abcde"] and len(built) == 2
+    assert (out / "a.nii.gz").read_text() == "a_0000.nii.gz"
+    assert sorted(os.listdir(out)) == sorted(f"{c}{e}" for c in "abcde" for e in (".nii.gz", ".source.json"))
+    assert len(built) == 2
     assert U.pseudo_label(*args, part=(0, 2)) == [] and len(built) == 2
 
 
@@ -220,10 +230,11 @@ def test_pseudo_labels_of_several_teacher_folders_average_their_probabilities(mo
     out = tmp_path / "pseudo"
     (out / ".ensemble.0.owner999999999-00000000").mkdir(parents=True)  # another node's, maybe running: kept
     (out / ".ensemble.0.killed").mkdir()  # a killed run's: removed
-    done = U.pseudo_label(["A", "B"], [0], {"scan": ["scan_0000.nii.gz"]}, str(out), torch.device("cpu"),
-                          "checkpoint_final.pth", ".nii.gz")
+    (tmp_path / "scan_0000.nii.gz").write_bytes(b"image")  # read only for its record (the fake folders predict)
+    done = U.pseudo_label(["A", "B"], [0], {"scan": [str(tmp_path / "scan_0000.nii.gz")]}, str(out),
+                          torch.device("cpu"), "checkpoint_final.pth", ".nii.gz")
     assert done == ["scan"]  # the per-folder probabilities are gone, the other node's folder is not
-    assert sorted(os.listdir(out)) == [".ensemble.0.owner999999999-00000000", "scan.nii.gz"]
+    assert sorted(os.listdir(out)) == [".ensemble.0.owner999999999-00000000", "scan.nii.gz", "scan.source.json"]
     mask = np.asarray(nib.load(out / "scan.nii.gz").dataobj).transpose(2, 1, 0)  # NibabelIO's axis order
     assert mask.ravel().tolist() == [0, 1, 0, 1]
     # the folder is keyed by every teacher folder: another set of folders labels again
@@ -232,6 +243,69 @@ def test_pseudo_labels_of_several_teacher_folders_average_their_probabilities(mo
         (tmp_path / t / "fold_0" / "checkpoint_final.pth").write_bytes(b"weights")
     keys = [U.pseudo_folder("pre", [str(tmp_path / t) for t in ts], [0], "checkpoint_final.pth") for ts in ("AB", "A")]
     assert keys[0] != keys[1]
+
+
+def test_a_rewritten_scan_is_labelled_and_preprocessed_again(tiny_dataset, monkeypatch, tmp_path):
+    """Two unlabeled scans pseudo-labelled and preprocessed (as nnpp_distill --pseudo hard does, with a fake teacher),
+    then one scan's voxels rewritten under the same name (its modification time put back, so only its content
+    says it changed): the next run predicts that scan again and only it, keeps the other's pseudo-label as it is, and
+    the preprocessed case of the rewritten scan holds the new pseudo-label (the old one's case is not reused)."""
+    import nibabel as nib
+    from nnunetv2.training.dataloading.nnunet_dataset import nnUNetDatasetBlosc2
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    import nnpp.predictor.build as P
+    ds = tiny_dataset
+    pre = os.path.join(ds["nnUNet_preprocessed"], ds["name"])
+    dataset_json = json.loads(open(os.path.join(pre, "dataset.json")).read())
+    pm = PlansManager(os.path.join(pre, "nnUNetPlans.json"))
+    cm = pm.get_configuration("3d_fullres")
+    images = os.path.join(ds["nnUNet_raw"], ds["name"], "imagesTr")
+    unl = tmp_path / "unlabeled"
+    unl.mkdir()
+    for i, f in enumerate(sorted(os.listdir(images))[:2]):
+        shutil.copy(os.path.join(images, f), unl / f"scan{i}_0000.nii.gz")
+    predicted = []
+
+    class FakeTeacher:  # labels a whole scan 1, or 2 where its intensities are all above 5000 (the rewritten one)
+        def predict_cases(self, files, outs, overwrite):
+            for f, o in zip(files, outs):
+                predicted.append(os.path.basename(o))
+                img = nib.load(f[0])
+                label = 2 if np.asarray(img.dataobj).min() > 5000 else 1
+                nib.save(nib.Nifti1Image(np.full(img.shape, label, dtype=np.uint8), img.affine), o + ".nii.gz")
+    monkeypatch.setattr(P, "make_predictor", lambda *a, **k: FakeTeacher())
+    monkeypatch.setattr(P, "init_torch", lambda *a, **k: None)
+    base = str(tmp_path / "preprocessed")
+    pseudo_dir = os.path.join(base, "nnpp_unlabeled", "pseudo_x")
+
+    def run():
+        cases = U.find_cases([str(unl)], ".nii.gz", 1)
+        done = U.pseudo_label(["teacher"], [0], cases, pseudo_dir, torch.device("cpu"), "checkpoint_final.pth",
+                              ".nii.gz")
+        return done, U.prepare(cases, base, pm, cm, "3d_fullres", dataset_json, pseudo_dir)
+
+    def segs(folder):  # {case: the labels of its preprocessed segmentation, outside the crop's -1}
+        data = nnUNetDatasetBlosc2(folder)
+        return {c: sorted(set(np.unique(np.asarray(data.load_case(c)[1]))) - {-1}) for c in data.identifiers}
+
+    done, first = run()
+    assert done == predicted == ["scan0", "scan1"] and segs(first) == {"scan0": [1], "scan1": [1]}
+    label0 = os.path.join(pseudo_dir, "scan0.nii.gz")
+    kept = os.stat(label0).st_mtime_ns, open(label0, "rb").read()
+
+    scan = unl / "scan1_0000.nii.gz"  # new voxels, same name, same modification time
+    st = os.stat(scan)
+    img = nib.load(scan)
+    nib.save(nib.Nifti1Image(np.abs(np.asarray(img.dataobj, dtype=np.float32)) + 6000, img.affine, img.header), scan)
+    os.utime(scan, ns=(st.st_atime_ns, st.st_mtime_ns))
+    predicted.clear()
+    done, second = run()
+    assert done == predicted == ["scan1"]  # the rewritten scan only
+    assert (os.stat(label0).st_mtime_ns, open(label0, "rb").read()) == kept  # the other's pseudo-label reused
+    assert np.unique(np.asarray(nib.load(os.path.join(pseudo_dir, "scan1.nii.gz")).dataobj)).tolist() == [2]
+    assert second != first and segs(second) == {"scan0": [1], "scan1": [2]}  # preprocessed with the new label
+    assert run() == ([], second) and predicted == ["scan1"]  # nothing changed since: all reused
 
 
 # ------------------------------------------------------------------------------------------------- end to end
@@ -271,6 +345,8 @@ def test_distill_with_unlabeled_cases(tiny_dataset, trained_model, tmp_path):
     assert p.returncode == 0, output_tail(p)
     assert "pseudo-labels: the teacher predicts 2 unlabeled case(s)" in p.stdout
     assert "unlabeled cases: 2 from" in p.stdout and "1 of 2 patches per batch, --pseudo hard" in p.stdout
+    assert "--unlabeled: --pseudo hard (the default with --unlabeled; --pseudo soft|both keeps online KD terms): " \
+           "unlabeled patches learn the teacher's pseudo-labels" in p.stdout and "no KD terms on any patch" in p.stdout
     assert labeled() == labeled_before and len(labeled_before) > 10  # untouched
     folders = sorted(prepared() - prepared_before)  # what this run prepared
     assert len(folders) == 1 and sorted(os.listdir(folders[0])) == sorted(

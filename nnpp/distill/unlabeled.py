@@ -5,12 +5,14 @@
   content: the voxels and spacing read by the dataset's reader) is refused, naming it.
 * :func:`pseudo_label`: the teacher model folders (their folds as nnU-Net's ensemble; several folders merged as
   ``nnUNetv2_ensemble`` merges them) predict every unlabeled case once with nnpp's predictor (batched mirroring);
-  the masks are the hard pseudo-labels (``--pseudo hard|both``).
+  the masks are the hard pseudo-labels (``--pseudo hard|both``). Beside each pseudo-label, ``CASE.source.json``
+  records the content (SHA-1 of the bytes) of the image files it was made from: a scan rewritten under the same name
+  is labelled again, whatever its size and modification time say.
 * :func:`prepare`: nnU-Net's preprocessor with the student's plans writes the unlabeled cases (with their pseudo-
   labels, or with no label) into a folder of their own, ``PREPROCESSED/DATASET/nnpp_unlabeled/<name>/``, never
-  into the labeled data. A manifest (the raw files' sizes and times, the configuration, the pseudo-labels') lets a
-  later run reuse the folder when nothing changed; a changed input is prepared again into a new folder, written
-  under a temporary name and renamed when complete.
+  into the labeled data. A manifest (the raw files' sizes and times, the configuration, the pseudo-labels' sizes and
+  times and the image content each was made from) lets a later run reuse the folder when nothing changed; a changed
+  input is prepared again into a new folder, written under a temporary name and renamed when complete.
 * :class:`MixedDataset` / :class:`MixedDataLoader`: every training batch holds ``n_unlabeled`` unlabeled patches
   first and labeled ones after (nnU-Net's foreground oversampling within each group), both through nnU-Net's loader
   and augmentation; their keys carry :data:`PREFIX`.
@@ -117,6 +119,41 @@ def pseudo_folder(preprocessed_dataset_dir: str, teacher_folders: list, folds: l
     return os.path.join(preprocessed_dataset_dir, "nnpp_unlabeled", f"pseudo_{key}")
 
 
+SOURCE = ".source.json"  # beside a pseudo-label: CASE + SOURCE, the image it was made from
+
+
+def image_sha1(files: list) -> list:
+    """The SHA-1 of each of a case's image files (their bytes, read in 1 MiB blocks): how a pseudo-label knows the
+    image it was made from. A content hash, not the files' size and modification time: a rewrite that keeps both
+    (a copy that preserves times, a coarse file-system clock) is still a change, and a scan moved or touched is
+    not one (labelling again costs a prediction; hashing, one read of the file)."""
+    out = []
+    for path in files:
+        h = hashlib.sha1()
+        try:
+            with open(path, "rb") as f:
+                while block := f.read(1 << 20):
+                    h.update(block)
+        except OSError as e:
+            raise NnppError(f"--unlabeled: cannot read {path} ({type(e).__name__}: {e})") from None
+        out.append(h.hexdigest())
+    return out
+
+
+def label_source(out_dir: str, case: str, file_ending: str) -> list | None:
+    """The image content (:func:`image_sha1`) the pseudo-label ``out_dir/CASE + file_ending`` was made from, as
+    recorded beside it; None when the pseudo-label or its record is missing or unreadable (made by a killed run or
+    an nnpp before the records: labelled again)."""
+    if not os.path.isfile(os.path.join(out_dir, case + file_ending)):
+        return None
+    try:
+        with open(os.path.join(out_dir, case + SOURCE)) as f:
+            record = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return record.get("image_sha1") if isinstance(record, dict) else None
+
+
 def pseudo_label(teacher_folders: list, folds: list, cases: dict, out_dir: str, device, checkpoint_name: str,
                  file_ending: str, part: tuple = (0, 1)) -> list:
     """The teacher ensemble predicts cases into ``out_dir/CASE + file_ending``: each model folder of
@@ -124,13 +161,32 @@ def pseudo_label(teacher_folders: list, folds: list, cases: dict, out_dir: str, 
     (different plans or trainers) are merged per case as ``nnUNetv2_ensemble`` does, by nnU-Net's ``merge_files``
     (the mean of the folders' probabilities, then the label manager's segmentation), each folder's probabilities
     removed once the case is written. Share ``part = (k, n)`` of the cases, ``sorted(cases)[k::n]`` (under
-    torchrun: k = rank, n = world size; the same split on every rank whatever is already done); cases already
-    there are kept (nnU-Net's ``--continue_prediction``). Returns the cases predicted now."""
+    torchrun: k = rank, n = world size; the same split on every rank whatever is already done); a rank hashes,
+    removes and writes only the files of its own cases.
+
+    A case is kept when its pseudo-label is there and was made from the image as it is now: ``CASE.source.json``
+    records the image content (:func:`image_sha1`, a content hash of the image files) it was made from. Any other
+    case (no pseudo-label, no record, or an image whose content changed since: the same name with new voxels) is
+    labelled again: its old pseudo-label is removed, the record of the image as it is now written (atomically), then
+    the pseudo-label (atomically, by the predictor); a killed run leaves a case without its pseudo-label, labelled
+    again next time. :func:`manifest` takes the record into the preprocessed folder's key, so a case preprocessed
+    with an old pseudo-label is never reused. Returns the cases predicted now."""
+    from nnpp.file_safety import write_atomic
     os.makedirs(out_dir, exist_ok=True)
     k, n = part
-    todo = [c for c in sorted(cases)[k::n] if not os.path.isfile(os.path.join(out_dir, c + file_ending))]
+    mine = sorted(cases)[k::n]
+    sources = {c: image_sha1(cases[c]) for c in mine}
+    recorded = {c: label_source(out_dir, c, file_ending) for c in mine}
+    todo = [c for c in mine if recorded[c] != sources[c]]
     if not todo:
         return todo
+    changed = [c for c in todo if recorded[c] is not None]
+    for c in todo:
+        label = os.path.join(out_dir, c + file_ending)
+        if os.path.exists(label):
+            os.remove(label)
+        write_atomic(os.path.join(out_dir, c + SOURCE), json.dumps(
+            {"image_sha1": sources[c], "images": [os.path.basename(f) for f in cases[c]]}))
     from nnpp.predictor.build import inference_amp, init_torch, make_predictor
     predictors = []
     for folder in teacher_folders:
@@ -138,8 +194,10 @@ def pseudo_label(teacher_folders: list, folds: list, cases: dict, out_dir: str, 
         init_torch(predictors[-1], folder, folds, checkpoint_name)
     who = f" (rank {k} of {n}, on {device})" if n > 1 else ""
     teachers = f"an ensemble of {len(predictors)} teacher folders" if len(predictors) > 1 else "the teacher"
-    print(f"[nnpp_distill] pseudo-labels: {teachers} predicts {len(todo)} unlabeled case(s) into {out_dir}{who}",
-          flush=True)
+    again = f" ({len(changed)} again: image changed since labelled: {', '.join(changed[:5])}" \
+            f"{', ...' if len(changed) > 5 else ''})" if changed else ""
+    print(f"[nnpp_distill] pseudo-labels: {teachers} predicts {len(todo)} unlabeled case(s){again} into "
+          f"{out_dir}{who}", flush=True)
     if len(predictors) == 1:
         predictors[0].predict_cases([cases[c] for c in todo], [os.path.join(out_dir, c) for c in todo], overwrite=True)
         return todo
@@ -176,11 +234,14 @@ def _file_stamp(path: str) -> list:
 
 
 def manifest(cases: dict, configuration: dict, plans_name: str, pseudo_dir: str | None, file_ending: str) -> dict:
-    """What a prepared folder was made from: raw files (size, mtime), the student configuration, the pseudo-labels."""
+    """What a prepared folder was made from: raw files (size, mtime), the student configuration, the pseudo-labels
+    (size, mtime, and the image content each was made from, :func:`label_source`: a scan labelled again for new
+    voxels is prepared again even where its file's size and time did not change)."""
     return {"plans": plans_name, "configuration": configuration,
             "cases": {c: [_file_stamp(f) for f in files] for c, files in sorted(cases.items())},
             "pseudo_labels": None if pseudo_dir is None else
-            {c: _file_stamp(os.path.join(pseudo_dir, c + file_ending)) for c in sorted(cases)}}
+            {c: _file_stamp(os.path.join(pseudo_dir, c + file_ending)) + [label_source(pseudo_dir, c, file_ending)]
+             for c in sorted(cases)}}
 
 
 def prepared_folder(preprocessed_dataset_dir: str, plans_name: str, configuration: str, record: dict) -> str:

@@ -60,9 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
                    f"--c/--val: the run's)")
     g.add_argument("--student", default=None, help="unet (default: nnU-Net's PlainConvUNet) or unetpp (nnpp's UNet++; "
                    "r=2: 0.25x a UNet++ teacher's FLOPs, about 0.5x its time per case); --c/--val: the run's")
-    add_option(g, "--allow_val_leak", "--allow_val_leak", action="store_true", default=None,
+    add_option(g, "--allow_val_leak", "--allow-val-leak", action="store_true", default=None,
                    help="accept teachers trained on the student's validation cases; the run is marked leaky")
-    add_option(g, "--replace_student_plans", "--replace_student_plans", action="store_true",
+    add_option(g, "--replace_student_plans", "--replace-student-plans", action="store_true",
                    help="re-derive this configuration in the student plans file even if the file's differs (e.g. a "
                    "batch size set with nnpp_change_bs); by default the file's configuration is kept and used")
     g.add_argument("--da5", action="store_true", default=None, help="nnU-Net's DA5 data augmentation")
