@@ -200,55 +200,6 @@ def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     return tensor.to(device, non_blocking=True)
 
 
-def set_cpu_threads(n: int | None = None) -> None:
-    torch.set_num_threads(n or usable_cores())
-
-
-def usable_cores() -> int:
-    """The CPU cores this process may run on (its affinity mask where the OS has one, else all)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
-
-
-def _started_with(pid: int, var: str) -> bool | None:
-    """Whether process ``pid`` had ``var`` in the environment it was started with (``/proc/PID/environ``, which
-    later changes of its own ``os.environ`` do not show); None where that cannot be read."""
-    try:
-        with open(f"/proc/{pid}/environ", "rb") as f:
-            return any(item.split(b"=", 1)[0] == var.encode() for item in f.read().split(b"\0"))
-    except OSError:
-        return None
-
-
-def user_thread_count() -> int | None:
-    """The CPU thread count the user chose (``OMP_NUM_THREADS``), or None. torchrun (and torch.distributed.launch)
-    sets ``OMP_NUM_THREADS=1`` for every worker of a multi-process run when it was not set, in its own environment
-    after it started: a 1 that the launcher (this process's parent) was not started with is that default, not a
-    choice, and counts as unset."""
-    value = os.environ.get("OMP_NUM_THREADS")
-    if value is None:
-        return None
-    if value.strip() == "1" and "TORCHELASTIC_RUN_ID" in os.environ \
-            and int(os.environ.get("LOCAL_WORLD_SIZE", "1")) > 1 and _started_with(os.getppid(), "OMP_NUM_THREADS") is False:
-        return None
-    try:
-        return max(1, int(value))
-    except ValueError:
-        return None
-
-
-def threads_per_rank(local_world: int = 1) -> tuple[int, str]:
-    """(CPU threads for one of ``local_world`` processes on this machine, why): the user's ``OMP_NUM_THREADS``,
-    else this process's usable cores divided by the local ranks (so N ranks together use every core once)."""
-    n = user_thread_count()
-    if n is not None:
-        return n, f"OMP_NUM_THREADS={n}"
-    cores, local_world = usable_cores(), max(1, local_world)
-    return max(1, cores // local_world), f"{cores} cores / {local_world} local rank(s)"
-
-
 def compile_supported(device: torch.device) -> bool:
     """torch.compile is nnU-Net's default on CUDA only (CPU 2D crashes, mps/npu unsupported)."""
     return device.type == "cuda"

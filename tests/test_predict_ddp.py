@@ -60,7 +60,7 @@ def test_two_processes_same_masks_and_continue_skips(trained_model, tiny_dataset
     # ... here without OMP_NUM_THREADS: torchrun gives each worker OMP_NUM_THREADS=1, which nnpp tells from a
     # user's choice; each rank takes its share of the cores (the first run above: the user's 1, said so)
     assert "rank 1: torch 1 CPU thread(s)" in p.stdout and "(OMP_NUM_THREADS=1)" in p.stdout
-    from nnpp.device import usable_cores
+    from nnpp.cpu_threads import usable_cores
     env_default = {k: v for k, v in env.items() if k != "OMP_NUM_THREADS"}
     p = subprocess.run(predict_cmd(tiny_dataset, tmp_path / "two", 2, "--continue_prediction"), env=env_default,
                        capture_output=True, text=True, timeout=600)

@@ -110,6 +110,7 @@ def main(argv=None):
     if not 0 <= args.part_id < args.num_parts:
         raise NnppError(f"-part_id {args.part_id} must be in 0..{args.num_parts - 1} (-num_parts {args.num_parts})")
 
+    from nnpp import cpu_threads
     from nnpp import device as dev
     from nnpp.distributed import dist_env
     from nnpp.deploy.ort import init_onnx
@@ -140,7 +141,7 @@ def main(argv=None):
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", env.world_size)) if env.enabled else 1
     share_resources(args, local_world)
     if device.type == "cpu":
-        dev.set_cpu_threads(args.threads)  # every core once over the local ranks (nnU-Net's choice for one process)
+        cpu_threads.set_cpu_threads(args.threads)  # every core once over the local ranks (nnU-Net's choice for one process)
 
     amp = inference_amp(args.amp, device) if args.onnx is None else None
     predictor = make_predictor(device, args.step_size, not args.disable_tta, not args.not_on_device, args.verbose,
@@ -206,8 +207,8 @@ def share_resources(args, local_world: int) -> None:
     threads (0 = its own choice of every core: under torchrun the rank's share instead, unless --ort_threads was
     given), ``-npp/-nps`` (nnU-Net's defaults divided among the local ranks where the flags were not given) and
     ``export_threads`` (torch threads of each export: the rank's threads over its export workers)."""
-    from nnpp import device as dev
-    args.threads, args.threads_why = dev.threads_per_rank(local_world)
+    from nnpp import cpu_threads
+    args.threads, args.threads_why = cpu_threads.threads_per_rank(local_world)
     if local_world > 1 and args.ort_threads == 0:
         args.ort_threads = args.threads
     for flag, var in (("npp", "nnUNet_npp"), ("nps", "nnUNet_nps")):

@@ -188,6 +188,7 @@ def run(args, setup=None) -> object:
     if args.other_use:  # performance runs get their own results tree, never the real run's folder
         os.environ["nnUNet_results"] = os.path.join(paths["nnUNet_results"], "nnpp_perf", args.other_use)
 
+    from nnpp import cpu_threads
     from nnpp import device as dev
     from nnpp import distributed
 
@@ -195,8 +196,8 @@ def run(args, setup=None) -> object:
     distributed.bind_children_to_this_process()
     device = dev.resolve_device(args.device, env.local_rank)
     if device.type == "cpu":  # share the cores between local ranks (torchrun's default of 1 thread is not a choice)
-        threads, why = dev.threads_per_rank(int(os.environ.get("LOCAL_WORLD_SIZE", env.world_size)))
-        dev.set_cpu_threads(threads)
+        threads, why = cpu_threads.threads_per_rank(int(os.environ.get("LOCAL_WORLD_SIZE", env.world_size)))
+        cpu_threads.set_cpu_threads(threads)
         if env.enabled:
             print(f"[nnpp_train] rank {env.rank}: {threads} CPU thread(s) ({why})", flush=True)
     with distributed.process_group(env, dev.dist_backend(device)):
