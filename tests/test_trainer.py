@@ -40,7 +40,7 @@ def test_builds_unetpp_with_all_heads_weighted(trainer):
 
 def test_one_full_resolution_target_for_all_heads(trainer):
     """The pipeline carries one full-resolution target (not one per head); the loss pairs it with every head."""
-    from nnpp.training.nnUNetPlusPlusTrainer import SharedTargetDeepSupervision
+    from nnpp.training.deep_supervision import SharedTargetDeepSupervision
     batch = _batch(trainer)
     target = batch["target"]
     patch = tuple(trainer.configuration_manager.patch_size)

@@ -46,22 +46,7 @@ from nnpp.distributed import all_reduce_sum, bare_module, split_global_batch, wo
 from nnpp.nets.plans import PLAIN_UNET_CLASS, UNETPP_CLASS
 from nnpp.nets.unetpp import checkpoint_mode
 from nnpp.saved_settings import DS_WEIGHTS, SHALLOW_HEADS, UNRECORDED, setting_of, settings_to_record
-
-
-class SharedTargetDeepSupervision(DeepSupervisionWrapper):
-    """nnU-Net's DeepSupervisionWrapper (weighted sum over heads of ``loss(output_i, target_i)``) for heads that
-    all share one target: given a single tensor, every head is paired with that same tensor (no copies); given a
-    list (nnU-Net's multi-scale targets), it behaves as nnU-Net's wrapper."""
-
-    def forward(self, outputs, target):
-        return sum(self.terms(outputs, target))
-
-    def terms(self, outputs, target) -> list:
-        """The weighted loss of each head with a non-zero weight, in output order (their sum is the loss)."""
-        if isinstance(target, torch.Tensor):
-            target = [target] * len(outputs)
-        weights = self.weight_factors or (1.0,) * len(outputs)
-        return [w * self.loss(o, t) for w, o, t in zip(weights, outputs, target) if w != 0.0]
+from nnpp.training.deep_supervision import SharedTargetDeepSupervision
 
 
 class nnUNetPlusPlusTrainer(nnUNetTrainer):
