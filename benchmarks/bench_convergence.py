@@ -563,8 +563,10 @@ def main(argv=None) -> dict | None:
     base_cmd = [sys.executable, os.path.abspath(__file__), "--iters_per_epoch", str(a.iters_per_epoch), "--points",
                 *map(str, a.points), "--workdir", work, "--task", a.task, "--chunks", str(a.chunks), "--fold", a.fold,
                 *(["--unseen"] if unseen else [])]
-    jobs = [(n, s) for s in a.seeds for n in a.networks
-            if not os.path.isfile(os.path.join(work, "runs", f"{n}_s{s}.json")) and not a.table_only]
+    def done(n, s) -> bool:  # a finished run; with --unseen, scored against the aligned labels (older runs: not)
+        path = os.path.join(work, "runs", f"{n}_s{s}.json")
+        return os.path.isfile(path) and (not unseen or json.load(open(path)).get("unseen_labels") == "aligned")
+    jobs = [(n, s) for s in a.seeds for n in a.networks if not done(n, s) and not a.table_only]
     running: list = []
     while jobs or running:
         while jobs and len(running) < a.parallel:
@@ -587,6 +589,7 @@ def main(argv=None) -> dict | None:
             if proc.returncode != 0 or found is None:
                 print(f"[bench_convergence] {n} seed {s} FAILED (rc {proc.returncode}); see {log.name}", flush=True)
                 continue
+            found["unseen_labels"] = "aligned" if unseen else None  # see prepare_unseen
             write_json(os.path.join(work, "runs", f"{n}_s{s}.json"), found, indent=None)
             print(f"[bench_convergence] finished {n} seed {s}", flush=True)
 

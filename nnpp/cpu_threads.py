@@ -80,14 +80,19 @@ def cgroup_cpu_limit() -> float | None:
     return min(quotas) if quotas else None
 
 
+def _mask_size() -> int:
+    """The CPUs of this process's affinity mask (all CPUs where the OS has none)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
 def usable_cores() -> int:
     """The CPUs this process may use: the CPUs of its affinity mask (``taskset``, SLURM's ``--cpu-bind``, cpusets;
     all CPUs where the OS has no mask), fewer where a cgroup CPU quota allows less time (``docker --cpus=1.5``:
     1; a fraction of a CPU rounds down, since threads beyond the quota are throttled), at least 1."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        cores = os.cpu_count() or 1
+    cores = _mask_size()
     quota = cgroup_cpu_limit()
     if quota is not None:
         cores = min(cores, int(quota))
@@ -178,12 +183,30 @@ def user_thread_count() -> int | None:
     return None if chosen is None else chosen[0]
 
 
-def threads_per_rank(local_world: int = 1) -> tuple[int, str]:
-    """(CPU threads for one of ``local_world`` processes on this machine, why): the user's choice
-    (:func:`user_thread_count`), else this process's usable CPUs (:func:`usable_cores`: affinity mask and cgroup
-    quota) divided by the local ranks, at least 1 (so N ranks together use every CPU once)."""
+#: how launchers other than torchrun name the number of this job's processes on this node
+LOCAL_SIZE_VARS = ("OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS", "SLURM_NTASKS_PER_NODE")
+
+
+def local_ranks() -> int:
+    """This job's processes on this node: torchrun's ``LOCAL_WORLD_SIZE``, else Open MPI's, MPICH's or SLURM's
+    count (``SLURM_NTASKS_PER_NODE`` "4(x2)": 4), else 1 -- never the job's global ``WORLD_SIZE``."""
+    for var in ("LOCAL_WORLD_SIZE", *LOCAL_SIZE_VARS):
+        digits = os.environ.get(var, "").split("(")[0].split(",")[0]
+        if digits.isdigit() and int(digits) > 0:
+            return int(digits)
+    return 1
+
+
+def threads_per_rank(local_world: int | None = None) -> tuple[int, str]:
+    """(CPU threads for one of ``local_world`` (default :func:`local_ranks`) processes on this machine, why): the
+    user's choice (:func:`user_thread_count`), else this process's usable CPUs (:func:`usable_cores`: affinity mask
+    and cgroup quota) divided by the local ranks, at least 1 (so N ranks together use every CPU once). Outside
+    torchrun, a mask smaller than the machine is taken as this rank's own share (srun --cpu-bind, mpirun
+    --bind-to give each task its own CPUs) and not divided again; torchrun's workers all inherit one mask."""
     chosen = _user_threads()
     if chosen is not None:
         return chosen
-    cores, local_world = usable_cores(), max(1, local_world)
+    cores, local_world = usable_cores(), max(1, local_ranks() if local_world is None else local_world)
+    if local_world > 1 and "TORCHELASTIC_RUN_ID" not in os.environ and _mask_size() < (os.cpu_count() or 1):
+        return cores, f"{cores} cores bound to this rank"
     return max(1, cores // local_world), f"{cores} cores / {local_world} local rank(s)"

@@ -277,9 +277,9 @@ def ranks_run(fn, folder: str, what: str, poll_s: float = 2.0, timeout_s: float 
     rank, n = world()
     if n == 1:
         return [fn(0, 1)]
-    timeout = rank_timeout(timeout_s)
     check_shared_folder(folder, "data folder")
-    token = rank0_choice(uuid.uuid4().hex)
+    # rank 0's timeout for every rank: a waiter must not judge a rank by a shorter timeout than that rank beats for
+    token, timeout = rank0_choice((uuid.uuid4().hex, rank_timeout(timeout_s)))
     paths = [os.path.join(folder, f".nnpp_rank{r}_{token}.json") for r in range(n)]
     beats = [os.path.join(folder, f".nnpp_rank{r}_{token}.alive") for r in range(n)]
     error = None

@@ -220,7 +220,8 @@ def load_trained_model(folder: str, folds, checkpoint_name: str = "checkpoint_fi
 
 #: how a network at the requested depth was obtained (recorded by nnpp_export as ``depth_from``)
 DEPTH_FROM = {"full": "the full network", "trained": "a head trained with the network (--shallow_heads trained)",
-              "untrained": "a probe head the network never learned for (allowed by --allow_untrained_depth)"}
+              "untrained": "a probe head the network never learned for (allowed by --allow_untrained_depth)",
+              "unknown": "a head of a model that recorded no nnpp run settings (e.g. a converted v1 model)"}
 
 
 def check_depth(model: TrainedModel, depth: int | None, full_depth: int | None, allow_untrained: bool = False,
@@ -228,10 +229,16 @@ def check_depth(model: TrainedModel, depth: int | None, full_depth: int | None, 
     """How ``model`` at ``depth`` was obtained (a key of :data:`DEPTH_FROM`). A depth below ``full_depth`` of a model
     whose shallow heads were probes (``nnpp_train --shallow_heads probe``, the default; a run that recorded none
     trained them) is refused with one line: the probes' loss never trained the network, and such pruned networks
-    scored near 0 Dice on a real CT (benchmarks/RESULTS.md). ``allow_untrained`` runs it anyway, with a warning."""
+    scored near 0 Dice on a real CT (benchmarks/RESULTS.md). ``allow_untrained`` runs it anyway, with a warning. A
+    model that recorded no nnpp run settings at all is "unknown", with a warning."""
     if not depth or not full_depth or depth >= full_depth:
         return "full"
-    if not any(setting_of(s, "shallow_heads") == "probe" for s in model.extra.get("run_settings", [])):
+    settings = model.extra.get("run_settings") or []
+    if not any(settings):  # no nnpp run recorded how its heads trained (nnU-Net's or a converted v1 model)
+        log(f"WARNING: depth {depth} < {full_depth}: this model records no nnpp run settings, so whether its head "
+            f"X^{{0,{depth}}} trained is unknown; judge the pruned network's Dice before using it")
+        return "unknown"
+    if not any(setting_of(s, "shallow_heads") == "probe" for s in settings):
         return "trained"
     said = (f"depth {depth} < {full_depth}: this model's head X^{{0,{depth}}} was trained as a probe (nnpp_train "
             f"--shallow_heads probe, the default), the network never learned for it")

@@ -55,12 +55,15 @@ def test_total_loss_is_the_hand_sum(tiny_dataset, tmp_path, monkeypatch):
     assert out["loss"].item() == pytest.approx(hand, rel=1e-5)
 
 
-def test_soft_kd_sums_the_heads_with_the_deep_supervision_weights(tiny_dataset, tmp_path, monkeypatch):
+@pytest.mark.parametrize("shallow_heads", ["trained", "probe"])
+def test_soft_kd_sums_the_heads_with_the_segmentation_loss_weights(tiny_dataset, tmp_path, monkeypatch,
+                                                                    shallow_heads):
     """Teacher logits (2, 0, 0) everywhere at T=2: p_t = softmax(1, 0, 0). Head 0 equals the teacher (KL 0), every
-    other head is uniform: KL(p_t || uniform) = sum p log p + log 3. UNet++ heads weigh 1/L each, so
-    soft = (L-1)/L * T^2 * KL."""
+    other head is uniform: KL(p_t || uniform) = sum p log p + log 3. With --ds_weights equal the heads weigh 1/L
+    each when they are trained, so soft = (L-1)/L * T^2 * KL; under probe heads X^{0,L} weighs 1 as in the
+    segmentation loss (and so does each probe), so soft = (L-1) * T^2 * KL."""
     tr = _make(tiny_dataset, tmp_path, monkeypatch, kd=["soft"], T=2.0)
-    tr.ds_weights = "equal"  # 1/L per head (nnpp_train --ds_weights equal; the default is descending)
+    tr.ds_weights, tr.shallow_heads = "equal", shallow_heads  # nnpp_train --ds_weights equal --shallow_heads ...
     L = tr.num_heads
     assert L >= 2
     shape = (1, 3, 4, 4, 4)
@@ -71,7 +74,8 @@ def test_soft_kd_sums_the_heads_with_the_deep_supervision_weights(tiny_dataset, 
     p = [e / (e + 2), 1 / (e + 2), 1 / (e + 2)]
     kl = sum(q * math.log(q) for q in p) + math.log(3)
     terms = tr.kd_losses(heads, None, {}, [t_logits], [None])
-    assert terms["soft"].item() == pytest.approx((L - 1) / L * 4 * kl, rel=1e-5)
+    expected = (L - 1) / L * 4 * kl if shallow_heads == "trained" else (L - 1) * 4 * kl
+    assert terms["soft"].item() == pytest.approx(expected, rel=1e-5)
 
 
 def test_unet_student_pools_each_head_target_from_the_finer_one(tiny_dataset, tmp_path, monkeypatch):

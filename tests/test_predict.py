@@ -80,6 +80,58 @@ def test_same_masks_as_nnunets_own_initialisation(trained_model, tiny_dataset, t
         np.testing.assert_array_equal(ours[k], theirs[k])
 
 
+def validation_cases_as_input(model_folder, ds, folder):
+    """The raw images of fold 0's validation cases (those nnU-Net's final validation predicted) copied to ``folder``;
+    returns the validation folder."""
+    val = os.path.join(model_folder, "fold_0", "validation")
+    cases = sorted(f[:-len(".nii.gz")] for f in os.listdir(val) if f.endswith(".nii.gz"))
+    assert cases
+    os.makedirs(folder)
+    for c in cases:
+        shutil.copy(os.path.join(ds["nnUNet_raw"], ds["name"], "imagesTr", f"{c}_0000.nii.gz"), folder)
+    return val
+
+
+def test_nnpp_predict_writes_the_masks_validation_scored(trained_model, tiny_dataset, tmp_path, monkeypatch):
+    """The Dice a user reads after training (fold_F/validation/summary.json: nnU-Net's final validation through
+    nnpp's predictor, exported with the plans' resampling) is the Dice of what nnpp_predict writes with its defaults:
+    on the fold's validation cases the masks are equal voxel for voxel. Where classes nearly tie the paths part, so
+    the model is made to tie nearly everywhere: a copy of the fixture's with 100 added to every class's output bias
+    (the argmax of exact arithmetic is unchanged; at ~100 fp16 keeps steps of 1/16, so near-ties become ties),
+    validated again with nnpp_train --val. Before, nnpp_predict resampled with nnU-Net's torch resampling by
+    default (fp32, no fp16 storage of the resampled logits: here thousands of voxels differ), ran the network
+    contiguous where the trainer runs it channels_last_3d, and validation predicted with the trainer's threads where
+    nnU-Net's prediction takes min(nnUNet_def_n_proc, threads): float sums in another order, kept by the fp16
+    accumulators (a voxel or two apart on the fixture's model as trained)."""
+    folder = copy_model(trained_model, tmp_path)
+    ckpt_path = os.path.join(folder, "fold_0", "checkpoint_final.pth")
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    heads = [k for k in ckpt["network_weights"] if ".seg_layers." in k and k.endswith(".bias")]
+    assert heads
+    for k in heads:
+        ckpt["network_weights"][k] += 100.0
+    torch.save(ckpt, ckpt_path)
+    env = nnunet_env(tiny_dataset, nnUNet_results=results_of(folder))
+    p = run_cli("train", tiny_dataset["id"], "3d_fullres", 0, "-device", "cpu", "--val", env=env)
+    assert p.returncode == 0, output_tail(p)
+    val = validation_cases_as_input(folder, tiny_dataset, tmp_path / "val_images")
+    validation = read_seg(val)
+    from nnpp.run import predict
+    monkeypatch.setenv("nnUNet_results", results_of(folder))
+    differ = {}
+    for mode in ("default", "torch"):
+        assert predict.main(["-i", str(tmp_path / "val_images"), "-o", str(tmp_path / mode), "-d",
+                             str(tiny_dataset["id"]), "-c", "3d_fullres", "-f", "0", "-device", "cpu", "-npp", "0",
+                             "-nps", "0", "--disable_progress_bar", *(["--resample", mode] if mode == "torch" else [])
+                             ]) == 0
+        ours = read_seg(str(tmp_path / mode))
+        assert ours.keys() == validation.keys()
+        assert all(ours[k].shape == validation[k].shape for k in ours)
+        differ[mode] = sum(int((ours[k] != validation[k]).sum()) for k in ours)
+    assert differ["default"] == 0, differ
+    assert differ["torch"] > 100, differ  # the model does tie: torch's resampling (the old default) parts from it
+
+
 def test_torch_resampling_agrees_with_the_plans_scipy_resampling(trained_model, tiny_dataset, tmp_path, monkeypatch,
                                                                   capsys):
     """--resample torch (nnU-Net's resample_torch_fornnunet) against the plans' scipy resampling of the same logits:
@@ -214,3 +266,26 @@ def test_cli_bad_model_folders(trained_model, tiny_dataset, tmp_path):
     p = run_cli("predict", "-i", images_ts(tiny_dataset), "-o", tmp_path / "o", "-device", "cpu", env=env)
     assert p.returncode == 2 and "-d DATASET and -c CONFIGURATION are required" in p.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_how_a_depth_was_obtained():
+    """check_depth by the run settings each fold's checkpoint recorded: full depth; trained heads; no nnpp settings
+    at all (a converted v1 model: unknown, said); probes (refused, or allowed and said)."""
+    from types import SimpleNamespace
+
+    from nnpp.model_folder import check_depth
+    said = []
+
+    def model(*settings):
+        return SimpleNamespace(extra={"run_settings": list(settings)})
+    assert check_depth(model({"shallow_heads": "probe"}), None, 4, log=said.append) == "full"
+    assert check_depth(model({"shallow_heads": "probe"}), 4, 4, log=said.append) == "full"
+    assert check_depth(model({"epochs": 10}), 2, 4, log=said.append) == "trained"  # unrecorded: trained
+    assert check_depth(model({"epochs": 10}, {"shallow_heads": "trained"}), 2, 4, log=said.append) == "trained"
+    assert said == []
+    assert check_depth(model({}, {}), 2, 4, log=said.append) == "unknown"
+    assert len(said) == 1 and "records no nnpp run settings" in said[0]
+    with pytest.raises(NnppError, match=r"head X\^\{0,3\} was trained as a probe"):
+        check_depth(model({"epochs": 10}, {"shallow_heads": "probe"}), 3, 4, log=said.append)
+    assert check_depth(model({"shallow_heads": "probe"}), 3, 4, True, log=said.append) == "untrained"
+    assert "running it because of --allow_untrained_depth" in said[-1]

@@ -149,3 +149,27 @@ def test_predict_shares_the_machine_among_local_ranks(monkeypatch, flags, local_
     args = predict.parser().parse_args(["-i", "in", "-o", "out", *flags])
     predict.share_resources(args, local_world)
     assert (args.threads, args.ort_threads, args.npp, args.nps, args.export_threads) == expected
+
+
+def test_other_launchers_local_ranks_and_bound_masks(monkeypatch):
+    """srun / mpirun: the local rank count comes from the launcher's variables (never the global WORLD_SIZE); a
+    mask smaller than the machine is the rank's own share (srun --cpu-bind) and is not divided again, while
+    torchrun's workers, which all inherit one mask, share it."""
+    for var in ("LOCAL_WORLD_SIZE", *cpu_threads.LOCAL_SIZE_VARS, "OMP_NUM_THREADS", "NNPP_THREADS",
+                "TORCHELASTIC_RUN_ID"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("WORLD_SIZE", "16")
+    assert cpu_threads.local_ranks() == 1
+    monkeypatch.setenv("SLURM_NTASKS_PER_NODE", "4(x4)")
+    assert cpu_threads.local_ranks() == 4
+    monkeypatch.setenv("OMPI_COMM_WORLD_LOCAL_SIZE", "2")
+    assert cpu_threads.local_ranks() == 2
+    monkeypatch.setattr(cpu_threads, "cgroup_cpu_limit", lambda: None)
+    monkeypatch.setattr(cpu_threads.os, "cpu_count", lambda: 32)
+    monkeypatch.setattr(cpu_threads.os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    assert cpu_threads.threads_per_rank(4) == (8, "8 cores bound to this rank")
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "x")
+    assert cpu_threads.threads_per_rank(4) == (2, "8 cores / 4 local rank(s)")
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID")
+    monkeypatch.setattr(cpu_threads.os, "sched_getaffinity", lambda pid: set(range(32)), raising=False)
+    assert cpu_threads.threads_per_rank(4) == (8, "32 cores / 4 local rank(s)")

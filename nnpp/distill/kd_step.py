@@ -6,8 +6,8 @@ Loss per step (the KD terms in fp32 with autocast off; reductions in :mod:`nnpp.
     total = (1 - a) * seg + a * (soft_weight * soft + cwd_weight * cwd) + at_weight * at + sp_weight * sp
             + mgd_weight * mgd
 
-``seg`` is nnU-Net's Dice+CE over the deep-supervision heads; ``soft`` is summed over the heads with the
-deep-supervision weights; ``cwd`` is on the full-resolution logits (plus, with ``cwd_feat``, the mean over the
+``seg`` is nnU-Net's Dice+CE over the deep-supervision heads; ``soft`` is summed over the heads with the same
+head weights as ``seg`` (``loss_head_weights``: under UNet++ probe heads X^{0,L} weighs 1, as in ``seg``); ``cwd`` is on the full-resolution logits (plus, with ``cwd_feat``, the mean over the
 matched encoder stages through adapters); ``at``/``sp`` are means over matched encoder-stage pairs and teachers,
 ``mgd`` over the deepest matched pair of each teacher (every pair with ``mgd_all_stages``). Encoder stages are
 paired by spatial shape (the deepest teacher stage of that shape; :mod:`nnpp.distill.kd_network`).
@@ -45,7 +45,7 @@ class KDStepMixin:
         terms = {}
         if "soft" in c["kd"]:
             target = ensemble_target(t_logits, c["T"], self.label_manager.has_regions)
-            weights = self.deep_supervision_weights() if len(heads) > 1 else [1.0]
+            weights = self.loss_head_weights() if len(heads) > 1 else [1.0]
             soft = []
             for w, h in zip(weights, heads):  # heads fine to coarse: each pooled target from the previous one
                 target = target.pooled_to(h.shape[2:])

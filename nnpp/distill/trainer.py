@@ -2,7 +2,7 @@
 (:data:`nnpp.model_folder.NNPP_TRAINER_MODULES`): nnpp's trainer with frozen teachers and KD terms in the loss
 (:class:`nnpp.distill.kd_mixin.KDMixin`).
 
-* ``nnUNetPlusPlusTrainerKD``: UNet++ student (all heads full resolution, head weights 1/L).
+* ``nnUNetPlusPlusTrainerKD``: UNet++ student (all heads full resolution, nnpp_train's head weights and shallow heads).
 * ``nnUNetTrainerKD``: plain U-Net student (nnU-Net's PlainConvUNet, nnU-Net's deep-supervision scales and
   weights; the soft-KD target is pooled to each head's scale).
 * ``nnUNetPlusPlusTrainerKDDDP``, ``nnUNetTrainerKDDDP``: the same students under the names of multi-process runs.

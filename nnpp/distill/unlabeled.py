@@ -7,7 +7,8 @@
   ``nnUNetv2_ensemble`` merges them) predict every unlabeled case once with nnpp's predictor (batched mirroring);
   the masks are the hard pseudo-labels (``--pseudo hard|both``). Beside each pseudo-label, ``CASE.source.json``
   records the content (SHA-1 of the bytes) of the image files it was made from: a scan rewritten under the same name
-  is labelled again, whatever its size and modification time say.
+  is labelled again, whatever its size and modification time say (with ``--pseudo soft`` there are no pseudo-labels
+  and a changed scan is noticed by the size and modification time of its files, see :func:`prepare`).
 * :func:`prepare`: nnU-Net's preprocessor with the student's plans writes the unlabeled cases (with their pseudo-
   labels, or with no label) into a folder of their own, ``PREPROCESSED/DATASET/nnpp_unlabeled/<name>/``, never
   into the labeled data. A manifest (the raw files' sizes and times, the configuration, the pseudo-labels' sizes and

@@ -178,7 +178,7 @@ def setup(trainer, args) -> None:
               + '; kd_config.json records "leaky": true', flush=True)
     trainer.configure_kd(teachers, config, leaks)
     if config["unlabeled"] and int(os.environ.get("RANK", 0)) == 0:
-        print(f"[nnpp_distill] {unlabeled_choice(config, args.pseudo is not None)}", flush=True)
+        print(f"[nnpp_distill] {unlabeled_choice(config, 'pseudo' in getattr(args, 'given', ()))}", flush=True)
     if config["unlabeled"]:
         trainer.unlabeled_dir = prepare_unlabeled(trainer, config, student_val)
 

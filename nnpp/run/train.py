@@ -196,7 +196,7 @@ def run(args, setup=None) -> object:
     distributed.bind_children_to_this_process()
     device = dev.resolve_device(args.device, env.local_rank)
     if device.type == "cpu":  # share the cores between local ranks (torchrun's default of 1 thread is not a choice)
-        threads, why = cpu_threads.threads_per_rank(int(os.environ.get("LOCAL_WORLD_SIZE", env.world_size)))
+        threads, why = cpu_threads.threads_per_rank(cpu_threads.local_ranks() if env.enabled else 1)
         cpu_threads.set_cpu_threads(threads)
         if env.enabled:
             print(f"[nnpp_train] rank {env.rank}: {threads} CPU thread(s) ({why})", flush=True)
@@ -224,6 +224,8 @@ def _train(args, env, device, setup=None):
     resume = final if args.val else checkpoint_to_resume(trainer.output_folder) if args.c else None
     if args.c and resume is None:
         print("WARNING: no checkpoint available to continue from. Starting a new training...", flush=True)
+    #: the flags this command line gave (before --c fills the others in from the run): notes speak of these only
+    args.given = {k for k, v in vars(args).items() if v is not None and v is not False}
     if resume and args.c:
         saved = saved_run_settings(resume)
         if saved:  # an nnpp run: a setting it did not record is what such runs trained with
@@ -241,10 +243,11 @@ def _train(args, env, device, setup=None):
             trainer.ds_weights = args.ds_weights
         if args.shallow_heads is not None:
             trainer.shallow_heads = args.shallow_heads
-        if (args.ds_weights or args.shallow_heads) and not trainer.uses_ds_weights:
+        asked = {"ds_weights", "shallow_heads"} & args.given
+        if asked and not trainer.uses_ds_weights:
             print(f"[nnpp_train] note: {args.tr} trains with nnU-Net's deep supervision; --ds_weights and "
                   f"--shallow_heads are UNet++ options and change nothing here", flush=True)
-        elif args.ds_weights and trainer.probe_heads:
+        elif "ds_weights" in asked and trainer.probe_heads:
             print(f"[nnpp_train] note: with --shallow_heads probe the network learns from X^{{0,L}}'s loss alone; "
                   f"--ds_weights {args.ds_weights} only scales each probe head's own step", flush=True)
     elif args.amp not in (None, "auto") or args.dbs or args.other_use or args.pretrained_weights or args.checkpoint \

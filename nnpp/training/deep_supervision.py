@@ -11,6 +11,8 @@ class SharedTargetDeepSupervision(DeepSupervisionWrapper):
     list (nnU-Net's multi-scale targets), it behaves as nnU-Net's wrapper."""
 
     def forward(self, outputs, target):
+        if not isinstance(outputs, (tuple, list)):
+            raise TypeError(f"deep supervision needs the heads' outputs as a list, got {type(outputs).__name__}")
         return sum(self.terms(outputs, target))
 
     def terms(self, outputs, target) -> list:
