@@ -59,10 +59,7 @@ def test_seed_reproduces_weights_and_batches(tiny_dataset, tmp_path):
 def test_ds_weights_modes_reach_the_loss(tiny_dataset, tmp_path, monkeypatch):
     """--ds_weights sets the loss nnU-Net's wrapper applies; equal stays selectable (and is what an absent setting
     means on --c); nnU-Net's own trainer refuses the flag with one clear error."""
-    from nnpp.run import train
-    from nnpp.training.nnUNetPlusPlusTrainer import DS_WEIGHTS
-    from nnpp.training.nnUNetPlusPlusTrainer import SHALLOW_HEADS
-    assert train.DS_WEIGHTS == DS_WEIGHTS and train.SHALLOW_HEADS == SHALLOW_HEADS  # one home: nnpp.saved_settings
+    from nnpp.saved_settings import DS_WEIGHTS
     losses = {}
     for mode in DS_WEIGHTS:
         t = _initial_state(tiny_dataset, tmp_path / mode, "--ds_weights", mode)["trainer"]
