@@ -221,8 +221,8 @@ def test_out_of_memory_while_summing_the_mirrors_redoes_only_what_is_missing(mon
 
 @pytest.mark.parametrize("spacing", [[4.0, 0.7, 0.7], [1.3, 0.8, 0.75]])
 def test_segmentation_export_a_few_classes_at_a_time_is_nnunets(tiny_dataset, monkeypatch, spacing):
-    """segmentation_from_logits (3 classes at a time, running argmax; with torch resampling and no separate z axis
-    the sparse trilinear argmax) gives exactly the mask of nnU-Net's
+    """segmentation_from_logits (3 classes at a time, running argmax; without a separate z axis the sparse trilinear
+    argmax, for the plans' scipy resampling with its storage dtype) gives exactly the mask of nnU-Net's
     convert_predicted_logits_to_segmentation_with_correct_shape for an 11-class model: anisotropic spacing (nnU-Net's
     separate z) or not, a crop to revert, the plans' scipy resampling and nnU-Net's torch resampling."""
     import nnpp.predictor.resample as P
@@ -253,7 +253,7 @@ def test_segmentation_export_a_few_classes_at_a_time_is_nnunets(tiny_dataset, mo
         ours = segmentation_from_logits(logits.clone(), props, holder.configuration_manager, pm, lm, classes_per_chunk=3)
         assert ours.dtype == ref.dtype and ours.shape == ref.shape == (12, 44, 40)
         assert len(np.unique(ours)) > 5 and np.array_equal(ours, ref), resampling
-    assert sparse == ([] if spacing[0] == 4.0 else [1])  # separate z: the chunked path
+    assert sparse == ([] if spacing[0] == 4.0 else [1, 1])  # separate z: the chunked path
 
 
 @pytest.mark.parametrize("kind", ["smooth", "noise", "down", "fp16 ties"])
@@ -277,6 +277,39 @@ def test_argmax_of_trilinear_is_the_argmax_of_torchs_trilinear(kind):
     ref = torch.nn.functional.interpolate(x[None].double(), out, mode="trilinear")[0].argmax(0)
     ours = argmax_of_trilinear(x, out, chunk=500)
     assert ours.shape == ref.shape and torch.equal(ours.long(), ref)
+
+
+@pytest.mark.parametrize("kind", ["near ties", "heavy ties", "down", "noise", "integer ties", "fp32"])
+def test_stored_argmax_is_nnunets_scipy_export(kind):
+    """argmax_of_trilinear(stored_as=the logits' dtype) equals the argmax of nnU-Net's own scipy resampling of logits
+    (resample_data_or_seg_to_shape, order 1, as the default plans call it; it stores the resampled logits in the
+    input's dtype, fp16 from nnU-Net's predictor, so near-ties become ties and go to the lower class) voxel for
+    voxel: 20-40 classes of fp16 logits ~4 apart by 0.3 or 0.05 (a third to a half of the voxels within one fp16
+    step of a tie), a shrinking grid, pure noise, integer logits (exact ties everywhere), fp32 logits. The float64
+    interpolation alone (the torch path) differs from it by 1-12% of the voxels here."""
+    import numpy as np
+    from nnunetv2.preprocessing.resampling.default_resampling import resample_data_or_seg_to_shape
+    g = torch.Generator().manual_seed(1)
+
+    def smooth(c, shape, scale):
+        coarse = torch.randn(c, *[max(2, s // 6) for s in shape], generator=g, dtype=torch.float64)
+        return torch.nn.functional.interpolate(coarse[None], shape, mode="trilinear")[0] * scale
+    ins, out = ((24, 20, 22), (37, 31, 40)) if kind != "down" else ((30, 26, 28), (22, 19, 21))
+    classes = 40 if kind == "heavy ties" else 20
+    x = smooth(classes, ins, {"heavy ties": 0.05}.get(kind, 0.3)) + 4 + smooth(1, ins, 2.0)
+    if kind == "noise":
+        x = torch.randn(8, 9, 10, 11, generator=g) * 0.01 + 3
+        out = (20, 31, 17)
+    elif kind == "integer ties":
+        x = torch.randint(0, 3, (12, 10, 12, 14), generator=g)
+        out = (10, 36, 21)
+    x = x.float() if kind == "fp32" else x.half()
+    ref = torch.from_numpy(np.asarray(resample_data_or_seg_to_shape(
+        x, out, [1.0] * 3, [1.0] * 3, is_seg=False, order=1, order_z=0, force_separate_z=None))).argmax(0)
+    ours = argmax_of_trilinear(x, out, chunk=3000, stored_as=x.dtype)
+    assert ours.shape == ref.shape and torch.equal(ours.long(), ref), int((ours.long() != ref).sum())
+    if kind in ("near ties", "heavy ties"):
+        assert (argmax_of_trilinear(x, out).long() != ref).float().mean() > 0.005  # the case needs the storage
 
 
 @pytest.mark.parametrize("classes, patch, case, amp, activations, expected", [

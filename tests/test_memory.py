@@ -144,3 +144,69 @@ def test_checkpointing_under_torch_compile():
     sum(o.square().mean() for o in compiled(x)).backward()
     for (name, a), b in zip(ref.named_parameters(), net.parameters()):
         torch.testing.assert_close(b.grad, a.grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+# ------------------------------------------------------------------------ the prediction memory rule under ONNX
+ORT_PEAK_CHILD = r"""
+import json, re, sys
+from types import SimpleNamespace
+import torch
+from nnpp.deploy.ort import OrtNetwork, make_session
+from nnpp.predictor.tiles import nnppPredictor
+path, count, classes, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+patch = [int(p) for p in sys.argv[5].split(",")]
+# this process's peak RSS (bytes); not getrusage's ru_maxrss, which a child started by (v)fork + exec inherits from
+# its parent (the test process, gigabytes after other tests)
+peak = lambda: int(re.search(r"VmHWM:\s+(\d+) kB", open("/proc/self/status").read()).group(1)) * 1024
+network = OrtNetwork({"0": make_session(path, "cpu", threads=2)}, feature_map_size=count)
+pred = nnppPredictor(device=torch.device("cpu"), perform_everything_on_device=False, allow_tqdm=False, tta_batch=1)
+pred.network, pred.allowed_mirroring_axes = network, (0, 1, 2)
+pred.configuration_manager = SimpleNamespace(patch_size=patch)
+pred.label_manager = SimpleNamespace(num_segmentation_heads=classes)
+tile = torch.randn(1, 1, *patch, generator=torch.Generator().manual_seed(0))
+pred.predict_tiles(tile)  # nnU-Net's one copy per call: 8 calls of batch 1
+one, result = peak(), {}
+for b in (2, n):  # the 8 mirrored copies in calls of 2, then of n
+    pred.tta_batch = pred.tta_cap = b
+    pred.predict_tiles(tile)
+    network.feature_map_size = count
+    result[b] = {"measured": peak() - one, "rule": pred.tta_surplus_bytes(b)}
+    network.feature_map_size = 0  # the rule as it was for ONNX models: no activations
+    result[b]["rule_without_activations"] = pred.tta_surplus_bytes(b)
+print(json.dumps(result))
+"""
+
+
+def test_onnx_memory_rule_against_a_measured_peak(tmp_path):
+    """The memory rule of --tta_batch auto for an ONNX Runtime model counts what a bigger batch adds in the session:
+    a UNet++ (8-32 features, 32x48x48 patch) exported to ONNX runs its 8 mirrored copies of a tile as nnU-Net does
+    (8 calls of batch 1), then in calls of 2, then in one call of 8, in a fresh process (nnpp's session settings);
+    the peak RSS rises by what ONNX Runtime keeps for the bigger batches (measured ~25 and ~145 MiB: 1.06 and 6.3
+    samples' worth of the exported network's own count, 23 MiB a sample in fp32) and the rule's estimate (the whole
+    batch's activations, 2 and 8 samples, + the extra fp32 logits: 47 and 190 MiB) must cover both. Before, the rule
+    counted 0 activations for an ONNX model (0.8 and 6 MiB of logits here): it allowed batches whose memory it never
+    saw."""
+    import json
+    import os
+    import subprocess
+    import sys
+    pytest.importorskip("onnxruntime", reason="the [onnx] extra is not installed")
+    if not os.path.isfile("/proc/self/status"):
+        pytest.skip("the peak RSS is read from /proc/self/status (Linux)")
+
+    from nnpp.deploy.export import export_network
+    patch, classes = (32, 48, 48), 3
+    torch.manual_seed(0)
+    net = build(plans.arch_kwargs([8, 16, 32], [[1, 1, 1], [2, 2, 2], [2, 2, 2]]), classes, ds=False).eval()
+    count = int(net.compute_conv_feature_map_size(patch))
+    path = str(tmp_path / "unetpp.onnx")
+    export_network(net, path, 1, patch, exporter="torchscript")
+    p = subprocess.run([sys.executable, "-c", ORT_PEAK_CHILD, path, str(count), str(classes), "8",
+                        ",".join(map(str, patch))], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    r = json.loads(p.stdout.strip().splitlines()[-1])
+    mib = {b: {k: round(v / 2 ** 20, 1) for k, v in x.items()} for b, x in r.items()}
+    assert r["8"]["measured"] > 50 * 2 ** 20, mib  # the measurement sees the batch (7 samples' activations)
+    for b in ("2", "8"):
+        assert r[b]["rule"] >= r[b]["measured"], mib
+    assert r["8"]["rule_without_activations"] < r["8"]["measured"] / 4, mib  # what the rule missed before

@@ -159,6 +159,35 @@ def test_predict_onnx_agrees_with_torch(unetpp_export, tiny_dataset, tmp_path):
     compare_outputs(tmp_path / "onnx", tmp_path / "torch")
 
 
+def test_memory_rule_counts_the_exported_networks_activations(unetpp_export, tmp_path):
+    """--tta_batch auto under --onnx: the predictor's rule counts the activations of the torch network the export
+    was built from (nnpp_export records its count; an export without the record has it rebuilt from its plans) and
+    the logits at the precision the session returns (fp32), on a GPU device too (before: 0 activations, and 2-byte
+    logits on cuda). The count against ONNX Runtime's measured peak: tests/test_memory.py."""
+    from nnpp.deploy.ort import init_onnx
+    from nnpp.predictor.build import make_predictor
+    folder, out, _ = unetpp_export
+    meta = json.load(open(os.path.join(out, "nnpp_onnx.json")))
+    count = int(torch_net(folder).compute_conv_feature_map_size(meta["patch_size"]))
+    assert meta["feature_map_size"] == count > 0
+    older = str(tmp_path / "older_export")
+    shutil.copytree(out, older)
+    del meta["feature_map_size"]
+    json.dump(meta, open(os.path.join(older, "nnpp_onnx.json"), "w"))
+    logits = meta["num_classes"] * int(np.prod(meta["patch_size"])) * 4
+    for export_folder in (out, older):
+        pred = make_predictor(torch.device("cpu"), progress=False)
+        init_onnx(pred, export_folder)
+        net = pred.network
+        assert (net.feature_map_size, net.logits_itemsize, net.activations_itemsize) == (count, 4, 4)
+        # 8 mirrors of one tile per call: 7 logits (8 outputs + 1 sum - nnU-Net's 2) and the batch's 8 samples'
+        # activations (ONNX Runtime's arena keeps the batch-1 calls' blocks beside them)
+        assert pred.tta_surplus_bytes(8) == 7 * logits + 8 * count * 4
+        pred.device = torch.device("cuda")  # where --ort_provider cuda puts the tiles: the session still returns fp32
+        assert pred.tta_surplus_bytes(8) == 7 * logits + 8 * count * 4
+        assert pred.tta_surplus_bytes(1) == 0  # nnU-Net's own one copy per call
+
+
 @pytest.mark.slow
 def test_predict_openvino_agrees_with_onnxruntime(unetpp_export, tiny_dataset, tmp_path):
     """--ort_provider openvino (OpenVINO's runtime on the same .onnx; the [openvino] extra) in nnU-Net's predictor."""

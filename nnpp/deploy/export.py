@@ -292,6 +292,10 @@ def export_model(model: TrainedModel, out: str, depth: int | None = None, opset:
             folds.append(entry)
         meta = _metadata(model, folds, ops, source, depth, full_depth, opset, exporter, tol, precision, quantizer,
                          _versions(ort, onnx, quantizer == "nncf"), depth_from)
+        # activations per sample of the exported network (nnU-Net's count, elements at the patch): what the
+        # predictor's memory rule counts for --onnx (nnpp.deploy.ort.exported_feature_map_size)
+        meta["feature_map_size"] = int(network.compute_conv_feature_map_size(model.patch_size)) \
+            if hasattr(network, "compute_conv_feature_map_size") else None
         _write_json(model.plans, os.path.join(tmp, "plans.json"))
         _write_json(model.dataset_json, os.path.join(tmp, "dataset.json"))
         _write_json(meta, os.path.join(tmp, METADATA_FILE))

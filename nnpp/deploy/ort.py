@@ -123,6 +123,11 @@ def make_session(path: str, provider: str = "cpu", threads: int = 0, trt_cache: 
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # no memory pattern: it plans one block per input shape, and the predictor's batch sizes vary (a case's last
+    # group, the out-of-memory halving); measured on the CPU (a UNet++, 23 MiB of activations a sample): batches of 3
+    # copies after batch-1 calls raised the peak by 3.2 samples' worth with it, 1.8 without, at the same speed
+    # (the rule that sizes batches against it: nnpp.predictor.tiles.nnppPredictor.auto_tta_batch)
+    opts.enable_mem_pattern = False
     if provider == "tensorrt":
         options = {"device_id": device_id, "trt_engine_cache_enable": bool(trt_cache)}
         if trt_cache:
@@ -149,9 +154,22 @@ class OrtNetwork(nn.Module):
     ``forward(x)``: ``x`` (B, C, *patch) float tensor on any device -> logits (B, classes, *patch) float32 on
     ``x``'s device, from the active fold's session. ``load_state_dict({"onnx_fold": f})`` makes fold ``f`` active
     (the predictor calls it with each entry of :meth:`parameters_list`). No torch parameters, nothing to train.
+
+    For the predictor's memory rule (:meth:`nnpp.predictor.tiles.nnppPredictor.auto_tta_batch`) it answers as a
+    torch network would: :meth:`compute_conv_feature_map_size` (``feature_map_size``: the count of the torch network
+    the export was built from, elements per sample at the exported patch; unknown counts as too large for a second
+    copy per call), ``logits_itemsize`` (bytes of each logit the sessions return) and ``activations_itemsize`` (2 for
+    an fp16 export on a GPU provider, else 4). :func:`init_onnx` sets both from the export.
     """
 
-    def __init__(self, sessions: dict, io_binding: bool = False):
+    #: the count (elements) an unknown feature-map size stands for: no second copy per network call fits beside it
+    UNKNOWN_FEATURE_MAP_SIZE = 10 ** 15
+    #: a batch of n holds n samples' activations beyond nnU-Net's batch-1 calls, not n - 1: ONNX Runtime's arena keeps
+    #: the blocks the batch-1 calls used beside the bigger batch's (measured: 1.06 samples' worth for a batch of 2)
+    whole_batch_activations = True
+
+    def __init__(self, sessions: dict, io_binding: bool = False, feature_map_size: int | None = None,
+                 activations_itemsize: int = 4):
         super().__init__()
         if not sessions:
             raise ValueError("OrtNetwork needs at least one session")
@@ -159,6 +177,22 @@ class OrtNetwork(nn.Module):
         self.active = next(iter(self.sessions))
         self.input_name = self.sessions[self.active].get_inputs()[0].name
         self.io_binding = io_binding
+        self.feature_map_size = feature_map_size
+        self.activations_itemsize = activations_itemsize
+
+    def compute_conv_feature_map_size(self, input_size) -> int:
+        """The exported network's activations per sample (nnU-Net's count, elements) at ``input_size``, the export's
+        patch (the only size the sessions take); unknown: :data:`UNKNOWN_FEATURE_MAP_SIZE`."""
+        return self.UNKNOWN_FEATURE_MAP_SIZE if self.feature_map_size is None else int(self.feature_map_size)
+
+    @property
+    def logits_itemsize(self) -> int:
+        """Bytes of each logit the active session returns (IO binding binds float32; OpenVINO returns f32, its
+        precision hint)."""
+        outputs = getattr(self.sessions[self.active], "get_outputs", None)
+        if self.io_binding or outputs is None:
+            return 4
+        return {"tensor(float16)": 2, "tensor(bfloat16)": 2, "tensor(double)": 8}.get(outputs()[0].type, 4)
 
     def parameters_list(self) -> list:
         """What to hand the predictor as ``parameters``: one fold selector per session, in fold order."""
@@ -254,7 +288,30 @@ def init_onnx(predictor, onnx_folder: str, folds=None, provider: str = "cpu", th
         raise NnppError(f"{onnx_folder}: plans.json patch {configuration_manager.patch_size} differs from the "
                         f"exported models' {meta['patch_size']}; re-export")
     mirror = meta.get("inference_allowed_mirroring_axes")
+    network.feature_map_size = exported_feature_map_size(meta, plans_manager, configuration_manager, dataset_json)
+    # fp16 exports compute in fp16 on GPU providers; ONNX Runtime's CPU provider casts them to fp32 around its
+    # fp32 kernels (measured: the same peak as the fp32 model)
+    network.activations_itemsize = 2 if meta.get("precision") == "fp16" and provider in IO_BINDING else 4
     predictor.manual_initialization(network, plans_manager, configuration_manager, network.parameters_list(),
                                     dataset_json, meta["source"]["trainer"], tuple(mirror) if mirror is not None else None)
     undo_compile(predictor, False)
     return meta
+
+
+def exported_feature_map_size(meta: dict, plans_manager, configuration_manager, dataset_json: dict) -> int | None:
+    """Activations per sample of the torch network an export was built from, at its patch (nnU-Net's
+    ``compute_conv_feature_map_size``, elements): the number nnpp_export recorded (``feature_map_size`` in
+    nnpp_onnx.json), else rebuilt from the export's plans.json and trainer class on the meta device (no weights,
+    no memory; exports made before the number was recorded). None when neither works (e.g. a trainer class that
+    cannot be imported here)."""
+    if meta.get("feature_map_size"):
+        return int(meta["feature_map_size"])
+    from nnpp.model_folder import build_network, find_trainer_class, io_channels
+    try:
+        trainer_class = find_trainer_class(meta["source"]["trainer"])
+        n_in, n_out = io_channels(plans_manager, configuration_manager, dataset_json)
+        with torch.device("meta"):
+            network = build_network(trainer_class, plans_manager, configuration_manager, n_in, n_out)
+        return int(network.compute_conv_feature_map_size([int(p) for p in meta["patch_size"]]))
+    except Exception:  # a memory estimate must not stop a prediction: unknown counts as too large (OrtNetwork)
+        return None

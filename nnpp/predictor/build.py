@@ -53,6 +53,9 @@ def init_torch(predictor, model_folder: str, folds, checkpoint_name: str = "chec
     network = set_depth(model.build_network(0), depth)
     check_depth(model, depth, getattr(network, "depth", None), allow_untrained_depth,
                 lambda line: print(f"[nnpp_predict] {line}", flush=True))
+    # the memory format the trainer ran (and validated) this network in: channels_last_3d for 3D on the CPU (faster
+    # there, and the same float sums as the final validation's, so nnpp_predict writes validation's masks)
+    network.to(memory_format=dev.memory_format(predictor.device, len(model.configuration_manager.patch_size)))
     predictor.manual_initialization(network, model.plans_manager, model.configuration_manager, model.parameters,
                                     model.dataset_json, model.trainer_name, model.inference_allowed_mirroring_axes)
     undo_compile(predictor, dev.compile_supported(predictor.device))

@@ -102,32 +102,51 @@ class nnppPredictor(CaseFilePrediction, nnUNetPredictor):
         nnU-Net holds 3 tile-sized logits at a time (the network's output, its flipped copy, the tile's sum) and the
         activations of a batch-1 call; :meth:`predict_tiles` holds ``n`` (a call's output) + 1 (one flipped tile) +
         ``k`` (the sum of the ``k = n // mirrors`` tiles of a group) logits and the activations of a batch-``n``
-        call: ``(n + k - 2)`` logits and ``(n - 1)`` activations more. Activations are the network's own
-        ``compute_conv_feature_map_size(patch)`` (nnU-Net's planning count, an upper bound at inference; 0 for
-        networks without it, e.g. ONNX Runtime adapters). The surplus must fit ``max(TTA_MEMORY_FLOOR,
+        call: ``(n + k - 2)`` logits and ``(n - 1)`` activations more (:meth:`tta_surplus_bytes`). Activations are
+        the network's own ``compute_conv_feature_map_size(patch)`` (nnU-Net's planning count, an upper bound at
+        inference; 0 for torch networks without it). An ONNX Runtime / OpenVINO adapter
+        (:class:`nnpp.deploy.ort.OrtNetwork`) answers with the count of the torch network its export was built from
+        (recorded by nnpp_export, else rebuilt from the export's plans) and says the bytes of its elements: logits as
+        its session returns them (fp32 for fp32, int8 and fp16 exports, whose inputs and outputs stay fp32),
+        activations 2 bytes in fp16 exports on GPU providers, else 4 (ONNX Runtime's CPU provider runs fp16 models
+        through fp32 kernels; the rule is checked against ONNX Runtime's measured peak in tests/test_memory.py).
+        The surplus must fit ``max(TTA_MEMORY_FLOOR,
         TTA_MEMORY_FRACTION x the case's fp16 logits accumulator)``: the accumulator is part of nnU-Net's own peak
         (only the floor when ``accumulator_here`` is False: the accumulator lives elsewhere, e.g. on the host).
-        Elements are 2 bytes under fp16/bf16 autocast (logits summed in fp16 / fp32), else 4. Examples (measured
-        peaks in benchmarks/RESULTS.md): the demo (3 classes, 8-64 features, 32x48x48, fp32): 8; Task03's UNet++
-        (32-320 features, 128^3): 1 (7 GB of activations a copy in fp32); the same with 105 classes on a
+        Torch elements are 2 bytes under fp16/bf16 autocast (logits summed in fp16 / fp32), else 4. Examples
+        (measured peaks in benchmarks/RESULTS.md): the demo (3 classes, 8-64 features, 32x48x48, fp32): 8; Task03's
+        UNet++ (32-320 features, 128^3): 1 (7 GB of activations a copy in fp32); the same with 105 classes on a
         220x380x460 case in fp16 on a GPU: 1."""
-        patch = [int(p) for p in self.configuration_manager.patch_size]
-        mirrors = len(self.mirror_combinations(len(patch) + 2))
-        half = self.amp.mode in ("O1", "bf16") if self.amp is not None else self.device.type == "cuda"
-        size = 2 if half else 4
         classes = self.label_manager.num_segmentation_heads
-        logits = classes * int(np.prod(patch)) * (2 if half and (self.amp is None or self.amp.mode == "O1") else 4)
-        from nnpp.distributed import bare_module  # DDP (the trainer's final validation) and compile unwrapped
-        try:
-            activations = int(bare_module(self.network).compute_conv_feature_map_size(patch)) * size
-        except (AttributeError, TypeError, ValueError, AssertionError, NotImplementedError):
-            activations = 0
         budget = max(TTA_MEMORY_FLOOR, TTA_MEMORY_FRACTION * classes * int(np.prod(case_shape)) * 2
                      if accumulator_here else 0)
         n = self.tta_cap
-        while n > 1 and (n + max(1, n // mirrors) - 2) * logits + (n - 1) * activations > budget:
+        while n > 1 and self.tta_surplus_bytes(n) > budget:
             n -= 1
         return n
+
+    def tta_surplus_bytes(self, n: int) -> int:
+        """Bytes that ``n`` tile copies per network call hold beyond nnU-Net's one copy per call (the rule of
+        :meth:`auto_tta_batch`): ``(n + k - 2)`` tile-sized logits (``k = max(1, n // mirrors)`` tiles summed at a
+        time) and ``(n - 1)`` samples' activations (``n`` for a network whose runtime keeps the batch-1 calls' blocks
+        beside a bigger batch's: ``whole_batch_activations``, ONNX Runtime's arena), each in the precision the network
+        computes and returns."""
+        patch = [int(p) for p in self.configuration_manager.patch_size]
+        mirrors = len(self.mirror_combinations(len(patch) + 2))
+        from nnpp.distributed import bare_module  # DDP (the trainer's final validation) and compile unwrapped
+        net = bare_module(self.network)
+        half = self.amp.mode in ("O1", "bf16") if self.amp is not None else self.device.type == "cuda"
+        # what the network says it returns and computes in (ONNX Runtime / OpenVINO adapters), else torch autocast's
+        logit_size = getattr(net, "logits_itemsize", None) or \
+            (2 if half and (self.amp is None or self.amp.mode == "O1") else 4)
+        size = getattr(net, "activations_itemsize", None) or (2 if half else 4)
+        logits = self.label_manager.num_segmentation_heads * int(np.prod(patch)) * logit_size
+        try:
+            activations = int(net.compute_conv_feature_map_size(patch)) * size
+        except (AttributeError, TypeError, ValueError, AssertionError, NotImplementedError):
+            activations = 0
+        samples = n - 1 + (1 if n > 1 and getattr(net, "whole_batch_activations", False) else 0)
+        return (n + max(1, n // mirrors) - 2) * logits + samples * activations
 
     def _run_network(self, x: torch.Tensor) -> torch.Tensor:
         """One network call on a batch, in the network's memory format and the predictor's AMP mode."""
@@ -264,6 +283,19 @@ class nnppPredictor(CaseFilePrediction, nnUNetPredictor):
             empty_cache(self.device)
             empty_cache(results_device)
             raise e
+
+    def predict_sliding_window_return_logits(self, input_image: torch.Tensor):
+        """nnU-Net's, with the torch threads nnU-Net's ``predict_logits_from_preprocessed_data`` predicts with
+        (``min(nnUNet_def_n_proc, threads)``) also where the sliding window is called directly, as in nnU-Net's final
+        validation: convolutions on the CPU sum in an order that depends on the thread count, and the fp16
+        accumulators keep such differences, so validation and nnpp_predict compute the same logits (and masks)."""
+        from nnunetv2.configuration import default_num_processes
+        threads = torch.get_num_threads()
+        torch.set_num_threads(min(default_num_processes, threads))
+        try:
+            return super().predict_sliding_window_return_logits(input_image)
+        finally:
+            torch.set_num_threads(threads)
 
     def predict_logits_from_preprocessed_data(self, data: torch.Tensor) -> torch.Tensor:
         t0 = time.perf_counter()

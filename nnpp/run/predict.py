@@ -33,8 +33,11 @@ Ours:
                         one 3D tile's 8 mirrors, two 2D tiles' 4 each, or 8 tiles without mirroring; fewer when the
                         logits and activations of more copies exceed 10% of the case's logits or 512 MiB beyond
                         nnU-Net's own, e.g. 1 for 105 classes x 128^3 or Task03's UNet++); 1 = nnU-Net's one per call
-  --resample torch|plans  logits back to the original grid with nnU-Net's resample_torch_fornnunet (default) or
-                        the plans' own function (nnU-Net's scipy resampling for its default plans)
+  --resample plans|torch  logits back to the original grid with the plans' own function (default: what nnU-Net's
+                        final validation and nnUNetv2_predict use, so the Dice of training's summary.json is the Dice
+                        of these masks; for the default plans nnU-Net's scipy resampling, whose mask nnpp computes
+                        sparsely and exactly) or nnU-Net's resample_torch_fornnunet (on the device with -nps 0; masks
+                        differ at near-ties: nnU-Net stores scipy's resampled logits in fp16, torch's in fp32)
   --amp MODE            torch precision: auto (default; nnU-Net's choice: fp16 autocast on cuda and npu, fp32 on
                         the CPU and mps) | O0 (fp32) | O1 (fp16 autocast) | bf16 (bfloat16 autocast)
 """
@@ -94,9 +97,10 @@ def parser() -> argparse.ArgumentParser:
                    help=f"tiles x mirrors per network call (default: chosen per case, up to {DEFAULT_TTA_BATCH}, so "
                         f"the logits and activations held stay within 1.1x nnU-Net's; 1 = nnU-Net's one per call)")
     p.add_argument("--resample", default=DEFAULT_RESAMPLE, choices=RESAMPLE_CHOICES,
-                   help="how the logits go back to each case's original grid: torch (default: nnU-Net's "
-                   "resample_torch_fornnunet, on the device when exports run in this process (-nps 0), on the CPU in "
-                   "export workers) | plans (the plans' own function: nnU-Net's scipy resampling for its default plans)")
+                   help="how the logits go back to each case's original grid: plans (default: the plans' own function, "
+                   "as nnU-Net's validation and nnUNetv2_predict: the same masks; nnU-Net's scipy resampling for its "
+                   "default plans) | torch (nnU-Net's resample_torch_fornnunet, on the device when exports run in "
+                   "this process (-nps 0), on the CPU in export workers; masks differ at near-ties)")
     p.add_argument("--amp", default="auto", choices=AMP_CHOICES,
                    help="torch precision (default auto: fp16 autocast on cuda/npu as nnU-Net, fp32 on the CPU)")
     return p
@@ -138,7 +142,7 @@ def main(argv=None):
             raise NnppError("-d DATASET and -c CONFIGURATION are required (or --onnx FOLDER from nnpp_export)")
         setup_paths(required=("nnUNet_results",))
         device = dev.resolve_device(args.device, env.local_rank if env.enabled else None)
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", env.world_size)) if env.enabled else 1
+    local_world = cpu_threads.local_ranks() if env.enabled else 1
     share_resources(args, local_world)
     if device.type == "cpu":
         cpu_threads.set_cpu_threads(args.threads)  # every core once over the local ranks (nnU-Net's choice for one process)
