@@ -145,11 +145,14 @@ def test_pruned_export_matches_net_depth_k(trained_model, tiny_dataset, tmp_path
 @pytest.mark.slow
 def test_predict_onnx_agrees_with_torch(unetpp_export, tiny_dataset, tmp_path):
     """nnpp_predict --onnx (nnU-Net's pipeline: preprocessing, Gaussian sliding window, mirroring, export) vs the
-    torch network: >= 99.9% of voxels agree, and the probabilities agree closely."""
+    torch network: >= 99.9% of voxels agree, and the probabilities agree closely. Both resample in fp32
+    (--resample torch): the default plans path stores the logits in fp16 as nnU-Net does, which turns the backends'
+    1e-6 differences into flipped ties on the tiny model's nearly flat logits -- a property of the export, not of
+    the backends compared here."""
     folder, out, _ = unetpp_export
     env = nnunet_env(tiny_dataset, nnUNet_results=results_of(folder))
     common = ("-i", images_ts(tiny_dataset), "-f", "0", "-npp", "0", "-nps", "0", "--save_probabilities",
-              "--disable_progress_bar", "-step_size", "0.5")
+              "--disable_progress_bar", "-step_size", "0.5", "--resample", "torch")
     p = run_cli("predict", *common, "-o", tmp_path / "onnx", "--onnx", out, "--ort_threads", "1", env=env)
     assert p.returncode == 0, output_tail(p)
     assert "ONNX Runtime (cpu, threads 1)" in p.stdout
