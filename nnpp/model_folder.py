@@ -218,15 +218,10 @@ def load_trained_model(folder: str, folds, checkpoint_name: str = "checkpoint_fi
     return model
 
 
-#: how a network at the requested depth was obtained (recorded by nnpp_export as ``depth_from``)
-DEPTH_FROM = {"full": "the full network", "trained": "a head trained with the network (--shallow_heads trained)",
-              "untrained": "a probe head the network never learned for (allowed by --allow_untrained_depth)",
-              "unknown": "a head of a model that recorded no nnpp run settings (e.g. a converted v1 model)"}
-
-
 def check_depth(model: TrainedModel, depth: int | None, full_depth: int | None, allow_untrained: bool = False,
                 log=print) -> str:
-    """How ``model`` at ``depth`` was obtained (a key of :data:`DEPTH_FROM`). A depth below ``full_depth`` of a model
+    """How ``model`` at ``depth`` was obtained, as nnpp_export records it (``depth_from``): "full" (not pruned),
+    "trained" (a head trained with the network), "untrained" (a probe, allowed) or "unknown". A depth below ``full_depth`` of a model
     whose shallow heads were probes (``nnpp_train --shallow_heads probe``, the default; a run that recorded none
     trained them) is refused with one line: the probes' loss never trained the network, and such pruned networks
     scored near 0 Dice on a real CT (benchmarks/RESULTS.md). ``allow_untrained`` runs it anyway, with a warning. A
