@@ -105,7 +105,10 @@ def test_distill_two_processes(tiny_dataset, teacher, tmp_path):
     for i, case in enumerate(train[:2]):  # training images under new ids: unlabeled scans of the same kind
         shutil.copy(os.path.join(ds["nnUNet_raw"], ds["name"], "imagesTr", f"{case}_0000.nii.gz"),
                     unl / f"ddpscan{i}_0000.nii.gz")
+    # --tee 3: torchrun relays each rank's output line by line; two ranks writing their block-buffered stdout to one
+    # pipe can cut a line in two (rank 1's pseudo-label line went missing so once in CI)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+           "--tee", "3", "--log_dir", str(tmp_path / "rank_logs"),
            "-m", "nnpp.run.distill", str(ds["id"]), "3d_fullres", "0", "-t", teacher, "--kd", "soft", "cwd",
            "--unlabeled", str(unl), "--pseudo", "both", *SHORT]
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
