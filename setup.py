@@ -39,6 +39,7 @@ setup(
             "nnpp_convert_v1_model=nnpp.run.convert_v1_model:main",
             "nnpp_plan_and_preprocess=nnpp.run.plan_and_preprocess:main",
             "nnpp_ext_trainer_path=nnpp.run.ext_trainer_path:main",
+            "nnpp_prune=nnpp.run.prune:main",
         ],
     },
 )

@@ -31,7 +31,16 @@ NNPP_TRAINER_MODULES = {
     **{name: "nnpp.distill.trainer" for name in ("nnUNetPlusPlusTrainerKD", "nnUNetTrainerKD",
                                                  "nnUNetPlusPlusTrainerKDDDP", "nnUNetTrainerKDDDP",
                                                  "nnUNetTrainerNoKD")},
+    "nnUNetPlusPlusTrainerPrune": "nnpp.distill.prune",
 }
+#: what a pruned depth's checkpoint records about its pruning (nnpp_prune; its key in the checkpoint)
+PRUNE_KEY = "nnpp_prune"
+
+
+def pruned_checkpoint(folder: str, fold, depth: int) -> str:
+    """The checkpoint nnpp_prune saves for depth ``depth`` of model ``folder``'s fold ``fold`` (the whole network's
+    weights, the sub-network X^{0,depth} distilled; its run lives in the same folder)."""
+    return os.path.join(folder, f"fold_{fold}", f"prune_depth{depth}", "checkpoint_final.pth")
 
 
 def find_trainer_class(name: str):
@@ -144,10 +153,13 @@ class TrainedModel:
         return list(self.configuration_manager.patch_size)
 
 
-def load_trained_model(folder: str, folds, checkpoint_name: str = "checkpoint_final.pth") -> TrainedModel:
+def load_trained_model(folder: str, folds, checkpoint_name: str = "checkpoint_final.pth",
+                       depth: int | None = None) -> TrainedModel:
     """Read ``folder`` (``.../TRAINER__PLANS__CONFIG``) for ``folds`` and check that every fold's weights fit the
     network the folder's plans build (strict load) and that plans.json/dataset.json are the ones each checkpoint
-    was trained with. Raises NnppError naming the file and what to do."""
+    was trained with. Raises NnppError naming the file and what to do. With ``depth``, a fold whose depth was
+    distilled by nnpp_prune from this very checkpoint (:func:`pruned_checkpoint`) gets the distilled weights
+    (``extra["distilled_folds"]``; ``checkpoints``/``checkpoint_sha256`` then name the distilled file)."""
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
     folds = [str(f) for f in folds]
@@ -200,6 +212,8 @@ def load_trained_model(folder: str, folds, checkpoint_name: str = "checkpoint_fi
         parameters.append(ckpt["network_weights"])
         run_settings.append(ckpt.get("nnpp_run_settings") or {})
 
+    distilled = _use_distilled_depth(folder, folds, checkpoint_name, depth, checkpoints, hashes, parameters) \
+        if depth else []
     configuration_manager = plans_manager.get_configuration(configuration)
     trainer_class = find_trainer_class(trainer_name)
     n_in, n_out = io_channels(plans_manager, configuration_manager, dataset_json)
@@ -210,7 +224,7 @@ def load_trained_model(folder: str, folds, checkpoint_name: str = "checkpoint_fi
         trainer_name=trainer_name, trainer_class=trainer_class,
         num_input_channels=n_in, num_output_channels=n_out,
         inference_allowed_mirroring_axes=tuple(mirror_axes) if mirror_axes is not None else None,
-        extra={"run_settings": run_settings})
+        extra={"run_settings": run_settings, "distilled_folds": distilled})
     net = build_network(trainer_class, plans_manager, configuration_manager, model.num_input_channels,
                         model.num_output_channels)
     for weights, path in zip(parameters, checkpoints):
@@ -218,16 +232,40 @@ def load_trained_model(folder: str, folds, checkpoint_name: str = "checkpoint_fi
     return model
 
 
+def _use_distilled_depth(folder: str, folds: list, checkpoint_name: str, depth: int, checkpoints: list, hashes: list,
+                         parameters: list) -> list:
+    """Swap in, fold by fold, the weights nnpp_prune distilled for ``depth`` from the fold's ``checkpoint_name``;
+    returns the folds swapped. A distillation from another checkpoint (retrained since, or another -chk) is refused."""
+    distilled = []
+    for i, f in enumerate(folds):
+        path = pruned_checkpoint(folder, f, depth)
+        if not os.path.isfile(path):
+            continue
+        ckpt = load_checkpoint(path)
+        record = ckpt.get(PRUNE_KEY) or {}
+        if record.get("depth") != depth or record.get("source_sha256") != hashes[i]:
+            raise NnppError(f"{path} was distilled from another checkpoint than {checkpoints[i]} (the model was "
+                            f"retrained since, or -chk names another): run nnpp_prune ... {f} --depth {depth} -chk "
+                            f"{checkpoint_name} again")
+        checkpoints[i], hashes[i], parameters[i] = path, sha256_file(path), ckpt["network_weights"]
+        distilled.append(f)
+    return distilled
+
+
 def check_depth(model: TrainedModel, depth: int | None, full_depth: int | None, allow_untrained: bool = False,
                 log=print) -> str:
     """How ``model`` at ``depth`` was obtained, as nnpp_export records it (``depth_from``): "full" (not pruned),
-    "trained" (a head trained with the network), "untrained" (a probe, allowed) or "unknown". A depth below ``full_depth`` of a model
+    "distilled" (every fold's depth distilled by nnpp_prune: the model was loaded with ``depth``), "trained" (a head
+    trained with the network), "untrained" (a probe, allowed) or "unknown". A depth below ``full_depth`` of a model
     whose shallow heads were probes (``nnpp_train --shallow_heads probe``, the default; a run that recorded none
     trained them) is refused with one line: the probes' loss never trained the network, and such pruned networks
     scored near 0 Dice on a real CT (benchmarks/RESULTS.md). ``allow_untrained`` runs it anyway, with a warning. A
     model that recorded no nnpp run settings at all is "unknown", with a warning."""
     if not depth or not full_depth or depth >= full_depth:
         return "full"
+    distilled = model.extra.get("distilled_folds") or []
+    if distilled and set(distilled) == set(model.folds):
+        return "distilled"
     settings = model.extra.get("run_settings") or []
     if not any(settings):  # no nnpp run recorded how its heads trained (nnU-Net's or a converted v1 model)
         log(f"WARNING: depth {depth} < {full_depth}: this model records no nnpp run settings, so whether its head "
@@ -235,11 +273,12 @@ def check_depth(model: TrainedModel, depth: int | None, full_depth: int | None, 
         return "unknown"
     if not any(setting_of(s, "shallow_heads") == "probe" for s in settings):
         return "trained"
+    missing = [f for f in model.folds if f not in distilled]
     said = (f"depth {depth} < {full_depth}: this model's head X^{{0,{depth}}} was trained as a probe (nnpp_train "
             f"--shallow_heads probe, the default), the network never learned for it")
     if not allow_untrained:
-        raise NnppError(f"--{said}; train with --shallow_heads trained to prune, or pass --allow_untrained_depth to "
-                        f"run it anyway")
+        raise NnppError(f"--{said}; distil the depth first (nnpp_prune DATASET CONFIG FOLD --depth {depth} for fold(s) "
+                        f"{', '.join(missing)}), or pass --allow_untrained_depth to run it anyway")
     log(f"WARNING: {said}; running it because of --allow_untrained_depth")
     return "untrained"
 

@@ -26,6 +26,7 @@ PARSERS = {
     "nnpp_get_dice_result": ("nnpp.tools.get_dice_result", "build_parser"),
     "nnpp_convert_v1_model": ("nnpp.run.convert_v1_model", "build_parser"),
     "nnpp_plan_and_preprocess": ("nnpp.run.plan_and_preprocess", "parser"),
+    "nnpp_prune": ("nnpp.run.prune", "build_parser"),
     "nnpp_ext_trainer_path": None,  # no argparse: it takes no arguments, only -h/--help
 }
 

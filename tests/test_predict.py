@@ -166,7 +166,7 @@ def test_depth_prunes_the_predictor_network(trained_model, tiny_dataset, tmp_pat
     # the session's model was trained with the default shallow_heads=probe: its depth 1 never trained, refused
     # (one line naming the ways out) unless allowed, then said
     with pytest.raises(NnppError, match=r"--depth 1 < 3: this model's head X\^\{0,1\} was trained as a probe .*"
-                                        r"--shallow_heads trained .* --allow_untrained_depth"):
+                                        r"nnpp_prune DATASET CONFIG FOLD --depth 1 for fold\(s\) 0.* --allow_untrained_depth"):
         init_torch(pred, folder, ["0"], depth=1)
     init_torch(pred, folder, ["0"], depth=1, allow_untrained_depth=True)
     assert pred.network.prune_depth == 1
@@ -282,8 +282,9 @@ def test_how_a_depth_was_obtained():
     from nnpp.model_folder import check_depth
     said = []
 
-    def model(*settings):
-        return SimpleNamespace(extra={"run_settings": list(settings)})
+    def model(*settings, distilled=()):
+        return SimpleNamespace(extra={"run_settings": list(settings), "distilled_folds": list(distilled)},
+                               folds=[str(f) for f in range(len(settings))])
     assert check_depth(model({"shallow_heads": "probe"}), None, 4, log=said.append) == "full"
     assert check_depth(model({"shallow_heads": "probe"}), 4, 4, log=said.append) == "full"
     assert check_depth(model({"epochs": 10}), 2, 4, log=said.append) == "trained"  # unrecorded: trained
@@ -295,3 +296,8 @@ def test_how_a_depth_was_obtained():
         check_depth(model({"epochs": 10}, {"shallow_heads": "probe"}), 3, 4, log=said.append)
     assert check_depth(model({"shallow_heads": "probe"}), 3, 4, True, log=said.append) == "untrained"
     assert "running it because of --allow_untrained_depth" in said[-1]
+    # nnpp_prune distilled the depth (load_trained_model swapped the weights in): every fold, or the others named
+    probes = ({"shallow_heads": "probe"}, {"shallow_heads": "probe"})
+    assert check_depth(model(*probes, distilled=["0", "1"]), 2, 4, log=said.append) == "distilled"
+    with pytest.raises(NnppError, match=r"nnpp_prune DATASET CONFIG FOLD --depth 2 for fold\(s\) 1\)"):
+        check_depth(model(*probes, distilled=["0"]), 2, 4, log=said.append)

@@ -45,8 +45,12 @@ class KDStudent(nn.Module):
     def forward(self, x, features: bool = False):
         if not features:
             return self.net(x)
-        skips = self.net.encoder(x)
-        out = self.net.decoder(skips)
+        if getattr(self.net, "prune_depth", None):  # a pruned UNet++ (nnpp_prune): only the stages X^{0,k} needs
+            skips = self.net.encoder_skips(x)
+            out = self.net.decoder(skips, len(skips) - 1)
+        else:
+            skips = self.net.encoder(x)
+            out = self.net.decoder(skips)
         extra = {name: m(skips[int(name.rsplit("_s", 1)[1])]) for name, m in self.kd_modules.items()}
         return out, skips, extra
 

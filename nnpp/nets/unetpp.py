@@ -252,14 +252,23 @@ class UNetPlusPlus(AbstractDynamicNetworkArchitectures):
         self.decoder.deep_supervision = enabled
 
     def forward(self, x: torch.Tensor, depth: int | None = None):
+        k = self.depth_to_run(depth)
+        return self.decoder(self.encoder_skips(x, k), k)
+
+    def depth_to_run(self, depth: int | None = None) -> int:
+        """The depth a forward runs: ``depth``, else ``prune_depth``, else L (checked to lie in 1..L)."""
         k = depth if depth is not None else (self.prune_depth or self.depth)
         if not 1 <= k <= self.depth:
             raise ValueError(f"pruning depth must be in 1..{self.depth}, got {k}")
+        return k
+
+    def encoder_skips(self, x: torch.Tensor, depth: int | None = None) -> List[torch.Tensor]:
+        """[X^{0,0}, ..., X^{k,0}]: the encoder stages a network of depth k runs (see :meth:`depth_to_run`)."""
         skips = []
-        for stage in self.encoder.stages[:k + 1]:
+        for stage in self.encoder.stages[:self.depth_to_run(depth) + 1]:
             x = stage(x)
             skips.append(x)
-        return self.decoder(skips, k)
+        return skips
 
     @property
     def checkpoint_nodes(self) -> str:

@@ -49,7 +49,7 @@ def init_torch(predictor, model_folder: str, folds, checkpoint_name: str = "chec
     class, every fold loaded strictly, pruned to ``depth``; an untrained depth refused unless
     ``allow_untrained_depth``, see :func:`nnpp.model_folder.check_depth`). Returns the :class:`TrainedModel`."""
     from nnpp.model_folder import check_depth, load_trained_model, set_depth
-    model = load_trained_model(model_folder, folds, checkpoint_name)
+    model = load_trained_model(model_folder, folds, checkpoint_name, depth)
     network = set_depth(model.build_network(0), depth)
     check_depth(model, depth, getattr(network, "depth", None), allow_untrained_depth,
                 lambda line: print(f"[nnpp_predict] {line}", flush=True))

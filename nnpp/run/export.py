@@ -107,7 +107,7 @@ def main(argv=None):
     find_trainer_class(args.tr)  # unknown trainer -> clear error
     name = dataset_name(args.dataset)
     folder = get_output_folder(name, args.tr, args.p, args.configuration)
-    model = load_trained_model(folder, args.f, args.chk)
+    model = load_trained_model(folder, args.f, args.chk, args.depth)
     out = args.o or default_output_folder(folder, args.depth, args.precision, args.quantizer)
     meta = export_model(model, out, depth=args.depth, opset=args.opset, exporter=args.exporter, tol=args.tol,
                         source={"dataset": name, "plans_identifier": args.p}, overwrite=args.overwrite,

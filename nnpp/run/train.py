@@ -177,9 +177,11 @@ def resume_settings(args, saved: dict, checkpoint: str, device, change: bool = F
           + " ".join(f"{k}={getattr(args, k, v)}" for k, v in saved.items()), flush=True)
 
 
-def run(args, setup=None) -> object:
+def run(args, setup=None, place=None) -> object:
     """nnpp_train's whole flow. ``setup(trainer, args)``, if given, runs right after the trainer is constructed
-    and configured from the (resume-resolved) arguments, before checkpoints are loaded (nnpp_distill's hook)."""
+    and configured from the (resume-resolved) arguments, before checkpoints are loaded (nnpp_distill's hook).
+    ``place(trainer)``, if given, runs right after construction, before the run's folder is read (nnpp_prune's hook:
+    it moves the run into the model folder it prunes)."""
     paths = setup_paths(preprocessed=args.preprocessed, results=args.results)
     if args.c and args.val:
         raise NnppError("--c and --val exclude each other: --c continues training, --val only validates")
@@ -201,10 +203,10 @@ def run(args, setup=None) -> object:
         if env.enabled:
             print(f"[nnpp_train] rank {env.rank}: {threads} CPU thread(s) ({why})", flush=True)
     with distributed.process_group(env, dev.dist_backend(device)):
-        return _train(args, env, device, setup)
+        return _train(args, env, device, setup, place)
 
 
-def _train(args, env, device, setup=None):
+def _train(args, env, device, setup=None, place=None):
     from nnpp import device as dev
     from nnpp import distributed
     from nnpp.training import DDP_VARIANTS
@@ -218,6 +220,8 @@ def _train(args, env, device, setup=None):
         seed_everything(args.seed + env.rank)
     trainer = make_trainer(args.dataset_name_or_id, args.configuration, args.fold, trainer_name, args.p, device,
                            continue_training=args.c)
+    if place is not None:
+        place(trainer)
     final = os.path.join(trainer.output_folder, "checkpoint_final.pth")
     if args.val and not os.path.isfile(final):
         raise NnppError(f"--val needs a finished training: {final} does not exist; train first")
