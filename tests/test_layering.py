@@ -33,7 +33,8 @@ def test_lookup_finds_every_nnpp_trainer():
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
     from nnpp.model_folder import NNPP_TRAINER_MODULES, find_trainer_class
-    modules = [importlib.import_module(m) for m in ("nnpp.training.nnUNetPlusPlusTrainer", "nnpp.distill.trainer")]
+    modules = [importlib.import_module(m) for m in ("nnpp.training.nnUNetPlusPlusTrainer", "nnpp.distill.trainer",
+                                                    "nnpp.distill.prune")]
     defined = {name for mod in modules
                for name, obj in vars(mod).items()
                if inspect.isclass(obj) and issubclass(obj, nnUNetTrainer) and obj.__module__ == mod.__name__}
