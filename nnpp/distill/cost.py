@@ -9,7 +9,6 @@ import torch
 from torch import nn
 
 from nnpp import device as dev
-from nnpp.distill.kd_network import KDStudent
 
 
 def patch_cost(network: nn.Module, patch: tuple, device: torch.device, amp: dev.Amp,
@@ -54,9 +53,7 @@ class CostReportMixin:
     def size_report(self) -> list:
         """``[{"name", "parameters", "flops_per_patch", "ms_per_patch"}]`` for the student (first) and every
         teacher, measured on this run's device with the configuration's patch (:func:`patch_cost`)."""
-        student = self.bare_network
-        student = student.net if isinstance(student, KDStudent) else student
-        nets = [("student", student)] + [(f"teacher {t.name}", t.network) for t in self.teachers]
+        nets = [("student", self.student_network)] + [(f"teacher {t.name}", t.network) for t in self.teachers]
         rows = []
         for name, net in nets:
             flops, ms = self.measure_cost(net)

@@ -137,6 +137,12 @@ class KDModulesMixin:
         return super().configure_optimizers()
 
     @property
+    def student_network(self) -> nn.Module:
+        """The student network itself: DDP, torch.compile and the :class:`KDStudent` wrapper removed."""
+        net = self.bare_network
+        return net.net if isinstance(net, KDStudent) else net
+
+    @property
     def kd_modules(self) -> nn.ModuleDict | None:
         net = self.bare_network
         return net.kd_modules if isinstance(net, KDStudent) else None

@@ -41,7 +41,8 @@ class nnUNetPlusPlusTrainerPrune(KDMixin, nnUNetPlusPlusTrainer):
     :attr:`prune_source` (the full network's checkpoint) before ``initialize``."""
     #: k, the depth trained (1..L-1)
     prune_depth: int | None = None
-    #: ``{"checkpoint": path, "sha256": hex, "weights": state dict}`` of the full network the run starts from
+    #: ``{"checkpoint": path, "sha256": hex, "weights": state dict}`` of the full network the run starts from (the
+    #: teacher's own, loaded once)
     prune_source: dict | None = None
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
@@ -51,8 +52,7 @@ class nnUNetPlusPlusTrainerPrune(KDMixin, nnUNetPlusPlusTrainer):
 
     def _configure_network(self) -> None:
         super()._configure_network()
-        net = self.bare_network
-        net = getattr(net, "net", net)  # the KD wrapper's student
+        net = self.student_network
         if not hasattr(net, "prune_depth") or not 1 <= (self.prune_depth or 0) < net.depth:
             raise NnppError(f"--depth {self.prune_depth}: nnpp_prune trains a UNet++ depth 1..L-1 (this network: "
                             f"{type(net).__name__}, depth {getattr(net, 'depth', 'none')})")
@@ -61,8 +61,7 @@ class nnUNetPlusPlusTrainerPrune(KDMixin, nnUNetPlusPlusTrainer):
     def initialize(self):
         super().initialize()
         if self.prune_source is not None:  # the trained weights (a --c then loads its own checkpoint over them)
-            net = self.bare_network
-            getattr(net, "net", net).load_state_dict(self.prune_source["weights"], strict=True)
+            self.student_network.load_state_dict(self.prune_source["weights"], strict=True)
             self.print_to_log_file(f"pruning to depth {self.prune_depth}: starting from {self.prune_source['checkpoint']}")
 
     def run_settings(self) -> dict:

@@ -123,7 +123,6 @@ def move_run(trainer, folder: str) -> None:
 
 def configure(trainer, model: str, source: str, args) -> None:
     """nnpp.run.train's setup hook: the full network of ``source`` as the frozen teacher and as the start, soft KD."""
-    from nnpp.checkpoints import load_checkpoint
     from nnpp.distill.settings import KD_DEFAULTS
     from nnpp.distill.teachers import check_compatible, load_teacher
     from nnpp.model_folder import sha256_file
@@ -143,7 +142,7 @@ def configure(trainer, model: str, source: str, args) -> None:
     trainer.configure_kd([teacher], config)
     trainer.prune_depth = args.depth
     trainer.prune_source = {"checkpoint": os.path.abspath(source), "sha256": sha256_file(source),
-                            "weights": load_checkpoint(source)["network_weights"]}
+                            "weights": teacher.network.state_dict()}  # the same checkpoint, strictly loaded
 
 
 def report(trainer, model: str) -> None:
