@@ -135,7 +135,9 @@ def test_nnpp_predict_writes_the_masks_validation_scored(trained_model, tiny_dat
         assert all(ours[k].shape == validation[k].shape for k in ours)
         differ[mode] = sum(int((ours[k] != validation[k]).sum()) for k in ours)
     assert differ["default"] == 0, differ
-    assert differ["torch"] > 100, differ  # the model does tie: torch's resampling (the old default) parts from it
+    # the model does tie: torch's resampling (the old default) parts from it (thousands of voxels on an AVX2 machine,
+    # 18 on CI's AVX-512 one: how many is the CPU's business, that some do is the test's)
+    assert differ["torch"] > 0, differ
 
 
 def test_torch_resampling_agrees_with_the_plans_scipy_resampling(trained_model, tiny_dataset, tmp_path, monkeypatch,
