@@ -21,7 +21,6 @@ full - pruned. Writes ``--out`` (JSON) and the same name with .md, the machine n
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import os
 import shlex

@@ -32,6 +32,18 @@ def dice_text(value: float, percent: bool = False) -> str:
     return f"{100 * value:.2f}" if percent else f"{value:.4f}"
 
 
+def dice_table(title: str, rows: list, names: dict) -> str:
+    """The Dice table nnpp's commands print: ``title``, a header of label names (``names``: id -> name), one line
+    per ``(row name, {label id: Dice})``; a row whose Dice is a string prints that note instead."""
+    labels = next((list(d) for _, d in rows if isinstance(d, dict)), [])
+    width = max(len(name) for name, _ in rows) + 2
+    lines = [title, "".ljust(width) + "".join(f"{names.get(k, k):>12}" for k in labels)]
+    lines += [name.ljust(width) + (f"   {d}" if isinstance(d, str) else
+                                   "".join(dice_text(d.get(k, math.nan)).rjust(12) for k in labels))
+              for name, d in rows]
+    return "\n".join(lines)
+
+
 def format_dice(summary_path: str, dataset_json: dict | None = None) -> str:
     dice = read_dice(summary_path)
     names = label_names(dataset_json)

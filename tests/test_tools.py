@@ -280,3 +280,16 @@ def test_dataset_choice_messages(v2_root):
     assert strict_json(p.stdout)["dice"] == {"class 1": 70.0}
     p = tool("get_dice_result", "-path", v2_root, "-d", "Dataset003_Liver", "--json")
     assert p.returncode == 0 and strict_json(p.stdout)["dice"] == {"liver": 95.12, "cancer": 61.23}
+
+
+def test_dice_table_aligns_rows_and_prints_notes():
+    """The table nnpp_distill and nnpp_prune print: the header names labels in the first scored row's order, a
+    missing label prints nan, a note row prints its note."""
+    from nnpp.dice import dice_table
+    text = dice_table("[x] validation Dice", [("student", {"1": 0.5, "2": 0.25}), ("teacher", "(no summary.json)"),
+                                              ("other", {"2": 1.0})], {"1": "liver", "2": "tumour"})
+    assert text.splitlines() == ["[x] validation Dice",
+                                 " " * 9 + "       liver      tumour",
+                                 "student        0.5000      0.2500",
+                                 "teacher     (no summary.json)",
+                                 "other             nan      1.0000"]

@@ -246,7 +246,7 @@ def report(trainer) -> None:
     """The student's validation Dice beside each teacher's (their fold's validation/summary.json, if present), a
     teacher's only when it was scored on the same validation cases as the student; otherwise the row says which
     cases each saw."""
-    from nnpp.dice import dice_text, label_names, read_dice
+    from nnpp.dice import dice_table, label_names, read_dice
     from nnpp.file_safety import load_json_file
 
     names = label_names(trainer.dataset_json)
@@ -262,24 +262,19 @@ def report(trainer) -> None:
     dice = {name: read_dice(path) if os.path.isfile(path) else None for name, path in rows}
     cases = {name: validation_cases(path, ending) if os.path.isfile(path) else None for name, path in rows}
     student_cases = cases[rows[0][0]]
-    labels = next((list(d) for d in dice.values() if d), [])
-    width = max(len(n) for n, _ in rows) + 2
     record = os.path.join(trainer.output_folder, "kd_config.json")
     leaky = trainer.leaky or (os.path.isfile(record) and bool(load_json_file(record, "kd_config.json").get("leaky")))
-    lines = ["[nnpp_distill] validation Dice" + (" (LEAKY: teachers saw the student's validation cases)"
-                                                 if leaky else ""),
-             "".ljust(width) + "".join(f"{names.get(k, k):>12}" for k in labels)]
+    table = []
     for name, _ in rows:
         d, seen = dice[name], cases[name]
         if not d:
-            lines.append(name.ljust(width) + "   (no summary.json)")
+            d = "(no summary.json)"
         elif name != rows[0][0] and student_cases is not None and seen != student_cases:
             shown = ", ".join(sorted(seen)[:3]) + (" ..." if len(seen) > 3 else "")
-            lines.append(name.ljust(width) + f"   (not comparable: scored on {len(seen)} case(s) ({shown}), the "
-                         f"student on {len(student_cases)})")
-        else:
-            lines.append(name.ljust(width) + "".join(dice_text(d.get(k, float("nan"))).rjust(12) for k in labels))
-    print("\n".join(lines), flush=True)
+            d = f"(not comparable: scored on {len(seen)} case(s) ({shown}), the student on {len(student_cases)})"
+        table.append((name, d))
+    print(dice_table("[nnpp_distill] validation Dice" + (" (LEAKY: teachers saw the student's validation cases)"
+                                                         if leaky else ""), table, names), flush=True)
 
 
 def find_student_runs(results_dataset_dir: str, configuration: str, fold, source_plans: str, trainers: dict,

@@ -148,7 +148,7 @@ def configure(trainer, model: str, source: str, args) -> None:
 def report(trainer, model: str) -> None:
     """The pruned network's validation Dice beside the full network's (its fold's validation/summary.json), when both
     were scored on the same cases."""
-    from nnpp.dice import dice_text, label_names, read_dice
+    from nnpp.dice import dice_table, label_names, read_dice
     from nnpp.run.distill import validation_cases
 
     ending = trainer.dataset_json.get("file_ending", "")
@@ -159,12 +159,8 @@ def report(trainer, model: str) -> None:
     if validation_cases(rows[0][1], ending) != validation_cases(rows[1][1], ending):
         print("[nnpp_prune] the full network's validation scored other cases; compare with nnpp_predict --depth", flush=True)
         return
-    names, dice = label_names(trainer.dataset_json), [read_dice(path) for _, path in rows]
-    labels = list(dice[0])
-    lines = ["[nnpp_prune] validation Dice", " " * 22 + "".join(f"{names.get(k, k):>12}" for k in labels)]
-    lines += [name.ljust(22) + "".join(dice_text(d.get(k, float("nan"))).rjust(12) for k in labels)
-              for (name, _), d in zip(rows, dice)]
-    print("\n".join(lines), flush=True)
+    print(dice_table("[nnpp_prune] validation Dice", [(name, read_dice(path)) for name, path in rows],
+                     label_names(trainer.dataset_json)), flush=True)
 
 
 @entry_point("nnpp_prune")
