@@ -16,7 +16,9 @@ with ``--unseen DIR`` its ``imagesTs``/``labelsTs``. Dice: nnU-Net's metrics.
 
 The table gives, per variant, depth and set, the Dice of each structure (mean ± sd over the models) and the gap to
 the full network: the mean, over the structures the full network fits (Dice >= ``--fits``, per model), of
-full - pruned. Writes ``--out`` (JSON) and the same name with .md, the machine named. Finished jobs are reused.
+full - pruned; and, with ``--rounds``, each network's forward FLOPs and time per patch beside the full network's
+and ``--unet``'s (a U-Net on the same plans). Writes ``--out`` (JSON) and the same name with .md, the machine
+named. Finished jobs are reused.
 """
 from __future__ import annotations
 
@@ -32,7 +34,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # benchmarks/common.py (puts the checkout first)
 from common import (RESULTS, dice_per_label, machine, machine_line, md_table, mean_sd, model_id,  # noqa: E402
-                    nnunet_env, write_json, write_text)
+                    nnunet_env, timed_in_turns, write_json, write_text)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,6 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--variants", nargs="+", default=["default"],
                    help="NAME or 'NAME:nnpp_prune flags' (default: nnpp_prune's defaults)")
     p.add_argument("--unseen", help="a folder with imagesTs/ and labelsTs/ to score as well")
+    p.add_argument("--unet", help="a U-Net model folder (same plans) whose cost per patch to show beside the depths")
+    p.add_argument("--rounds", type=int, default=20, help="timed rounds of the cost table (0: none)")
     p.add_argument("--prune_seed", type=int, default=0)
     p.add_argument("--fits", type=float, default=0.5, help="a structure the full network scores at least this "
                    "counts in the gap (default 0.5)")
@@ -147,6 +151,37 @@ def table(jobs: list, fits: float) -> tuple[list, list]:
     return rows, structures
 
 
+def costs(a, model: str) -> dict:
+    """{network: {"gflop", "ms"}} per patch of the first model's full network, each pruned depth and ``--unet``:
+    forward FLOPs (torch's flop counter) and the median time of a batch of 2 patches per patch, fp32, no grad,
+    ``--threads`` threads, the networks called in turns so that load falls on all alike."""
+    import statistics
+
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from nnpp.model_folder import load_trained_model
+    torch.set_num_threads(a.threads)
+    loaded = load_trained_model(model, [a.fold])
+    nets = {"full network": loaded.build_network()}
+    for depth in sorted(a.depths, reverse=True):
+        nets[f"depth {depth}"] = loaded.build_network()
+        nets[f"depth {depth}"].prune_depth = depth
+    if a.unet:
+        nets["U-Net"] = load_trained_model(os.path.abspath(a.unet), [a.fold]).build_network()
+    x = torch.randn(2, loaded.num_input_channels, *loaded.patch_size)
+    out = {}
+    with torch.no_grad():
+        for name, net in nets.items():
+            with FlopCounterMode(display=False) as counter:
+                net(x[:1])
+            out[name] = {"gflop": counter.get_total_flops() / 1e9}
+        times = timed_in_turns({name: (lambda net=net: net(x)) for name, net in nets.items()}, a.rounds, warmup=2)
+    for name in nets:
+        out[name]["ms"] = statistics.median(times[name]) * 1000 / len(x)
+    return out
+
+
 def markdown(result: dict) -> str:
     structures = result["structures"]
     pm = lambda ms: "—" if ms is None else f"{ms[0]:.3f} ± {ms[1]:.3f}"  # noqa: E731
@@ -158,6 +193,13 @@ def markdown(result: dict) -> str:
                          r["set"], *(pm(r["dice"][s]) for s in structures), pm(r["gap"]),
                          "—" if r["prune_seconds"] is None else f"{r['prune_seconds'][0]:.0f}"]
                         for r in result["rows"]))]
+    if result.get("costs"):
+        full = result["costs"]["full network"]
+        lines += ["", f"Cost per patch {tuple(result['patch'])} (forward, fp32, batch of 2, median of "
+                  f"{result['rounds']} rounds in turns, {result['threads']} thread(s)):", "",
+                  *md_table(["network", "GFLOP", "ms", "x the full network's FLOPs", "x its time"],
+                            ([name, f"{c['gflop']:.3f}", f"{c['ms']:.1f}", f"{c['gflop'] / full['gflop']:.2f}",
+                              f"{c['ms'] / full['ms']:.2f}"] for name, c in result["costs"].items()))]
     return "\n".join(lines) + "\n"
 
 
@@ -180,8 +222,12 @@ def main(argv=None) -> dict:
     with ThreadPoolExecutor(max(1, a.parallel)) as pool:
         jobs = list(pool.map(lambda t: job(a, t[0] or "default", t[1], t[2], sets), todo))
     rows, structures = table(jobs, a.fits)
+    print("[bench_prune] cost per patch ...", flush=True)
     result = {"machine": machine(), "threads": a.threads, "parallel": a.parallel, "fold": a.fold, "fits": a.fits,
-              "models": models, "variants": a.variants, "structures": structures, "rows": rows, "jobs": jobs}
+              "models": models, "variants": a.variants, "structures": structures, "rows": rows, "jobs": jobs,
+              "rounds": a.rounds, "patch": json.load(open(os.path.join(models[0], "plans.json")))["configurations"][
+                  model_id(models[0])[3]]["patch_size"],
+              "costs": costs(a, models[0]) if a.rounds else {}}
     write_json(a.out, result, indent=1)
     write_text(os.path.splitext(a.out)[0] + ".md", markdown(result))
     print(markdown(result))
