@@ -133,8 +133,7 @@ def table(jobs: list, fits: float) -> tuple[list, list]:
     full = {j["model"]: j["dice"] for j in jobs if j["depth"] is None}
     structures = list(next(iter(full.values()))["val"]) if full else []
     rows = []
-    keys = sorted({(j["variant"], j["depth"]) for j in jobs}, key=lambda k: (k[1] is not None, k[0] or "",
-                                                                             -(k[1] or 0)))
+    keys = list(dict.fromkeys((j["variant"], j["depth"]) for j in jobs))  # as run: full, then variant by variant
     for variant, depth in keys:
         these = [j for j in jobs if (j["variant"], j["depth"]) == (variant, depth)]
         for set_name in these[0]["dice"]:

@@ -19,11 +19,13 @@ def _job(model, depth, val, variant="default"):
 def test_gap_counts_only_the_structures_the_full_network_fits():
     import bench_prune
     jobs = [_job("s0", None, (0.8, 0.9)), _job("s1", None, (0.3, 0.9)),      # s1's spleen is not fitted (< 0.5)
-            _job("s0", 3, (0.7, 0.8)), _job("s1", 3, (0.0, 0.88))]
+            _job("s0", 3, (0.7, 0.8)), _job("s1", 3, (0.0, 0.88)), _job("s0", 3, (0.8, 0.9), "b"),
+            _job("s1", 3, (0.3, 0.9), "b")]
     rows, structures = bench_prune.table(jobs, fits=0.5)
     assert structures == ["spleen", "liver"]
-    assert [(r["depth"], r["set"], r["models"]) for r in rows] == [(None, "val", 2), (3, "val", 2)]
-    full, pruned = rows
+    assert [(r["variant"], r["depth"], r["models"]) for r in rows] == [(None, None, 2), ("default", 3, 2), ("b", 3, 2)]
+    assert rows[2]["gap"] == (0.0, 0.0)  # variant b equals the full network
+    full, pruned = rows[:2]
     assert full["gap"] is None
     # s0: ((0.8 - 0.7) + (0.9 - 0.8)) / 2 = 0.1; s1: liver only, 0.9 - 0.88 = 0.02
     mean, sd = pruned["gap"]
