@@ -54,7 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "counts in the gap (default 0.5)")
     p.add_argument("--parallel", type=int, default=2)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--table_only", action="store_true", help="no new jobs: the table from the finished ones")
+    p.add_argument("--table_only", action="store_true", help="no new jobs: the table from the finished ones (the "
+                   "cost table of an existing --out is kept)")
     p.add_argument("--out", default=os.path.join(RESULTS, "prune.json"))
     return p
 
@@ -65,9 +66,9 @@ def variant_flags(spec: str) -> tuple[str, list[str]]:
 
 
 def sets_of(work: str, dataset: str, fold: str, unseen: str | None) -> dict:
-    """{set: (images folder, labels folder)}: the fold's validation cases as symlinks (fold all: imagesTr)."""
+    """{set: [images folder, labels folder]}: the fold's validation cases as symlinks (fold all: imagesTr)."""
     raw = os.path.join(work, "nnUNet_raw", dataset)
-    sets = {"val": (os.path.join(raw, "imagesTr"), os.path.join(raw, "labelsTr"))}
+    sets = {"val": [os.path.join(raw, "imagesTr"), os.path.join(raw, "labelsTr")]}
     if fold != "all":
         with open(os.path.join(work, "nnUNet_preprocessed", dataset, "splits_final.json")) as f:
             cases = json.load(f)[int(fold)]["val"]
@@ -76,9 +77,10 @@ def sets_of(work: str, dataset: str, fold: str, unseen: str | None) -> dict:
         for name in os.listdir(sets["val"][0]):
             if name.rsplit("_", 1)[0] in cases and not os.path.exists(os.path.join(staged, name)):
                 os.symlink(os.path.join(sets["val"][0], name), os.path.join(staged, name))
-        sets["val"] = (staged, sets["val"][1])
+        sets["val"] = [staged, sets["val"][1]]
     if unseen:
-        sets["unseen"] = (os.path.join(unseen, "imagesTs"), os.path.join(unseen, "labelsTs"))
+        unseen = os.path.abspath(unseen)
+        sets["unseen"] = [os.path.join(unseen, "imagesTs"), os.path.join(unseen, "labelsTs")]
     return sets
 
 
@@ -91,36 +93,58 @@ def run(cmd: list, env: dict, log: str) -> float:
     return time.perf_counter() - t0
 
 
+def where(a, variant: str, model: str, depth: int | None) -> tuple[str, str, str]:
+    """(the job's folder, its result file, the model's copy): ``WORK/prune/VARIANT/RUN__MODEL/fold_F/``."""
+    tag = os.path.basename(os.path.dirname(os.path.dirname(model)))  # the run: results/<run>/DATASET/MODEL
+    home = os.path.join(a.work, "prune", variant_flags(variant)[0] if depth else "full",
+                        f"{tag}__{os.path.basename(model)}", f"fold_{a.fold}")
+    return (home, os.path.join(home, f"depth{depth or 'full'}.json"),
+            os.path.join(home, "results", model_id(model)[0], os.path.basename(model)))
+
+
+def finished(a, variant: str, model: str, depth: int | None, sets: dict) -> dict | None:
+    """The job's saved result, if it ran with these pruning flags on these sets; a result of other settings in the
+    same place stops the benchmark (delete it, or use another --work)."""
+    _, done_file, _ = where(a, variant, model, depth)
+    if not os.path.isfile(done_file):
+        return None
+    saved = json.load(open(done_file))
+    if saved.get("flags") != (variant_flags(variant)[1] if depth else []) or saved.get("sets") != sets:
+        sys.exit(f"bench_prune: {done_file} was measured with other flags or sets ({saved.get('flags')}, "
+                 f"{saved.get('sets')}); delete it or use another --work")
+    return saved
+
+
 def job(a, variant: str, model: str, depth: int | None, sets: dict) -> dict:
-    """One model's full network (``depth`` None) or its pruning to ``depth`` with ``variant``; Dice on every set."""
+    """One model's full network (``depth`` None) or its pruning to ``depth`` with ``variant``; Dice on every set.
+    The model's copy must exist (:func:`where`; made before the jobs start, one job never copies for another)."""
+    saved = finished(a, variant, model, depth, sets)
+    if saved:
+        return saved
     dataset, trainer, plans, config = model_id(model)
     name, flags = variant_flags(variant)
-    tag = os.path.basename(os.path.dirname(os.path.dirname(model)))  # the run: results/<run>/DATASET/MODEL
-    home = os.path.join(a.work, "prune", name if depth else "full", tag)
-    done_file = os.path.join(home, f"depth{depth or 'full'}.json")
-    if os.path.isfile(done_file):
-        return json.load(open(done_file))
+    tag = os.path.basename(os.path.dirname(os.path.dirname(model)))
+    home, done_file, copy = where(a, variant, model, depth)
     results = os.path.join(home, "results")
-    copy = os.path.join(results, dataset, os.path.basename(model))
-    if not os.path.isdir(copy):
-        shutil.copytree(model, copy, ignore=shutil.ignore_patterns("prune_depth*", "bench_eval", "onnx*"))
     env = nnunet_env(a.work, results, threads=a.threads, serial=True, NNPP_THREADS=str(a.threads))
     log = os.path.join(home, f"depth{depth or 'full'}.log")
     ident = [dataset, config, a.fold, "-tr", trainer, "-p", plans, "-device", "cpu"]
-    out = {"variant": name if depth else None, "flags": flags if depth else [], "model": tag, "depth": depth}
+    out = {"variant": name if depth else None, "flags": flags if depth else [], "model": tag, "depth": depth,
+           "sets": sets}
     if depth:
         half_done = os.path.isdir(os.path.join(copy, f"fold_{a.fold}", f"prune_depth{depth}"))
         out["prune_seconds"] = run(["nnpp.run.prune", *ident, "--depth", str(depth), "--seed", str(a.prune_seed),
                                     *flags, *(["--c"] if half_done else [])], env, log)
-    labels = [v for v in json.load(open(os.path.join(copy, "dataset.json")))["labels"].values() if v]
-    names = {v: k for k, v in json.load(open(os.path.join(copy, "dataset.json")))["labels"].items()}
+    dataset_json = json.load(open(os.path.join(copy, "dataset.json")))
+    labels = [v for v in dataset_json["labels"].values() if v]
+    names = {v: k for k, v in dataset_json["labels"].items()}
     out["dice"] = {}
     for set_name, (images, label_dir) in sets.items():
         pred = os.path.join(home, f"pred_depth{depth or 'full'}", set_name)
         run(["nnpp.run.predict", "-i", images, "-o", pred, "-d", dataset, "-c", config, "-f", a.fold, "-tr", trainer,
              "-p", plans, "-device", "cpu", "-npp", "0", "-nps", "0", "--disable_progress_bar",
              *(["--depth", str(depth)] if depth else [])], env, log)
-        dice = dice_per_label(label_dir, pred, ".nii.gz", labels)
+        dice = dice_per_label(label_dir, pred, dataset_json["file_ending"], labels)
         out["dice"][set_name] = {names[int(k)]: v for k, v in dice.items()}
     print(f"[bench_prune] {tag} {out['variant'] or 'full'} depth {depth or 'full'}: {out['dice']}", flush=True)
     write_json(done_file, out, indent=None)
@@ -131,6 +155,10 @@ def table(jobs: list, fits: float) -> tuple[list, list]:
     """Rows per (variant, depth, set) and the structures: Dice mean ± sd over models, and the gap to the full
     network over the structures it fits."""
     full = {j["model"]: j["dice"] for j in jobs if j["depth"] is None}
+    missing = sorted({j["model"] for j in jobs} - set(full))
+    if missing:
+        print(f"[bench_prune] left out of the table (no full-network result): {', '.join(missing)}", flush=True)
+        jobs = [j for j in jobs if j["model"] in full]
     structures = list(next(iter(full.values()))["val"]) if full else []
     rows = []
     keys = list(dict.fromkeys((j["variant"], j["depth"]) for j in jobs))  # as run: full, then variant by variant
@@ -159,13 +187,12 @@ def costs(a, model: str) -> dict:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from nnpp.model_folder import load_trained_model
+    from nnpp.model_folder import load_trained_model, set_depth
     torch.set_num_threads(a.threads)
     loaded = load_trained_model(model, [a.fold])
     nets = {"full network": loaded.build_network()}
     for depth in sorted(a.depths, reverse=True):
-        nets[f"depth {depth}"] = loaded.build_network()
-        nets[f"depth {depth}"].prune_depth = depth
+        nets[f"depth {depth}"] = set_depth(loaded.build_network(), depth)
     if a.unet:
         nets["U-Net"] = load_trained_model(os.path.abspath(a.unet), [a.fold]).build_network()
     x = torch.randn(2, loaded.num_input_channels, *loaded.patch_size)
@@ -215,18 +242,22 @@ def main(argv=None) -> dict:
     sets = sets_of(a.work, datasets.pop(), a.fold, a.unseen)
     todo = [(None, m, None) for m in models] + [(v, m, d) for v in a.variants for d in a.depths for m in models]
     if a.table_only:
-        todo = [t for t in todo if os.path.isfile(os.path.join(
-            a.work, "prune", variant_flags(t[0])[0] if t[2] else "full",
-            os.path.basename(os.path.dirname(os.path.dirname(t[1]))), f"depth{t[2] or 'full'}.json"))]
+        todo = [t for t in todo if finished(a, t[0] or "default", t[1], t[2], sets)]
+    for variant, model, depth in todo:  # the copies first: jobs of one model at two depths share one
+        copy = where(a, variant or "default", model, depth)[2]
+        if not os.path.isdir(copy) and not finished(a, variant or "default", model, depth, sets):
+            shutil.copytree(model, copy, ignore=shutil.ignore_patterns("prune_depth*", "bench_eval", "onnx*"))
     with ThreadPoolExecutor(max(1, a.parallel)) as pool:
         jobs = list(pool.map(lambda t: job(a, t[0] or "default", t[1], t[2], sets), todo))
     rows, structures = table(jobs, a.fits)
-    print("[bench_prune] cost per patch ...", flush=True)
+    old = json.load(open(a.out)) if a.table_only and os.path.isfile(a.out) else {}
+    if not old.get("costs") and a.rounds:
+        print("[bench_prune] cost per patch ...", flush=True)
     result = {"machine": machine(), "threads": a.threads, "parallel": a.parallel, "fold": a.fold, "fits": a.fits,
               "models": models, "variants": a.variants, "structures": structures, "rows": rows, "jobs": jobs,
-              "rounds": a.rounds, "patch": json.load(open(os.path.join(models[0], "plans.json")))["configurations"][
-                  model_id(models[0])[3]]["patch_size"],
-              "costs": costs(a, models[0]) if a.rounds else {}}
+              "rounds": old.get("rounds", a.rounds), "patch": json.load(open(os.path.join(models[0], "plans.json")))[
+                  "configurations"][model_id(models[0])[3]]["patch_size"],
+              "costs": old.get("costs") or (costs(a, models[0]) if a.rounds else {})}
     write_json(a.out, result, indent=1)
     write_text(os.path.splitext(a.out)[0] + ".md", markdown(result))
     print(markdown(result))

@@ -43,3 +43,25 @@ def test_refuses_a_folder_without_a_trained_fold(tmp_path):
     assert p.returncode != 0
     assert "has no fold_0/checkpoint_final.pth" in p.stderr
     assert not (tmp_path / "out.json").exists() and not (tmp_path / "prune").exists()
+
+
+def test_a_result_of_other_pruning_flags_is_not_reused(tmp_path):
+    """A finished job is reused only when it ran with the same nnpp_prune flags on the same sets; otherwise the
+    benchmark stops with a line naming the file, instead of tabulating it under the new flags."""
+    import argparse
+    import json
+
+    import bench_prune
+    a = argparse.Namespace(work=str(tmp_path), fold="all")
+    model = str(tmp_path / "results" / "run0" / "Dataset950_X" / "nnUNetPlusPlusTrainer__nnUNetPlans__2d")
+    sets = {"val": ["/images", "/labels"]}
+    _, done_file, _ = bench_prune.where(a, "v:-a 0.9", model, 3)
+    os.makedirs(os.path.dirname(done_file))
+    with open(done_file, "w") as f:
+        json.dump({"flags": ["-a", "0.9"], "sets": sets, "dice": {}}, f)
+    assert bench_prune.finished(a, "v:-a 0.9", model, 3, sets)["flags"] == ["-a", "0.9"]
+    assert bench_prune.finished(a, "v:-a 0.9", model, 2, sets) is None          # another depth: not run yet
+    with pytest.raises(SystemExit, match="measured with other flags or sets"):
+        bench_prune.finished(a, "v:-a 0.5", model, 3, sets)
+    with pytest.raises(SystemExit, match="measured with other flags or sets"):
+        bench_prune.finished(a, "v:-a 0.9", model, 3, {"val": ["/images", "/labels"], "unseen": ["/u", "/l"]})
