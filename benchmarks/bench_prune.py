@@ -8,7 +8,7 @@ depth with each pruning variant, scored beside the full network on the same sets
 ``--work`` holds the models' nnUNet_raw and nnUNet_preprocessed (e.g. ``bench_convergence.py --task ts_example_ct``'s
 work folder, whose ``results/<run>/DATASET/TRAINER__PLANS__CONFIG`` are the models). Each (variant, model, depth) is
 one job, ``--parallel`` at a time with ``--threads`` each: the model folder is copied to
-``WORK/prune/VARIANT/<model>/`` (the original is never written), ``nnpp_prune DATASET CONFIG FOLD --depth K
+``WORK/prune/VARIANT/RUN__MODEL/fold_F/`` (the original is never written), ``nnpp_prune DATASET CONFIG FOLD --depth K
 VARIANT_FLAGS --seed --prune_seed`` runs there (a half-done pruning continues with ``--c``), and ``nnpp_predict
 --depth K`` (the distilled weights, no flag) predicts every set. The full network of each model predicts the same
 sets. Sets: ``val``, the fold's validation cases (fold ``all``: the training cases) with the dataset's labels, and
@@ -18,7 +18,7 @@ The table gives, per variant, depth and set, the Dice of each structure (mean ±
 the full network: the mean, over the structures the full network fits (Dice >= ``--fits``, per model), of
 full - pruned; and, with ``--rounds``, each network's forward FLOPs and time per patch beside the full network's
 and ``--unet``'s (a U-Net on the same plans). Writes ``--out`` (JSON) and the same name with .md, the machine
-named. Finished jobs are reused.
+named. Finished jobs are reused when they ran with the same flags on the same sets.
 """
 from __future__ import annotations
 
@@ -27,14 +27,12 @@ import json
 import os
 import shlex
 import shutil
-import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # benchmarks/common.py (puts the checkout first)
 from common import (RESULTS, dice_per_label, machine, machine_line, md_table, mean_sd, model_id,  # noqa: E402
-                    nnunet_env, timed_in_turns, write_json, write_text)
+                    nnunet_env, run_logged, timed_in_turns, write_json, write_text)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -84,15 +82,6 @@ def sets_of(work: str, dataset: str, fold: str, unseen: str | None) -> dict:
     return sets
 
 
-def run(cmd: list, env: dict, log: str) -> float:
-    t0 = time.perf_counter()
-    with open(log, "a") as f:
-        rc = subprocess.run([sys.executable, "-m", *cmd], env=env, stdout=f, stderr=subprocess.STDOUT).returncode
-    if rc:
-        raise SystemExit(f"bench_prune: failed (rc {rc}): {' '.join(cmd)} (see {log})")
-    return time.perf_counter() - t0
-
-
 def where(a, variant: str, model: str, depth: int | None) -> tuple[str, str, str]:
     """(the job's folder, its result file, the model's copy): ``WORK/prune/VARIANT/RUN__MODEL/fold_F/``."""
     tag = os.path.basename(os.path.dirname(os.path.dirname(model)))  # the run: results/<run>/DATASET/MODEL
@@ -118,32 +107,30 @@ def finished(a, variant: str, model: str, depth: int | None, sets: dict) -> dict
 def job(a, variant: str, model: str, depth: int | None, sets: dict) -> dict:
     """One model's full network (``depth`` None) or its pruning to ``depth`` with ``variant``; Dice on every set.
     The model's copy must exist (:func:`where`; made before the jobs start, one job never copies for another)."""
-    saved = finished(a, variant, model, depth, sets)
-    if saved:
-        return saved
     dataset, trainer, plans, config = model_id(model)
     name, flags = variant_flags(variant)
     tag = os.path.basename(os.path.dirname(os.path.dirname(model)))
     home, done_file, copy = where(a, variant, model, depth)
     results = os.path.join(home, "results")
     env = nnunet_env(a.work, results, threads=a.threads, serial=True, NNPP_THREADS=str(a.threads))
-    log = os.path.join(home, f"depth{depth or 'full'}.log")
+    log = os.path.join(home, f"depth{depth or 'full'}")  # + _prune.log, _predict_SET.log
     ident = [dataset, config, a.fold, "-tr", trainer, "-p", plans, "-device", "cpu"]
     out = {"variant": name if depth else None, "flags": flags if depth else [], "model": tag, "depth": depth,
            "sets": sets}
     if depth:
         half_done = os.path.isdir(os.path.join(copy, f"fold_{a.fold}", f"prune_depth{depth}"))
-        out["prune_seconds"] = run(["nnpp.run.prune", *ident, "--depth", str(depth), "--seed", str(a.prune_seed),
-                                    *flags, *(["--c"] if half_done else [])], env, log)
+        out["prune_seconds"] = run_logged(["nnpp.run.prune", *ident, "--depth", str(depth), "--seed",
+                                           str(a.prune_seed), *flags, *(["--c"] if half_done else [])], env,
+                                          log + "_prune.log")
     dataset_json = json.load(open(os.path.join(copy, "dataset.json")))
     labels = [v for v in dataset_json["labels"].values() if v]
     names = {v: k for k, v in dataset_json["labels"].items()}
     out["dice"] = {}
     for set_name, (images, label_dir) in sets.items():
         pred = os.path.join(home, f"pred_depth{depth or 'full'}", set_name)
-        run(["nnpp.run.predict", "-i", images, "-o", pred, "-d", dataset, "-c", config, "-f", a.fold, "-tr", trainer,
-             "-p", plans, "-device", "cpu", "-npp", "0", "-nps", "0", "--disable_progress_bar",
-             *(["--depth", str(depth)] if depth else [])], env, log)
+        run_logged(["nnpp.run.predict", "-i", images, "-o", pred, "-d", dataset, "-c", config, "-f", a.fold, "-tr",
+                    trainer, "-p", plans, "-device", "cpu", "-npp", "0", "-nps", "0", "--disable_progress_bar",
+                    *(["--depth", str(depth)] if depth else [])], env, log + f"_predict_{set_name}.log")
         dice = dice_per_label(label_dir, pred, dataset_json["file_ending"], labels)
         out["dice"][set_name] = {names[int(k)]: v for k, v in dice.items()}
     print(f"[bench_prune] {tag} {out['variant'] or 'full'} depth {depth or 'full'}: {out['dice']}", flush=True)
@@ -240,15 +227,16 @@ def main(argv=None) -> dict:
     if len(datasets) != 1:
         sys.exit(f"bench_prune: the models belong to {len(datasets)} datasets ({', '.join(sorted(datasets))}); give one")
     sets = sets_of(a.work, datasets.pop(), a.fold, a.unseen)
-    todo = [(None, m, None) for m in models] + [(v, m, d) for v in a.variants for d in a.depths for m in models]
+    todo = [("default", m, None) for m in models] + [(v, m, d) for v in a.variants for d in a.depths for m in models]
+    done = {t: finished(a, *t, sets) for t in todo}
     if a.table_only:
-        todo = [t for t in todo if finished(a, t[0] or "default", t[1], t[2], sets)]
-    for variant, model, depth in todo:  # the copies first: jobs of one model at two depths share one
-        copy = where(a, variant or "default", model, depth)[2]
-        if not os.path.isdir(copy) and not finished(a, variant or "default", model, depth, sets):
-            shutil.copytree(model, copy, ignore=shutil.ignore_patterns("prune_depth*", "bench_eval", "onnx*"))
+        todo = [t for t in todo if done[t]]
+    for t in todo:  # the copies first: jobs of one model at two depths share one
+        copy = where(a, *t)[2]
+        if not done[t] and not os.path.isdir(copy):
+            shutil.copytree(t[1], copy, ignore=shutil.ignore_patterns("prune_depth*", "bench_eval", "onnx*"))
     with ThreadPoolExecutor(max(1, a.parallel)) as pool:
-        jobs = list(pool.map(lambda t: job(a, t[0] or "default", t[1], t[2], sets), todo))
+        jobs = list(pool.map(lambda t: done[t] or job(a, *t, sets), todo))
     rows, structures = table(jobs, a.fits)
     old = json.load(open(a.out)) if a.table_only and os.path.isfile(a.out) else {}
     if not old.get("costs") and a.rounds:
