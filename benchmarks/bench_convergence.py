@@ -23,6 +23,8 @@ Networks (``--networks``; the UNet++ variants keep the network; the ``--ds_weigh
   unetpp_trained     ``--shallow_heads trained``: every head's loss trains the network (nnpp's earlier default)
   unetpp_last        deep supervision off: X^{0,L}'s loss alone (benchmark hook)
   unetpp_msds        nnU-Net's multi-resolution deep supervision on UNet++'s U-Net path added (benchmark hook)
+  unetpp_pg03/_pg1   the default's probe heads passing 0.3 / 1.0 of their gradient to the network (decoder.probe_grad;
+                     benchmark hook): X^{0,L} at weight 1, the shallower heads' loss at 1/2, 1/4, ... scaled by s
   unetpp             nnpp's UNet++ with ``--ds_weights equal`` (1/L per head: nnpp's first default)
   unetpp_descending  ``--ds_weights descending`` (nnU-Net's halving from X^{0,L} down; X^{0,L} gets ~1/2)
   unetpp_decay       ``--ds_weights decay`` (equal at the start, only X^{0,L} at the end)
@@ -66,6 +68,9 @@ NETWORKS = {
     "unetpp_default": (UNETPP, ["--amp", "O0"], None),
     "unetpp_last": (UNETPP, ["--amp", "O0"], "last"),
     "unetpp_msds": (UNETPP, ["--amp", "O0"], "msds"),
+    # probe heads whose gradient reaches the network scaled by s (decoder.probe_grad): the main head at weight 1
+    "unetpp_pg03": (UNETPP, ["--amp", "O0"], "pg0.3"),
+    "unetpp_pg1": (UNETPP, ["--amp", "O0"], "pg1.0"),
 }
 #: the real-CT task (--task ts_example_ct, the shared builder common.TS_BUILDER): its dataset id
 TS_ID = 950
@@ -284,6 +289,13 @@ def run_one(network: str, seed: int, points: list[int], iters_per_epoch: int, da
             trainer.deep_supervision_weights = lambda: [1.0] * trainer.num_heads
         if hook == "msds":
             install_multiscale_ds(trainer)
+        if hook and hook.startswith("pg"):  # probe heads passing the fraction s of their gradient to the network
+            initialize = trainer.initialize
+
+            def init_probe_grad():
+                initialize()
+                trainer.bare_network.decoder.probe_grad = float(hook[2:])
+            trainer.initialize = init_probe_grad
         if hook == "last":  # deep supervision off: X^{0,L} alone (the other heads get no gradient)
             trainer.deep_supervision_weights = lambda: [1.0] + [0.0] * (trainer.num_heads - 1)
         on_epoch_start, on_epoch_end = trainer.on_epoch_start, trainer.on_epoch_end

@@ -103,6 +103,35 @@ def test_probe_heads_learn_alone_and_the_network_learns_from_the_deepest_head():
     assert len(deep) > 0.9 * (len(list(net.named_parameters())) - 4)  # the whole body (some InstanceNorm biases cancel)
 
 
+def test_probe_grad_passes_that_fraction_of_the_probe_heads_gradient_to_the_network():
+    """decoder.probe_grad = s: the shallow heads' loss reaches the body with exactly s times the gradient it has when
+    the heads are trained, and their own 1x1 convs with all of it; X^{0,L}'s gradient and every output unchanged."""
+    torch.manual_seed(0)
+    kw = plans_kwargs(2, 3, conv_bias=False)
+    net = UNetPlusPlus(**kw, deep_supervision=True)
+    net.apply(net.initialize)
+    x = torch.randn(input_shape(kw))
+
+    def grads(probe_grad):
+        net.decoder.probe_heads, net.decoder.probe_grad = probe_grad is not None, probe_grad or 0.0
+        net.zero_grad(set_to_none=True)
+        outs = net(x)
+        (sum(o.square().mean() for o in outs[1:]) + 0.0 * outs[0].sum()).backward()
+        return [o.detach() for o in outs], {n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None}
+    outs_trained, trained = grads(None)
+    outs_quarter, quarter = grads(0.25)
+    assert all(torch.equal(a, b) for a, b in zip(outs_trained, outs_quarter))
+    heads = {f"decoder.seg_layers.{j}.{w}" for j in (0, 1) for w in ("weight", "bias")}
+    body = [n for n in trained if n not in heads and trained[n].abs().sum() > 0]
+    assert "encoder.stages.0.0.convs.0.conv.weight" in body and len(body) > 10
+    for n in body:
+        torch.testing.assert_close(quarter[n], 0.25 * trained[n], rtol=1e-4, atol=1e-7)
+    for n in heads:
+        torch.testing.assert_close(quarter[n], trained[n])
+    _, probe = grads(0.0)  # a probe: the body gets nothing from the shallow heads
+    assert {n for n, g in probe.items() if g.abs().sum() > 0} == heads
+
+
 @pytest.mark.parametrize("dim,depth", [(3, 4), (2, 3)])
 def test_nested_wiring(dim, depth):
     """Read off the running network with forward hooks: node X^{i,j} receives exactly

@@ -12,7 +12,8 @@ bottom-up). One 1x1 segmentation head sits on every top-row node X^{0,1..L}, all
 Outputs: with deep supervision, ``[X^{0,L}, X^{0,L-1}, ..., X^{0,1}]`` (deepest first, so ``output[0]`` is
 what nnU-Net uses for pseudo-Dice and prediction); without, X^{0,L} alone. ``decoder.probe_heads`` (set by the
 trainer's ``shallow_heads="probe"``) makes the heads X^{0,j<L} read their node detached, so their loss trains only
-the head. All heads are always built, so a
+the head; ``decoder.probe_grad`` = s in (0, 1] lets the fraction s of their gradient through to the node (same
+forward values). All heads are always built, so a
 checkpoint loads either way. Pruning (the paper's inference-time feature): ``depth=k`` (argument or the
 ``prune_depth`` attribute) computes only the nodes X^{i,j} with i + j <= k and the encoder stages 0..k, and
 returns X^{0,k} (or ``[X^{0,k}, ..., X^{0,1}]`` with deep supervision).
@@ -106,6 +107,8 @@ class UNetPlusPlusDecoder(nn.Module):
         #: with deep supervision, the heads X^{0,j<k} read their node detached: their loss trains only the head (the
         #: trainer's ``shallow_heads="probe"``); a run-time switch like ``deep_supervision``, no parameter changes
         self.probe_heads = False
+        #: under ``probe_heads``: the fraction of the probe heads' gradient that reaches their node (0: detached)
+        self.probe_grad = 0.0
         transpconv = get_matching_convtransp(conv_op=encoder.conv_op)
         block_kwargs = dict(conv_bias=encoder.conv_bias, norm_op=encoder.norm_op,
                             norm_op_kwargs=encoder.norm_op_kwargs, dropout_op=encoder.dropout_op,
@@ -155,9 +158,14 @@ class UNetPlusPlusDecoder(nn.Module):
                     x = self._node(i, j, rows[i + 1][j - 1], *rows[i])
                 rows[i].append(x)
         if self.deep_supervision:
-            return [self.seg_layers[j - 1](rows[0][j].detach() if self.probe_heads and j < k else rows[0][j])
+            return [self.seg_layers[j - 1](self._probe(rows[0][j]) if self.probe_heads and j < k else rows[0][j])
                     for j in range(k, 0, -1)]
         return self.seg_layers[k - 1](rows[0][k])
+
+    def _probe(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` as a probe head reads it: the same values, the fraction ``probe_grad`` of the gradient passed on."""
+        s = self.probe_grad
+        return x.detach() if not s else x.detach() + s * (x - x.detach())
 
     def level_sizes(self, input_size) -> List[List[int]]:
         """Spatial size of level i (X^{i,*}) for an input of ``input_size`` voxels per axis."""
