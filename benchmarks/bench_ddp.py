@@ -3,9 +3,9 @@
     python benchmarks/bench_ddp.py [--steps 30] [--warmup 5]
 
 Builds a small synthetic Task03-like dataset (nnpp's built-in generator, nnU-Net's pipeline) in a temp
-folder, runs ``nnpp_train --other_use fps`` with 1 and 2 processes under torchrun, reads each perf.json and
-writes JSON (benchmarks/results/ddp_cpu.json) and a table. On a GPU/NPU box the same script with
-``-device cuda`` measures multi-device scaling (set --nproc to the device count).
+folder (removed at the end), runs ``nnpp_train --other_use fps`` with 1 and 2 processes under torchrun, reads
+each perf.json and writes JSON (benchmarks/results/ddp_cpu.json) and a table. On a GPU/NPU box the same script
+with ``-device cuda`` measures multi-device scaling (set --nproc to the device count).
 """
 from __future__ import annotations
 
@@ -28,19 +28,19 @@ def main():
     p.add_argument("--out", default=os.path.join(RESULTS, "ddp_cpu.json"))
     a = p.parse_args()
 
-    work = tempfile.mkdtemp(prefix="nnpp_bench_ddp_")
-    env = nnunet_env(work, serial=True, OMP_NUM_THREADS="1", nnUNet_compile="false")
-    prep = ("from nnpp.data.synthetic import make_msd_task, prepare_dataset\n"
-            f"m = make_msd_task({work!r}, 902, n_train=6, n_test=0, seed=2)\n"
-            "prepare_dataset(m, 902, num_processes=2, base_features=8, max_features=64, max_patch=(32, 48, 48))\n")
-    run_checked([sys.executable, "-c", prep], "preparing the dataset", env)
+    with tempfile.TemporaryDirectory(prefix="nnpp_bench_ddp_") as work:  # the synthetic dataset and its runs
+        env = nnunet_env(work, serial=True, OMP_NUM_THREADS="1", nnUNet_compile="false")
+        prep = ("from nnpp.data.synthetic import make_msd_task, prepare_dataset\n"
+                f"m = make_msd_task({work!r}, 902, n_train=6, n_test=0, seed=2)\n"
+                "prepare_dataset(m, 902, num_processes=2, base_features=8, max_features=64, max_patch=(32, 48, 48))\n")
+        run_checked([sys.executable, "-c", prep], "preparing the dataset", env)
 
-    rows = []
-    for n in a.nproc:
-        run_checked(torchrun(n, "nnpp.run.train", "902", "3d_fullres", "0", "-device", a.device, "--other_use", "fps",
-                             "--warmup", a.warmup, "--steps", a.steps), f"{n} process(es)", env)
-        with open(latest_fps_perf(env["nnUNet_results"])) as f:
-            rows.append(json.load(f))
+        rows = []
+        for n in a.nproc:
+            run_checked(torchrun(n, "nnpp.run.train", "902", "3d_fullres", "0", "-device", a.device, "--other_use", "fps",
+                                 "--warmup", a.warmup, "--steps", a.steps), f"{n} process(es)", env)
+            with open(latest_fps_perf(env["nnUNet_results"])) as f:
+                rows.append(json.load(f))
     base = rows[0]["images_per_s_total"]
     for r in rows:
         r["speedup_vs_first"] = r["images_per_s_total"] / base
