@@ -13,9 +13,10 @@ largest point (one poly-LR schedule); at every point nnU-Net's own validation (s
 
 Real data (``--task ts_example_ct``): the shared real CT of ``../shared/datasets/ts_example_ct.py`` (spleen,
 liver, stomach, aorta; ``--chunks K`` cuts it into z-slabs so ``--fold`` can hold some out) planned with
-``SmallUNetPlanner(950, base_features=8, max_patch=(32, 96, 96))``, 2d, the planner's batch; the final model of every
-run is also scored per head (pruned depth k, mean of all heads) on the fold's validation cases and, with
-``--unseen``, on a second patient (TotalSegmentator's DICOM example CT). ``--table_only`` rebuilds the tables.
+``SmallUNetPlanner(950, base_features=8, max_patch=(32, 96, 96))`` (``--max_patch``), 2d or ``--config
+3d_fullres``, the planner's batch; the final model of every run is also scored per head (pruned depth k, mean of
+all heads) on the fold's validation cases and, with ``--unseen``, on a second patient (TotalSegmentator's DICOM
+example CT). ``--table_only`` rebuilds the tables.
 
 Networks (``--networks``; the UNet++ variants keep the network; the ``--ds_weights`` rows train every head):
   unet               nnU-Net's PlainConvUNet, nnUNetTrainer
@@ -91,13 +92,13 @@ def prepare(work: str, cases: int, size: int, batch: int, base: int) -> str:
     return name
 
 
-def prepare_ts(work: str, chunks: int, builder: str) -> str:
+def prepare_ts(work: str, chunks: int, builder: str, config: str = "2d", max_patch=(32, 96, 96)) -> str:
     """The real CT of the shared builder (TotalSegmentator's example CT, spleen/liver/stomach/aorta, ``chunks`` z-slabs)
-    planned small: ``SmallUNetPlanner(950, base_features=8, max_patch=(32, 96, 96))``, 2d preprocessed."""
+    planned small: ``SmallUNetPlanner(950, base_features=8, max_patch=max_patch)``, ``config`` preprocessed."""
     from nnpp.data.synthetic import plan_and_preprocess
     subprocess.run([sys.executable, builder, os.environ["nnUNet_raw"], "--id", str(TS_ID), "--chunks", str(chunks)],
                    check=True)
-    return plan_and_preprocess(TS_ID, ("2d",), 2, "SmallUNetPlanner", base_features=8, max_patch=(32, 96, 96))
+    return plan_and_preprocess(TS_ID, (config,), 2, "SmallUNetPlanner", base_features=8, max_patch=tuple(max_patch))
 
 
 def prepare_unseen(work: str, builder: str, labels: dict) -> str:
@@ -265,7 +266,7 @@ def install_multiscale_ds(trainer) -> None:
 
 
 def run_one(network: str, seed: int, points: list[int], iters_per_epoch: int, dataset_id: int = DATASET_ID,
-            fold: str = "0", unseen: str | None = None) -> dict:
+            fold: str = "0", unseen: str | None = None, config: str = "2d") -> dict:
     """Train ``network`` with ``seed`` once to max(points) iterations with nnpp_train; nnU-Net's validation Dice
     at every point. Runs inside a worker process whose environment names the nnU-Net folders."""
     import torch
@@ -316,7 +317,7 @@ def run_one(network: str, seed: int, points: list[int], iters_per_epoch: int, da
         trainer.on_epoch_start, trainer.on_epoch_end = start_clock, evaluate_at_points
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    argv = [str(dataset_id), "2d", fold, "-tr", trainer_name, "-device", "cpu", "--epochs", str(epochs), "--iters",
+    argv = [str(dataset_id), config, fold, "-tr", trainer_name, "-device", "cpu", "--epochs", str(epochs), "--iters",
             str(iters_per_epoch), "--val_iters", "1", "--seed", str(seed), *flags]
     trainer = train.run(train.build_parser().parse_args(argv), setup=setup)
     dice[max(points)] = summary(trainer)
@@ -339,7 +340,7 @@ def run_one(network: str, seed: int, points: list[int], iters_per_epoch: int, da
 
 
 def measure_speed(networks: list[str], iters: int, block: int = 5, dataset_id: int = DATASET_ID,
-                  fold: str = "0") -> dict:
+                  fold: str = "0", config: str = "2d") -> dict:
     """Seconds per full training iteration (next batch + train step) for each network, measured alternately in
     blocks of ``block`` iterations in this one process (same threads, same load); median over blocks."""
     import statistics
@@ -351,7 +352,7 @@ def measure_speed(networks: list[str], iters: int, block: int = 5, dataset_id: i
     trainers, loaders = {}, {}
     for net in networks:
         trainer_name, flags, _ = NETWORKS[net]
-        t = train.make_trainer(str(dataset_id), "2d", fold, trainer_name, device=torch.device("cpu"))
+        t = train.make_trainer(str(dataset_id), config, fold, trainer_name, device=torch.device("cpu"))
         if hasattr(t, "configure_amp"):
             t.configure_amp("O0")
         t.initialize()
@@ -513,8 +514,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--speed_iters", type=int, default=40, help="iterations per network for s/it (0: skip)")
     p.add_argument("--task", choices=("synthetic", "ts_example_ct"), default="synthetic",
                    help="synthetic: nnpp.data.synthetic_multi; ts_example_ct: the real CT of the shared builder "
-                        "(spleen, liver, stomach, aorta; 2d, SmallUNetPlanner base 8, patch <= 96 x 96, the planner's "
+                        "(spleen, liver, stomach, aorta; --config, SmallUNetPlanner base 8, patch <= --max_patch, the planner's "
                         "batch), with per-head / pruned / head-mean Dice of the final models")
+    p.add_argument("--config", choices=("2d", "3d_fullres"), default="2d",
+                   help="ts_example_ct: the nnU-Net configuration every network trains (the synthetic task is 2d)")
+    p.add_argument("--max_patch", nargs=3, type=int, default=[32, 96, 96], metavar=("Z", "Y", "X"),
+                   help="ts_example_ct: SmallUNetPlanner's largest patch (2d plans use Y x X); default 32 96 96")
     p.add_argument("--chunks", type=int, default=1, help="ts_example_ct: z-slabs (cases); 1 = one case, fold all")
     p.add_argument("--fold", default=None, help="fold to train (default: 0; 'all' for ts_example_ct with 1 chunk)")
     p.add_argument("--builder", default=TS_BUILDER, help="path of the shared ts_example_ct.py builder")
@@ -535,6 +540,8 @@ def check_args(a) -> None:
                         f"--iters_per_epoch {a.iters_per_epoch}")
     if len(set(a.seeds)) != len(a.seeds):
         raise NnppError("--seeds: give each seed once")
+    if a.task != "ts_example_ct" and (a.config != "2d" or a.max_patch != [32, 96, 96]):
+        raise NnppError("--config and --max_patch plan the real CT: use them with --task ts_example_ct")
 
 
 @entry_point("bench_convergence")
@@ -547,26 +554,27 @@ def main(argv=None) -> dict | None:
     unseen = os.path.join(work, "unseen") if ts and a.unseen else None
     if a.worker:  # child: environment set by the parent
         result = run_one(a.worker[0], int(a.worker[1]), a.points, a.iters_per_epoch, TS_ID if ts else DATASET_ID,
-                         a.fold, unseen)
+                         a.fold, unseen, a.config)
         print_result(result)
         return None
     if a.speed_worker:
         print_result(measure_speed(["unet", "unetpp"], a.speed_iters, dataset_id=TS_ID if ts else DATASET_ID,
-                                   fold=a.fold))
+                                   fold=a.fold, config=a.config))
         return None
 
     check_args(a)
     os.makedirs(os.path.join(work, "runs"), exist_ok=True)
     os.environ.update(nnunet_env(work, threads=a.threads, serial=True))
     if ts:
+        patch = a.max_patch[1:] if a.config == "2d" else a.max_patch
         task = {"dataset": "ts_example_ct (TotalSegmentator's example CT, 3 mm)", "chunks": a.chunks, "fold": a.fold,
-                "plans": "SmallUNetPlanner base 8, max patch 96 x 96, 2d"}
+                "plans": f"SmallUNetPlanner base 8, max patch {' x '.join(map(str, patch))}, {a.config}"}
     else:
         task = {"cases": a.cases, "slices_per_case": 6, "size": a.size, "batch": a.batch, "base_features": a.base}
     marker = os.path.join(work, "prepared.json")
     if not os.path.isfile(marker) or json.load(open(marker)) != task:
         # nnunetv2 is first imported here, after its paths are set
-        prepare_ts(work, a.chunks, a.builder) if ts else prepare(work, a.cases, a.size, a.batch, a.base)
+        prepare_ts(work, a.chunks, a.builder, a.config, a.max_patch) if ts else prepare(work, a.cases, a.size, a.batch, a.base)
         write_json(marker, task, indent=None)
     if unseen:
         labels = json.load(open(os.path.join(os.environ["nnUNet_raw"], f"Dataset{TS_ID}_TSExampleCT", "dataset.json")))
@@ -574,6 +582,7 @@ def main(argv=None) -> dict | None:
 
     base_cmd = [sys.executable, os.path.abspath(__file__), "--iters_per_epoch", str(a.iters_per_epoch), "--points",
                 *map(str, a.points), "--workdir", work, "--task", a.task, "--chunks", str(a.chunks), "--fold", a.fold,
+                "--config", a.config, "--max_patch", *map(str, a.max_patch),
                 *(["--unseen"] if unseen else [])]
     def done(n, s) -> bool:  # a finished run; with --unseen, scored against the aligned labels (older runs: not)
         path = os.path.join(work, "runs", f"{n}_s{s}.json")

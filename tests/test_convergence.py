@@ -141,3 +141,11 @@ def test_bench_convergence_smoke(tmp_path):
     bad = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_convergence.py"), "--points", "3",
                           "--iters_per_epoch", "2", "--workdir", str(tmp_path / "bad")], capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "multiple of --iters_per_epoch" in bad.stderr
+
+
+def test_bench_convergence_refuses_3d_plans_for_the_synthetic_task(tmp_path):
+    """--config/--max_patch plan the real CT; on the synthetic 2D task they are one error line, nothing written."""
+    bad = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_convergence.py"), "--config",
+                          "3d_fullres", "--workdir", str(tmp_path / "bad")], capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "--task ts_example_ct" in bad.stderr
+    assert not (tmp_path / "bad").exists()
