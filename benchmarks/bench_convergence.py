@@ -514,8 +514,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--speed_iters", type=int, default=40, help="iterations per network for s/it (0: skip)")
     p.add_argument("--task", choices=("synthetic", "ts_example_ct"), default="synthetic",
                    help="synthetic: nnpp.data.synthetic_multi; ts_example_ct: the real CT of the shared builder "
-                        "(spleen, liver, stomach, aorta; --config, SmallUNetPlanner base 8, patch <= --max_patch, the planner's "
-                        "batch), with per-head / pruned / head-mean Dice of the final models")
+                        "(spleen, liver, stomach, aorta; --config, SmallUNetPlanner base 8, patch <= --max_patch, the "
+                        "planner's batch), with per-head / pruned / head-mean Dice of the final models")
     p.add_argument("--config", choices=("2d", "3d_fullres"), default="2d",
                    help="ts_example_ct: the nnU-Net configuration every network trains (the synthetic task is 2d)")
     p.add_argument("--max_patch", nargs=3, type=int, default=[32, 96, 96], metavar=("Z", "Y", "X"),
@@ -572,9 +572,18 @@ def main(argv=None) -> dict | None:
     else:
         task = {"cases": a.cases, "slices_per_case": 6, "size": a.size, "batch": a.batch, "base_features": a.base}
     marker = os.path.join(work, "prepared.json")
+    runs_dir = os.path.join(work, "runs")
+    finished_runs = any(f.endswith(".json") for f in os.listdir(runs_dir))
+    if os.path.isfile(marker) and json.load(open(marker)) != task and finished_runs:
+        from nnpp import NnppError  # its finished runs (and speed) belong to the data it was prepared with
+        raise NnppError(f"--workdir {work} holds runs on other data or plans ({json.load(open(marker))}); give a new "
+                        f"--workdir for these options")
     if not os.path.isfile(marker) or json.load(open(marker)) != task:
         # nnunetv2 is first imported here, after its paths are set
-        prepare_ts(work, a.chunks, a.builder, a.config, a.max_patch) if ts else prepare(work, a.cases, a.size, a.batch, a.base)
+        if ts:
+            prepare_ts(work, a.chunks, a.builder, a.config, a.max_patch)
+        else:
+            prepare(work, a.cases, a.size, a.batch, a.base)
         write_json(marker, task, indent=None)
     if unseen:
         labels = json.load(open(os.path.join(os.environ["nnUNet_raw"], f"Dataset{TS_ID}_TSExampleCT", "dataset.json")))

@@ -149,3 +149,20 @@ def test_bench_convergence_refuses_3d_plans_for_the_synthetic_task(tmp_path):
                           "3d_fullres", "--workdir", str(tmp_path / "bad")], capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "--task ts_example_ct" in bad.stderr
     assert not (tmp_path / "bad").exists()
+
+
+def test_bench_convergence_refuses_a_workdir_whose_runs_are_on_other_data(tmp_path):
+    """A workdir prepared with other options keeps its finished runs: new options there are one error line, and
+    neither its runs nor its marker are touched."""
+    work = tmp_path / "work"
+    (work / "runs").mkdir(parents=True)
+    marker = work / "prepared.json"
+    marker.write_text(json.dumps({"dataset": "ts_example_ct", "plans": "SmallUNetPlanner, max patch 96 x 96, 2d"}))
+    (work / "runs" / "unet_s0.json").write_text("{}")
+    bad = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_convergence.py"), "--workdir",
+                          str(work), "--networks", "unet", "--seeds", "0", "--points", "2", "--iters_per_epoch", "2"],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0, bad.stderr
+    assert "holds runs on other data or plans" in bad.stderr and "new --workdir" in bad.stderr
+    assert json.loads(marker.read_text())["plans"].endswith("2d")
+    assert (work / "runs" / "unet_s0.json").read_text() == "{}"

@@ -131,6 +131,15 @@ def test_probe_grad_passes_that_fraction_of_the_probe_heads_gradient_to_the_netw
     _, probe = grads(0.0)  # a probe: the body gets nothing from the shallow heads
     assert {n for n, g in probe.items() if g.abs().sum() > 0} == heads
 
+    def deepest(probe_grad):  # X^{0,L}'s loss alone: its gradient does not depend on probe_grad
+        net.decoder.probe_heads, net.decoder.probe_grad = probe_grad is not None, probe_grad or 0.0
+        net.zero_grad(set_to_none=True)
+        net(x)[0].square().mean().backward()
+        return {n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None}
+    full, scaled = deepest(None), deepest(0.25)
+    assert full.keys() == scaled.keys() and "encoder.stages.0.0.convs.0.conv.weight" in full
+    assert all(torch.equal(full[n], scaled[n]) for n in full)
+
 
 @pytest.mark.parametrize("dim,depth", [(3, 4), (2, 3)])
 def test_nested_wiring(dim, depth):
