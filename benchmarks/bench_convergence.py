@@ -572,13 +572,12 @@ def main(argv=None) -> dict | None:
     else:
         task = {"cases": a.cases, "slices_per_case": 6, "size": a.size, "batch": a.batch, "base_features": a.base}
     marker = os.path.join(work, "prepared.json")
-    runs_dir = os.path.join(work, "runs")
-    finished_runs = any(f.endswith(".json") for f in os.listdir(runs_dir))
-    if os.path.isfile(marker) and json.load(open(marker)) != task and finished_runs:
+    prepared = json.load(open(marker)) if os.path.isfile(marker) else None
+    if prepared not in (None, task) and any(f.endswith(".json") for f in os.listdir(os.path.join(work, "runs"))):
         from nnpp import NnppError  # its finished runs (and speed) belong to the data it was prepared with
-        raise NnppError(f"--workdir {work} holds runs on other data or plans ({json.load(open(marker))}); give a new "
-                        f"--workdir for these options")
-    if not os.path.isfile(marker) or json.load(open(marker)) != task:
+        raise NnppError(f"--workdir {work} holds runs on other data or plans ({prepared}); give a new --workdir for "
+                        f"these options")
+    if prepared != task:
         # nnunetv2 is first imported here, after its paths are set
         if ts:
             prepare_ts(work, a.chunks, a.builder, a.config, a.max_patch)

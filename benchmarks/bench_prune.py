@@ -82,11 +82,15 @@ def sets_of(work: str, dataset: str, fold: str, unseen: str | None) -> dict:
     return sets
 
 
+def run_of(model: str) -> str:
+    """The run a model folder belongs to: ``<run>`` of ``results/<run>/DATASET/MODEL``."""
+    return os.path.basename(os.path.dirname(os.path.dirname(model)))
+
+
 def where(a, variant: str, model: str, depth: int | None) -> tuple[str, str, str]:
     """(the job's folder, its result file, the model's copy): ``WORK/prune/VARIANT/RUN__MODEL/fold_F/``."""
-    tag = os.path.basename(os.path.dirname(os.path.dirname(model)))  # the run: results/<run>/DATASET/MODEL
     home = os.path.join(a.work, "prune", variant_flags(variant)[0] if depth else "full",
-                        f"{tag}__{os.path.basename(model)}", f"fold_{a.fold}")
+                        f"{run_of(model)}__{os.path.basename(model)}", f"fold_{a.fold}")
     return (home, os.path.join(home, f"depth{depth or 'full'}.json"),
             os.path.join(home, "results", model_id(model)[0], os.path.basename(model)))
 
@@ -109,7 +113,7 @@ def job(a, variant: str, model: str, depth: int | None, sets: dict) -> dict:
     The model's copy must exist (:func:`where`; made before the jobs start, one job never copies for another)."""
     dataset, trainer, plans, config = model_id(model)
     name, flags = variant_flags(variant)
-    tag = os.path.basename(os.path.dirname(os.path.dirname(model)))
+    tag = run_of(model)
     home, done_file, copy = where(a, variant, model, depth)
     results = os.path.join(home, "results")
     env = nnunet_env(a.work, results, threads=a.threads, serial=True, NNPP_THREADS=str(a.threads))

@@ -112,11 +112,12 @@ def test_probe_grad_passes_that_fraction_of_the_probe_heads_gradient_to_the_netw
     net.apply(net.initialize)
     x = torch.randn(input_shape(kw))
 
-    def grads(probe_grad):
+    def grads(probe_grad, loss=lambda outs: sum(o.square().mean() for o in outs[1:]) + 0.0 * outs[0].sum()):
+        """Outputs and parameter gradients of ``loss`` (default: the shallow heads') with probe_grad (None: trained)."""
         net.decoder.probe_heads, net.decoder.probe_grad = probe_grad is not None, probe_grad or 0.0
         net.zero_grad(set_to_none=True)
         outs = net(x)
-        (sum(o.square().mean() for o in outs[1:]) + 0.0 * outs[0].sum()).backward()
+        loss(outs).backward()
         return [o.detach() for o in outs], {n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None}
     outs_trained, trained = grads(None)
     outs_quarter, quarter = grads(0.25)
@@ -131,12 +132,9 @@ def test_probe_grad_passes_that_fraction_of_the_probe_heads_gradient_to_the_netw
     _, probe = grads(0.0)  # a probe: the body gets nothing from the shallow heads
     assert {n for n, g in probe.items() if g.abs().sum() > 0} == heads
 
-    def deepest(probe_grad):  # X^{0,L}'s loss alone: its gradient does not depend on probe_grad
-        net.decoder.probe_heads, net.decoder.probe_grad = probe_grad is not None, probe_grad or 0.0
-        net.zero_grad(set_to_none=True)
-        net(x)[0].square().mean().backward()
-        return {n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None}
-    full, scaled = deepest(None), deepest(0.25)
+    def deepest(outs):  # X^{0,L}'s loss alone: its gradient does not depend on probe_grad
+        return outs[0].square().mean()
+    (_, full), (_, scaled) = grads(None, deepest), grads(0.25, deepest)
     assert full.keys() == scaled.keys() and "encoder.stages.0.0.convs.0.conv.weight" in full
     assert all(torch.equal(full[n], scaled[n]) for n in full)
 
