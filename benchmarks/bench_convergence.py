@@ -6,7 +6,8 @@
 A synthetic multi-structure 2D task (nnpp.data.synthetic_multi: a large organ, medium kidneys, thin vessels, small
 low-contrast lesions) goes through nnU-Net's pipeline once (MSD conversion, fingerprint, small PlainConvUNet plans,
 2d preprocessing; the batch size set with nnpp's change_bs). Every network trains on the same plans, fold 0, with
-``nnpp_train`` (nnU-Net's own ``nnUNetTrainer`` for the U-Net), fp32 (``--amp O0``), ``--seed`` per run, data
+``nnpp_train`` (nnU-Net's own ``nnUNetTrainer`` for the U-Net), nnU-Net's own precision on ``-device`` (the CPU,
+the default: fp32, ``--amp O0``; an accelerator: fp16 autocast, ``--amp O1``), ``--seed`` per run, data
 augmentation in the main process (``nnUNet_n_proc_DA=0``, so batches are seeded too). Each run trains ONCE to the
 largest point (one poly-LR schedule); at every point nnU-Net's own validation (sliding-window predictor, export,
 ``compute_metrics_on_folder``) runs on the held-out fold-0 cases, and its per-structure Dice is kept.
@@ -54,25 +55,35 @@ from common import (RESULTS, TS_BUILDER, load_builder, machine, machine_line, md
                     nnunet_env, print_result, result_of, run_for_result, timed_in_turns, write_json, write_text)
 
 from nnpp.cli import entry_point  # noqa: E402  (nnpp.cli imports no nnunetv2: its paths are set later)
+from nnpp.device import device_name, resolve_device  # noqa: E402
 
 DATASET_ID = 917
 UNETPP = "nnUNetPlusPlusTrainer"
-#: network -> (trainer, nnpp_train flags, hook variant)
+#: network -> (trainer, nnpp_train flags, hook variant); nnpp's trainers also get ``--amp precision(device)``
 NETWORKS = {
     "unet": ("nnUNetTrainer", [], None),
-    "unet_nnpp": ("nnUNetTrainerNoKD", ["--amp", "O0"], None),
-    "unetpp": (UNETPP, ["--amp", "O0", "--ds_weights", "equal", "--shallow_heads", "trained"], None),
-    "unetpp_descending": (UNETPP, ["--amp", "O0", "--ds_weights", "descending", "--shallow_heads", "trained"], None),
-    "unetpp_decay": (UNETPP, ["--amp", "O0", "--ds_weights", "decay", "--shallow_heads", "trained"], None),
-    "unetpp_sum": (UNETPP, ["--amp", "O0", "--ds_weights", "equal", "--shallow_heads", "trained"], "sum"),
-    "unetpp_trained": (UNETPP, ["--amp", "O0", "--shallow_heads", "trained"], None),
-    "unetpp_default": (UNETPP, ["--amp", "O0"], None),
-    "unetpp_last": (UNETPP, ["--amp", "O0"], "last"),
-    "unetpp_msds": (UNETPP, ["--amp", "O0"], "msds"),
+    "unet_nnpp": ("nnUNetTrainerNoKD", [], None),
+    "unetpp": (UNETPP, ["--ds_weights", "equal", "--shallow_heads", "trained"], None),
+    "unetpp_descending": (UNETPP, ["--ds_weights", "descending", "--shallow_heads", "trained"], None),
+    "unetpp_decay": (UNETPP, ["--ds_weights", "decay", "--shallow_heads", "trained"], None),
+    "unetpp_sum": (UNETPP, ["--ds_weights", "equal", "--shallow_heads", "trained"], "sum"),
+    "unetpp_trained": (UNETPP, ["--shallow_heads", "trained"], None),
+    "unetpp_default": (UNETPP, [], None),
+    "unetpp_last": (UNETPP, [], "last"),
+    "unetpp_msds": (UNETPP, [], "msds"),
     # probe heads whose gradient reaches the network scaled by s (decoder.probe_grad): the main head at weight 1
-    "unetpp_pg03": (UNETPP, ["--amp", "O0"], "pg0.3"),
-    "unetpp_pg1": (UNETPP, ["--amp", "O0"], "pg1.0"),
+    "unetpp_pg03": (UNETPP, [], "pg0.3"),
+    "unetpp_pg1": (UNETPP, [], "pg1.0"),
 }
+
+
+def precision(device: str) -> str:
+    """The ``--amp`` of nnpp's trainers on ``device``: the precision nnU-Net's own ``nnUNetTrainer`` (the U-Net row,
+    which takes no ``--amp``) trains in there, so both networks compare at equal precision: fp32 on the CPU, fp16
+    autocast with a grad scaler (O1) on an accelerator."""
+    return "O0" if device == "cpu" else "O1"
+
+
 #: the real-CT task (--task ts_example_ct, the shared builder common.TS_BUILDER): its dataset id
 TS_ID = 950
 
@@ -170,13 +181,13 @@ def head_mean(network):
     return HeadMeanNet(network)
 
 
-def evaluate_modes(trainer, sets: dict, out_root: str) -> dict:
+def evaluate_modes(trainer, sets: dict, out_root: str, amp: str = "O0") -> dict:
     """{set: {mode: {structure: Dice}}}: ``sets`` maps a name to (list of image-file lists, labels folder); modes are
     ``full`` (the network as nnU-Net predicts with it) and, for UNet++, ``depth{k}`` for k < L (pruned to X^{0,k})
-    and ``mean`` (all heads' probabilities averaged). nnpp's predictor with mirroring, fp32; nnU-Net's metrics."""
+    and ``mean`` (all heads' probabilities averaged). nnpp's predictor on the trainer's device with mirroring, in
+    ``amp`` (fp32 by default); nnU-Net's metrics."""
     import copy
 
-    import torch
     from nnunetv2.evaluation.evaluate_predictions import compute_metrics_on_folder
     from nnunetv2.imageio.reader_writer_registry import determine_reader_writer_from_dataset_json
 
@@ -203,8 +214,7 @@ def evaluate_modes(trainer, sets: dict, out_root: str) -> dict:
         out[set_name] = {}
         for mode, model in modes.items():
             pred_dir = os.path.join(out_root, set_name, mode)
-            predictor = nnppPredictor(device=torch.device("cpu"), amp=dev.make_amp("O0", torch.device("cpu")),
-                                      allow_tqdm=False)
+            predictor = nnppPredictor(device=trainer.device, amp=dev.make_amp(amp, trainer.device), allow_tqdm=False)
             predictor.manual_initialization(model, trainer.plans_manager, trainer.configuration_manager,
                                             [model.state_dict()], trainer.dataset_json, type(trainer).__name__,
                                             trainer.inference_allowed_mirroring_axes)
@@ -266,7 +276,7 @@ def install_multiscale_ds(trainer) -> None:
 
 
 def run_one(network: str, seed: int, points: list[int], iters_per_epoch: int, dataset_id: int = DATASET_ID,
-            fold: str = "0", unseen: str | None = None, config: str = "2d") -> dict:
+            fold: str = "0", unseen: str | None = None, config: str = "2d", device: str = "cpu") -> dict:
     """Train ``network`` with ``seed`` once to max(points) iterations with nnpp_train; nnU-Net's validation Dice
     at every point. Runs inside a worker process whose environment names the nnU-Net folders."""
     import torch
@@ -275,6 +285,7 @@ def run_one(network: str, seed: int, points: list[int], iters_per_epoch: int, da
     from nnpp.run import train
 
     trainer_name, flags, hook = NETWORKS[network]
+    flags = flags if trainer_name == "nnUNetTrainer" else [*flags, "--amp", precision(device)]
     epochs = max(points) // iters_per_epoch
     dice, seconds = {}, {}
 
@@ -317,7 +328,7 @@ def run_one(network: str, seed: int, points: list[int], iters_per_epoch: int, da
         trainer.on_epoch_start, trainer.on_epoch_end = start_clock, evaluate_at_points
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    argv = [str(dataset_id), config, fold, "-tr", trainer_name, "-device", "cpu", "--epochs", str(epochs), "--iters",
+    argv = [str(dataset_id), config, fold, "-tr", trainer_name, "-device", device, "--epochs", str(epochs), "--iters",
             str(iters_per_epoch), "--val_iters", "1", "--seed", str(seed), *flags]
     trainer = train.run(train.build_parser().parse_args(argv), setup=setup)
     dice[max(points)] = summary(trainer)
@@ -330,9 +341,9 @@ def run_one(network: str, seed: int, points: list[int], iters_per_epoch: int, da
                         os.path.join(raw, "labelsTr"))}
         if unseen:
             sets["unseen"] = (os.path.join(unseen, "imagesTs"), os.path.join(unseen, "labelsTs"))
-        extra = evaluate_modes(trainer, sets, os.path.join(trainer.output_folder, "bench_eval"))
+        extra = evaluate_modes(trainer, sets, os.path.join(trainer.output_folder, "bench_eval"), precision(device))
     return {"network": network, "seed": seed, "trainer": trainer_name, "flags": flags, "variant": hook,
-            "fold": fold, "eval": extra,
+            "device": device, "fold": fold, "eval": extra,
             "epochs": epochs, "iters_per_epoch": iters_per_epoch,
             "ds_weights": [float(w) for w in getattr(trainer, "deep_supervision_weights", lambda: [])()],
             "dice": {str(k): v for k, v in sorted(dice.items())},
@@ -340,7 +351,7 @@ def run_one(network: str, seed: int, points: list[int], iters_per_epoch: int, da
 
 
 def measure_speed(networks: list[str], iters: int, block: int = 5, dataset_id: int = DATASET_ID,
-                  fold: str = "0", config: str = "2d") -> dict:
+                  fold: str = "0", config: str = "2d", device: str = "cpu") -> dict:
     """Seconds per full training iteration (next batch + train step) for each network, measured alternately in
     blocks of ``block`` iterations in this one process (same threads, same load); median over blocks."""
     import statistics
@@ -352,9 +363,9 @@ def measure_speed(networks: list[str], iters: int, block: int = 5, dataset_id: i
     trainers, loaders = {}, {}
     for net in networks:
         trainer_name, flags, _ = NETWORKS[net]
-        t = train.make_trainer(str(dataset_id), config, fold, trainer_name, device=torch.device("cpu"))
+        t = train.make_trainer(str(dataset_id), config, fold, trainer_name, device=resolve_device(device))
         if hasattr(t, "configure_amp"):
-            t.configure_amp("O0")
+            t.configure_amp(precision(device))
         t.initialize()
         t.network.train()
         loaders[net], _ = t.get_dataloaders()
@@ -438,9 +449,12 @@ def markdown(result: dict) -> str:
     curves, structures = result["curves"], result["structures"]
     cols = structures + ["mean"]
     seeds = ", ".join(f"{n} {k}" for n, k in result["seeds_per_network"].items())
-    lines = [f"Machine: {machine_line(result['machine'])}. Task: {result['task']}. Seeds per network: {seeds}. "
-             f"fp32; validation Dice of nnU-Net's own validation on the fold-0 cases, mean ± sd over seeds; each run "
-             f"trained once to {max(result['points'])} iterations (one poly-LR schedule), validated on the way.", "",
+    m = result["machine"]
+    precision_name = "fp32" if m.get("amp", "O0") == "O0" else "fp16 autocast (O1)"
+    lines = [f"Machine: {machine_line(m)}; device {m.get('device', 'cpu')}. Task: {result['task']}. Seeds per "
+             f"network: {seeds}. {precision_name}; validation Dice of nnU-Net's own validation on the fold-0 cases, "
+             f"mean ± sd over seeds; each run trained once to {max(result['points'])} iterations (one poly-LR "
+             f"schedule), validated on the way.", "",
              *md_table(["network", "iterations", *cols], ([net, point, *cells(row, cols)]
                                                           for net, curve in curves.items() for point, row in curve.items()))]
     speed = result.get("seconds_per_iteration")
@@ -455,7 +469,8 @@ def markdown(result: dict) -> str:
                              for net, rows in result["equal_wall_time"].items() for r in rows.values()))]
     final = result.get("final_models")
     if final:
-        lines += ["", "Final models (mean ± sd over seeds; nnpp's predictor, fp32, mirroring): `val` = the fold's "
+        lines += ["", "Final models (mean ± sd over seeds; nnpp's predictor, the training's precision, mirroring): "
+                  "`val` = the fold's "
                   "validation cases, `unseen` = a second patient (TotalSegmentator's DICOM example CT: another "
                   "scanner, 0.98 x 0.98 x 2 mm); modes: `full` = X^{0,L} as nnU-Net predicts, `depthK` = pruned to "
                   "X^{0,K}, `mean` = mean of all heads' probabilities (the UNet++ paper's accurate mode).", "",
@@ -509,7 +524,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, default=80, help="slice size in pixels (also the 2d patch cap)")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--base", type=int, default=16, help="base features of the plans (max 8x)")
-    p.add_argument("--parallel", type=int, default=2, help="runs at a time")
+    p.add_argument("-device", default="cpu", choices=("cpu", "cuda", "npu", "mps"),
+                   help="where every run trains and is scored; nnpp's trainers take the precision nnU-Net's own "
+                        "trainer has there (CPU: fp32, --amp O0; an accelerator: fp16 autocast, --amp O1)")
+    p.add_argument("--parallel", type=int, default=2, help="runs at a time (one accelerator: 1)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per run")
     p.add_argument("--speed_iters", type=int, default=40, help="iterations per network for s/it (0: skip)")
     p.add_argument("--task", choices=("synthetic", "ts_example_ct"), default="synthetic",
@@ -542,6 +560,7 @@ def check_args(a) -> None:
         raise NnppError("--seeds: give each seed once")
     if a.task != "ts_example_ct" and (a.config != "2d" or a.max_patch != [32, 96, 96]):
         raise NnppError("--config and --max_patch plan the real CT: use them with --task ts_example_ct")
+    resolve_device(a.device)  # an absent accelerator: one line, before anything is written
 
 
 @entry_point("bench_convergence")
@@ -554,17 +573,16 @@ def main(argv=None) -> dict | None:
     unseen = os.path.join(work, "unseen") if ts and a.unseen else None
     if a.worker:  # child: environment set by the parent
         result = run_one(a.worker[0], int(a.worker[1]), a.points, a.iters_per_epoch, TS_ID if ts else DATASET_ID,
-                         a.fold, unseen, a.config)
+                         a.fold, unseen, a.config, a.device)
         print_result(result)
         return None
     if a.speed_worker:
         print_result(measure_speed(["unet", "unetpp"], a.speed_iters, dataset_id=TS_ID if ts else DATASET_ID,
-                                   fold=a.fold, config=a.config))
+                                   fold=a.fold, config=a.config, device=a.device))
         return None
 
     check_args(a)
     os.makedirs(os.path.join(work, "runs"), exist_ok=True)
-    os.environ.update(nnunet_env(work, threads=a.threads, serial=True))
     if ts:
         patch = a.max_patch[1:] if a.config == "2d" else a.max_patch
         task = {"dataset": "ts_example_ct (TotalSegmentator's example CT, 3 mm)", "chunks": a.chunks, "fold": a.fold,
@@ -573,10 +591,13 @@ def main(argv=None) -> dict | None:
         task = {"cases": a.cases, "slices_per_case": 6, "size": a.size, "batch": a.batch, "base_features": a.base}
     marker = os.path.join(work, "prepared.json")
     prepared = json.load(open(marker)) if os.path.isfile(marker) else None
-    if prepared not in (None, task) and any(f.endswith(".json") for f in os.listdir(os.path.join(work, "runs"))):
-        from nnpp import NnppError  # its finished runs (and speed) belong to the data it was prepared with
-        raise NnppError(f"--workdir {work} holds runs on other data or plans ({prepared}); give a new --workdir for "
-                        f"these options")
+    finished = [os.path.join(work, "runs", f) for f in os.listdir(os.path.join(work, "runs")) if f.endswith(".json")]
+    devices = {json.load(open(f)).get("device", "cpu") for f in finished}  # runs before -device: the CPU
+    if finished and (prepared not in (None, task) or devices - {a.device}):
+        from nnpp import NnppError  # its finished runs (and speed) belong to the data and device it ran with
+        raise NnppError(f"--workdir {work} holds runs on other data, plans or devices ({prepared}, -device "
+                        f"{' '.join(sorted(devices))}); give a new --workdir for these options")
+    os.environ.update(nnunet_env(work, threads=a.threads, serial=True))
     if prepared != task:
         # nnunetv2 is first imported here, after its paths are set
         if ts:
@@ -588,10 +609,10 @@ def main(argv=None) -> dict | None:
         labels = json.load(open(os.path.join(os.environ["nnUNet_raw"], f"Dataset{TS_ID}_TSExampleCT", "dataset.json")))
         prepare_unseen(work, a.builder, labels["labels"])
 
-    base_cmd = [sys.executable, os.path.abspath(__file__), "--iters_per_epoch", str(a.iters_per_epoch), "--points",
-                *map(str, a.points), "--workdir", work, "--task", a.task, "--chunks", str(a.chunks), "--fold", a.fold,
-                "--config", a.config, "--max_patch", *map(str, a.max_patch),
-                *(["--unseen"] if unseen else [])]
+    base_cmd = [sys.executable, os.path.abspath(__file__), "-device", a.device, "--iters_per_epoch",
+                str(a.iters_per_epoch), "--points", *map(str, a.points), "--workdir", work, "--task", a.task,
+                "--chunks", str(a.chunks), "--fold", a.fold, "--config", a.config, "--max_patch",
+                *map(str, a.max_patch), *(["--unseen"] if unseen else [])]
     def done(n, s) -> bool:  # a finished run; with --unseen, scored against the aligned labels (older runs: not)
         path = os.path.join(work, "runs", f"{n}_s{s}.json")
         return os.path.isfile(path) and (not unseen or json.load(open(path)).get("unseen_labels") == "aligned")
@@ -636,8 +657,8 @@ def main(argv=None) -> dict | None:
         sys.exit("bench_convergence: no run finished; see the logs in " + os.path.join(work, "runs"))
     structures = list(runs[0]["dice"][str(a.points[-1])])
     curves = aggregate(runs, structures)
-    result = {"machine": machine(), "task": ("" if ts else "nnpp.data.synthetic_multi, ")
-              + ", ".join(f"{k} {v}" for k, v in task.items()),
+    result = {"machine": machine(device=device_name(resolve_device(a.device)), amp=precision(a.device)),
+              "task": ("" if ts else "nnpp.data.synthetic_multi, ") + ", ".join(f"{k} {v}" for k, v in task.items()),
               "threads": a.threads, "parallel_runs": a.parallel, "points": a.points, "seeds": a.seeds,
               "seeds_per_network": {n: sum(r["network"] == n for r in runs) for n in curves},
               "structures": structures, "curves": curves, "seconds_per_iteration": speed,

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from nnpp import NnppError
+from nnpp.device import device_count
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -132,9 +133,11 @@ def test_bench_convergence_smoke(tmp_path):
         assert all(len(cell) == 3 and cell[2] == 1 for cell in row.values())  # mean, sd, number of seeds
     assert result["runs"][0]["seed"] == 0 and set(result["runs"][0]["dice"]) == {"2", "4"}
     assert {"cpu", "cpu_capability", "native_bf16"} <= set(result["machine"])
+    assert (result["machine"]["device"], result["machine"]["amp"], result["runs"][0]["device"]) == ("cpu", "O0", "cpu")
     assert result["seconds_per_iteration"]["unet"] > 0 and set(result["equal_wall_time"]["unet"]) == {"2", "4"}
     table = (tmp_path / "conv.md").read_text()
     assert "| network | iterations | organ | kidney | vessel | lesion | mean |" in table
+    assert "device cpu" in table and "fp32;" in table
     assert result["machine"]["cpu_capability"] in table
     assert (tmp_path / "conv.png").stat().st_size > 0
 
@@ -163,6 +166,27 @@ def test_bench_convergence_refuses_a_workdir_whose_runs_are_on_other_data(tmp_pa
                           str(work), "--networks", "unet", "--seeds", "0", "--points", "2", "--iters_per_epoch", "2"],
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0, bad.stderr
-    assert "holds runs on other data or plans" in bad.stderr and "new --workdir" in bad.stderr
+    assert "holds runs on other data, plans or devices" in bad.stderr and "new --workdir" in bad.stderr
     assert json.loads(marker.read_text())["plans"].endswith("2d")
     assert (work / "runs" / "unet_s0.json").read_text() == "{}"
+
+    # runs of another device (here: a GPU's, in a workdir otherwise like the one asked for) are refused the same way
+    gpu_work = tmp_path / "gpu_work"
+    (gpu_work / "runs").mkdir(parents=True)
+    (gpu_work / "runs" / "unet_s0.json").write_text(json.dumps({"device": "cuda"}))
+    bad = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_convergence.py"), "--workdir",
+                          str(gpu_work), "--networks", "unet", "--seeds", "0"], capture_output=True, text=True,
+                         timeout=120)
+    assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0, bad.stderr
+    assert "-device cuda" in bad.stderr and "new --workdir" in bad.stderr
+    assert sorted(os.listdir(gpu_work)) == ["runs"]
+
+
+@pytest.mark.skipif(device_count("cuda") > 0, reason="a CUDA device is visible")
+def test_bench_convergence_refuses_an_absent_device(tmp_path):
+    """-device cuda without a GPU: one error line naming the way out, nothing written."""
+    bad = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_convergence.py"), "-device", "cuda",
+                          "--workdir", str(tmp_path / "bad")], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0, bad.stderr
+    assert "no cuda device is available" in bad.stderr and "-device auto or cpu" in bad.stderr
+    assert not (tmp_path / "bad").exists()
