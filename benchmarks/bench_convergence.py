@@ -181,11 +181,11 @@ def head_mean(network):
     return HeadMeanNet(network)
 
 
-def evaluate_modes(trainer, sets: dict, out_root: str, amp: str = "O0") -> dict:
+def evaluate_modes(trainer, sets: dict, out_root: str, amp: str = "O0", mirroring: bool = True) -> dict:
     """{set: {mode: {structure: Dice}}}: ``sets`` maps a name to (list of image-file lists, labels folder); modes are
     ``full`` (the network as nnU-Net predicts with it) and, for UNet++, ``depth{k}`` for k < L (pruned to X^{0,k})
-    and ``mean`` (all heads' probabilities averaged). nnpp's predictor on the trainer's device with mirroring, in
-    ``amp`` (fp32 by default); nnU-Net's metrics."""
+    and ``mean`` (all heads' probabilities averaged). nnpp's predictor on the trainer's device, with the trainer's
+    test-time mirroring unless ``mirroring`` is False, in ``amp`` (fp32 by default); nnU-Net's metrics."""
     import copy
 
     from nnunetv2.evaluation.evaluate_predictions import compute_metrics_on_folder
@@ -217,7 +217,7 @@ def evaluate_modes(trainer, sets: dict, out_root: str, amp: str = "O0") -> dict:
             predictor = nnppPredictor(device=trainer.device, amp=dev.make_amp(amp, trainer.device), allow_tqdm=False)
             predictor.manual_initialization(model, trainer.plans_manager, trainer.configuration_manager,
                                             [model.state_dict()], trainer.dataset_json, type(trainer).__name__,
-                                            trainer.inference_allowed_mirroring_axes)
+                                            trainer.inference_allowed_mirroring_axes if mirroring else None)
             predictor.predict_from_files(files, pred_dir, save_probabilities=False, overwrite=True,
                                          num_processes_preprocessing=1, num_processes_segmentation_export=1)
             compute_metrics_on_folder(label_dir, pred_dir, os.path.join(pred_dir, "summary.json"), rw,
@@ -276,7 +276,8 @@ def install_multiscale_ds(trainer) -> None:
 
 
 def run_one(network: str, seed: int, points: list[int], iters_per_epoch: int, dataset_id: int = DATASET_ID,
-            fold: str = "0", unseen: str | None = None, config: str = "2d", device: str = "cpu") -> dict:
+            fold: str = "0", unseen: str | None = None, config: str = "2d", device: str = "cpu",
+            mirroring: bool = True) -> dict:
     """Train ``network`` with ``seed`` once to max(points) iterations with nnpp_train; nnU-Net's validation Dice
     at every point. Runs inside a worker process whose environment names the nnU-Net folders."""
     import torch
@@ -308,6 +309,16 @@ def run_one(network: str, seed: int, points: list[int], iters_per_epoch: int, da
                 initialize()
                 trainer.bare_network.decoder.probe_grad = float(hook[2:])
             trainer.initialize = init_probe_grad
+        if not mirroring:  # nnU-Net's validation without test-time mirroring (the checkpoints keep the axes)
+            validate = trainer.perform_actual_validation
+
+            def validate_unmirrored(*args, **kwargs):
+                axes, trainer.inference_allowed_mirroring_axes = trainer.inference_allowed_mirroring_axes, None
+                try:
+                    return validate(*args, **kwargs)
+                finally:
+                    trainer.inference_allowed_mirroring_axes = axes
+            trainer.perform_actual_validation = validate_unmirrored
         if hook == "last":  # deep supervision off: X^{0,L} alone (the other heads get no gradient)
             trainer.deep_supervision_weights = lambda: [1.0] + [0.0] * (trainer.num_heads - 1)
         on_epoch_start, on_epoch_end = trainer.on_epoch_start, trainer.on_epoch_end
@@ -341,9 +352,10 @@ def run_one(network: str, seed: int, points: list[int], iters_per_epoch: int, da
                         os.path.join(raw, "labelsTr"))}
         if unseen:
             sets["unseen"] = (os.path.join(unseen, "imagesTs"), os.path.join(unseen, "labelsTs"))
-        extra = evaluate_modes(trainer, sets, os.path.join(trainer.output_folder, "bench_eval"), precision(device))
+        extra = evaluate_modes(trainer, sets, os.path.join(trainer.output_folder, "bench_eval"), precision(device),
+                               mirroring)
     return {"network": network, "seed": seed, "trainer": trainer_name, "flags": flags, "variant": hook,
-            "device": device, "fold": fold, "eval": extra,
+            "device": device, "mirroring": mirroring, "fold": fold, "eval": extra,
             "epochs": epochs, "iters_per_epoch": iters_per_epoch,
             "ds_weights": [float(w) for w in getattr(trainer, "deep_supervision_weights", lambda: [])()],
             "dice": {str(k): v for k, v in sorted(dice.items())},
@@ -469,7 +481,8 @@ def markdown(result: dict) -> str:
                              for net, rows in result["equal_wall_time"].items() for r in rows.values()))]
     final = result.get("final_models")
     if final:
-        lines += ["", "Final models (mean ± sd over seeds; nnpp's predictor, the training's precision, mirroring): "
+        mirrored = "mirroring" if result.get("mirroring", True) else "no test-time mirroring"
+        lines += ["", f"Final models (mean ± sd over seeds; nnpp's predictor, the training's precision, {mirrored}): "
                   "`val` = the fold's "
                   "validation cases, `unseen` = a second patient (TotalSegmentator's DICOM example CT: another "
                   "scanner, 0.98 x 0.98 x 2 mm); modes: `full` = X^{0,L} as nnU-Net predicts, `depthK` = pruned to "
@@ -527,6 +540,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-device", default="cpu", choices=("cpu", "cuda", "npu", "mps"),
                    help="where every run trains and is scored; nnpp's trainers take the precision nnU-Net's own "
                         "trainer has there (CPU: fp32, --amp O0; an accelerator: fp16 autocast, --amp O1)")
+    p.add_argument("--no_mirroring", action="store_true",
+                   help="score without test-time mirroring (nnU-Net's validation and the final models' modes): in 3D "
+                        "it costs 8 passes per tile, 4 in 2D")
     p.add_argument("--parallel", type=int, default=2, help="runs at a time (one accelerator: 1)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per run")
     p.add_argument("--speed_iters", type=int, default=40, help="iterations per network for s/it (0: skip)")
@@ -573,7 +589,7 @@ def main(argv=None) -> dict | None:
     unseen = os.path.join(work, "unseen") if ts and a.unseen else None
     if a.worker:  # child: environment set by the parent
         result = run_one(a.worker[0], int(a.worker[1]), a.points, a.iters_per_epoch, TS_ID if ts else DATASET_ID,
-                         a.fold, unseen, a.config, a.device)
+                         a.fold, unseen, a.config, a.device, not a.no_mirroring)
         print_result(result)
         return None
     if a.speed_worker:
@@ -592,11 +608,11 @@ def main(argv=None) -> dict | None:
     marker = os.path.join(work, "prepared.json")
     prepared = json.load(open(marker)) if os.path.isfile(marker) else None
     finished = [os.path.join(work, "runs", f) for f in os.listdir(os.path.join(work, "runs")) if f.endswith(".json")]
-    devices = {json.load(open(f)).get("device", "cpu") for f in finished}  # runs before -device: the CPU
-    if finished and (prepared not in (None, task) or devices - {a.device}):
-        from nnpp import NnppError  # its finished runs (and speed) belong to the data and device it ran with
-        raise NnppError(f"--workdir {work} holds runs on other data, plans or devices ({prepared}, -device "
-                        f"{' '.join(sorted(devices))}); give a new --workdir for these options")
+    ran = {(r.get("device", "cpu"), r.get("mirroring", True)) for r in map(json.load, map(open, finished))}
+    if finished and (prepared not in (None, task) or ran - {(a.device, not a.no_mirroring)}):
+        from nnpp import NnppError  # its finished runs (and speed) belong to the data, device and scoring they had
+        raise NnppError(f"--workdir {work} holds runs on other data, plans, devices or test-time mirroring "
+                        f"({prepared}; device, mirroring: {sorted(ran)}); give a new --workdir for these options")
     os.environ.update(nnunet_env(work, threads=a.threads, serial=True))
     if prepared != task:
         # nnunetv2 is first imported here, after its paths are set
@@ -609,7 +625,8 @@ def main(argv=None) -> dict | None:
         labels = json.load(open(os.path.join(os.environ["nnUNet_raw"], f"Dataset{TS_ID}_TSExampleCT", "dataset.json")))
         prepare_unseen(work, a.builder, labels["labels"])
 
-    base_cmd = [sys.executable, os.path.abspath(__file__), "-device", a.device, "--iters_per_epoch",
+    base_cmd = [sys.executable, os.path.abspath(__file__), "-device", a.device,
+                *(["--no_mirroring"] if a.no_mirroring else []), "--iters_per_epoch",
                 str(a.iters_per_epoch), "--points", *map(str, a.points), "--workdir", work, "--task", a.task,
                 "--chunks", str(a.chunks), "--fold", a.fold, "--config", a.config, "--max_patch",
                 *map(str, a.max_patch), *(["--unseen"] if unseen else [])]
@@ -659,7 +676,7 @@ def main(argv=None) -> dict | None:
     curves = aggregate(runs, structures)
     result = {"machine": machine(device=device_name(resolve_device(a.device)), amp=precision(a.device)),
               "task": ("" if ts else "nnpp.data.synthetic_multi, ") + ", ".join(f"{k} {v}" for k, v in task.items()),
-              "threads": a.threads, "parallel_runs": a.parallel, "points": a.points, "seeds": a.seeds,
+              "mirroring": not a.no_mirroring, "threads": a.threads, "parallel_runs": a.parallel, "points": a.points, "seeds": a.seeds,
               "seeds_per_network": {n: sum(r["network"] == n for r in runs) for n in curves},
               "structures": structures, "curves": curves, "seconds_per_iteration": speed,
               "equal_wall_time": at_equal_time(curves, speed) if speed else {},

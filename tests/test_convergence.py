@@ -122,7 +122,7 @@ def test_bench_convergence_smoke(tmp_path):
     p = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_convergence.py"), "--workdir",
                         str(tmp_path / "work"), "--networks", "unet", "--seeds", "0", "--points", "2", "4",
                         "--iters_per_epoch", "2", "--cases", "5", "--size", "32", "--batch", "2", "--base", "4",
-                        "--speed_iters", "2", "--parallel", "1", "--out", str(out)],
+                        "--speed_iters", "2", "--parallel", "1", "--no_mirroring", "--out", str(out)],
                        capture_output=True, text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     result = json.loads(out.read_text())
@@ -134,6 +134,7 @@ def test_bench_convergence_smoke(tmp_path):
     assert result["runs"][0]["seed"] == 0 and set(result["runs"][0]["dice"]) == {"2", "4"}
     assert {"cpu", "cpu_capability", "native_bf16"} <= set(result["machine"])
     assert (result["machine"]["device"], result["machine"]["amp"], result["runs"][0]["device"]) == ("cpu", "O0", "cpu")
+    assert result["mirroring"] is False and result["runs"][0]["mirroring"] is False
     assert result["seconds_per_iteration"]["unet"] > 0 and set(result["equal_wall_time"]["unet"]) == {"2", "4"}
     table = (tmp_path / "conv.md").read_text()
     assert "| network | iterations | organ | kidney | vessel | lesion | mean |" in table
@@ -166,7 +167,8 @@ def test_bench_convergence_refuses_a_workdir_whose_runs_are_on_other_data(tmp_pa
                           str(work), "--networks", "unet", "--seeds", "0", "--points", "2", "--iters_per_epoch", "2"],
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0, bad.stderr
-    assert "holds runs on other data, plans or devices" in bad.stderr and "new --workdir" in bad.stderr
+    assert "holds runs on other data, plans, devices or test-time mirroring" in bad.stderr
+    assert "new --workdir" in bad.stderr
     assert json.loads(marker.read_text())["plans"].endswith("2d")
     assert (work / "runs" / "unet_s0.json").read_text() == "{}"
 
@@ -178,7 +180,7 @@ def test_bench_convergence_refuses_a_workdir_whose_runs_are_on_other_data(tmp_pa
                           str(gpu_work), "--networks", "unet", "--seeds", "0"], capture_output=True, text=True,
                          timeout=120)
     assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0, bad.stderr
-    assert "-device cuda" in bad.stderr and "new --workdir" in bad.stderr
+    assert "('cuda', True)" in bad.stderr and "new --workdir" in bad.stderr
     assert sorted(os.listdir(gpu_work)) == ["runs"]
 
 
