@@ -6,8 +6,8 @@
 A synthetic multi-structure 2D task (nnpp.data.synthetic_multi: a large organ, medium kidneys, thin vessels, small
 low-contrast lesions) goes through nnU-Net's pipeline once (MSD conversion, fingerprint, small PlainConvUNet plans,
 2d preprocessing; the batch size set with nnpp's change_bs). Every network trains on the same plans, fold 0, with
-``nnpp_train`` (nnU-Net's own ``nnUNetTrainer`` for the U-Net), nnU-Net's own precision on ``-device`` (the CPU,
-the default: fp32, ``--amp O0``; an accelerator: fp16 autocast, ``--amp O1``), ``--seed`` per run, data
+``nnpp_train`` (nnU-Net's own ``nnUNetTrainer`` for the U-Net), nnU-Net's own precision on ``-device`` (CUDA: fp16
+autocast, ``--amp O1``; the CPU, the default, and others: fp32, ``--amp O0``), ``--seed`` per run, data
 augmentation in the main process (``nnUNet_n_proc_DA=0``, so batches are seeded too). Each run trains ONCE to the
 largest point (one poly-LR schedule); at every point nnU-Net's own validation (sliding-window predictor, export,
 ``compute_metrics_on_folder``) runs on the held-out fold-0 cases, and its per-structure Dice is kept.
@@ -79,9 +79,9 @@ NETWORKS = {
 
 def precision(device: str) -> str:
     """The ``--amp`` of nnpp's trainers on ``device``: the precision nnU-Net's own ``nnUNetTrainer`` (the U-Net row,
-    which takes no ``--amp``) trains in there, so both networks compare at equal precision: fp32 on the CPU, fp16
-    autocast with a grad scaler (O1) on an accelerator."""
-    return "O0" if device == "cpu" else "O1"
+    which takes no ``--amp``) trains in there, so both networks compare at equal precision: fp16 autocast with a grad
+    scaler (O1) on CUDA, fp32 elsewhere (nnU-Net autocasts on CUDA only)."""
+    return "O1" if device == "cuda" else "O0"
 
 
 #: the real-CT task (--task ts_example_ct, the shared builder common.TS_BUILDER): its dataset id
@@ -275,6 +275,20 @@ def install_multiscale_ds(trainer) -> None:
     trainer.initialize = init
 
 
+def validate_without_mirroring(trainer) -> None:
+    """Make ``trainer``'s nnU-Net validation (``perform_actual_validation``) predict without test-time mirroring; the
+    mirroring axes are put back after it, so the checkpoints and later predictions keep them."""
+    validate = trainer.perform_actual_validation
+
+    def validate_unmirrored(*args, **kwargs):
+        axes, trainer.inference_allowed_mirroring_axes = trainer.inference_allowed_mirroring_axes, None
+        try:
+            return validate(*args, **kwargs)
+        finally:
+            trainer.inference_allowed_mirroring_axes = axes
+    trainer.perform_actual_validation = validate_unmirrored
+
+
 def run_one(network: str, seed: int, points: list[int], iters_per_epoch: int, dataset_id: int = DATASET_ID,
             fold: str = "0", unseen: str | None = None, config: str = "2d", device: str = "cpu",
             mirroring: bool = True) -> dict:
@@ -309,16 +323,8 @@ def run_one(network: str, seed: int, points: list[int], iters_per_epoch: int, da
                 initialize()
                 trainer.bare_network.decoder.probe_grad = float(hook[2:])
             trainer.initialize = init_probe_grad
-        if not mirroring:  # nnU-Net's validation without test-time mirroring (the checkpoints keep the axes)
-            validate = trainer.perform_actual_validation
-
-            def validate_unmirrored(*args, **kwargs):
-                axes, trainer.inference_allowed_mirroring_axes = trainer.inference_allowed_mirroring_axes, None
-                try:
-                    return validate(*args, **kwargs)
-                finally:
-                    trainer.inference_allowed_mirroring_axes = axes
-            trainer.perform_actual_validation = validate_unmirrored
+        if not mirroring:
+            validate_without_mirroring(trainer)
         if hook == "last":  # deep supervision off: X^{0,L} alone (the other heads get no gradient)
             trainer.deep_supervision_weights = lambda: [1.0] + [0.0] * (trainer.num_heads - 1)
         on_epoch_start, on_epoch_end = trainer.on_epoch_start, trainer.on_epoch_end
@@ -370,12 +376,15 @@ def measure_speed(networks: list[str], iters: int, block: int = 5, dataset_id: i
 
     import torch
 
+    from nnpp.device import configure_backends, synchronize
     from nnpp.run import train
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    target = resolve_device(device)
+    configure_backends(target)  # as nnpp_train does (cudnn.benchmark on CUDA)
     trainers, loaders = {}, {}
     for net in networks:
         trainer_name, flags, _ = NETWORKS[net]
-        t = train.make_trainer(str(dataset_id), config, fold, trainer_name, device=resolve_device(device))
+        t = train.make_trainer(str(dataset_id), config, fold, trainer_name, device=target)
         if hasattr(t, "configure_amp"):
             t.configure_amp(precision(device))
         t.initialize()
@@ -389,7 +398,8 @@ def measure_speed(networks: list[str], iters: int, block: int = 5, dataset_id: i
     def run_block(net):
         for _ in range(block):
             trainers[net].train_step(next(loaders[net]))
-    times = timed_in_turns({net: (lambda net=net: run_block(net)) for net in networks}, max(1, iters // block))
+    times = timed_in_turns({net: (lambda net=net: run_block(net)) for net in networks}, max(1, iters // block),
+                           sync=lambda: synchronize(target))
     return {net: statistics.median(v) / block for net, v in times.items()}
 
 
@@ -463,6 +473,7 @@ def markdown(result: dict) -> str:
     seeds = ", ".join(f"{n} {k}" for n, k in result["seeds_per_network"].items())
     m = result["machine"]
     precision_name = "fp32" if m.get("amp", "O0") == "O0" else "fp16 autocast (O1)"
+    precision_name += ", test-time mirroring" if result.get("mirroring", True) else ", no test-time mirroring"
     lines = [f"Machine: {machine_line(m)}; device {m.get('device', 'cpu')}. Task: {result['task']}. Seeds per "
              f"network: {seeds}. {precision_name}; validation Dice of nnU-Net's own validation on the fold-0 cases, "
              f"mean ± sd over seeds; each run trained once to {max(result['points'])} iterations (one poly-LR "
@@ -539,11 +550,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base", type=int, default=16, help="base features of the plans (max 8x)")
     p.add_argument("-device", default="cpu", choices=("cpu", "cuda", "npu", "mps"),
                    help="where every run trains and is scored; nnpp's trainers take the precision nnU-Net's own "
-                        "trainer has there (CPU: fp32, --amp O0; an accelerator: fp16 autocast, --amp O1)")
+                        "trainer has there (CUDA: fp16 autocast, --amp O1; otherwise fp32, --amp O0)")
     p.add_argument("--no_mirroring", action="store_true",
-                   help="score without test-time mirroring (nnU-Net's validation and the final models' modes): in 3D "
-                        "it costs 8 passes per tile, 4 in 2D")
-    p.add_argument("--parallel", type=int, default=2, help="runs at a time (one accelerator: 1)")
+                   help="score without test-time mirroring (nnU-Net's validation and the final models' modes): it "
+                        "costs up to 8 passes per tile in 3D, up to 4 in 2D")
+    p.add_argument("--parallel", type=int, default=None, help="runs at a time (default: 2 on the CPU, 1 on an "
+                   "accelerator, whose runs would share it)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per run")
     p.add_argument("--speed_iters", type=int, default=40, help="iterations per network for s/it (0: skip)")
     p.add_argument("--task", choices=("synthetic", "ts_example_ct"), default="synthetic",
@@ -576,13 +588,17 @@ def check_args(a) -> None:
         raise NnppError("--seeds: give each seed once")
     if a.task != "ts_example_ct" and (a.config != "2d" or a.max_patch != [32, 96, 96]):
         raise NnppError("--config and --max_patch plan the real CT: use them with --task ts_example_ct")
-    resolve_device(a.device)  # an absent accelerator: one line, before anything is written
+    try:  # an absent accelerator: one line, before anything is written
+        resolve_device(a.device)
+    except NnppError:
+        raise NnppError(f"-device {a.device}: no {a.device} device is available here; use -device cpu") from None
 
 
 @entry_point("bench_convergence")
 def main(argv=None) -> dict | None:
     a = build_parser().parse_args(argv)
     a.points = sorted(set(a.points))
+    a.parallel = a.parallel or (2 if a.device == "cpu" else 1)
     work = os.path.abspath(a.workdir)
     ts = a.task == "ts_example_ct"
     a.fold = a.fold or ("all" if ts and a.chunks == 1 else "0")
@@ -608,11 +624,21 @@ def main(argv=None) -> dict | None:
     marker = os.path.join(work, "prepared.json")
     prepared = json.load(open(marker)) if os.path.isfile(marker) else None
     finished = [os.path.join(work, "runs", f) for f in os.listdir(os.path.join(work, "runs")) if f.endswith(".json")]
-    ran = {(r.get("device", "cpu"), r.get("mirroring", True)) for r in map(json.load, map(open, finished))}
-    if finished and (prepared not in (None, task) or ran - {(a.device, not a.no_mirroring)}):
+    speed_file = os.path.join(work, "speed.json")
+
+    def setting(path: str, default_mirroring: bool = True) -> str:  # files from before these options: CPU, mirrored
+        with open(path) as f:
+            r = json.load(f)
+        return f"device {r.get('device', 'cpu')}, mirroring {'on' if r.get('mirroring', default_mirroring) else 'off'}"
+    asked = f"device {a.device}, mirroring {'off' if a.no_mirroring else 'on'}"
+    ran = {setting(f) for f in finished}
+    if os.path.isfile(speed_file):  # the s/it belong to a device (mirroring: none)
+        ran.add(setting(speed_file, not a.no_mirroring))
+    if (finished and prepared not in (None, task)) or ran - {asked}:
         from nnpp import NnppError  # its finished runs (and speed) belong to the data, device and scoring they had
-        raise NnppError(f"--workdir {work} holds runs on other data, plans, devices or test-time mirroring "
-                        f"({prepared}; device, mirroring: {sorted(ran)}); give a new --workdir for these options")
+        raise NnppError(f"--workdir {work} holds runs on other data, plans, devices or test-time mirroring (prepared: "
+                        f"{prepared}; runs: {'; '.join(sorted(ran))}; asked: {asked}); give a new --workdir for "
+                        f"these options")
     os.environ.update(nnunet_env(work, threads=a.threads, serial=True))
     if prepared != task:
         # nnunetv2 is first imported here, after its paths are set
@@ -660,9 +686,8 @@ def main(argv=None) -> dict | None:
             write_json(os.path.join(work, "runs", f"{n}_s{s}.json"), found, indent=None)
             print(f"[bench_convergence] finished {n} seed {s}", flush=True)
 
-    speed_file = os.path.join(work, "speed.json")
     if a.speed_iters and not os.path.isfile(speed_file) and not a.table_only:
-        write_json(speed_file, run_for_result(
+        write_json(speed_file, {"device": a.device} | run_for_result(
             ["nice", "-n", "10", *base_cmd, "--speed_worker", "--speed_iters", str(a.speed_iters)],
             "speed measurement", nnunet_env(work, threads=a.threads, serial=True)), indent=None)
     speed = json.load(open(speed_file)) if os.path.isfile(speed_file) else {}
@@ -676,7 +701,8 @@ def main(argv=None) -> dict | None:
     curves = aggregate(runs, structures)
     result = {"machine": machine(device=device_name(resolve_device(a.device)), amp=precision(a.device)),
               "task": ("" if ts else "nnpp.data.synthetic_multi, ") + ", ".join(f"{k} {v}" for k, v in task.items()),
-              "mirroring": not a.no_mirroring, "threads": a.threads, "parallel_runs": a.parallel, "points": a.points, "seeds": a.seeds,
+              "mirroring": not a.no_mirroring, "threads": a.threads, "parallel_runs": a.parallel,
+              "points": a.points, "seeds": a.seeds,
               "seeds_per_network": {n: sum(r["network"] == n for r in runs) for n in curves},
               "structures": structures, "curves": curves, "seconds_per_iteration": speed,
               "equal_wall_time": at_equal_time(curves, speed) if speed else {},

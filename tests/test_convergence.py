@@ -122,7 +122,7 @@ def test_bench_convergence_smoke(tmp_path):
     p = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_convergence.py"), "--workdir",
                         str(tmp_path / "work"), "--networks", "unet", "--seeds", "0", "--points", "2", "4",
                         "--iters_per_epoch", "2", "--cases", "5", "--size", "32", "--batch", "2", "--base", "4",
-                        "--speed_iters", "2", "--parallel", "1", "--no_mirroring", "--out", str(out)],
+                        "--speed_iters", "2", "--parallel", "1", "--out", str(out)],
                        capture_output=True, text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     result = json.loads(out.read_text())
@@ -134,11 +134,11 @@ def test_bench_convergence_smoke(tmp_path):
     assert result["runs"][0]["seed"] == 0 and set(result["runs"][0]["dice"]) == {"2", "4"}
     assert {"cpu", "cpu_capability", "native_bf16"} <= set(result["machine"])
     assert (result["machine"]["device"], result["machine"]["amp"], result["runs"][0]["device"]) == ("cpu", "O0", "cpu")
-    assert result["mirroring"] is False and result["runs"][0]["mirroring"] is False
+    assert result["mirroring"] is True and result["runs"][0]["mirroring"] is True
     assert result["seconds_per_iteration"]["unet"] > 0 and set(result["equal_wall_time"]["unet"]) == {"2", "4"}
     table = (tmp_path / "conv.md").read_text()
     assert "| network | iterations | organ | kidney | vessel | lesion | mean |" in table
-    assert "device cpu" in table and "fp32;" in table
+    assert "device cpu" in table and "fp32, test-time mirroring;" in table
     assert result["machine"]["cpu_capability"] in table
     assert (tmp_path / "conv.png").stat().st_size > 0
 
@@ -180,8 +180,15 @@ def test_bench_convergence_refuses_a_workdir_whose_runs_are_on_other_data(tmp_pa
                           str(gpu_work), "--networks", "unet", "--seeds", "0"], capture_output=True, text=True,
                          timeout=120)
     assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0, bad.stderr
-    assert "('cuda', True)" in bad.stderr and "new --workdir" in bad.stderr
+    assert "runs: device cuda, mirroring on; asked: device cpu, mirroring on" in bad.stderr
     assert sorted(os.listdir(gpu_work)) == ["runs"]
+
+    # and so are runs scored without test-time mirroring, asked for with it
+    (gpu_work / "runs" / "unet_s0.json").write_text(json.dumps({"mirroring": False}))
+    bad = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_convergence.py"), "--workdir",
+                          str(gpu_work), "--networks", "unet", "--seeds", "0"], capture_output=True, text=True,
+                         timeout=120)
+    assert bad.returncode == 2 and "runs: device cpu, mirroring off; asked: device cpu, mirroring on" in bad.stderr
 
 
 @pytest.mark.skipif(device_count("cuda") > 0, reason="a CUDA device is visible")
@@ -190,5 +197,29 @@ def test_bench_convergence_refuses_an_absent_device(tmp_path):
     bad = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_convergence.py"), "-device", "cuda",
                           "--workdir", str(tmp_path / "bad")], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0, bad.stderr
-    assert "no cuda device is available" in bad.stderr and "-device auto or cpu" in bad.stderr
+    assert "-device cuda: no cuda device is available here; use -device cpu" in bad.stderr
     assert not (tmp_path / "bad").exists()
+
+
+def test_validation_without_mirroring_restores_the_axes():
+    """--no_mirroring: nnU-Net's validation sees no mirroring axes; the trainer's axes (saved in its checkpoints) are
+    back afterwards, also when the validation fails."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import bench_convergence
+
+    class Trainer:
+        inference_allowed_mirroring_axes = (0, 1, 2)
+        seen = []
+
+        def perform_actual_validation(self, save_probabilities=False):
+            self.seen.append(self.inference_allowed_mirroring_axes)
+            if save_probabilities:
+                raise RuntimeError("export failed")
+            return "validated"
+
+    trainer = Trainer()
+    bench_convergence.validate_without_mirroring(trainer)
+    assert trainer.perform_actual_validation() == "validated"
+    with pytest.raises(RuntimeError, match="export failed"):
+        trainer.perform_actual_validation(True)
+    assert trainer.seen == [None, None] and trainer.inference_allowed_mirroring_axes == (0, 1, 2)
