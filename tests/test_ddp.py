@@ -233,7 +233,11 @@ def test_dbs_global_batch_smaller_than_world(tiny_dataset, env):
 def test_npu_without_torch_npu_under_torchrun(tiny_dataset, env):
     p = run(torchrun(tiny_dataset["id"], "3d_fullres", 0, "-device", "npu"), env)
     assert p.returncode != 0
-    assert p.stderr.count("nnpp_train: error: -device npu needs the torch_npu package") == 2
+    # every rank that gets to say it says this one line; torchrun stops the other rank as soon as one has failed, so
+    # the second may be killed before it prints: an exact count of 2 depends on timing
+    errors = [line for line in p.stderr.splitlines() if "nnpp_train: error:" in line]
+    assert 1 <= len(errors) <= 2, p.stderr[-3000:]
+    assert all("nnpp_train: error: -device npu needs the torch_npu package" in line for line in errors), errors
 
 
 @pytest.mark.slow
