@@ -55,7 +55,7 @@ from common import (RESULTS, TS_BUILDER, load_builder, machine, machine_line, md
                     nnunet_env, print_result, result_of, run_for_result, timed_in_turns, write_json, write_text)
 
 from nnpp.cli import entry_point  # noqa: E402  (nnpp.cli imports no nnunetv2: its paths are set later)
-from nnpp.device import device_name, resolve_device  # noqa: E402
+from nnpp.device import configure_backends, device_name, resolve_device, synchronize  # noqa: E402
 
 DATASET_ID = 917
 UNETPP = "nnUNetPlusPlusTrainer"
@@ -376,7 +376,6 @@ def measure_speed(networks: list[str], iters: int, block: int = 5, dataset_id: i
 
     import torch
 
-    from nnpp.device import configure_backends, synchronize
     from nnpp.run import train
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     target = resolve_device(device)
@@ -472,8 +471,8 @@ def markdown(result: dict) -> str:
     cols = structures + ["mean"]
     seeds = ", ".join(f"{n} {k}" for n, k in result["seeds_per_network"].items())
     m = result["machine"]
-    precision_name = "fp32" if m.get("amp", "O0") == "O0" else "fp16 autocast (O1)"
-    precision_name += ", test-time mirroring" if result.get("mirroring", True) else ", no test-time mirroring"
+    mirrored = "test-time mirroring" if result.get("mirroring", True) else "no test-time mirroring"
+    precision_name = ("fp32" if m.get("amp", "O0") == "O0" else "fp16 autocast (O1)") + ", " + mirrored
     lines = [f"Machine: {machine_line(m)}; device {m.get('device', 'cpu')}. Task: {result['task']}. Seeds per "
              f"network: {seeds}. {precision_name}; validation Dice of nnU-Net's own validation on the fold-0 cases, "
              f"mean ± sd over seeds; each run trained once to {max(result['points'])} iterations (one poly-LR "
@@ -492,7 +491,6 @@ def markdown(result: dict) -> str:
                              for net, rows in result["equal_wall_time"].items() for r in rows.values()))]
     final = result.get("final_models")
     if final:
-        mirrored = "mirroring" if result.get("mirroring", True) else "no test-time mirroring"
         lines += ["", f"Final models (mean ± sd over seeds; nnpp's predictor, the training's precision, {mirrored}): "
                   "`val` = the fold's "
                   "validation cases, `unseen` = a second patient (TotalSegmentator's DICOM example CT: another "
